@@ -1,0 +1,39 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+// One target per concern (see README "Layout"). No third-party Swift packages: every
+// dependency would be rebuilt on each CI run and none has earned its build time yet.
+let package = Package(
+    name: "pincache",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "pincached", targets: ["pincached"]),
+        // Test support only (never installed): a PKCS#11 module that forwards to another
+        // module and injects faults on command (see Sources/FaultShim/README.md).
+        .library(name: "pincache-faultshim", type: .dynamic, targets: ["FaultShim"]),
+    ],
+    targets: [
+        // C libraries.
+        .systemLibrary(name: "CDBus", pkgConfig: "dbus-1", providers: [.apt(["libdbus-1-dev"])]),
+        .systemLibrary(name: "CPKCS11", pkgConfig: "p11-kit-1", providers: [.apt(["libp11-kit-dev"])]),
+        // The few libc calls Swift cannot make (variadic prctl, ...).
+        .target(name: "CShims"),
+
+        // libdbus binding: connections, marshalling, declared interfaces. Knows nothing of PINs.
+        .target(name: "DBusKit", dependencies: ["CDBus"]),
+        // PKCS#11 module binding: dlopen, typed handles, CK_RV errors.
+        .target(name: "PKCS11Kit", dependencies: ["CPKCS11"]),
+        // The caching policy core: pure Swift, no D-Bus, no PKCS#11 calls.
+        .target(name: "PinPolicy", dependencies: ["CShims"]),
+        // The D-Bus service: objects, token workers, glue between the three above.
+        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PinPolicy", "CShims"]),
+        .executableTarget(name: "pincached", dependencies: ["PincacheService"]),
+
+        .target(name: "FaultShim", dependencies: ["CPKCS11"]),
+
+        .testTarget(name: "PinPolicyTests", dependencies: ["PinPolicy"]),
+        .testTarget(name: "DBusKitTests", dependencies: ["DBusKit"]),
+        .testTarget(name: "PKCS11KitTests", dependencies: ["PKCS11Kit"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

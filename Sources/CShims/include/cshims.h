@@ -1,0 +1,12 @@
+#ifndef PINCACHE_CSHIMS_H
+#define PINCACHE_CSHIMS_H
+#include <stddef.h>
+
+/* Makes the process non-dumpable (PR_SET_DUMPABLE=0) and sets RLIMIT_CORE to 0.
+   Returns 0 on success, -1 with errno set otherwise. */
+int pincache_disable_core_dumps(void);
+
+/* Marks [addr, addr+len) MADV_DONTDUMP. Returns 0 or -1 with errno. */
+int pincache_madvise_dontdump(void *addr, size_t len);
+
+#endif
