@@ -1,0 +1,1 @@
+/* Test support: see README.md in this directory. */

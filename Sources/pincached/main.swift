@@ -1,0 +1,1 @@
+print("pincached: not built yet")
