@@ -1,0 +1,81 @@
+"""Configuration parsing and process lifecycle."""
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from conftest import SOFTHSM_MODULE, need
+from pincache_client import EC_KEY, PIN, verify
+
+
+@pytest.mark.parametrize("bad_line", [
+    "NoSuchKey=1",
+    "P11_EnableCachePIN=yes",
+    "P11_LogoutAfterSign=2",
+    "ForceLoginBeforeSignKeyUsage=0x80",
+    "ForceLoginBeforeSignKeyUsage=0xC0",
+    "Module=relative/libsofthsm2.so",
+    "MaxSessionsPerClient=-1",
+    "PinCacheTimeout=soon",
+    "this line has no equals sign",
+])
+def test_bad_config_exits_2_with_file_and_line(run_daemon, bad_line):
+    text = f"# comment\nModule={SOFTHSM_MODULE}\n\n{bad_line}\n"
+    cfg, r = run_daemon(text)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert re.search(re.escape(f"{cfg}:4:") + r"\s*\S", r.stderr), r.stderr
+
+
+def test_bad_line_inside_app_section(run_daemon):
+    text = f"Module={SOFTHSM_MODULE}\n[app /usr/bin/true]\nP11_EnableCachePIN=maybe\n"
+    cfg, r = run_daemon(text)
+    assert r.returncode == 2
+    assert f"{cfg}:3:" in r.stderr, r.stderr
+
+
+def test_missing_config_file_fails(pincached_bin, bus, daemon_env, tmp_path):
+    need(pincached_bin.exists(), f"{pincached_bin} not built (swift build)")
+    r = subprocess.run([str(pincached_bin), "--bus", bus.address, "--config", str(tmp_path / "nope.cfg")],
+                       env=daemon_env, capture_output=True, text=True, timeout=20)
+    assert r.returncode != 0
+    assert "nope.cfg" in r.stderr
+
+
+def test_windows_only_keys_accepted(start_daemon, make_client):
+    start_daemon(caching=True, extra=["MD_EnableCachePIN=1", "CSP_EnableCachePIN=0", "CSP_LogoutAfterSign=1",
+                                      "PinCacheTimeout=0", "SlotPollInterval=500", "# trailing comment"])
+    assert make_client().manager_props()["CachingMode"] is True
+
+
+def test_sigterm_exits_0_and_releases_name(start_daemon, bus):
+    d = start_daemon(caching=True)
+    assert d.stop() == 0, d.stderr_text()
+    assert not bus.name_has_owner()
+
+
+def test_pin_never_in_log(start_daemon, make_client, tokens):
+    d = start_daemon(caching=True)
+    a = make_client()
+    s = a.open_session(a.token())
+    secret = "73915846"  # wrong PIN, distinctive enough to grep for
+    a.error(a.login, s, secret)
+    a.login(s, PIN)
+    verify(tokens.cert("ec"), "ECDSA-SHA256", b"m", a.sign(s, EC_KEY, "ECDSA-SHA256", b"m"))
+    assert d.stop() == 0
+    log = d.stderr_text()
+    assert secret not in log and PIN not in log
+
+
+def test_pin_cache_timeout(start_daemon, make_client):
+    start_daemon(caching=True, extra=["PinCacheTimeout=1"])
+    a = make_client()
+    tok = a.token()
+    s = a.open_session(tok)
+    a.login(s, PIN)
+    assert a.cached() == {tok}
+    deadline = time.monotonic() + 10
+    while a.cached() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert a.cached() == set()

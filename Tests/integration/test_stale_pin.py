@@ -1,0 +1,71 @@
+"""A cached PIN the token rejects is never replayed (fault shim between daemon and SoftHSM)."""
+
+import pytest
+
+from pincache_client import EC_KEY, ERR, PIN, CallError, verify
+
+MSG = b"pincache stale-pin message"
+CKU_USER = 1
+CKR_OK = 0
+CKR_PIN_INCORRECT = 0xA0
+CKF_USER_PIN_COUNT_LOW = 0x10000
+
+
+@pytest.fixture
+def daemon(start_daemon, faultshim):
+    return start_daemon(caching=True, module="shim", shim=faultshim)
+
+
+def test_shim_is_the_backend(daemon, make_client, faultshim):
+    c = make_client()
+    assert c.token_props(c.token())["Module"] == str(faultshim.lib)
+
+
+def test_stale_pin_purged_everywhere_with_one_backend_failure(daemon, make_client, faultshim, tokens):
+    clients = [make_client(f"C{i}") for i in range(5)]
+    tok = clients[0].token()
+    sessions = []
+    for c in clients:
+        s = c.open_session(tok)
+        c.login(s, PIN)
+        sessions.append(s)
+        assert c.cached() == {tok}
+    logged = faultshim.logins()
+    assert logged == [(CKU_USER, CKR_OK)] * 5, logged
+    faultshim.reject_pin(PIN)  # "the PIN was changed elsewhere"
+    errors = [c.error(c.sign, s, EC_KEY, "ECDSA-SHA256", MSG) for c, s in zip(clients, sessions)]
+    assert errors == [ERR + "PinIncorrect"] + [ERR + "NotLoggedIn"] * 4
+    new = faultshim.logins()[5:]
+    assert new == [(CKU_USER, CKR_PIN_INCORRECT)], f"backend C_Logins after the PIN change: {new}"
+    for c in clients:
+        st = c.caller_state()
+        assert st["Cached"] == [] and st["LoggedIn"] == [], (c.name, st)
+
+
+def test_backend_error_message_carries_ckr(daemon, make_client, faultshim):
+    c = make_client()
+    s = c.open_session(c.token())
+    c.login(s, PIN)
+    faultshim.reject_pin(PIN)
+    with pytest.raises(CallError) as e:
+        c.sign(s, EC_KEY, "ECDSA-SHA256", MSG)
+    assert e.value.name == ERR + "PinIncorrect"
+    assert "CKR_PIN_INCORRECT (0xa0)" in e.value.message, e.value.message
+
+
+def test_count_low_never_presents_cached_pin(daemon, make_client, faultshim, tokens):
+    a, b = make_client("A"), make_client("B")
+    tok = a.token()
+    sa, sb = a.open_session(tok), b.open_session(tok)
+    a.login(sa, PIN)
+    b.login(sb, PIN)
+    sig = a.sign(sa, EC_KEY, "ECDSA-SHA256", MSG)
+    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    faultshim.token_flags_add(CKF_USER_PIN_COUNT_LOW)
+    before = len(faultshim.logins())
+    assert a.error(a.sign, sa, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert len(faultshim.logins()) == before, "a cached PIN was presented to a COUNT_LOW token"
+    assert a.cached() == set() and b.cached() == set()
+    assert b.error(b.sign, sb, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert len(faultshim.logins()) == before
+    assert a.token_props(tok)["UserPinCountLow"] is True
