@@ -1,0 +1,20 @@
+#!/bin/bash
+# Builds everything, runs the Swift unit tests, then the integration suite against the
+# freshly built pincached. Extra arguments go to pytest (e.g. -k caching).
+# CI=true turns every skipped integration test into a failure.
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+cd "$repo"
+
+swift build --build-tests --scratch-path "$scratch"
+
+status=0
+swift test --skip-build --scratch-path "$scratch" || status=1
+"$python" -m pytest Tests/integration -ra "$@" || status=1
+
+if [ $status -ne 0 ]; then
+    echo "test.sh: FAILED" >&2
+else
+    echo "test.sh: all tests passed"
+fi
+exit $status
