@@ -8,6 +8,7 @@ token made by make-demo-token.sh. Exits 0 only if every step behaved as document
 (each signature is verified against the certificate stored on the token)."""
 
 import argparse
+import os
 import sys
 import time
 
@@ -69,9 +70,11 @@ class Daemon:
         return self.call(ROOT, MANAGER, "GetCallerState")
 
 
-def wait_for_daemon(conn, timeout):
+def wait_for_daemon(conn, timeout, pid=None):
     deadline = time.monotonic() + timeout
     while not conn.name_has_owner(BUS_NAME):
+        if pid is not None and not os.path.exists(f"/proc/{pid}"):
+            raise DemoFailure(f"pincached (pid {pid}) exited before owning {BUS_NAME}")
         if time.monotonic() > deadline:
             raise DemoFailure(f"{BUS_NAME} did not appear on the bus within {timeout}s")
         time.sleep(0.1)
@@ -111,7 +114,7 @@ def show_state(d, names):
 
 def run(args):
     conn = dbus.bus.BusConnection(args.address)
-    wait_for_daemon(conn, args.wait)
+    wait_for_daemon(conn, args.wait, args.pid)
     d = Daemon(conn)
     say(f"Connected to the bus as {conn.get_unique_name()}: this connection is one cache environment.")
 
@@ -192,6 +195,7 @@ def main():
     ap.add_argument("--label", default="pincache-demo")
     ap.add_argument("--pin", default="123456")
     ap.add_argument("--wait", type=float, default=20.0, help="seconds to wait for the daemon")
+    ap.add_argument("--pid", type=int, help="pincached's pid: stop waiting if it exits")
     args = ap.parse_args()
     try:
         run(args)

@@ -45,6 +45,7 @@ cat >"$run/bus.conf" <<CONF
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow send_destination="*"/>
+    <allow receive_sender="*"/>
     <allow own="*"/>
   </policy>
 </busconfig>
@@ -69,8 +70,9 @@ Module=/usr/lib/softhsm/libsofthsm2.so
 CONF
 SOFTHSM2_CONF=$run/softhsm/softhsm2.conf \
     "$pincached" --bus "$address" --config "$run/pincache.cfg" 2>"$run/pincached.log" &
-pids+=($!)
-echo "demo: pincached started (pid $!), log in $run/pincached.log"
+daemon_pid=$!
+pids+=("$daemon_pid")
+echo "demo: pincached started (pid $daemon_pid), log in $run/pincached.log"
 
-"$python" scripts/demo-client.py --address "$address" --wait 20
+"$python" scripts/demo-client.py --address "$address" --wait 20 --pid "$daemon_pid"
 echo "demo: OK"
