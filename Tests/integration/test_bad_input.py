@@ -2,8 +2,8 @@
 
 import pytest
 
-from pincache_client import (ACCESS_DENIED, BUS_NAME, EC_KEY, ERR, INVALID_ARGS, MANAGER,
-                             MANAGER_PATH, PIN, SESSION, TOKEN, CallError, ay, verify)
+from pincache_client import (digest, ACCESS_DENIED, BUS_NAME, EC_KEY, ERR, INVALID_ARGS, MANAGER,
+                             MANAGER_PATH, PIN, RSA_KEY, SESSION, TOKEN, CallError, ay, verify)
 
 MSG = b"pincache bad-input message"
 MiB = 1024 * 1024
@@ -21,8 +21,8 @@ def setup(start_daemon, make_client, tokens):
     a.login(sa, PIN)
 
     def still_serving():
-        sig = w.sign(sw, EC_KEY, "ECDSA-SHA256", MSG)
-        verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+        sig = w.sign(sw, EC_KEY, "ECDSA", digest(MSG))
+        verify(tokens.cert("ec"), "ECDSA", MSG, sig)
         assert w.cached() == {tok}
 
     return w, a, tok, sa, still_serving
@@ -61,8 +61,8 @@ def test_wrong_signatures_on_own_session(setup):
     w, a, tok, sa, still_serving = setup
     for method, args, sig in [("Login", (5,), "i"), ("Login", (PIN, PIN), "ss"),
                               ("Sign", ("01", "ECDSA", "x"), "sss"),
-                              ("Sign", (ay(EC_KEY), "ECDSA-SHA256"), "ays"),
-                              ("SignWithPin", (ay(EC_KEY), "ECDSA-SHA256", ay(MSG)), "aysay"),
+                              ("Sign", (ay(EC_KEY), "ECDSA"), "ays"),
+                              ("SignWithPin", (ay(EC_KEY), "ECDSA", ay(digest(MSG))), "aysay"),
                               ("Close", (True,), "b")]:
         assert a.error(a.call, sa, SESSION, method, *args, signature=sig) == INVALID_ARGS, method
         still_serving()
@@ -70,14 +70,14 @@ def test_wrong_signatures_on_own_session(setup):
 
 def test_oversized_data(setup, tokens):
     w, a, tok, sa, still_serving = setup
-    assert a.error(a.sign, sa, EC_KEY, "ECDSA-SHA256", b"\0" * (16 * MiB)) == INVALID_ARGS
+    assert a.error(a.sign, sa, RSA_KEY, "SHA256-RSA-PKCS", b"\0" * (16 * MiB)) == INVALID_ARGS
     still_serving()
-    assert a.error(a.sign, sa, EC_KEY, "ECDSA-SHA256", b"\0" * (MiB + 1)) == INVALID_ARGS
+    assert a.error(a.sign, sa, RSA_KEY, "SHA256-RSA-PKCS", b"\0" * (MiB + 1)) == INVALID_ARGS
     still_serving()
     # Exactly 1 MiB is allowed.
     data = b"\x5a" * MiB
-    sig = a.sign(sa, EC_KEY, "ECDSA-SHA256", data)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", data, sig)
+    sig = a.sign(sa, RSA_KEY, "SHA256-RSA-PKCS", data)
+    verify(tokens.cert("rsa"), "SHA256-RSA-PKCS", data, sig)
 
 
 def test_oversized_pin_and_key_id(setup):
@@ -87,16 +87,16 @@ def test_oversized_pin_and_key_id(setup):
     assert a.error(a.login, s2, "1" * 257) == INVALID_ARGS
     still_serving()
     assert a.cached() == {tok}
-    assert a.error(a.sign_once, tok, "1" * 1_000_000, EC_KEY, "ECDSA-SHA256", MSG) == INVALID_ARGS
-    assert a.error(a.sign_with_pin, sa, "1" * 1_000_000, EC_KEY, "ECDSA-SHA256", MSG) == INVALID_ARGS
-    assert a.error(a.sign, sa, b"\x01" * 257, "ECDSA-SHA256", MSG) == INVALID_ARGS
+    assert a.error(a.sign_once, tok, "1" * 1_000_000, EC_KEY, "ECDSA", digest(MSG)) == INVALID_ARGS
+    assert a.error(a.sign_with_pin, sa, "1" * 1_000_000, EC_KEY, "ECDSA", digest(MSG)) == INVALID_ARGS
+    assert a.error(a.sign, sa, b"\x01" * 257, "ECDSA", digest(MSG)) == INVALID_ARGS
     still_serving()
 
 
 def test_unknown_key_and_mechanism(setup):
     w, a, tok, sa, still_serving = setup
-    assert a.error(a.sign, sa, b"\x99", "ECDSA-SHA256", MSG) == ERR + "KeyNotFound"
-    assert a.error(a.sign, sa, b"", "ECDSA-SHA256", MSG) in (ERR + "KeyNotFound", INVALID_ARGS)
+    assert a.error(a.sign, sa, b"\x99", "ECDSA", digest(MSG)) == ERR + "KeyNotFound"
+    assert a.error(a.sign, sa, b"", "ECDSA", digest(MSG)) in (ERR + "KeyNotFound", INVALID_ARGS)
     assert a.error(a.sign, sa, EC_KEY, "ROT13", MSG) == ERR + "MechanismInvalid"
     assert a.error(a.sign, sa, EC_KEY, "", MSG) == ERR + "MechanismInvalid"
     # An RSA mechanism on an EC key is the key's problem, not an unknown name.

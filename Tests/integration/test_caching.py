@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pincache_client import (EC_KEY, ERR, PIN, RSA_KEY, input_for, oaep_encrypt, verify,
+from pincache_client import (digest, EC_KEY, ERR, PIN, RSA_KEY, input_for, oaep_encrypt, verify,
                              wait_until)
 
 MSG = b"pincache caching-mode test message"
@@ -16,8 +16,8 @@ def daemon(start_daemon):
 
 
 def sign_ec(client, session, tokens, message=MSG):
-    sig = client.sign(session, EC_KEY, "ECDSA-SHA256", message)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", message, sig)
+    sig = client.sign(session, EC_KEY, "ECDSA", digest(message))
+    verify(tokens.cert("ec"), "ECDSA", message, sig)
     return sig
 
 
@@ -71,7 +71,7 @@ def test_login_caches_and_signs_without_pin(daemon, make_client, tokens):
     tok = a.token()
     s = a.open_session(tok)
     assert a.session_props(s) == {"Token": tok, "LoggedIn": False}
-    assert a.error(a.sign, s, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert a.error(a.sign, s, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
     a.login(s, PIN)
     assert a.session_props(s)["LoggedIn"] is True
     st = a.caller_state()
@@ -92,7 +92,7 @@ def test_two_callers_keep_separate_caches(daemon, make_client, tokens):
     sa, sb = a.open_session(tok), b.open_session(tok)
     a.login(sa)
     sign_ec(a, sa, tokens)
-    assert b.error(b.sign, sb, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert b.error(b.sign, sb, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
     assert b.cached() == set() and b.logged_in() == set()
     assert b.session_props(sb)["LoggedIn"] is False
     b.login(sb)
@@ -107,10 +107,10 @@ def test_cache_is_per_token(daemon, make_client, tokens):
     s1, s2 = a.open_session(demo), a.open_session(second)
     a.login(s1)
     assert a.cached() == {demo}
-    assert a.error(a.sign, s2, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert a.error(a.sign, s2, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
     a.login(s2)
-    sig = a.sign(s2, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec", "pincache-second"), "ECDSA-SHA256", MSG, sig)
+    sig = a.sign(s2, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec", "pincache-second"), "ECDSA", MSG, sig)
     a.logout(s1)
     assert a.cached() == {second}
 
@@ -137,7 +137,7 @@ def test_logout_clears_only_own_cache(daemon, make_client, tokens):
     b.login(sb)
     a.logout(sa)
     assert a.cached() == set() and a.logged_in() == set()
-    assert a.error(a.sign, sa, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert a.error(a.sign, sa, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
     assert b.cached() == {tok}
     sign_ec(b, sb, tokens)
 
@@ -153,7 +153,7 @@ def test_last_session_close_clears_only_own_cache(daemon, make_client, tokens):
     assert a.caller_state()["Sessions"] == 0
     sa2 = a.open_session(tok)
     assert a.session_props(sa2)["LoggedIn"] is False
-    assert a.error(a.sign, sa2, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert a.error(a.sign, sa2, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
     assert b.cached() == {tok}
     sign_ec(b, sb, tokens)
 
@@ -182,7 +182,7 @@ def test_flush_caches_clears_everyone(daemon, make_client, tokens):
     b.login(sb)
     a.flush()  # no polkit on a private bus: allowed
     assert a.cached() == set() and b.cached() == set()
-    assert b.error(b.sign, sb, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert b.error(b.sign, sb, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
 
 
 def test_wrong_pin(daemon, make_client):

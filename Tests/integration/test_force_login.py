@@ -2,7 +2,7 @@
 
 import pytest
 
-from pincache_client import EC_KEY, ERR, PIN, RSA_KEY, verify
+from pincache_client import digest, EC_KEY, ERR, PIN, RSA_KEY, verify
 
 MSG = b"pincache force-login message"
 
@@ -32,8 +32,8 @@ def test_nonrep_key_refuses_cached_pin(daemon, make_client, tokens):
     sig = a.sign_with_pin(s, PIN, RSA_KEY, "RSA-PSS-SHA256", MSG)
     verify(tokens.cert("rsa"), "RSA-PSS-SHA256", MSG, sig)
     # The EC key (digitalSignature only) still signs from the cache.
-    sig = a.sign(s, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = a.sign(s, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)
     assert a.cached() == {a.token()}
 
 

@@ -1,6 +1,6 @@
 """A session belongs to the connection that opened it."""
 
-from pincache_client import ACCESS_DENIED, EC_KEY, PIN, SESSION, CallError, verify
+from pincache_client import digest, ACCESS_DENIED, EC_KEY, PIN, SESSION, CallError, verify
 
 MSG = b"pincache isolation message"
 
@@ -21,8 +21,8 @@ def test_other_callers_session_is_indistinguishable_from_missing(start_daemon, m
     a.login(sa, PIN)
     missing = "/org/pincache/session/999999"
     for method, args in [("Login", (PIN,)), ("Logout", ()), ("Close", ()),
-                         ("Sign", (EC_KEY, "ECDSA-SHA256", MSG)),
-                         ("SignWithPin", (PIN, EC_KEY, "ECDSA-SHA256", MSG)),
+                         ("Sign", (EC_KEY, "ECDSA", digest(MSG))),
+                         ("SignWithPin", (PIN, EC_KEY, "ECDSA", digest(MSG))),
                          ("Decrypt", (b"\x02", "RSA-OAEP-SHA256", b"x" * 256))]:
         got = reply(b, sa, method, *args)
         want = reply(b, missing, method, *args)
@@ -34,8 +34,8 @@ def test_other_callers_session_is_indistinguishable_from_missing(start_daemon, m
     assert got == reply_props(b, missing)
     # B's attempts changed nothing for A.
     assert a.session_props(sa)["LoggedIn"] is True
-    sig = a.sign(sa, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = a.sign(sa, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)
 
 
 def reply_props(client, path):

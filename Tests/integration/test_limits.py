@@ -1,6 +1,6 @@
 """MaxSessionsPerClient and SignOnce."""
 
-from pincache_client import EC_KEY, ERR, PIN, RSA_KEY, verify
+from pincache_client import digest, EC_KEY, ERR, PIN, RSA_KEY, verify
 
 MSG = b"pincache limits message"
 
@@ -27,15 +27,15 @@ def test_sign_once_does_not_cache(start_daemon, make_client, tokens):
     start_daemon(caching=True)
     a = make_client()
     tok = a.token()
-    sig = a.sign_once(tok, PIN, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = a.sign_once(tok, PIN, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)
     sig = a.sign_once(tok, PIN, RSA_KEY, "RSA-PSS-SHA256", MSG)
     verify(tokens.cert("rsa"), "RSA-PSS-SHA256", MSG, sig)
     st = a.caller_state()
     assert st["Cached"] == [] and st["LoggedIn"] == [] and st["Sessions"] == 0
     s = a.open_session(tok)
-    assert a.error(a.sign, s, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
-    assert a.error(a.sign_once, tok, "000000", EC_KEY, "ECDSA-SHA256", MSG) == ERR + "PinIncorrect"
+    assert a.error(a.sign, s, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
+    assert a.error(a.sign_once, tok, "000000", EC_KEY, "ECDSA", digest(MSG)) == ERR + "PinIncorrect"
 
 
 def test_sign_once_respects_lock(start_daemon, make_client, tokens):
@@ -45,7 +45,7 @@ def test_sign_once_respects_lock(start_daemon, make_client, tokens):
     tok = a.token()
     sa = a.open_session(tok)
     a.login(sa, PIN)
-    assert b.error(b.sign_once, tok, PIN, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "TokenBusy"
+    assert b.error(b.sign_once, tok, PIN, EC_KEY, "ECDSA", digest(MSG)) == ERR + "TokenBusy"
     a.logout(sa)
-    sig = b.sign_once(tok, PIN, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = b.sign_once(tok, PIN, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)

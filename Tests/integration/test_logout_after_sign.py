@@ -2,7 +2,7 @@
 
 import pytest
 
-from pincache_client import EC_KEY, ERR, PIN, verify
+from pincache_client import digest, EC_KEY, ERR, PIN, verify
 
 MSG = b"pincache logout-after-sign message"
 
@@ -15,17 +15,17 @@ def test_second_signature_needs_new_login(start_daemon, make_client, tokens, cac
     tok = a.token()
     s = a.open_session(tok)
     a.login(s, PIN)
-    sig = a.sign(s, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = a.sign(s, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)
     st = a.caller_state()
     assert st["Cached"] == [] and st["LoggedIn"] == [] and st["Locked"] == []
     assert a.session_props(s)["LoggedIn"] is False
-    assert a.error(a.sign, s, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert a.error(a.sign, s, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
     # The forced logout also frees the token for others (matters in non-caching mode).
     sb = b.open_session(tok)
     b.login(sb, PIN)
     # And logging in again works for A (B holds a lock in non-caching mode, so log B out first).
     b.logout(sb)
     a.login(s, PIN)
-    sig = a.sign(s, EC_KEY, "ECDSA-SHA256", MSG + b"2")
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG + b"2", sig)
+    sig = a.sign(s, EC_KEY, "ECDSA", digest(MSG + b"2"))
+    verify(tokens.cert("ec"), "ECDSA", MSG + b"2", sig)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pincache_client import EC_KEY, ERR, PIN, verify, wait_until
+from pincache_client import digest, EC_KEY, ERR, PIN, verify, wait_until
 
 MSG = b"pincache non-caching test message"
 
@@ -22,8 +22,8 @@ def locked_by_a(make_client):
 
 def assert_b_can_login(b, sb, tokens):
     b.login(sb, PIN)
-    sig = b.sign(sb, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = b.sign(sb, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)
 
 
 def test_properties(daemon, make_client):
@@ -36,16 +36,16 @@ def test_login_locks_token(daemon, make_client, tokens):
     a, b, tok, sa, sb = locked_by_a(make_client)
     st = a.caller_state()
     assert st["Locked"] == [tok] and st["LoggedIn"] == [tok] and st["Cached"] == []
-    sig = a.sign(sa, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = a.sign(sa, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)
     assert b.error(b.login, sb, PIN) == ERR + "TokenBusy"
-    assert b.error(b.sign, sb, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "TokenBusy"
+    assert b.error(b.sign, sb, EC_KEY, "ECDSA", digest(MSG)) == ERR + "TokenBusy"
     assert b.caller_state()["Locked"] == []
     # Public data stays readable while the token is locked.
     assert len(b.list_keys(tok)) == 2
     # A still signs after B's attempts: B's failures did not disturb A's login.
-    sig = a.sign(sa, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = a.sign(sa, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)
 
 
 def test_other_token_not_locked(daemon, make_client, tokens):
@@ -53,8 +53,8 @@ def test_other_token_not_locked(daemon, make_client, tokens):
     other = b.token("pincache-second")
     s2 = b.open_session(other)
     b.login(s2, PIN)
-    sig = b.sign(s2, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec", "pincache-second"), "ECDSA-SHA256", MSG, sig)
+    sig = b.sign(s2, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec", "pincache-second"), "ECDSA", MSG, sig)
 
 
 def test_logout_releases_lock(daemon, make_client, tokens):
@@ -87,5 +87,5 @@ def test_disconnect_releases_lock(daemon, make_client, tokens):
         return err is None
 
     wait_until(b_logs_in, what="A's lock to be released after its disconnect")
-    sig = b.sign(sb, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = b.sign(sb, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pincache_client import EC_KEY, ERR, PIN, CallError, verify
+from pincache_client import digest, EC_KEY, ERR, PIN, CallError, verify
 
 MSG = b"pincache stale-pin message"
 CKU_USER = 1
@@ -33,7 +33,7 @@ def test_stale_pin_purged_everywhere_with_one_backend_failure(daemon, make_clien
     logged = faultshim.logins()
     assert logged == [(CKU_USER, CKR_OK)] * 5, logged
     faultshim.reject_pin(PIN)  # "the PIN was changed elsewhere"
-    errors = [c.error(c.sign, s, EC_KEY, "ECDSA-SHA256", MSG) for c, s in zip(clients, sessions)]
+    errors = [c.error(c.sign, s, EC_KEY, "ECDSA", digest(MSG)) for c, s in zip(clients, sessions)]
     assert errors == [ERR + "PinIncorrect"] + [ERR + "NotLoggedIn"] * 4
     new = faultshim.logins()[5:]
     assert new == [(CKU_USER, CKR_PIN_INCORRECT)], f"backend C_Logins after the PIN change: {new}"
@@ -48,7 +48,7 @@ def test_backend_error_message_carries_ckr(daemon, make_client, faultshim):
     c.login(s, PIN)
     faultshim.reject_pin(PIN)
     with pytest.raises(CallError) as e:
-        c.sign(s, EC_KEY, "ECDSA-SHA256", MSG)
+        c.sign(s, EC_KEY, "ECDSA", digest(MSG))
     assert e.value.name == ERR + "PinIncorrect"
     assert "CKR_PIN_INCORRECT (0xa0)" in e.value.message, e.value.message
 
@@ -59,13 +59,13 @@ def test_count_low_never_presents_cached_pin(daemon, make_client, faultshim, tok
     sa, sb = a.open_session(tok), b.open_session(tok)
     a.login(sa, PIN)
     b.login(sb, PIN)
-    sig = a.sign(sa, EC_KEY, "ECDSA-SHA256", MSG)
-    verify(tokens.cert("ec"), "ECDSA-SHA256", MSG, sig)
+    sig = a.sign(sa, EC_KEY, "ECDSA", digest(MSG))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)
     faultshim.token_flags_add(CKF_USER_PIN_COUNT_LOW)
     before = len(faultshim.logins())
-    assert a.error(a.sign, sa, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert a.error(a.sign, sa, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
     assert len(faultshim.logins()) == before, "a cached PIN was presented to a COUNT_LOW token"
     assert a.cached() == set() and b.cached() == set()
-    assert b.error(b.sign, sb, EC_KEY, "ECDSA-SHA256", MSG) == ERR + "NotLoggedIn"
+    assert b.error(b.sign, sb, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
     assert len(faultshim.logins()) == before
     assert a.token_props(tok)["UserPinCountLow"] is True
