@@ -115,3 +115,13 @@ private struct DERReader {
         return contents
     }
 }
+
+extension Settings {
+    /// Whether a signature with a key of this key usage needs the PIN again
+    /// (`ForceLoginBeforeSignKeyUsage`): only the nonRepudiation bit is supported. `keyUsage`
+    /// is nil when the key has no certificate or the certificate has no keyUsage.
+    public func requiresFreshPIN(keyUsage: UInt32?) -> Bool {
+        guard let keyUsage else { return false }
+        return forceLoginKeyUsage & keyUsage & CertificateKeyUsage.nonRepudiation != 0
+    }
+}
