@@ -74,6 +74,8 @@ public struct Configuration: Sendable, Equatable {
     public static func parse(_ text: String, file: String) throws(ConfigurationError) -> Configuration {
         var parser = Parser(file: file)
         var lineNumber = 0
+        // Editors on other systems like to start files with a byte-order mark.
+        let text = text.hasPrefix("\u{FEFF}") ? String(text.dropFirst()) : text
         // "\r\n" is one Character in Swift, so it must be named as a separator of its own.
         for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" }) {
             lineNumber += 1

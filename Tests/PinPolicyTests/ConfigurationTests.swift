@@ -116,6 +116,8 @@ import Testing
         let configuration = try Configuration.parse("P11_EnableCachePIN=0\r\n\r\nP11_LogoutAfterSign=1\r\n", file: "crlf.cfg")
         #expect(!configuration.defaults.enableCachePIN)
         #expect(configuration.defaults.logoutAfterSign)
+        let bom = try Configuration.parse("\u{FEFF}P11_EnableCachePIN=0\n", file: "bom.cfg")
+        #expect(!bom.defaults.enableCachePIN)
         #expect(throws: ConfigurationError(file: "crlf.cfg", line: 3, reason: "unknown key 'X'")) {
             try Configuration.parse("P11_EnableCachePIN=0\r\n\r\nX=1\r\n", file: "crlf.cfg")
         }
