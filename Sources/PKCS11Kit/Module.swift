@@ -72,9 +72,10 @@ public final class PKCS11Module: @unchecked Sendable {
     /// `C_Finalize`, at most once (later calls do nothing). Calls made afterwards fail with
     /// `CKR_CRYPTOKI_NOT_INITIALIZED`; the library stays loaded until the object goes.
     public func finalize() {
-        let wasInitialized = state.withLock { s in
-            defer { if s == .initialized { s = .finalized } }
-            return s == .initialized
+        let wasInitialized = state.withLock { s -> Bool in
+            guard s == .initialized else { return false }
+            s = .finalized
+            return true
         }
         // Nothing useful can be done about a failing C_Finalize at shutdown.
         if wasInitialized { _ = try? call("C_Finalize", \.C_Finalize) { $0(nil) } }

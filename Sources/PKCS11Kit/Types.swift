@@ -55,32 +55,59 @@ public struct MechanismType: RawRepresentable, Hashable, Sendable, CustomStringC
     public var name: String { pkcs11Name(rawValue, prefix: "CKM", table: NameTables.mechanisms) }
     public var description: String { name }
 
+    /// `CKM_RSA_PKCS_KEY_PAIR_GEN`
     public static let rsaPKCSKeyPairGen = MechanismType(rawValue: CKM_RSA_PKCS_KEY_PAIR_GEN)
+    /// `CKM_RSA_PKCS`
     public static let rsaPKCS = MechanismType(rawValue: CKM_RSA_PKCS)
+    /// `CKM_RSA_X_509`
     public static let rsaX509 = MechanismType(rawValue: CKM_RSA_X_509)
+    /// `CKM_SHA1_RSA_PKCS`
     public static let sha1RSAPKCS = MechanismType(rawValue: CKM_SHA1_RSA_PKCS)
+    /// `CKM_SHA224_RSA_PKCS`
     public static let sha224RSAPKCS = MechanismType(rawValue: CKM_SHA224_RSA_PKCS)
+    /// `CKM_SHA256_RSA_PKCS`
     public static let sha256RSAPKCS = MechanismType(rawValue: CKM_SHA256_RSA_PKCS)
+    /// `CKM_SHA384_RSA_PKCS`
     public static let sha384RSAPKCS = MechanismType(rawValue: CKM_SHA384_RSA_PKCS)
+    /// `CKM_SHA512_RSA_PKCS`
     public static let sha512RSAPKCS = MechanismType(rawValue: CKM_SHA512_RSA_PKCS)
+    /// `CKM_RSA_PKCS_PSS`
     public static let rsaPKCSPSS = MechanismType(rawValue: CKM_RSA_PKCS_PSS)
+    /// `CKM_SHA1_RSA_PKCS_PSS`
     public static let sha1RSAPKCSPSS = MechanismType(rawValue: CKM_SHA1_RSA_PKCS_PSS)
+    /// `CKM_SHA224_RSA_PKCS_PSS`
     public static let sha224RSAPKCSPSS = MechanismType(rawValue: CKM_SHA224_RSA_PKCS_PSS)
+    /// `CKM_SHA256_RSA_PKCS_PSS`
     public static let sha256RSAPKCSPSS = MechanismType(rawValue: CKM_SHA256_RSA_PKCS_PSS)
+    /// `CKM_SHA384_RSA_PKCS_PSS`
     public static let sha384RSAPKCSPSS = MechanismType(rawValue: CKM_SHA384_RSA_PKCS_PSS)
+    /// `CKM_SHA512_RSA_PKCS_PSS`
     public static let sha512RSAPKCSPSS = MechanismType(rawValue: CKM_SHA512_RSA_PKCS_PSS)
+    /// `CKM_RSA_PKCS_OAEP`
     public static let rsaPKCSOAEP = MechanismType(rawValue: CKM_RSA_PKCS_OAEP)
+    /// `CKM_SHA_1`
     public static let sha1 = MechanismType(rawValue: CKM_SHA_1)
+    /// `CKM_SHA224`
     public static let sha224 = MechanismType(rawValue: CKM_SHA224)
+    /// `CKM_SHA256`
     public static let sha256 = MechanismType(rawValue: CKM_SHA256)
+    /// `CKM_SHA384`
     public static let sha384 = MechanismType(rawValue: CKM_SHA384)
+    /// `CKM_SHA512`
     public static let sha512 = MechanismType(rawValue: CKM_SHA512)
+    /// `CKM_EC_KEY_PAIR_GEN`
     public static let ecKeyPairGen = MechanismType(rawValue: CKM_EC_KEY_PAIR_GEN)
+    /// `CKM_ECDSA`
     public static let ecdsa = MechanismType(rawValue: CKM_ECDSA)
+    /// `CKM_ECDSA_SHA1`
     public static let ecdsaSHA1 = MechanismType(rawValue: CKM_ECDSA_SHA1)
+    /// `CKM_ECDSA_SHA224`
     public static let ecdsaSHA224 = MechanismType(rawValue: CKM_ECDSA_SHA224)
+    /// `CKM_ECDSA_SHA256`
     public static let ecdsaSHA256 = MechanismType(rawValue: CKM_ECDSA_SHA256)
+    /// `CKM_ECDSA_SHA384`
     public static let ecdsaSHA384 = MechanismType(rawValue: CKM_ECDSA_SHA384)
+    /// `CKM_ECDSA_SHA512`
     public static let ecdsaSHA512 = MechanismType(rawValue: CKM_ECDSA_SHA512)
 }
 
@@ -88,10 +115,15 @@ public struct MechanismType: RawRepresentable, Hashable, Sendable, CustomStringC
 public struct MGF: RawRepresentable, Hashable, Sendable {
     public var rawValue: UInt
     public init(rawValue: UInt) { self.rawValue = rawValue }
+    /// `CKG_MGF1_SHA1`
     public static let sha1 = MGF(rawValue: CKG_MGF1_SHA1)
+    /// `CKG_MGF1_SHA224`
     public static let sha224 = MGF(rawValue: CKG_MGF1_SHA224)
+    /// `CKG_MGF1_SHA256`
     public static let sha256 = MGF(rawValue: CKG_MGF1_SHA256)
+    /// `CKG_MGF1_SHA384`
     public static let sha384 = MGF(rawValue: CKG_MGF1_SHA384)
+    /// `CKG_MGF1_SHA512`
     public static let sha512 = MGF(rawValue: CKG_MGF1_SHA512)
 }
 
@@ -103,44 +135,83 @@ public struct AttributeType: RawRepresentable, Hashable, Sendable, CustomStringC
     public var name: String { pkcs11Name(rawValue, prefix: "CKA", table: NameTables.attributes) }
     public var description: String { name }
 
+    /// `CKA_CLASS`
     public static let `class` = AttributeType(rawValue: CKA_CLASS)
+    /// `CKA_TOKEN`
     public static let token = AttributeType(rawValue: CKA_TOKEN)
+    /// `CKA_PRIVATE`
     public static let `private` = AttributeType(rawValue: CKA_PRIVATE)
+    /// `CKA_LABEL`
     public static let label = AttributeType(rawValue: CKA_LABEL)
+    /// `CKA_APPLICATION`
     public static let application = AttributeType(rawValue: CKA_APPLICATION)
+    /// `CKA_VALUE`
     public static let value = AttributeType(rawValue: CKA_VALUE)
+    /// `CKA_OBJECT_ID`
     public static let objectID = AttributeType(rawValue: CKA_OBJECT_ID)
+    /// `CKA_CERTIFICATE_TYPE`
     public static let certificateType = AttributeType(rawValue: CKA_CERTIFICATE_TYPE)
+    /// `CKA_ISSUER`
     public static let issuer = AttributeType(rawValue: CKA_ISSUER)
+    /// `CKA_SERIAL_NUMBER`
     public static let serialNumber = AttributeType(rawValue: CKA_SERIAL_NUMBER)
+    /// `CKA_TRUSTED`
     public static let trusted = AttributeType(rawValue: CKA_TRUSTED)
+    /// `CKA_CERTIFICATE_CATEGORY`
     public static let certificateCategory = AttributeType(rawValue: CKA_CERTIFICATE_CATEGORY)
+    /// `CKA_KEY_TYPE`
     public static let keyType = AttributeType(rawValue: CKA_KEY_TYPE)
+    /// `CKA_SUBJECT`
     public static let subject = AttributeType(rawValue: CKA_SUBJECT)
+    /// `CKA_ID`
     public static let id = AttributeType(rawValue: CKA_ID)
+    /// `CKA_SENSITIVE`
     public static let sensitive = AttributeType(rawValue: CKA_SENSITIVE)
+    /// `CKA_ENCRYPT`
     public static let encrypt = AttributeType(rawValue: CKA_ENCRYPT)
+    /// `CKA_DECRYPT`
     public static let decrypt = AttributeType(rawValue: CKA_DECRYPT)
+    /// `CKA_WRAP`
     public static let wrap = AttributeType(rawValue: CKA_WRAP)
+    /// `CKA_UNWRAP`
     public static let unwrap = AttributeType(rawValue: CKA_UNWRAP)
+    /// `CKA_SIGN`
     public static let sign = AttributeType(rawValue: CKA_SIGN)
+    /// `CKA_SIGN_RECOVER`
     public static let signRecover = AttributeType(rawValue: CKA_SIGN_RECOVER)
+    /// `CKA_VERIFY`
     public static let verify = AttributeType(rawValue: CKA_VERIFY)
+    /// `CKA_VERIFY_RECOVER`
     public static let verifyRecover = AttributeType(rawValue: CKA_VERIFY_RECOVER)
+    /// `CKA_DERIVE`
     public static let derive = AttributeType(rawValue: CKA_DERIVE)
+    /// `CKA_MODULUS`
     public static let modulus = AttributeType(rawValue: CKA_MODULUS)
+    /// `CKA_MODULUS_BITS`
     public static let modulusBits = AttributeType(rawValue: CKA_MODULUS_BITS)
+    /// `CKA_PUBLIC_EXPONENT`
     public static let publicExponent = AttributeType(rawValue: CKA_PUBLIC_EXPONENT)
+    /// `CKA_VALUE_LEN`
     public static let valueLen = AttributeType(rawValue: CKA_VALUE_LEN)
+    /// `CKA_EXTRACTABLE`
     public static let extractable = AttributeType(rawValue: CKA_EXTRACTABLE)
+    /// `CKA_LOCAL`
     public static let local = AttributeType(rawValue: CKA_LOCAL)
+    /// `CKA_NEVER_EXTRACTABLE`
     public static let neverExtractable = AttributeType(rawValue: CKA_NEVER_EXTRACTABLE)
+    /// `CKA_ALWAYS_SENSITIVE`
     public static let alwaysSensitive = AttributeType(rawValue: CKA_ALWAYS_SENSITIVE)
+    /// `CKA_KEY_GEN_MECHANISM`
     public static let keyGenMechanism = AttributeType(rawValue: CKA_KEY_GEN_MECHANISM)
+    /// `CKA_MODIFIABLE`
     public static let modifiable = AttributeType(rawValue: CKA_MODIFIABLE)
+    /// `CKA_EC_PARAMS`
     public static let ecParams = AttributeType(rawValue: CKA_EC_PARAMS)
+    /// `CKA_EC_POINT`
     public static let ecPoint = AttributeType(rawValue: CKA_EC_POINT)
+    /// `CKA_ALWAYS_AUTHENTICATE`
     public static let alwaysAuthenticate = AttributeType(rawValue: CKA_ALWAYS_AUTHENTICATE)
+    /// `CKA_WRAP_WITH_TRUSTED`
     public static let wrapWithTrusted = AttributeType(rawValue: CKA_WRAP_WITH_TRUSTED)
 }
 
@@ -148,10 +219,15 @@ public struct AttributeType: RawRepresentable, Hashable, Sendable, CustomStringC
 public struct ObjectClass: RawRepresentable, Hashable, Sendable {
     public var rawValue: UInt
     public init(rawValue: UInt) { self.rawValue = rawValue }
+    /// `CKO_DATA`
     public static let data = ObjectClass(rawValue: CKO_DATA)
+    /// `CKO_CERTIFICATE`
     public static let certificate = ObjectClass(rawValue: CKO_CERTIFICATE)
+    /// `CKO_PUBLIC_KEY`
     public static let publicKey = ObjectClass(rawValue: CKO_PUBLIC_KEY)
+    /// `CKO_PRIVATE_KEY`
     public static let privateKey = ObjectClass(rawValue: CKO_PRIVATE_KEY)
+    /// `CKO_SECRET_KEY`
     public static let secretKey = ObjectClass(rawValue: CKO_SECRET_KEY)
 }
 
@@ -159,7 +235,9 @@ public struct ObjectClass: RawRepresentable, Hashable, Sendable {
 public struct KeyType: RawRepresentable, Hashable, Sendable {
     public var rawValue: UInt
     public init(rawValue: UInt) { self.rawValue = rawValue }
+    /// `CKK_RSA`
     public static let rsa = KeyType(rawValue: CKK_RSA)
+    /// `CKK_EC`
     public static let ec = KeyType(rawValue: CKK_EC)
 }
 
@@ -167,8 +245,11 @@ public struct KeyType: RawRepresentable, Hashable, Sendable {
 public struct UserType: RawRepresentable, Hashable, Sendable {
     public var rawValue: UInt
     public init(rawValue: UInt) { self.rawValue = rawValue }
+    /// `CKU_SO`
     public static let so = UserType(rawValue: CKU_SO)
+    /// `CKU_USER`
     public static let user = UserType(rawValue: CKU_USER)
+    /// `CKU_CONTEXT_SPECIFIC`
     public static let contextSpecific = UserType(rawValue: CKU_CONTEXT_SPECIFIC)
 }
 
