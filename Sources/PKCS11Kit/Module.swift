@@ -383,6 +383,18 @@ public final class PKCS11Module: @unchecked Sendable {
         } == .ok
     }
 
+    /// `C_DigestInit` then the two-call `C_Digest` (no login needed).
+    public func digest(_ s: SessionHandle, mechanism: Mechanism, data: [UInt8]) throws -> [UInt8] {
+        try mechanism.withCMechanism { m in
+            try call("C_DigestInit", \.C_DigestInit) { $0(s.rawValue, m) }
+        }
+        return try withInput(data) { input, length in
+            try twoCall("C_Digest", \.C_Digest, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+                f(s.rawValue, input, length, out, outLength)
+            }
+        }
+    }
+
     /// `C_EncryptInit` then the two-call `C_Encrypt`.
     public func encrypt(_ s: SessionHandle, mechanism: Mechanism, key: ObjectHandle, data: [UInt8]) throws -> [UInt8] {
         try mechanism.withCMechanism { m in

@@ -76,6 +76,7 @@ final class TokenContext: @unchecked Sendable {
     // Worker-only state.
     private var opSession: SessionHandle?
     private var keys: [KeyRecord]?
+    private var mechanisms: Set<MechanismType>?
 
     var module: PKCS11Module { backend.module }
     var snapshot: TokenSnapshot { snapshotState.withLock { $0 } }
@@ -118,6 +119,7 @@ final class TokenContext: @unchecked Sendable {
                 dropSession()
             }
             keys = nil
+            mechanisms = nil
         }
         if previous != next { onChange(self, previous, next) }
         return next
@@ -319,7 +321,7 @@ final class TokenContext: @unchecked Sendable {
         let plan = try policy.withLock {
             try $0.planOperation(
                 for: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh,
-                freshPINSupplied: freshPIN != nil, pinStatus: PinStatus(info), now: Self.now())
+                freshPINSupplied: freshPIN != nil, pinStatus: PinStatus(tokenFlags: info.flags), now: Self.now())
         }
         var outcome = OperationOutcome.failed
         defer {
@@ -409,7 +411,7 @@ final class TokenContext: @unchecked Sendable {
     {
         try backendCall {
             let handle = try findPrivateKey(s, key.id)
-            switch op {
+            switch try adapted(op, s) {
             case .sign(let mechanism, let data):
                 if let pin = contextPIN {
                     try module.signInit(s, mechanism: mechanism, key: handle)
@@ -436,6 +438,22 @@ final class TokenContext: @unchecked Sendable {
         }
     }
 
+    /// Hash-and-sign ECDSA on a token that only signs prehashed data (SoftHSM, many cards):
+    /// the token hashes with C_Digest, then signs with CKM_ECDSA. The result is the same signature.
+    private func adapted(_ op: PrivateOperation, _ s: SessionHandle) throws -> PrivateOperation {
+        guard case .sign(let mechanism, let data) = op,
+            let hash = Self.ecdsaHashes[mechanism.type]
+        else { return op }
+        if mechanisms == nil { mechanisms = Set((try? module.mechanismList(slot)) ?? []) }
+        guard let mechanisms, !mechanisms.contains(mechanism.type), mechanisms.contains(.ecdsa) else { return op }
+        let digest = try module.digest(s, mechanism: Mechanism(hash), data: data)
+        return .sign(Mechanism(.ecdsa), digest)
+    }
+
+    private static let ecdsaHashes: [MechanismType: MechanismType] = [
+        .ecdsaSHA1: .sha1, .ecdsaSHA256: .sha256, .ecdsaSHA384: .sha384, .ecdsaSHA512: .sha512,
+    ]
+
     private func markAlwaysAuthenticate(_ id: [UInt8]) {
         guard let i = keys?.firstIndex(where: { $0.id == id }) else { return }
         keys?[i].backendAlwaysAuthenticate = true
@@ -444,15 +462,6 @@ final class TokenContext: @unchecked Sendable {
     func shutdown() {
         worker.submit { [self] in dropSession() }
         worker.stop()
-    }
-}
-
-extension PinStatus {
-    init(_ info: TokenInfo) {
-        self = []
-        if info.userPinCountLow { insert(.countLow) }
-        if info.userPinFinalTry { insert(.finalTry) }
-        if info.userPinLocked { insert(.locked) }
     }
 }
 
