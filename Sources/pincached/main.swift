@@ -1,1 +1,110 @@
-print("pincached: not built yet")
+import DBusKit
+import Foundation
+import PinPolicy
+import PincacheService
+
+let usage = """
+    usage: pincached [--bus system|session|ADDRESS] [--config FILE] [--verbose]
+           pincached --print-introspection DIR
+
+    Shares PKCS#11 tokens on D-Bus while each client connection keeps its own PIN cache.
+      --bus       the bus to serve (default: system). On any bus but the system bus
+                  polkit authorisation is off.
+      --config    configuration file (default: /etc/pincache/pincache.cfg)
+      --verbose   debug logging (never includes a PIN)
+    """
+
+var busArgument = "system"
+var configPath = "/etc/pincache/pincache.cfg"
+var introspectionDir: String?
+var arguments = CommandLine.arguments.dropFirst()
+while let arg = arguments.popFirst() {
+    switch arg {
+    case "--bus": busArgument = arguments.popFirst() ?? ""
+    case "--config": configPath = arguments.popFirst() ?? ""
+    case "--print-introspection": introspectionDir = arguments.popFirst()
+    case "--verbose": Log.verbose = true
+    case "--help", "-h":
+        print(usage)
+        exit(0)
+    case "--version":
+        print("pincached \(PincacheBus.version)")
+        exit(0)
+    default:
+        FileHandle.standardError.write(Data("pincached: unknown argument '\(arg)'\n\(usage)\n".utf8))
+        exit(2)
+    }
+}
+
+if let dir = introspectionDir {
+    // dbus/*.xml are generated from the same declarations the daemon dispatches with.
+    for iface in PincacheInterfaces.all {
+        let xml = introspectionDocument(interfaces: [iface], children: [])
+        try xml.write(toFile: "\(dir)/\(iface.name).xml", atomically: true, encoding: .utf8)
+    }
+    exit(0)
+}
+
+do {
+    try ProcessHardening.disableCoreDumps()
+} catch {
+    Log.error("cannot disable core dumps: \(error)")
+    exit(1)
+}
+
+let configuration: Configuration
+do {
+    configuration = try Configuration.load(path: configPath)
+} catch {
+    FileHandle.standardError.write(Data("pincached: \(error)\n".utf8))
+    exit(2)
+}
+for notice in configuration.notices { Log.notice(notice) }
+
+// Signals are taken synchronously by one thread (sigwait), so no handler runs in async-signal context.
+var signals = sigset_t()
+sigemptyset(&signals)
+for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&signals, s) }
+pthread_sigmask(SIG_BLOCK, &signals, nil)
+signal(SIGPIPE, SIG_IGN)
+
+let bus = BusAddress(parsing: busArgument)
+let connection: DBusConnection
+do {
+    connection = try DBusConnection(bus: bus)
+} catch {
+    Log.error("cannot connect to the \(busArgument) bus: \(error)")
+    exit(1)
+}
+if bus != .system {
+    Log.notice("not on the system bus: polkit authorisation is off (a bus name there is no polkit subject)")
+}
+
+let service = PincacheService(connection: connection, configuration: configuration, onSystemBus: bus == .system)
+let modules = configuration.modules.isEmpty ? p11KitRegisteredModules() : configuration.modules
+do {
+    try service.start(modules: modules)
+} catch {
+    Log.error("cannot start: \(error)")
+    exit(1)
+}
+
+let signalThread = Thread {
+    var set = signals
+    while true {
+        var received: Int32 = 0
+        guard sigwait(&set, &received) == 0 else { continue }
+        if received == SIGHUP {
+            Log.notice("SIGHUP: configuration reload is not supported yet; restart the daemon to apply changes")
+            continue
+        }
+        Log.info("signal \(received): shutting down")
+        connection.stop()
+        return
+    }
+}
+signalThread.start()
+
+connection.run()
+service.shutdown()
+exit(0)

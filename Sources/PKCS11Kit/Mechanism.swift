@@ -1,0 +1,70 @@
+import CPKCS11
+
+/// A mechanism and its parameter, as passed to `C_SignInit`, `C_DecryptInit`, …
+///
+/// Held as plain Swift values; the C structures (`CK_MECHANISM`,
+/// `CK_RSA_PKCS_PSS_PARAMS`, `CK_RSA_PKCS_OAEP_PARAMS`) exist only for the duration of
+/// one call, so no pointer into Swift memory outlives it.
+public struct Mechanism: Sendable, Hashable {
+    /// The mechanism parameter.
+    public enum Parameter: Sendable, Hashable {
+        case none
+        /// Bytes passed as they are (e.g. an IV).
+        case raw([UInt8])
+        /// `CK_RSA_PKCS_PSS_PARAMS`
+        case pss(hash: MechanismType, mgf: MGF, saltLength: UInt)
+        /// `CK_RSA_PKCS_OAEP_PARAMS`; `source` is `CKZ_DATA_SPECIFIED` with `sourceData` as the label.
+        case oaep(hash: MechanismType, mgf: MGF, sourceData: [UInt8])
+    }
+
+    public var type: MechanismType
+    public var parameter: Parameter
+
+    public init(_ type: MechanismType, parameter: Parameter = .none) {
+        self.type = type
+        self.parameter = parameter
+    }
+
+    /// Builds the C structures on the stack and hands them to `body`.
+    @discardableResult
+    func withCMechanism<R>(_ body: (UnsafeMutablePointer<CK_MECHANISM>) throws -> R) rethrows -> R {
+        switch parameter {
+        case .none:
+            var m = CK_MECHANISM(mechanism: type.rawValue, pParameter: nil, ulParameterLen: 0)
+            return try body(&m)
+        case .raw(let bytes):
+            // SAFETY: the module only reads the parameter during the call; the pointer is
+            // valid for the closure's duration and `mutating` only satisfies the C type.
+            return try bytes.withUnsafeBytes { p in
+                var m = CK_MECHANISM(
+                    mechanism: type.rawValue, pParameter: UnsafeMutableRawPointer(mutating: p.baseAddress),
+                    ulParameterLen: CK_ULONG(p.count))
+                return try body(&m)
+            }
+        case .pss(let hash, let mgf, let saltLength):
+            var params = CK_RSA_PKCS_PSS_PARAMS(hashAlg: hash.rawValue, mgf: mgf.rawValue, sLen: saltLength)
+            // SAFETY: `params` lives on this frame for the whole call.
+            return try withUnsafeMutablePointer(to: &params) { pp in
+                var m = CK_MECHANISM(
+                    mechanism: type.rawValue, pParameter: UnsafeMutableRawPointer(pp),
+                    ulParameterLen: CK_ULONG(MemoryLayout<CK_RSA_PKCS_PSS_PARAMS>.size))
+                return try body(&m)
+            }
+        case .oaep(let hash, let mgf, let sourceData):
+            // SAFETY: both the label bytes and `params` stay valid for the whole call; the
+            // module reads them only then.
+            return try sourceData.withUnsafeBytes { label in
+                var params = CK_RSA_PKCS_OAEP_PARAMS(
+                    hashAlg: hash.rawValue, mgf: mgf.rawValue, source: CK_RSA_PKCS_OAEP_SOURCE_TYPE(CKZ_DATA_SPECIFIED),
+                    pSourceData: label.isEmpty ? nil : UnsafeMutableRawPointer(mutating: label.baseAddress),
+                    ulSourceDataLen: CK_ULONG(label.count))
+                return try withUnsafeMutablePointer(to: &params) { pp in
+                    var m = CK_MECHANISM(
+                        mechanism: type.rawValue, pParameter: UnsafeMutableRawPointer(pp),
+                        ulParameterLen: CK_ULONG(MemoryLayout<CK_RSA_PKCS_OAEP_PARAMS>.size))
+                    return try body(&m)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,493 @@
+// The only file that calls into a PKCS#11 module. Every call blocks (card I/O): callers
+// run these on their own threads, so nothing here is async.
+import CPKCS11
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A loaded, initialised PKCS#11 module.
+///
+/// The object owns the `dlopen` handle, so the function pointers stay valid as long as it
+/// lives. All methods may be called from any thread: the module is initialised with
+/// `CKF_OS_LOCKING_OK` and does its own locking.
+public final class PKCS11Module: @unchecked Sendable {
+    // @unchecked: the stored state is immutable after init except `state`, which a Mutex
+    // guards; the module itself is thread-safe by contract (CKF_OS_LOCKING_OK).
+
+    /// The path given to `dlopen`.
+    public let path: String
+
+    /// A broken or hostile module must not make us allocate without bound.
+    static let maxListCount = 4096
+    static let maxLength = 64 << 20
+
+    private enum State { case loaded, initialized, finalized }
+
+    private let handle: UnsafeMutableRawPointer
+    private let functions: UnsafeMutablePointer<CK_FUNCTION_LIST>
+    private let state = Mutex(State.loaded)
+
+    /// `dlopen(RTLD_NOW|RTLD_LOCAL)`, `C_GetFunctionList`, then `C_Initialize` with
+    /// `CKF_OS_LOCKING_OK`.
+    ///
+    /// - Throws: `ModuleLoadError` when the file cannot be loaded or lacks
+    ///   `C_GetFunctionList`; `PKCS11Error` when the module refuses.
+    public init(path: String) throws {
+        guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
+            throw ModuleLoadError(path: path, reason: dlerror().map { String(cString: $0) } ?? "dlopen failed")
+        }
+        guard let symbol = dlsym(handle, "C_GetFunctionList") else {
+            dlclose(handle)
+            throw ModuleLoadError(path: path, reason: "no C_GetFunctionList symbol")
+        }
+        // SAFETY: C_GetFunctionList has this exact C signature in every PKCS#11 module.
+        let getFunctionList = unsafeBitCast(symbol, to: CK_C_GetFunctionList.self)
+        var list: UnsafeMutablePointer<CK_FUNCTION_LIST>?
+        do {
+            try PKCS11Error.check(getFunctionList(&list), "C_GetFunctionList")
+        } catch {
+            dlclose(handle)
+            throw error
+        }
+        guard let list else {
+            dlclose(handle)
+            throw ModuleLoadError(path: path, reason: "C_GetFunctionList returned no function list")
+        }
+        self.path = path
+        self.handle = handle
+        self.functions = list
+
+        var args = CK_C_INITIALIZE_ARGS(
+            CreateMutex: nil, DestroyMutex: nil, LockMutex: nil, UnlockMutex: nil,
+            flags: CK_FLAGS(CKF_OS_LOCKING_OK), pReserved: nil)
+        // SAFETY: `args` outlives the call; modules do not keep the pointer.
+        try call("C_Initialize", \.C_Initialize) { f in withUnsafeMutablePointer(to: &args) { f($0) } }
+        state.withLock { $0 = .initialized }
+    }
+
+    /// `C_Finalize`, at most once (later calls do nothing). Calls made afterwards fail with
+    /// `CKR_CRYPTOKI_NOT_INITIALIZED`; the library stays loaded until the object goes.
+    public func finalize() {
+        let wasInitialized = state.withLock { s -> Bool in
+            guard s == .initialized else { return false }
+            s = .finalized
+            return true
+        }
+        // Nothing useful can be done about a failing C_Finalize at shutdown.
+        if wasInitialized { _ = try? call("C_Finalize", \.C_Finalize) { $0(nil) } }
+    }
+
+    deinit {
+        finalize()
+        dlclose(handle)
+    }
+
+    // MARK: - Calling convention
+
+    /// Calls one function of the list. A missing (NULL) entry is `CKR_FUNCTION_NOT_SUPPORTED`
+    /// rather than a crash; the result goes through `PKCS11Error.check`.
+    @discardableResult
+    private func call<F>(
+        _ name: String, _ member: KeyPath<CK_FUNCTION_LIST, F?>, accepting: [ReturnValue] = [],
+        _ body: (F) -> CK_RV
+    ) throws -> ReturnValue {
+        guard let f = functions.pointee[keyPath: member] else {
+            throw PKCS11Error(rv: .functionNotSupported, function: name)
+        }
+        return try PKCS11Error.check(body(f), name, accepting: accepting)
+    }
+
+    private func tooLarge(_ name: String) -> PKCS11Error { PKCS11Error(rv: .generalError, function: name) }
+
+    /// PKCS#11's two-call convention: ask for the length, allocate, fetch; if the answer
+    /// grew in between (`CKR_BUFFER_TOO_SMALL`), try again with the new length.
+    private func twoCall<F, T>(
+        _ name: String, _ member: KeyPath<CK_FUNCTION_LIST, F?>, zero: T, cap: Int,
+        _ body: (F, UnsafeMutablePointer<T>?, UnsafeMutablePointer<CK_ULONG>) -> CK_RV
+    ) throws -> [T] {
+        var needed: CK_ULONG = 0
+        try call(name, member) { f in body(f, nil, &needed) }
+        for _ in 0..<4 {
+            guard needed <= CK_ULONG(cap) else { throw tooLarge(name) }
+            // Never pass a NULL buffer here: that would be another length query and, for
+            // C_Sign, leave the operation running.
+            var buffer = [T](repeating: zero, count: max(Int(needed), 1))
+            var got = needed
+            let rv = try call(name, member, accepting: [.bufferTooSmall]) { f in
+                buffer.withUnsafeMutableBufferPointer { body(f, $0.baseAddress, &got) }
+            }
+            if rv == .ok {
+                guard got <= needed else { throw tooLarge(name) }
+                return Array(buffer.prefix(Int(got)))
+            }
+            needed = got
+        }
+        throw PKCS11Error(rv: .bufferTooSmall, function: name)
+    }
+
+    // MARK: - Module, slots, tokens
+
+    /// `C_GetInfo`
+    public func info() throws -> ModuleInfo {
+        var i = CK_INFO()
+        try call("C_GetInfo", \.C_GetInfo) { $0(&i) }
+        return ModuleInfo(
+            cryptokiVersion: Version(i.cryptokiVersion), manufacturer: paddedString(i.manufacturerID),
+            libraryDescription: paddedString(i.libraryDescription), libraryVersion: Version(i.libraryVersion))
+    }
+
+    /// `C_GetSlotList`; more than 4096 slots is treated as a broken module.
+    public func slotList(tokenPresent: Bool) throws -> [SlotID] {
+        try twoCall("C_GetSlotList", \.C_GetSlotList, zero: CK_SLOT_ID(0), cap: Self.maxListCount) { f, p, n in
+            f(tokenPresent ? 1 : 0, p, n)
+        }.map(SlotID.init(rawValue:))
+    }
+
+    /// `C_GetSlotInfo`
+    public func slotInfo(_ slot: SlotID) throws -> SlotInfo {
+        var i = CK_SLOT_INFO()
+        try call("C_GetSlotInfo", \.C_GetSlotInfo) { $0(slot.rawValue, &i) }
+        return SlotInfo(
+            description: paddedString(i.slotDescription), manufacturer: paddedString(i.manufacturerID),
+            flags: i.flags, hardwareVersion: Version(i.hardwareVersion), firmwareVersion: Version(i.firmwareVersion))
+    }
+
+    /// `C_GetTokenInfo`
+    public func tokenInfo(_ slot: SlotID) throws -> TokenInfo {
+        var i = CK_TOKEN_INFO()
+        try call("C_GetTokenInfo", \.C_GetTokenInfo) { $0(slot.rawValue, &i) }
+        return TokenInfo(
+            label: paddedString(i.label), manufacturer: paddedString(i.manufacturerID), model: paddedString(i.model),
+            serialNumber: paddedString(i.serialNumber), flags: i.flags,
+            minPinLength: i.ulMinPinLen, maxPinLength: i.ulMaxPinLen)
+    }
+
+    /// `C_GetMechanismList`
+    public func mechanismList(_ slot: SlotID) throws -> [MechanismType] {
+        try twoCall("C_GetMechanismList", \.C_GetMechanismList, zero: CK_MECHANISM_TYPE(0), cap: Self.maxListCount) {
+            f, p, n in f(slot.rawValue, p, n)
+        }.map(MechanismType.init(rawValue:))
+    }
+
+    /// `C_GetMechanismInfo`
+    public func mechanismInfo(_ slot: SlotID, _ type: MechanismType) throws -> MechanismInfo {
+        var i = CK_MECHANISM_INFO()
+        try call("C_GetMechanismInfo", \.C_GetMechanismInfo) { $0(slot.rawValue, type.rawValue, &i) }
+        return MechanismInfo(minKeySize: i.ulMinKeySize, maxKeySize: i.ulMaxKeySize, flags: i.flags)
+    }
+
+    /// `C_WaitForSlotEvent`; nil on `CKR_NO_EVENT`. Modules without slot events throw
+    /// `CKR_FUNCTION_NOT_SUPPORTED` (the caller then polls).
+    public func waitForSlotEvent(dontBlock: Bool) throws -> SlotID? {
+        var slot: CK_SLOT_ID = 0
+        let rv = try call("C_WaitForSlotEvent", \.C_WaitForSlotEvent, accepting: [.noEvent]) {
+            $0(CK_FLAGS(dontBlock ? CKF_DONT_BLOCK : 0), &slot, nil)
+        }
+        return rv == .noEvent ? nil : SlotID(rawValue: slot)
+    }
+
+    // MARK: - Sessions
+
+    /// `C_OpenSession`, always with `CKF_SERIAL_SESSION`, without notification callback.
+    public func openSession(_ slot: SlotID, readWrite: Bool = false) throws -> SessionHandle {
+        var flags = CK_FLAGS(CKF_SERIAL_SESSION)
+        if readWrite { flags |= CK_FLAGS(CKF_RW_SESSION) }
+        var session: CK_SESSION_HANDLE = 0
+        try call("C_OpenSession", \.C_OpenSession) { $0(slot.rawValue, flags, nil, nil, &session) }
+        return SessionHandle(rawValue: session)
+    }
+
+    /// `C_CloseSession`
+    public func closeSession(_ s: SessionHandle) throws {
+        try call("C_CloseSession", \.C_CloseSession) { $0(s.rawValue) }
+    }
+
+    /// `C_CloseAllSessions`
+    public func closeAllSessions(_ slot: SlotID) throws {
+        try call("C_CloseAllSessions", \.C_CloseAllSessions) { $0(slot.rawValue) }
+    }
+
+    /// `C_GetSessionInfo`
+    public func sessionInfo(_ s: SessionHandle) throws -> SessionInfo {
+        var i = CK_SESSION_INFO()
+        try call("C_GetSessionInfo", \.C_GetSessionInfo) { $0(s.rawValue, &i) }
+        return SessionInfo(slot: SlotID(rawValue: i.slotID), state: i.state, flags: i.flags)
+    }
+
+    /// `C_Login`. `pin` is read during the call only and never copied; nil means the
+    /// token's protected authentication path (PIN pad). An empty buffer is an empty PIN.
+    public func login(_ s: SessionHandle, userType: UserType, pin: UnsafeRawBufferPointer?) throws {
+        var empty: UInt8 = 0
+        try withUnsafeMutablePointer(to: &empty) { emptyPointer in
+            // SAFETY: C_Login's PIN parameter is non-const only because the header predates
+            // const; modules read it during the call and keep no pointer. An empty buffer may
+            // have no base address, so it gets a valid one-byte address with length 0.
+            let pointer: UnsafeMutablePointer<UInt8>? = pin.map { buffer in
+                buffer.baseAddress.map { UnsafeMutablePointer(mutating: $0.assumingMemoryBound(to: UInt8.self)) }
+                    ?? emptyPointer
+            }
+            let length = CK_ULONG(pin?.count ?? 0)
+            try call("C_Login", \.C_Login) { $0(s.rawValue, userType.rawValue, pointer, length) }
+        }
+    }
+
+    /// `C_Logout`
+    public func logout(_ s: SessionHandle) throws {
+        try call("C_Logout", \.C_Logout) { $0(s.rawValue) }
+    }
+
+    // MARK: - Objects
+
+    /// `C_FindObjectsInit`, `C_FindObjects` until exhausted or `limit`, then always
+    /// `C_FindObjectsFinal` (so the session is free for the next search even after an error).
+    public func findObjects(_ s: SessionHandle, matching template: [Attribute], limit: Int = 10_000) throws
+        -> [ObjectHandle]
+    {
+        try withTemplate(template) { p, n in
+            try call("C_FindObjectsInit", \.C_FindObjectsInit) { $0(s.rawValue, p, n) }
+        }
+        var found: [ObjectHandle] = []
+        var failure: (any Error)?
+        do {
+            let chunkSize = 64
+            var chunk = [CK_OBJECT_HANDLE](repeating: 0, count: chunkSize)
+            while found.count < limit {
+                let want = min(chunkSize, limit - found.count)
+                var got: CK_ULONG = 0
+                try call("C_FindObjects", \.C_FindObjects) { f in
+                    chunk.withUnsafeMutableBufferPointer { f(s.rawValue, $0.baseAddress, CK_ULONG(want), &got) }
+                }
+                if got == 0 { break }
+                guard got <= CK_ULONG(want) else { throw tooLarge("C_FindObjects") }
+                found += chunk.prefix(Int(got)).map(ObjectHandle.init(rawValue:))
+            }
+        } catch {
+            failure = error
+        }
+        do {
+            try call("C_FindObjectsFinal", \.C_FindObjectsFinal) { $0(s.rawValue) }
+        } catch {
+            failure = failure ?? error
+        }
+        if let failure { throw failure }
+        return found
+    }
+
+    /// `C_GetAttributeValue`. Attributes that are invalid, sensitive or unavailable are
+    /// simply absent from the result; any other failure throws.
+    public func getAttributes(_ s: SessionHandle, _ object: ObjectHandle, _ types: [AttributeType]) throws
+        -> [AttributeType: [UInt8]]
+    {
+        let name = "C_GetAttributeValue"
+        guard !types.isEmpty else { return [:] }
+        guard types.count <= Self.maxListCount else { throw PKCS11Error(rv: .argumentsBad, function: name) }
+        let tolerated: [ReturnValue] = [.attributeSensitive, .attributeTypeInvalid]
+        let unavailable = CK_ULONG.max  // CK_UNAVAILABLE_INFORMATION
+
+        for _ in 0..<4 {
+            var lengths = types.map { CK_ATTRIBUTE(type: $0.rawValue, pValue: nil, ulValueLen: 0) }
+            try call(name, \.C_GetAttributeValue, accepting: tolerated) { f in
+                lengths.withUnsafeMutableBufferPointer { f(s.rawValue, object.rawValue, $0.baseAddress, CK_ULONG($0.count)) }
+            }
+            let wanted = lengths.filter { $0.ulValueLen != unavailable }
+            if wanted.isEmpty { return [:] }
+            var total = 0
+            for a in wanted {
+                guard a.ulValueLen <= CK_ULONG(Self.maxLength) else { throw tooLarge(name) }
+                total += Int(a.ulValueLen)
+                guard total <= Self.maxLength else { throw tooLarge(name) }
+            }
+            // SAFETY: one buffer for all values, carved into the template's pValue slices;
+            // freed after the values have been copied out.
+            let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 16)
+            defer { storage.deallocate() }
+            var fetch = wanted
+            var offset = 0
+            for i in fetch.indices {
+                fetch[i].pValue = storage.baseAddress! + offset
+                offset += Int(fetch[i].ulValueLen)
+            }
+            let sizes = fetch.map(\.ulValueLen)
+            let rv = try call(name, \.C_GetAttributeValue, accepting: tolerated + [.bufferTooSmall]) { f in
+                fetch.withUnsafeMutableBufferPointer { f(s.rawValue, object.rawValue, $0.baseAddress, CK_ULONG($0.count)) }
+            }
+            // The object changed between the two calls: start over with fresh lengths.
+            if rv == .bufferTooSmall { continue }
+            var result: [AttributeType: [UInt8]] = [:]
+            for (a, size) in zip(fetch, sizes) where a.ulValueLen != unavailable {
+                guard a.ulValueLen <= size, let p = a.pValue else { throw tooLarge(name) }
+                result[AttributeType(rawValue: a.type)] = Array(
+                    UnsafeRawBufferPointer(start: p, count: Int(a.ulValueLen)))
+            }
+            return result
+        }
+        throw PKCS11Error(rv: .bufferTooSmall, function: name)
+    }
+
+    // MARK: - Cryptography
+
+    /// `C_SignInit` then the two-call `C_Sign`.
+    public func sign(_ s: SessionHandle, mechanism: Mechanism, key: ObjectHandle, data: [UInt8]) throws -> [UInt8] {
+        try signInit(s, mechanism: mechanism, key: key)
+        return try signAfterInit(s, data: data)
+    }
+
+    /// `C_SignInit` alone, for when a `CKU_CONTEXT_SPECIFIC` login must come before the data.
+    public func signInit(_ s: SessionHandle, mechanism: Mechanism, key: ObjectHandle) throws {
+        try mechanism.withCMechanism { m in
+            try call("C_SignInit", \.C_SignInit) { $0(s.rawValue, m, key.rawValue) }
+        }
+    }
+
+    /// The two-call `C_Sign` of an operation started with `signInit`. A signature longer than
+    /// 64 MiB is refused (the operation then stays active until the session closes).
+    public func signAfterInit(_ s: SessionHandle, data: [UInt8]) throws -> [UInt8] {
+        try withInput(data) { input, length in
+            try twoCall("C_Sign", \.C_Sign, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+                f(s.rawValue, input, length, out, outLength)
+            }
+        }
+    }
+
+    /// `C_SignUpdate` of a multi-part signature started with `signInit`.
+    public func signUpdate(_ s: SessionHandle, data: [UInt8]) throws {
+        try withInput(data) { input, length in
+            try call("C_SignUpdate", \.C_SignUpdate) { $0(s.rawValue, input, length) }
+        }
+    }
+
+    /// The two-call `C_SignFinal` of a multi-part signature.
+    public func signFinal(_ s: SessionHandle) throws -> [UInt8] {
+        try twoCall("C_SignFinal", \.C_SignFinal, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+            f(s.rawValue, out, outLength)
+        }
+    }
+
+    /// `C_VerifyInit` then `C_Verify`: false on `CKR_SIGNATURE_INVALID`, other failures throw.
+    public func verify(_ s: SessionHandle, mechanism: Mechanism, key: ObjectHandle, data: [UInt8], signature: [UInt8])
+        throws -> Bool
+    {
+        try mechanism.withCMechanism { m in
+            try call("C_VerifyInit", \.C_VerifyInit) { $0(s.rawValue, m, key.rawValue) }
+        }
+        return try withInput(data) { input, length in
+            try withInput(signature) { sig, sigLength in
+                try call("C_Verify", \.C_Verify, accepting: [.signatureInvalid]) {
+                    $0(s.rawValue, input, length, sig, sigLength)
+                }
+            }
+        } == .ok
+    }
+
+    /// `C_DigestInit` then the two-call `C_Digest` (no login needed).
+    public func digest(_ s: SessionHandle, mechanism: Mechanism, data: [UInt8]) throws -> [UInt8] {
+        try mechanism.withCMechanism { m in
+            try call("C_DigestInit", \.C_DigestInit) { $0(s.rawValue, m) }
+        }
+        return try withInput(data) { input, length in
+            try twoCall("C_Digest", \.C_Digest, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+                f(s.rawValue, input, length, out, outLength)
+            }
+        }
+    }
+
+    /// `C_EncryptInit` then the two-call `C_Encrypt`.
+    public func encrypt(_ s: SessionHandle, mechanism: Mechanism, key: ObjectHandle, data: [UInt8]) throws -> [UInt8] {
+        try mechanism.withCMechanism { m in
+            try call("C_EncryptInit", \.C_EncryptInit) { $0(s.rawValue, m, key.rawValue) }
+        }
+        return try withInput(data) { input, length in
+            try twoCall("C_Encrypt", \.C_Encrypt, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+                f(s.rawValue, input, length, out, outLength)
+            }
+        }
+    }
+
+    /// `C_DecryptInit` then the two-call `C_Decrypt`.
+    public func decrypt(_ s: SessionHandle, mechanism: Mechanism, key: ObjectHandle, data: [UInt8]) throws -> [UInt8] {
+        try decryptInit(s, mechanism: mechanism, key: key)
+        return try decryptAfterInit(s, data: data)
+    }
+
+    /// `C_DecryptInit` alone, for when a `CKU_CONTEXT_SPECIFIC` login must come before the data.
+    public func decryptInit(_ s: SessionHandle, mechanism: Mechanism, key: ObjectHandle) throws {
+        try mechanism.withCMechanism { m in
+            try call("C_DecryptInit", \.C_DecryptInit) { $0(s.rawValue, m, key.rawValue) }
+        }
+    }
+
+    /// The two-call `C_Decrypt` of an operation started with `decryptInit`.
+    public func decryptAfterInit(_ s: SessionHandle, data: [UInt8]) throws -> [UInt8] {
+        try withInput(data) { input, length in
+            try twoCall("C_Decrypt", \.C_Decrypt, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+                f(s.rawValue, input, length, out, outLength)
+            }
+        }
+    }
+
+    /// `C_GenerateRandom`; at most 64 MiB.
+    public func generateRandom(_ s: SessionHandle, count: Int) throws -> [UInt8] {
+        guard count >= 0, count <= Self.maxLength else {
+            throw PKCS11Error(rv: .argumentsBad, function: "C_GenerateRandom")
+        }
+        var bytes = [UInt8](repeating: 0, count: max(count, 1))
+        try call("C_GenerateRandom", \.C_GenerateRandom) { f in
+            bytes.withUnsafeMutableBufferPointer { f(s.rawValue, $0.baseAddress, CK_ULONG(count)) }
+        }
+        return Array(bytes.prefix(count))
+    }
+}
+
+// MARK: - Marshalling helpers
+
+/// Hands `data` to C as `(CK_BYTE_PTR, CK_ULONG)`.
+@discardableResult
+private func withInput<R>(_ data: [UInt8], _ body: (UnsafeMutablePointer<UInt8>?, CK_ULONG) throws -> R) rethrows -> R {
+    // SAFETY: input parameters are non-const in the header only for historical reasons;
+    // modules read them during the call and keep no pointer.
+    try data.withUnsafeBufferPointer { buffer in
+        try body(UnsafeMutablePointer(mutating: buffer.baseAddress), CK_ULONG(buffer.count))
+    }
+}
+
+/// Hands a template to C as `(CK_ATTRIBUTE_PTR, CK_ULONG)`.
+@discardableResult
+private func withTemplate<R>(_ template: [Attribute], _ body: (UnsafeMutablePointer<CK_ATTRIBUTE>?, CK_ULONG) throws -> R)
+    rethrows -> R
+{
+    let total = template.reduce(0) { $0 + $1.value.count }
+    // SAFETY: all values are copied into one buffer that outlives the call; the
+    // CK_ATTRIBUTE array points into it and is discarded with it.
+    let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 16)
+    defer { storage.deallocate() }
+    var offset = 0
+    var attributes: [CK_ATTRIBUTE] = []
+    attributes.reserveCapacity(template.count)
+    for a in template {
+        let start = storage.baseAddress! + offset
+        a.value.withUnsafeBytes { source in
+            if let base = source.baseAddress { start.copyMemory(from: base, byteCount: source.count) }
+        }
+        attributes.append(CK_ATTRIBUTE(type: a.type.rawValue, pValue: start, ulValueLen: CK_ULONG(a.value.count)))
+        offset += a.value.count
+    }
+    return try attributes.withUnsafeMutableBufferPointer { try body($0.baseAddress, CK_ULONG($0.count)) }
+}
+
+/// A fixed-width, blank-padded `CK_UTF8CHAR` field as a String. Some modules pad with NUL
+/// instead of blanks, so the text also ends at the first NUL.
+private func paddedString<T>(_ field: T) -> String {
+    withUnsafeBytes(of: field) { raw in
+        var bytes = raw.prefix { $0 != 0 }
+        while let last = bytes.last, last == 0x20 { bytes = bytes.dropLast() }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+extension Version {
+    init(_ v: CK_VERSION) { self.init(major: v.major, minor: v.minor) }
+}

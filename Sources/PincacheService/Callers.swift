@@ -1,0 +1,101 @@
+import DBusKit
+import Foundation
+import PinPolicy
+import Synchronization
+
+/// One cache environment per caller bus connection (DESIGN §1): who it is, the settings of its
+/// executable, and its sessions. PINs themselves live in each token's `TokenPolicy`.
+struct CallerInfo: Sendable {
+    let id: CallerID
+    let uid: UInt32?
+    let pid: UInt32?
+    let executable: String?
+    let settings: Settings
+    var sessions: Set<UInt64> = []
+}
+
+/// Callers known to the daemon. Unique bus names are never reused on a bus, so a name seen
+/// leaving stays "departed": a late call or an in-flight operation of a gone caller can never
+/// re-create its environment.
+final class CallerRegistry: Sendable {
+    private struct State {
+        var callers: [String: CallerInfo] = [:]
+        var departed: Set<String> = []
+        var departedOrder: [String] = []
+    }
+    private let state = Mutex(State())
+    private static let departedMemory = 8192
+
+    func lookup(_ name: String) -> CallerInfo? { state.withLock { $0.callers[name] } }
+    func isAlive(_ id: CallerID) -> Bool { state.withLock { $0.callers[id.rawValue] != nil } }
+    func hasDeparted(_ name: String) -> Bool { state.withLock { $0.departed.contains(name) } }
+    var count: Int { state.withLock { $0.callers.count } }
+
+    /// Adds a caller unless it already left the bus or its uid is at its quota of environments.
+    func add(_ info: CallerInfo, maxPerUID: Int) -> CallerInfo? {
+        state.withLock { s in
+            if s.departed.contains(info.id.rawValue) { return nil }
+            if let existing = s.callers[info.id.rawValue] { return existing }
+            if s.callers.count >= maxPerUID,
+                s.callers.values.lazy.filter({ $0.uid == info.uid }).count >= maxPerUID
+            {
+                return nil
+            }
+            s.callers[info.id.rawValue] = info
+            return info
+        }
+    }
+
+    /// Marks the caller gone and returns what it had, so its sessions and PINs can be dropped.
+    func depart(_ name: String) -> CallerInfo? {
+        state.withLock { s in
+            if !s.departed.contains(name) {
+                s.departed.insert(name)
+                s.departedOrder.append(name)
+                if s.departedOrder.count > Self.departedMemory {
+                    let old = s.departedOrder.removeFirst(Self.departedMemory / 2)
+                    for n in old { s.departed.remove(n) }
+                }
+            }
+            return s.callers.removeValue(forKey: name)
+        }
+    }
+
+    func update(_ name: String, _ body: (inout CallerInfo) -> Void) {
+        state.withLock { s in
+            if var info = s.callers[name] {
+                body(&info)
+                s.callers[name] = info
+            }
+        }
+    }
+
+    /// Reserves a session slot if the caller is under its quota.
+    func reserveSession(_ name: String, id: UInt64, max: Int) -> Bool {
+        state.withLock { s in
+            guard var info = s.callers[name], info.sessions.count < max else { return false }
+            info.sessions.insert(id)
+            s.callers[name] = info
+            return true
+        }
+    }
+
+    func releaseSession(_ name: String, id: UInt64) {
+        update(name) { $0.sessions.remove(id) }
+    }
+}
+
+/// The executable of a process, read as the kernel reports it. The pid comes from the bus
+/// daemon (GetConnectionCredentials); a pid recycled between that reply and this read is caught
+/// by checking that the process still belongs to the uid the bus reported.
+func executablePath(pid: UInt32, uid: UInt32?) -> String? {
+    let proc = "/proc/\(pid)"
+    guard let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: proc + "/exe") else {
+        return nil
+    }
+    if let uid {
+        var st = stat()
+        guard stat(proc, &st) == 0, st.st_uid == uid else { return nil }
+    }
+    return exe
+}

@@ -1,0 +1,497 @@
+import DBusKit
+import Foundation
+import PKCS11Kit
+import PinPolicy
+import Synchronization
+
+/// Size limits on arguments (DESIGN §1 "Quotas"): anything larger is InvalidArgs before any work.
+enum Limits {
+    static let keyIDBytes = 256
+    static let dataBytes = 1 << 20
+    static let pendingCallsPerUnidentifiedCaller = 64
+    static let environmentsPerUID = 256
+}
+
+/// A Session1 object: owned by one caller connection, bound to one token.
+struct SessionRecord: Sendable {
+    let id: UInt64
+    let path: ObjectPath
+    let owner: CallerID
+    let token: TokenContext
+}
+
+/// The pincache service: the D-Bus objects of DESIGN §2 over the token contexts, the caller
+/// registry and the policy core. Method handlers run on the bus loop thread and only decode,
+/// validate and route; everything that touches a backend runs on the token's worker.
+public final class PincacheService: @unchecked Sendable {
+    public let connection: DBusConnection
+    public let configuration: Configuration
+    /// Authorisation is only meaningful on the system bus (DESIGN §3); elsewhere it is off.
+    let onSystemBus: Bool
+
+    let registry = CallerRegistry()
+    private(set) var tokens: [TokenContext] = []
+    private let sessions = Mutex<[UInt64: SessionRecord]>([:])
+    private let nextSessionID = Atomic<UInt64>(1)
+    /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
+    private var pendingCallers: [String: [@Sendable (CallerInfo?) -> Void]] = [:]
+    private var poller: Thread?
+    private let stopping = Atomic<Bool>(false)
+
+    public init(connection: DBusConnection, configuration: Configuration, onSystemBus: Bool) {
+        self.connection = connection
+        self.configuration = configuration
+        self.onSystemBus = onSystemBus
+    }
+
+    // MARK: - Start-up
+
+    /// Loads the backends, exports every object, then takes the well-known name.
+    public func start(modules: [String]) throws {
+        var backends: [Backend] = []
+        for path in modules {
+            if isPincacheProxy(path) {
+                Log.error("refusing to load \(path) as a backend: it is pincache's own PKCS#11 proxy and would call this daemon")
+                continue
+            }
+            do {
+                backends.append(Backend(index: backends.count, path: path, module: try PKCS11Module(path: path)))
+                Log.info("loaded PKCS#11 module \(path)")
+            } catch {
+                Log.error("cannot load PKCS#11 module \(path): \(error)")
+            }
+        }
+        for backend in backends {
+            let slots: [SlotID]
+            do {
+                slots = try backend.module.slotList(tokenPresent: false)
+            } catch {
+                Log.error("\(backend.path): C_GetSlotList failed: \(error)")
+                continue
+            }
+            for slot in slots {
+                let token = TokenContext(backend: backend, slot: slot) { [weak self] t, old, new in
+                    self?.tokenChanged(t, old, new)
+                }
+                tokens.append(token)
+            }
+        }
+        // Initial state, read on each token's own worker (blocking calls stay off other threads).
+        let group = DispatchGroup()
+        for token in tokens {
+            group.enter()
+            token.worker.submit {
+                token.refresh()
+                group.leave()
+            }
+        }
+        group.wait()
+
+        connection.setObjectManager(at: PincacheBus.managerPath)
+        connection.setDeniedSubtree(PincacheBus.sessionPrefix)
+        connection.onPeerDisconnected { [weak self] name in self?.peerDisconnected(name) }
+        connection.export(PincacheBus.managerPath, interfaces: [managerInterface()])
+        for token in tokens {
+            connection.export(token.path, interfaces: [tokenInterface(token)])
+            let s = token.snapshot
+            Log.info("token \(token.id): \(s.slotDescription) present=\(s.present) recognized=\(s.recognized) label=\(s.info?.label ?? "-")")
+        }
+        try connection.requestName(PincacheBus.serviceName)
+        startPoller()
+        Log.info("ready on the bus as \(PincacheBus.serviceName) (\(connection.uniqueName)); \(tokens.count) slot(s)")
+    }
+
+    public func shutdown() {
+        stopping.store(true, ordering: .relaxed)
+        for token in tokens {
+            _ = token.policy.withLock { $0.flushCachedPINs() }
+            token.shutdown()
+        }
+    }
+
+    /// Modules without slot events are polled (DESIGN §5); card events proper come with PC/SC.
+    private func startPoller() {
+        let interval = Double(configuration.slotPollIntervalMilliseconds) / 1000
+        let thread = Thread { [weak self] in
+            while let self, !self.stopping.load(ordering: .relaxed) {
+                Thread.sleep(forTimeInterval: interval)
+                for token in self.tokens where token.worker.backlog == 0 {
+                    token.worker.submit { token.refresh() }
+                }
+                self.expireIdlePINs()
+            }
+        }
+        thread.name = "pincache-poller"
+        poller = thread
+        thread.start()
+    }
+
+    private func expireIdlePINs() {
+        let now = TokenContext.now()
+        for token in tokens {
+            let n = token.policy.withLock { $0.expireIdle(now: now) }
+            if n > 0 { Log.info("token \(token.id): \(n) cached PIN(s) expired (PinCacheTimeout)") }
+        }
+    }
+
+    // MARK: - Callers
+
+    /// Runs `body` with the caller's environment, creating it on the first call. Credentials
+    /// are fetched from the bus asynchronously; calls arriving meanwhile wait in order.
+    private func withCaller(_ call: MethodCall, _ body: @escaping @Sendable (CallerInfo) -> Void) {
+        let sender = call.sender
+        if let info = registry.lookup(sender) {
+            body(info)
+            return
+        }
+        let run: @Sendable (CallerInfo?) -> Void = { info in
+            if let info {
+                body(info)
+            } else {
+                call.reply(error: ServiceError(.notAuthorized, "the caller's credentials could not be read").dbusError)
+            }
+        }
+        if pendingCallers[sender] != nil {
+            guard pendingCallers[sender]!.count < Limits.pendingCallsPerUnidentifiedCaller else {
+                call.reply(error: DBusError(name: "org.freedesktop.DBus.Error.LimitsExceeded", message: "too many calls in flight"))
+                return
+            }
+            pendingCallers[sender]!.append(run)
+            return
+        }
+        pendingCallers[sender] = [run]
+        connection.connectionCredentials(of: sender) { [weak self] result in
+            guard let self else { return }
+            let waiting = self.pendingCallers.removeValue(forKey: sender) ?? []
+            var info: CallerInfo?
+            if case .success(let creds) = result {
+                info = self.admit(sender: sender, credentials: creds)
+            }
+            for w in waiting { w(info) }
+        }
+    }
+
+    private func admit(sender: String, credentials: PeerCredentials) -> CallerInfo? {
+        let exe = credentials.pid.flatMap { executablePath(pid: $0, uid: credentials.uid) }
+        let settings = configuration.settings(forExecutable: exe)
+        let info = CallerInfo(
+            id: CallerID(sender), uid: credentials.uid, pid: credentials.pid, executable: exe, settings: settings)
+        let admitted = registry.add(info, maxPerUID: Limits.environmentsPerUID)
+        if admitted == nil, !registry.hasDeparted(sender) {
+            Log.warning("uid \(credentials.uid.map(String.init) ?? "?") reached \(Limits.environmentsPerUID) environments; \(sender) refused")
+        }
+        return admitted
+    }
+
+    private func peerDisconnected(_ name: String) {
+        if let waiting = pendingCallers.removeValue(forKey: name) {
+            for w in waiting { w(nil) }
+        }
+        guard let info = registry.depart(name) else { return }
+        let dropped = sessions.withLock { s in info.sessions.compactMap { s.removeValue(forKey: $0) } }
+        for record in dropped { connection.unexport(record.path) }
+        for token in tokens { token.callerGone(info.id) }
+        Log.debug("caller \(name) left: environment destroyed, \(dropped.count) session(s) closed")
+    }
+
+    // MARK: - Argument helpers
+
+    private func readPIN(_ call: MethodCall, at index: Int) -> Result<SecretPIN, DBusError> {
+        do {
+            return .success(try call.withSensitiveArgument(at: index) { try SecretPIN(copying: $0) })
+        } catch SecretError.tooLong(let max) {
+            return .failure(.invalidArgs("PIN longer than \(max) bytes"))
+        } catch {
+            Log.error("cannot lock memory for a PIN (\(error)); caching refused. Raise LimitMEMLOCK.")
+            return .failure(
+                ServiceError(.secureMemoryUnavailable, "the daemon cannot lock memory for PINs; caching refused").dbusError)
+        }
+    }
+
+    private func bytesArgument(_ v: DBusValue, name: String, max: Int) -> Result<[UInt8], DBusError> {
+        guard let bytes = v.bytesValue else { return .failure(.invalidArgs("\(name): expected ay")) }
+        guard bytes.count <= max else { return .failure(.invalidArgs("\(name) longer than \(max) bytes")) }
+        return .success(bytes)
+    }
+
+    /// Decodes (key_id ay, mechanism s, data ay) starting at `first`.
+    private func operationArguments(_ call: MethodCall, first: Int, use: NamedMechanism.Use)
+        -> Result<([UInt8], Mechanism, [UInt8]), DBusError>
+    {
+        let a = call.arguments
+        guard a.count >= first + 3, let name = a[first + 1].stringValue else {
+            return .failure(.invalidArgs("expected (ay key_id, s mechanism, ay data)"))
+        }
+        return bytesArgument(a[first], name: "key_id", max: Limits.keyIDBytes).flatMap { keyID in
+            guard !keyID.isEmpty else { return .failure(.invalidArgs("key_id is empty")) }
+            return bytesArgument(a[first + 2], name: "data", max: Limits.dataBytes).flatMap { data in
+                NamedMechanism.lookup(name, for: use).mapError(\.dbusError).map { (keyID, $0, data) }
+            }
+        }
+    }
+
+    /// Runs `job` on the token's worker unless the caller left before it started, then replies.
+    private func onWorker<T: Sendable>(
+        _ token: TokenContext, _ call: MethodCall, caller: CallerID,
+        _ job: @escaping @Sendable () throws -> T, reply encode: @escaping @Sendable (T) -> [DBusValue]
+    ) {
+        token.worker.submit { [registry] in
+            guard registry.isAlive(caller) else { return }  // nobody to answer, nothing to do
+            call.reply(Result<T, ServiceError>.catching(job), encode)
+        }
+    }
+
+    // MARK: - Manager1
+
+    private func managerInterface() -> ExportedInterface {
+        ExportedInterface(
+            PincacheInterfaces.manager,
+            methods: [
+                "GetTokens": { [weak self] call in
+                    guard let self else { return }
+                    call.reply([.array(elementSignature: "o", self.tokens.map { .objectPath($0.path) })])
+                },
+                "FlushCaches": { [weak self] call in self?.flushCaches(call) },
+                "GetCallerState": { [weak self] call in
+                    guard let self else { return }
+                    self.withCaller(call) { info in call.reply([self.callerState(info)]) }
+                },
+            ],
+            properties: { [configuration] name in
+                switch name {
+                case "Version": .string(PincacheBus.version)
+                case "CachingMode": .boolean(configuration.defaults.enableCachePIN)
+                case "LogoutAfterSign": .boolean(configuration.defaults.logoutAfterSign)
+                case "ForceLoginBeforeSignKeyUsage": .uint32(configuration.defaults.forceLoginKeyUsage)
+                default: nil
+                }
+            })
+    }
+
+    private func flushCaches(_ call: MethodCall) {
+        let flush: @Sendable () -> Void = { [weak self] in
+            guard let self else { return }
+            let n = self.tokens.reduce(0) { sum, t in sum + t.policy.withLock { $0.flushCachedPINs() } }
+            Log.notice("FlushCaches: \(n) cached PIN(s) wiped")
+            call.reply([])
+        }
+        guard onSystemBus else { return flush() }
+        // Until polkit's org.pincache.manage is wired in, only root may flush on the system bus.
+        connection.connectionCredentials(of: call.sender) { result in
+            if case .success(let c) = result, c.uid == 0 {
+                flush()
+            } else {
+                call.reply(error: ServiceError(.notAuthorized, "FlushCaches needs org.pincache.manage").dbusError)
+            }
+        }
+    }
+
+    private func callerState(_ info: CallerInfo) -> DBusValue {
+        var loggedIn: [DBusValue] = []
+        var cached: [DBusValue] = []
+        var locked: [DBusValue] = []
+        for token in tokens {
+            let s = token.policy.withLock { $0.state(of: info.id) }
+            if s.loggedIn { loggedIn.append(.objectPath(token.path)) }
+            if s.cachedPIN { cached.append(.objectPath(token.path)) }
+            if s.holdsLogin { locked.append(.objectPath(token.path)) }
+        }
+        let current = registry.lookup(info.id.rawValue) ?? info
+        return .vardict([
+            "LoggedIn": .array(elementSignature: "o", loggedIn),
+            "Cached": .array(elementSignature: "o", cached),
+            "Locked": .array(elementSignature: "o", locked),
+            "Sessions": .uint32(UInt32(current.sessions.count)),
+            "Executable": .string(info.executable ?? ""),
+            "CachingMode": .boolean(info.settings.enableCachePIN),
+        ])
+    }
+
+    // MARK: - Token1
+
+    private func tokenInterface(_ token: TokenContext) -> ExportedInterface {
+        ExportedInterface(
+            PincacheInterfaces.token,
+            methods: [
+                "OpenSession": { [weak self] call in
+                    guard let self else { return }
+                    self.withCaller(call) { info in self.openSession(call, info, token) }
+                },
+                "ListKeys": { [weak self] call in
+                    guard let self else { return }
+                    self.withCaller(call) { info in
+                        self.onWorker(token, call, caller: info.id, { try token.listKeys() }) { keys in
+                            [.array(elementSignature: "a{sv}", keys.map { self.encodeKey($0, settings: info.settings) })]
+                        }
+                    }
+                },
+                "SignOnce": { [weak self] call in
+                    guard let self else { return }
+                    let pin: SecretPIN
+                    switch self.readPIN(call, at: 0) {
+                    case .success(let p): pin = p
+                    case .failure(let e): return call.reply(error: e)
+                    }
+                    switch self.operationArguments(call, first: 1, use: .sign) {
+                    case .failure(let e): call.reply(error: e)
+                    case .success(let (keyID, mechanism, data)):
+                        self.withCaller(call) { info in
+                            self.onWorker(token, call, caller: info.id, {
+                                try token.signOnce(caller: info.id, keyID: keyID, mechanism: mechanism, data: data, pin: pin)
+                            }) { [.bytes($0)] }
+                        }
+                    }
+                },
+            ],
+            properties: { name in Self.tokenProperty(name, token.snapshot, token) })
+    }
+
+    /// A Token1 property as seen in `s` (the current snapshot, or an old one for change detection).
+    private static func tokenProperty(_ name: String, _ s: TokenSnapshot, _ token: TokenContext) -> DBusValue? {
+        let info = s.info
+        switch name {
+        case "Label": return .string(info?.label ?? "")
+        case "Manufacturer": return .string(info?.manufacturer ?? "")
+        case "Model": return .string(info?.model ?? "")
+        case "Serial": return .string(info?.serialNumber ?? "")
+        case "SlotDescription": return .string(s.slotDescription)
+        case "Present": return .boolean(s.present)
+        case "Recognized": return .boolean(s.recognized)
+        case "Kind": return .string(s.removable ? "smartcard" : "software")
+        case "Module": return .string(token.backend.path)
+        case "ProtectedAuthenticationPath": return .boolean(info?.protectedAuthenticationPath ?? false)
+        case "PinMinLength": return .uint32(UInt32(clamping: info?.minPinLength ?? 0))
+        case "PinMaxLength": return .uint32(UInt32(clamping: info?.maxPinLength ?? 0))
+        case "UserPinCountLow": return .boolean(info?.userPinCountLow ?? false)
+        case "UserPinFinalTry": return .boolean(info?.userPinFinalTry ?? false)
+        case "UserPinLocked": return .boolean(info?.userPinLocked ?? false)
+        default: return nil
+        }
+    }
+
+    private func encodeKey(_ k: KeyRecord, settings: Settings) -> DBusValue {
+        let always = k.backendAlwaysAuthenticate || (k.canSign && settings.requiresFreshPIN(keyUsage: k.keyUsage))
+        return .vardict([
+            "Id": .bytes(k.id),
+            "Label": .string(k.label),
+            "KeyType": .string(k.keyType),
+            "Bits": .uint32(k.bits),
+            "CanSign": .boolean(k.canSign),
+            "CanDecrypt": .boolean(k.canDecrypt),
+            "KeyUsage": .uint32(k.keyUsage ?? 0),
+            "AlwaysAuthenticate": .boolean(always),
+            "Certificate": .bytes(k.certificate),
+        ])
+    }
+
+    /// Emits what a refresh changed: PropertiesChanged, and Inserted/Removed on presence flips.
+    private func tokenChanged(_ token: TokenContext, _ old: TokenSnapshot, _ new: TokenSnapshot) {
+        var changed: [String: DBusValue] = [:]
+        for property in PincacheInterfaces.token.properties where property.emitsChanged == .emits {
+            let before = Self.tokenProperty(property.name, old, token)
+            let after = Self.tokenProperty(property.name, new, token)
+            if before != after, let after { changed[property.name] = after }
+        }
+        guard !changed.isEmpty else { return }
+        connection.emitPropertiesChanged(path: token.path, interface: PincacheInterfaces.token.name, changed: changed)
+        if old.present != new.present {
+            connection.emitSignal(
+                path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name,
+                name: new.present ? "TokenInserted" : "TokenRemoved", arguments: [.objectPath(token.path)])
+        }
+    }
+
+    // MARK: - Sessions
+
+    private func openSession(_ call: MethodCall, _ info: CallerInfo, _ token: TokenContext) {
+        guard token.snapshot.recognized else {
+            return call.reply(error: ServiceError(.tokenNotPresent, "no usable token in this slot").dbusError)
+        }
+        let id = nextSessionID.wrappingAdd(1, ordering: .relaxed).oldValue
+        guard registry.reserveSession(info.id.rawValue, id: id, max: configuration.maxSessionsPerClient) else {
+            return call.reply(
+                error: ServiceError(
+                    .tooManySessions, "at most \(configuration.maxSessionsPerClient) sessions per client (MaxSessionsPerClient)"
+                ).dbusError)
+        }
+        let path = PincacheBus.sessionPrefix.appending(String(id))!
+        let record = SessionRecord(id: id, path: path, owner: info.id, token: token)
+        sessions.withLock { $0[id] = record }
+        token.sessionOpened(caller: info.id)
+        let owner = info.id.rawValue
+        connection.export(path, interfaces: [sessionInterface(record, info)], accessCheck: { $0 == owner })
+        call.reply([.objectPath(path)])
+    }
+
+    private func sessionInterface(_ record: SessionRecord, _ info: CallerInfo) -> ExportedInterface {
+        let token = record.token
+        let caller = record.owner
+        let settings = info.settings
+        func privateOp(_ call: MethodCall, pinIndex: Int?, use: NamedMechanism.Use) {
+            var fresh: SecretPIN?
+            if let pinIndex {
+                switch readPIN(call, at: pinIndex) {
+                case .success(let p): fresh = p
+                case .failure(let e): return call.reply(error: e)
+                }
+            }
+            switch operationArguments(call, first: pinIndex == nil ? 0 : 1, use: use) {
+            case .failure(let e): call.reply(error: e)
+            case .success(let (keyID, mechanism, data)):
+                let operation: PrivateOperation = use == .sign ? .sign(mechanism, data) : .decrypt(mechanism, data)
+                let pin = fresh
+                onWorker(token, call, caller: caller, {
+                    try token.perform(caller: caller, settings: settings, keyID: keyID, operation: operation, freshPIN: pin)
+                }) { [.bytes($0)] }
+            }
+        }
+        return ExportedInterface(
+            PincacheInterfaces.session,
+            methods: [
+                "Login": { [weak self] call in
+                    guard let self else { return }
+                    switch self.readPIN(call, at: 0) {
+                    case .failure(let e): call.reply(error: e)
+                    case .success(let pin):
+                        let registry = self.registry
+                        self.onWorker(token, call, caller: caller, {
+                            try token.login(caller: caller, settings: settings, pin: pin) { registry.isAlive(caller) }
+                        }) { _ in [] }
+                    }
+                },
+                "Logout": { [weak self] call in
+                    self?.onWorker(token, call, caller: caller, { try token.logout(caller: caller) }) { _ in [] }
+                },
+                "Sign": { call in privateOp(call, pinIndex: nil, use: .sign) },
+                "SignWithPin": { call in privateOp(call, pinIndex: 0, use: .sign) },
+                "Decrypt": { call in privateOp(call, pinIndex: nil, use: .decrypt) },
+                "Close": { [weak self] call in self?.closeSession(call, record) },
+            ],
+            properties: { name in
+                switch name {
+                case "Token": .objectPath(token.path)
+                case "LoggedIn": .boolean(token.policy.withLock { $0.state(of: caller).loggedIn })
+                default: nil
+                }
+            })
+    }
+
+    private func closeSession(_ call: MethodCall, _ record: SessionRecord) {
+        guard sessions.withLock({ $0.removeValue(forKey: record.id) }) != nil else {
+            return call.reply(error: .unknownObject("session already closed"))
+        }
+        connection.unexport(record.path)
+        registry.releaseSession(record.owner.rawValue, id: record.id)
+        // Through the worker, so operations queued before Close still see the session's login.
+        record.token.worker.submit {
+            record.token.sessionClosed(caller: record.owner)
+            call.reply([])
+        }
+    }
+}
+
+func isPincacheProxy(_ path: String) -> Bool {
+    let base = (path as NSString).lastPathComponent
+    let resolved = ((try? FileManager.default.destinationOfSymbolicLink(atPath: path)) as NSString?)?.lastPathComponent
+    return base.hasPrefix("libpincache-pkcs11") || resolved?.hasPrefix("libpincache-pkcs11") == true
+}
