@@ -20,7 +20,7 @@ import dbus
 import dbus.bus
 import pytest
 
-from pincache_client import BUS_NAME, Client, load_cert
+from pincache_client import BUS_NAME, PIN, SO_PIN, Client, load_cert
 
 REPO = Path(__file__).resolve().parents[2]
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -145,9 +145,10 @@ def token_template(tmp_path_factory):
     need(shutil.which("pkcs11-tool"), "opensc (pkcs11-tool) not installed")
     need(shutil.which("openssl"), "openssl not installed")
     d = tmp_path_factory.mktemp("token-template")
+    env = {**os.environ, "PINCACHE_DEMO_PIN": PIN, "PINCACHE_DEMO_SO_PIN": SO_PIN}
     for label in LABELS:
         subprocess.run([str(REPO / "scripts" / "make-demo-token.sh"), str(d), label], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, env=env)
     return d
 
 

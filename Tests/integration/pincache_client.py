@@ -24,8 +24,10 @@ INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 
 EC_KEY = b"\x01"
 RSA_KEY = b"\x02"
-PIN = "123456"
-SO_PIN = "12345678"
+# Not the demo's 123456: a PIN this distinctive cannot turn up in a log by accident,
+# so "the PIN never appears in the daemon's output" is a meaningful check.
+PIN = "931270486"
+SO_PIN = "84736251"
 
 # Generous: a slow CI machine must fail on wrong answers, not on timing.
 CALL_TIMEOUT = 30.0
@@ -113,6 +115,11 @@ class Client:
 
     def close(self):
         self.conn.close()
+
+    def gone_from_bus(self, other):
+        """True once the bus no longer knows other's unique name. The bus then has
+        already queued NameOwnerChanged to the daemon, ahead of anything we send next."""
+        return not self.conn.name_has_owner(other.unique_name)
 
     # --- Manager1 -------------------------------------------------------------
     def manager_props(self):
