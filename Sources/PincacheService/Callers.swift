@@ -53,8 +53,9 @@ final class CallerRegistry: Sendable {
                 s.departed.insert(name)
                 s.departedOrder.append(name)
                 if s.departedOrder.count > Self.departedMemory {
-                    let old = s.departedOrder.removeFirst(Self.departedMemory / 2)
-                    for n in old { s.departed.remove(n) }
+                    let half = Self.departedMemory / 2
+                    for n in s.departedOrder.prefix(half) { s.departed.remove(n) }
+                    s.departedOrder.removeFirst(half)
                 }
             }
             return s.callers.removeValue(forKey: name)

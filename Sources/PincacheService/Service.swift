@@ -427,7 +427,7 @@ public final class PincacheService: @unchecked Sendable {
         let token = record.token
         let caller = record.owner
         let settings = info.settings
-        func privateOp(_ call: MethodCall, pinIndex: Int?, use: NamedMechanism.Use) {
+        @Sendable func privateOp(_ call: MethodCall, pinIndex: Int?, use: NamedMechanism.Use) {
             var fresh: SecretPIN?
             if let pinIndex {
                 switch readPIN(call, at: pinIndex) {

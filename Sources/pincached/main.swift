@@ -89,8 +89,9 @@ do {
     exit(1)
 }
 
+let blockedSignals = signals
 let signalThread = Thread {
-    var set = signals
+    var set = blockedSignals
     while true {
         var received: Int32 = 0
         guard sigwait(&set, &received) == 0 else { continue }
