@@ -96,7 +96,11 @@ let signalThread = Thread {
         var received: Int32 = 0
         guard sigwait(&set, &received) == 0 else { continue }
         if received == SIGHUP {
-            Log.notice("SIGHUP: configuration reload is not supported yet; restart the daemon to apply changes")
+            do {
+                service.reload(try Configuration.load(path: configPath))
+            } catch {
+                Log.error("reload refused, keeping the running configuration: \(error)")
+            }
             continue
         }
         Log.info("signal \(received): shutting down")
