@@ -90,6 +90,7 @@ do {
 }
 
 let blockedSignals = signals
+let reloadPath = configPath
 let signalThread = Thread {
     var set = blockedSignals
     while true {
@@ -97,7 +98,7 @@ let signalThread = Thread {
         guard sigwait(&set, &received) == 0 else { continue }
         if received == SIGHUP {
             do {
-                service.reload(try Configuration.load(path: configPath))
+                service.reload(try Configuration.load(path: reloadPath))
             } catch {
                 Log.error("reload refused, keeping the running configuration: \(error)")
             }
