@@ -34,6 +34,7 @@ let package = Package(
         .testTarget(name: "PinPolicyTests", dependencies: ["PinPolicy"]),
         .testTarget(name: "DBusKitTests", dependencies: ["DBusKit"]),
         .testTarget(name: "PKCS11KitTests", dependencies: ["PKCS11Kit"]),
+        .testTarget(name: "PincacheServiceTests", dependencies: ["PincacheService"]),
     ],
     swiftLanguageModes: [.v6]
 )

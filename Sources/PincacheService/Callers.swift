@@ -10,7 +10,7 @@ struct CallerInfo: Sendable {
     let uid: UInt32?
     let pid: UInt32?
     let executable: String?
-    let settings: Settings
+    var settings: Settings
     var sessions: Set<UInt64> = []
 }
 
@@ -30,6 +30,7 @@ final class CallerRegistry: Sendable {
     func isAlive(_ id: CallerID) -> Bool { state.withLock { $0.callers[id.rawValue] != nil } }
     func hasDeparted(_ name: String) -> Bool { state.withLock { $0.departed.contains(name) } }
     var count: Int { state.withLock { $0.callers.count } }
+    var all: [CallerInfo] { state.withLock { Array($0.callers.values) } }
 
     /// Adds a caller unless it already left the bus or its uid is at its quota of environments.
     func add(_ info: CallerInfo, maxPerUID: Int) -> CallerInfo? {
@@ -53,8 +54,9 @@ final class CallerRegistry: Sendable {
                 s.departed.insert(name)
                 s.departedOrder.append(name)
                 if s.departedOrder.count > Self.departedMemory {
-                    let old = s.departedOrder.removeFirst(Self.departedMemory / 2)
-                    for n in old { s.departed.remove(n) }
+                    let half = Self.departedMemory / 2
+                    for n in s.departedOrder.prefix(half) { s.departed.remove(n) }
+                    s.departedOrder.removeFirst(half)
                 }
             }
             return s.callers.removeValue(forKey: name)

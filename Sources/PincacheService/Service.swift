@@ -25,7 +25,8 @@ struct SessionRecord: Sendable {
 /// validate and route; everything that touches a backend runs on the token's worker.
 public final class PincacheService: @unchecked Sendable {
     public let connection: DBusConnection
-    public let configuration: Configuration
+    private let configurationState: Mutex<Configuration>
+    public var configuration: Configuration { configurationState.withLock { $0 } }
     /// Authorisation is only meaningful on the system bus (DESIGN §3); elsewhere it is off.
     let onSystemBus: Bool
 
@@ -40,7 +41,7 @@ public final class PincacheService: @unchecked Sendable {
 
     public init(connection: DBusConnection, configuration: Configuration, onSystemBus: Bool) {
         self.connection = connection
-        self.configuration = configuration
+        self.configurationState = Mutex(configuration)
         self.onSystemBus = onSystemBus
     }
 
@@ -132,6 +133,45 @@ public final class PincacheService: @unchecked Sendable {
             let n = token.policy.withLock { $0.expireIdle(now: now) }
             if n > 0 { Log.info("token \(token.id): \(n) cached PIN(s) expired (PinCacheTimeout)") }
         }
+    }
+
+    /// SIGHUP (DESIGN §7): new settings for every caller. A change of any caller's caching mode
+    /// flushes every cache, since PINs cached under one mode must not survive into the other.
+    /// Modules and the poll interval need a restart; a change there is logged.
+    public func reload(_ new: Configuration) {
+        let old = configurationState.withLock { c -> Configuration in
+            let old = c
+            c = new
+            return old
+        }
+        if old.modules != new.modules || old.slotPollIntervalMilliseconds != new.slotPollIntervalMilliseconds {
+            Log.notice("reload: Module= and SlotPollInterval changes take effect at the next restart")
+        }
+        var modeChanged = old.defaults.enableCachePIN != new.defaults.enableCachePIN
+        for caller in registry.all {
+            let settings = new.settings(forExecutable: caller.executable)
+            if settings.enableCachePIN != caller.settings.enableCachePIN { modeChanged = true }
+            registry.update(caller.id.rawValue) { $0.settings = settings }
+        }
+        if modeChanged {
+            let n = tokens.reduce(0) { sum, t in sum + t.policy.withLock { $0.flushCachedPINs() } }
+            Log.notice("reload: caching mode changed; \(n) cached PIN(s) wiped")
+        }
+        var changed: [String: DBusValue] = [:]
+        if old.defaults.enableCachePIN != new.defaults.enableCachePIN {
+            changed["CachingMode"] = .boolean(new.defaults.enableCachePIN)
+        }
+        if old.defaults.logoutAfterSign != new.defaults.logoutAfterSign {
+            changed["LogoutAfterSign"] = .boolean(new.defaults.logoutAfterSign)
+        }
+        if old.defaults.forceLoginKeyUsage != new.defaults.forceLoginKeyUsage {
+            changed["ForceLoginBeforeSignKeyUsage"] = .uint32(new.defaults.forceLoginKeyUsage)
+        }
+        if !changed.isEmpty {
+            connection.emitPropertiesChanged(
+                path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name, changed: changed)
+        }
+        Log.notice("configuration reloaded")
     }
 
     // MARK: - Callers
@@ -257,13 +297,14 @@ public final class PincacheService: @unchecked Sendable {
                     self.withCaller(call) { info in call.reply([self.callerState(info)]) }
                 },
             ],
-            properties: { [configuration] name in
+            properties: { [weak self] name -> DBusValue? in
+                guard let defaults = self?.configuration.defaults else { return nil }
                 switch name {
-                case "Version": .string(PincacheBus.version)
-                case "CachingMode": .boolean(configuration.defaults.enableCachePIN)
-                case "LogoutAfterSign": .boolean(configuration.defaults.logoutAfterSign)
-                case "ForceLoginBeforeSignKeyUsage": .uint32(configuration.defaults.forceLoginKeyUsage)
-                default: nil
+                case "Version": return .string(PincacheBus.version)
+                case "CachingMode": return .boolean(defaults.enableCachePIN)
+                case "LogoutAfterSign": return .boolean(defaults.logoutAfterSign)
+                case "ForceLoginBeforeSignKeyUsage": return .uint32(defaults.forceLoginKeyUsage)
+                default: return nil
                 }
             })
     }
@@ -321,7 +362,8 @@ public final class PincacheService: @unchecked Sendable {
                     guard let self else { return }
                     self.withCaller(call) { info in
                         self.onWorker(token, call, caller: info.id, { try token.listKeys() }) { keys in
-                            [.array(elementSignature: "a{sv}", keys.map { self.encodeKey($0, settings: info.settings) })]
+                            let settings = self.registry.lookup(info.id.rawValue)?.settings ?? info.settings
+                            return [.array(elementSignature: "a{sv}", keys.map { self.encodeKey($0, settings: settings) })]
                         }
                     }
                 },
@@ -426,8 +468,10 @@ public final class PincacheService: @unchecked Sendable {
     private func sessionInterface(_ record: SessionRecord, _ info: CallerInfo) -> ExportedInterface {
         let token = record.token
         let caller = record.owner
-        let settings = info.settings
-        func privateOp(_ call: MethodCall, pinIndex: Int?, use: NamedMechanism.Use) {
+        let registry = self.registry
+        // Read at each call: a reload (SIGHUP) may change the caller's settings.
+        @Sendable func settings() -> Settings { registry.lookup(caller.rawValue)?.settings ?? info.settings }
+        @Sendable func privateOp(_ call: MethodCall, pinIndex: Int?, use: NamedMechanism.Use) {
             var fresh: SecretPIN?
             if let pinIndex {
                 switch readPIN(call, at: pinIndex) {
@@ -441,7 +485,7 @@ public final class PincacheService: @unchecked Sendable {
                 let operation: PrivateOperation = use == .sign ? .sign(mechanism, data) : .decrypt(mechanism, data)
                 let pin = fresh
                 onWorker(token, call, caller: caller, {
-                    try token.perform(caller: caller, settings: settings, keyID: keyID, operation: operation, freshPIN: pin)
+                    try token.perform(caller: caller, settings: settings(), keyID: keyID, operation: operation, freshPIN: pin)
                 }) { [.bytes($0)] }
             }
         }
@@ -453,9 +497,8 @@ public final class PincacheService: @unchecked Sendable {
                     switch self.readPIN(call, at: 0) {
                     case .failure(let e): call.reply(error: e)
                     case .success(let pin):
-                        let registry = self.registry
                         self.onWorker(token, call, caller: caller, {
-                            try token.login(caller: caller, settings: settings, pin: pin) { registry.isAlive(caller) }
+                            try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
                         }) { _ in [] }
                     }
                 },

@@ -470,11 +470,11 @@ func hex(_ bytes: [UInt8]) -> String {
 }
 
 private func keyTypeName(_ value: [UInt8]?) -> String {
-    switch value?.pkcs11ULong.map({ KeyType(rawValue: $0) }) {
-    case KeyType.rsa: "RSA"
-    case KeyType.ec: "EC"
-    case .some(let t?): "0x" + String(t.rawValue, radix: 16)
-    default: ""
+    guard let raw = value?.pkcs11ULong else { return "" }
+    switch KeyType(rawValue: raw) {
+    case .rsa: return "RSA"
+    case .ec: return "EC"
+    default: return "0x" + String(raw, radix: 16)
     }
 }
 

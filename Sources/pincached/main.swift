@@ -89,13 +89,19 @@ do {
     exit(1)
 }
 
+let blockedSignals = signals
+let reloadPath = configPath
 let signalThread = Thread {
-    var set = signals
+    var set = blockedSignals
     while true {
         var received: Int32 = 0
         guard sigwait(&set, &received) == 0 else { continue }
         if received == SIGHUP {
-            Log.notice("SIGHUP: configuration reload is not supported yet; restart the daemon to apply changes")
+            do {
+                service.reload(try Configuration.load(path: reloadPath))
+            } catch {
+                Log.error("reload refused, keeping the running configuration: \(error)")
+            }
             continue
         }
         Log.info("signal \(received): shutting down")
