@@ -87,6 +87,9 @@ class Client:
     # --- plumbing -------------------------------------------------------------
     def call(self, path, interface, method, *args, signature=None):
         """Calls method on the daemon; returns the plain-Python result."""
+        # dbus-python guesses "s" for plain bytes, and a non-UTF-8 "string" aborts the
+        # whole process inside libdbus: bytes are always sent as "ay".
+        args = tuple(ay(a) if type(a) is bytes else a for a in args)
         try:
             obj = self.conn.get_object(BUS_NAME, path, introspect=False)
             kwargs = {"dbus_interface": interface, "timeout": CALL_TIMEOUT}

@@ -1,6 +1,11 @@
 """Malformed and hostile input: the right error, and the daemon keeps serving."""
 
+import shutil
+import subprocess
+
 import pytest
+
+from conftest import need
 
 from pincache_client import (digest, ACCESS_DENIED, BUS_NAME, EC_KEY, ERR, INVALID_ARGS, MANAGER,
                              MANAGER_PATH, PIN, RSA_KEY, SESSION, TOKEN, CallError, ay, verify)
@@ -51,10 +56,26 @@ def test_wrong_signatures_busctl(setup, busctl):
 
 def test_wrong_signatures_gdbus(setup, gdbus):
     w, a, tok, sa, still_serving = setup
-    r = gdbus("--object-path", tok, "--method", "org.pincache.Token1.SignOnce", "42", "true")
+    # gdbus types arguments from introspection, but sends extra ones as given.
+    r = gdbus("--object-path", tok, "--method", "org.pincache.Token1.SignOnce",
+              "'1'", "[byte 1]", "'ECDSA'", "[byte 1]", "'extra'")
     assert r.returncode != 0
-    assert "InvalidArgs" in r.stderr, r.stderr
+    assert "org.freedesktop.DBus.Error.InvalidArgs" in r.stderr, r.stderr
     still_serving()
+    # And gdbus is a working client when the arguments are right.
+    r = gdbus("--object-path", MANAGER_PATH, "--method", MANAGER + ".GetTokens")
+    assert r.returncode == 0 and tok in r.stdout, r.stderr
+
+
+def test_wrong_signatures_dbus_send(setup, bus):
+    w, a, tok, sa, still_serving = setup
+    need(shutil.which("dbus-send"), "dbus-send (dbus-bin) not installed")
+    for args in (["int32:42", "boolean:true"], [f"string:{PIN}"], []):
+        r = subprocess.run(["dbus-send", f"--bus={bus.address}", "--print-reply", f"--dest={BUS_NAME}",
+                            tok, TOKEN + ".SignOnce", *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0, args
+        assert "Error org.freedesktop.DBus.Error.InvalidArgs" in r.stderr, (args, r.stderr)
+        still_serving()
 
 
 def test_wrong_signatures_on_own_session(setup):
