@@ -1,7 +1,7 @@
 # Front door: `make demo` shows pincache working, `make test` runs every test.
 # PINCACHE_SCRATCH overrides the SwiftPM build directory (default .build).
 SHELL := /bin/bash
-SCRATCH ?= $(CURDIR)/.build
+SCRATCH ?= $(or $(PINCACHE_SCRATCH),$(CURDIR)/.build)
 export PINCACHE_SCRATCH := $(SCRATCH)
 export PATH := $(PATH):/opt/swift/usr/bin
 
