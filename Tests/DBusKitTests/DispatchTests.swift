@@ -110,8 +110,8 @@ import Testing
                 let pin = call.withSensitiveArgument(at: 0) { Array($0) }
                 #expect(call.arguments[0] == .string(""))
                 #expect(call.arguments[1] == .bytes([7]))
-                call.reply([.bytes(pin + (call.arguments[2].bytesValue ?? []))])
                 kept.withLock { $0 = call }
+                call.reply([.bytes(pin + (call.arguments[2].bytesValue ?? []))])
             }])
             let reply = try client.callTest(server, "Sign", [.string("123456"), .bytes([7]), .bytes([9])])
             #expect(reply == [.bytes(Array("123456".utf8) + [9])])
