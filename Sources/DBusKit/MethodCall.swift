@@ -44,10 +44,10 @@ public final class MethodCall: @unchecked Sendable {
     }
 
     deinit {
+        wipeSensitiveArguments()
         if claimReply() {
             sendError(.failed("no reply"))
         }
-        wipeSensitiveArguments()
         dbus_message_unref(message)
     }
 
@@ -63,7 +63,9 @@ public final class MethodCall: @unchecked Sendable {
     /// caller gets `Failed` and the mismatch is logged. Later replies are ignored.
     public func reply(_ values: [DBusValue]) {
         guard claimReply() else { return }
-        defer { wipeSensitiveArguments() }
+        // Wiped before the reply goes out, so the secret is gone by the time the caller
+        // can observe the outcome.
+        wipeSensitiveArguments()
         let signature = values.signature
         guard signature == method.outSignature else {
             DBusLog.log("reply to \(interface).\(member): declared '\(method.outSignature)', handler gave '\(signature)'")
@@ -84,7 +86,7 @@ public final class MethodCall: @unchecked Sendable {
     /// Replies with an error. Later replies are ignored.
     public func reply(error: DBusError) {
         guard claimReply() else { return }
-        defer { wipeSensitiveArguments() }
+        wipeSensitiveArguments()
         sendError(error)
     }
 

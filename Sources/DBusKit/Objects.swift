@@ -321,7 +321,8 @@ extension DBusConnection {
             } catch {
                 return call.reply(error: error)
             }
-            call.reply([])
+            // PropertiesChanged before the reply: a caller that sees the reply can rely on
+            // the signal having been sent already.
             switch declared.emitsChanged {
             case .emits:
                 if let current = exported.getProperty(name), current.signature == declared.signature {
@@ -332,6 +333,7 @@ extension DBusConnection {
             case .constant, .none:
                 break
             }
+            call.reply([])
         default:
             call.reply(error: .unknownMethod("no method '\(call.member)' in interface '\(interfaceName)'"))
         }
