@@ -280,9 +280,9 @@ def verify(cert, mechanism, message, signature):
         raise ValueError(f"no verifier for {mechanism}")
 
 
-def oaep_encrypt(cert, plaintext):
+def oaep_encrypt(cert, plaintext, hash=hashes.SHA256):
     return cert.public_key().encrypt(
-        plaintext, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None))
+        plaintext, padding.OAEP(mgf=padding.MGF1(hash()), algorithm=hash(), label=None))
 
 
 def cert_der(cert):
