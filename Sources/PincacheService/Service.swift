@@ -296,6 +296,10 @@ public final class PincacheService: @unchecked Sendable {
                     guard let self else { return }
                     self.withCaller(call) { info in call.reply([self.callerState(info)]) }
                 },
+                "GetStatistics": { [weak self] call in
+                    guard let self else { return }
+                    call.reply([self.statistics()])
+                },
             ],
             properties: { [weak self] name -> DBusValue? in
                 guard let defaults = self?.configuration.defaults else { return nil }
@@ -325,6 +329,26 @@ public final class PincacheService: @unchecked Sendable {
                 call.reply(error: ServiceError(.notAuthorized, "FlushCaches needs org.pincache.manage").dbusError)
             }
         }
+    }
+
+    /// Counts only, never whose: operators and the reliability tests read these.
+    private func statistics() -> DBusValue {
+        var cached = 0
+        var locked = 0
+        for token in tokens {
+            token.policy.withLock { p in
+                cached += p.cachedPINCount
+                if p.lockHolder != nil { locked += 1 }
+            }
+        }
+        return .vardict([
+            "Environments": .uint32(UInt32(registry.count)),
+            "Sessions": .uint32(UInt32(sessions.withLock { $0.count })),
+            "CachedPINs": .uint32(UInt32(cached)),
+            "LockedTokens": .uint32(UInt32(locked)),
+            "Tokens": .uint32(UInt32(tokens.count)),
+            "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
+        ])
     }
 
     private func callerState(_ info: CallerInfo) -> DBusValue {

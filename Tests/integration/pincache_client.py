@@ -144,6 +144,9 @@ class Client:
     def caller_state(self):
         return self.call(MANAGER_PATH, MANAGER, "GetCallerState")
 
+    def statistics(self):
+        return self.call(MANAGER_PATH, MANAGER, "GetStatistics")
+
     def cached(self):
         return set(self.caller_state()["Cached"])
 

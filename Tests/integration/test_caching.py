@@ -167,10 +167,14 @@ def test_disconnect_clears_only_own_cache(daemon, make_client, tokens):
     a.login(sa)
     b.login(sb)
     a_name = a.unique_name
+    before = b.statistics()
+    assert before["CachedPINs"] == 2 and before["Environments"] == 2 and before["Sessions"] == 2
     a.close()
     wait_until(lambda: b.gone_from_bus(a), what=f"{a_name} to leave the bus")
-    # A's environment itself is not observable from another connection; what is: the
-    # daemon handled A's departure without touching B.
+    # A's environment, its session and its PIN are gone; B's are untouched.
+    wait_until(lambda: b.statistics()["Environments"] == 1, what="A's environment destroyed")
+    after = b.statistics()
+    assert after["CachedPINs"] == 1 and after["Sessions"] == 1
     assert b.cached() == {tok}
     sign_ec(b, sb, tokens)
     # A new connection from the same process is a new, empty environment.
