@@ -31,6 +31,10 @@ public final class PincacheService: @unchecked Sendable {
     let onSystemBus: Bool
 
     let registry = CallerRegistry()
+    let authorizer: Authorizer
+    /// "token-id caller" pairs whose use of their cached PIN polkit already allowed since their
+    /// last login (DESIGN §3: remembered per environment and token, never shared).
+    private let cachedUseAllowed = Mutex<Set<String>>([])
     private(set) var tokens: [TokenContext] = []
     private let sessions = Mutex<[UInt64: SessionRecord]>([:])
     private let nextSessionID = Atomic<UInt64>(1)
@@ -43,6 +47,7 @@ public final class PincacheService: @unchecked Sendable {
         self.connection = connection
         self.configurationState = Mutex(configuration)
         self.onSystemBus = onSystemBus
+        self.authorizer = Authorizer(connection: connection, enabled: onSystemBus)
     }
 
     // MARK: - Start-up
@@ -224,6 +229,8 @@ public final class PincacheService: @unchecked Sendable {
     }
 
     private func peerDisconnected(_ name: String) {
+        authorizer.callerGone(name)
+        cachedUseAllowed.withLock { set in set = set.filter { !$0.hasSuffix(" " + name) } }
         if let waiting = pendingCallers.removeValue(forKey: name) {
             for w in waiting { w(nil) }
         }
@@ -281,6 +288,42 @@ public final class PincacheService: @unchecked Sendable {
         }
     }
 
+    private func forgetCachedUse(_ key: String) {
+        _ = cachedUseAllowed.withLock { $0.remove(key) }
+    }
+
+    /// Runs `body` once polkit allows `action`; otherwise replies NotAuthorized. Never called
+    /// for a caller that left while the check was pending.
+    private func authorized(
+        _ action: Authorizer.Action, _ call: MethodCall, _ details: [String: String],
+        _ body: @escaping @Sendable () -> Void
+    ) {
+        authorizer.check(action, for: call, details: details) { verdict in
+            switch verdict {
+            case .success: body()
+            case .failure(let e): call.reply(error: e.dbusError)
+            }
+        }
+    }
+
+    /// What polkit rules can act on (DESIGN §3 / polkit/rules.d examples).
+    private func details(_ token: TokenContext, _ info: CallerInfo, _ operation: String, keyID: [UInt8]?)
+        -> [String: String]
+    {
+        let snap = token.snapshot
+        var d = [
+            "token_label": snap.info?.label ?? "",
+            "token_serial": snap.info?.serialNumber ?? "",
+            "operation": operation,
+            "executable": info.executable ?? "",
+        ]
+        if let keyID {
+            d["key_id"] = hex(keyID)
+            if let usage = token.knownKeyUsage(keyID) { d["key_usage"] = "0x" + String(usage, radix: 16) }
+        }
+        return d
+    }
+
     // MARK: - Manager1
 
     private func managerInterface() -> ExportedInterface {
@@ -320,13 +363,14 @@ public final class PincacheService: @unchecked Sendable {
             Log.notice("FlushCaches: \(n) cached PIN(s) wiped")
             call.reply([])
         }
-        guard onSystemBus else { return flush() }
-        // Until polkit's org.pincache.manage is wired in, only root may flush on the system bus.
-        connection.connectionCredentials(of: call.sender) { result in
-            if case .success(let c) = result, c.uid == 0 {
-                flush()
-            } else {
-                call.reply(error: ServiceError(.notAuthorized, "FlushCaches needs org.pincache.manage").dbusError)
+        withCaller(call) { [weak self] info in
+            guard let self else { return }
+            let details = ["operation": "flush", "executable": info.executable ?? ""]
+            self.authorizer.check(.manage, for: call, details: details) { verdict in
+                switch verdict {
+                case .success: flush()
+                case .failure(let e): call.reply(error: e.dbusError)
+                }
             }
         }
     }
@@ -348,6 +392,7 @@ public final class PincacheService: @unchecked Sendable {
             "LockedTokens": .uint32(UInt32(locked)),
             "Tokens": .uint32(UInt32(tokens.count)),
             "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
+            "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
         ])
     }
 
@@ -402,9 +447,13 @@ public final class PincacheService: @unchecked Sendable {
                     case .failure(let e): call.reply(error: e)
                     case .success(let (keyID, mechanism, data)):
                         self.withCaller(call) { info in
-                            self.onWorker(token, call, caller: info.id, {
-                                try token.signOnce(caller: info.id, keyID: keyID, mechanism: mechanism, data: data, pin: pin)
-                            }) { [.bytes($0)] }
+                            let details = self.details(token, info, "sign-once", keyID: keyID)
+                            self.authorized(.login, call, details) {
+                                self.onWorker(token, call, caller: info.id, {
+                                    try token.signOnce(
+                                        caller: info.id, keyID: keyID, mechanism: mechanism, data: data, pin: pin)
+                                }) { [.bytes($0)] }
+                            }
                         }
                     }
                 },
@@ -508,9 +557,25 @@ public final class PincacheService: @unchecked Sendable {
             case .success(let (keyID, mechanism, data)):
                 let operation: PrivateOperation = use == .sign ? .sign(mechanism, data) : .decrypt(mechanism, data)
                 let pin = fresh
-                onWorker(token, call, caller: caller, {
-                    try token.perform(caller: caller, settings: settings(), keyID: keyID, operation: operation, freshPIN: pin)
-                }) { [.bytes($0)] }
+                let run: @Sendable () -> Void = { [weak self] in
+                    self?.onWorker(token, call, caller: caller, {
+                        try token.perform(
+                            caller: caller, settings: settings(), keyID: keyID, operation: operation, freshPIN: pin)
+                    }) { [.bytes($0)] }
+                }
+                let opName = use == .sign ? (pin == nil ? "sign" : "sign-with-pin") : "decrypt"
+                let details = self.details(token, info, opName, keyID: keyID)
+                if pin != nil {
+                    // A PIN submitted for one operation is a login as far as polkit is concerned.
+                    return authorized(.login, call, details, run)
+                }
+                let useKey = "\(token.id) \(caller.rawValue)"
+                let usesCache = token.policy.withLock { $0.state(of: caller).cachedPIN }
+                guard usesCache, !cachedUseAllowed.withLock({ $0.contains(useKey) }) else { return run() }
+                authorized(.useCachedPIN, call, details) { [weak self] in
+                    self?.cachedUseAllowed.withLock { _ = $0.insert(useKey) }
+                    run()
+                }
             }
         }
         return ExportedInterface(
@@ -521,9 +586,15 @@ public final class PincacheService: @unchecked Sendable {
                     switch self.readPIN(call, at: 0) {
                     case .failure(let e): call.reply(error: e)
                     case .success(let pin):
-                        self.onWorker(token, call, caller: caller, {
-                            try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
-                        }) { _ in [] }
+                        let useKey = "\(token.id) \(caller.rawValue)"
+                        self.authorized(.login, call, self.details(token, info, "login", keyID: nil)) { [weak self] in
+                            guard let self else { return }
+                            self.onWorker(token, call, caller: caller, {
+                                try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
+                                // A new login asks polkit again before its cached PIN is first used.
+                                self.forgetCachedUse(useKey)
+                            }) { _ in [] }
+                        }
                     }
                 },
                 "Logout": { [weak self] call in

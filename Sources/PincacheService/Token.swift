@@ -70,6 +70,8 @@ final class TokenContext: @unchecked Sendable {
     let worker: SerialWorker
     let policy = Mutex(TokenPolicy())
     private let snapshotState = Mutex(TokenSnapshot())
+    /// The last key list read, for readers off the worker (polkit details).
+    private let knownKeys = Mutex<[KeyRecord]>([])
     /// Called on the worker after a refresh changed what clients can see.
     let onChange: @Sendable (TokenContext, TokenSnapshot, TokenSnapshot) -> Void
 
@@ -79,6 +81,11 @@ final class TokenContext: @unchecked Sendable {
     private var mechanisms: Set<MechanismType>?
 
     var module: PKCS11Module { backend.module }
+
+    /// keyUsage of a key as last read, without touching the token.
+    func knownKeyUsage(_ id: [UInt8]) -> UInt32? {
+        knownKeys.withLock { keys in keys.first { $0.id == id }?.keyUsage }
+    }
     var snapshot: TokenSnapshot { snapshotState.withLock { $0 } }
 
     init(
@@ -183,6 +190,7 @@ final class TokenContext: @unchecked Sendable {
         if let keys { return keys }
         let loaded = try backendCall { try loadKeys() }
         keys = loaded
+        knownKeys.withLock { $0 = loaded }
         return loaded
     }
 
