@@ -1,5 +1,6 @@
 import DBusKit
 import Foundation
+import PCSCKit
 import PKCS11Kit
 import PinPolicy
 import Synchronization
@@ -35,7 +36,12 @@ public final class PincacheService: @unchecked Sendable {
     /// "token-id caller" pairs whose use of their cached PIN polkit already allowed since their
     /// last login (DESIGN §3: remembered per environment and token, never shared).
     private let cachedUseAllowed = Mutex<Set<String>>([])
-    private(set) var tokens: [TokenContext] = []
+    private let tokenTable = Mutex<[TokenContext]>([])
+    /// Every slot currently exported; readers come and go (rescan()).
+    var tokens: [TokenContext] { tokenTable.withLock { $0 } }
+    /// Set once in start(), read-only afterwards.
+    private var backends: [Backend] = []
+    private var readerWatcher: ReaderWatcher?
     private let sessions = Mutex<[UInt64: SessionRecord]>([:])
     private let nextSessionID = Atomic<UInt64>(1)
     /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
@@ -54,7 +60,6 @@ public final class PincacheService: @unchecked Sendable {
 
     /// Loads the backends, exports every object, then takes the well-known name.
     public func start(modules: [String]) throws {
-        var backends: [Backend] = []
         for path in modules {
             if isPincacheProxy(path) {
                 Log.error("refusing to load \(path) as a backend: it is pincache's own PKCS#11 proxy and would call this daemon")
@@ -67,48 +72,106 @@ public final class PincacheService: @unchecked Sendable {
                 Log.error("cannot load PKCS#11 module \(path): \(error)")
             }
         }
-        for backend in backends {
-            let slots: [SlotID]
-            do {
-                slots = try backend.module.slotList(tokenPresent: false)
-            } catch {
-                Log.error("\(backend.path): C_GetSlotList failed: \(error)")
-                continue
-            }
-            for slot in slots {
-                let token = TokenContext(backend: backend, slot: slot) { [weak self] t, old, new in
-                    self?.tokenChanged(t, old, new)
-                }
-                tokens.append(token)
-            }
-        }
-        // Initial state, read on each token's own worker (blocking calls stay off other threads).
-        let group = DispatchGroup()
-        for token in tokens {
-            group.enter()
-            token.worker.submit {
-                token.refresh()
-                group.leave()
-            }
-        }
-        group.wait()
-
         connection.setObjectManager(at: PincacheBus.managerPath)
         connection.setDeniedSubtree(PincacheBus.sessionPrefix)
         connection.onPeerDisconnected { [weak self] name in self?.peerDisconnected(name) }
         connection.export(PincacheBus.managerPath, interfaces: [managerInterface()])
+        // The first scan completes before the name is taken: clients never see a half-filled list.
+        let group = DispatchGroup()
+        for backend in backends {
+            group.enter()
+            backend.worker.submit { [self] in
+                // Each new token's first refresh and export are queued on its own worker.
+                let added = rescanSlots(backend, announce: false)
+                let all = DispatchGroup()
+                for token in added {
+                    all.enter()
+                    token.worker.submit { all.leave() }
+                }
+                all.wait()
+                group.leave()
+            }
+        }
+        group.wait()
         for token in tokens {
-            connection.export(token.path, interfaces: [tokenInterface(token)])
             let s = token.snapshot
             Log.info("token \(token.id): \(s.slotDescription) present=\(s.present) recognized=\(s.recognized) label=\(s.info?.label ?? "-")")
         }
         try connection.requestName(PincacheBus.serviceName)
         startPoller()
+        let watcher = ReaderWatcher(onChange: { [weak self] in self?.rescan() }, log: { Log.notice($0) })
+        watcher.start()
+        readerWatcher = watcher
         Log.info("ready on the bus as \(PincacheBus.serviceName) (\(connection.uniqueName)); \(tokens.count) slot(s)")
+    }
+
+    /// Re-reads every module's slot list and every token's state (PC/SC event, poll tick).
+    func rescan() {
+        for backend in backends where backend.worker.backlog == 0 {
+            backend.worker.submit { [weak self] in self?.rescanSlots(backend, announce: true) }
+        }
+    }
+
+    /// Backend worker: adds slots that appeared (a reader plugged in), removes those that went,
+    /// and queues a refresh of the others on their own workers.
+    @discardableResult
+    private func rescanSlots(_ backend: Backend, announce: Bool) -> [TokenContext] {
+        let slots: [SlotID]
+        do {
+            slots = try backend.module.slotList(tokenPresent: false)
+        } catch {
+            Log.warning("\(backend.path): C_GetSlotList failed: \(error)")
+            return []
+        }
+        let current = Set(slots)
+        let existing = tokens.filter { $0.backend === backend }
+        for token in existing where !current.contains(token.slot) { removeToken(token) }
+        for token in existing where current.contains(token.slot) && token.worker.backlog == 0 {
+            token.worker.submit { token.refresh() }
+        }
+        let known = Set(existing.map(\.slot))
+        var added: [TokenContext] = []
+        for slot in slots where !known.contains(slot) {
+            let token = TokenContext(backend: backend, slot: slot) { [weak self] t, old, new in
+                self?.tokenChanged(t, old, new)
+            }
+            // In the table at once, so the next rescan does not make a second one for this slot.
+            tokenTable.withLock { $0.append(token) }
+            token.worker.submit { [weak self] in
+                guard let self else { return }
+                token.refresh()
+                self.connection.export(token.path, interfaces: [self.tokenInterface(token)])
+                token.published.store(true, ordering: .releasing)
+                if announce {
+                    Log.info("slot \(token.id) appeared: \(token.snapshot.slotDescription)")
+                    if token.snapshot.present { self.emitPresence(token, present: true) }
+                }
+            }
+            added.append(token)
+        }
+        return added
+    }
+
+    /// A slot that vanished (reader unplugged): every PIN and lock on it ends with it.
+    private func removeToken(_ token: TokenContext) {
+        tokenTable.withLock { $0.removeAll { $0 === token } }
+        token.published.store(false, ordering: .releasing)
+        token.policy.withLock { $0.tokenRemoved() }
+        connection.unexport(token.path)
+        if token.snapshot.present { emitPresence(token, present: false) }
+        Log.info("slot \(token.id) went away")
+        token.shutdown()
+    }
+
+    private func emitPresence(_ token: TokenContext, present: Bool) {
+        connection.emitSignal(
+            path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name,
+            name: present ? "TokenInserted" : "TokenRemoved", arguments: [.objectPath(token.path)])
     }
 
     public func shutdown() {
         stopping.store(true, ordering: .relaxed)
+        readerWatcher?.stop()
         for token in tokens {
             _ = token.policy.withLock { $0.flushCachedPINs() }
             token.shutdown()
@@ -121,9 +184,7 @@ public final class PincacheService: @unchecked Sendable {
         let thread = Thread { [weak self] in
             while let self, !self.stopping.load(ordering: .relaxed) {
                 Thread.sleep(forTimeInterval: interval)
-                for token in self.tokens where token.worker.backlog == 0 {
-                    token.worker.submit { token.refresh() }
-                }
+                self.rescan()
                 self.expireIdlePINs()
             }
         }
@@ -332,7 +393,8 @@ public final class PincacheService: @unchecked Sendable {
             methods: [
                 "GetTokens": { [weak self] call in
                     guard let self else { return }
-                    call.reply([.array(elementSignature: "o", self.tokens.map { .objectPath($0.path) })])
+                    let published = self.tokens.filter { $0.published.load(ordering: .acquiring) }
+                    call.reply([.array(elementSignature: "o", published.map { .objectPath($0.path) })])
                 },
                 "FlushCaches": { [weak self] call in self?.flushCaches(call) },
                 "GetCallerState": { [weak self] call in
@@ -507,12 +569,12 @@ public final class PincacheService: @unchecked Sendable {
             let after = Self.tokenProperty(property.name, new, token)
             if before != after, let after { changed[property.name] = after }
         }
-        guard !changed.isEmpty else { return }
+        // A slot not yet exported announces itself when it is (rescanSlots).
+        guard !changed.isEmpty, token.published.load(ordering: .acquiring) else { return }
         connection.emitPropertiesChanged(path: token.path, interface: PincacheInterfaces.token.name, changed: changed)
         if old.present != new.present {
-            connection.emitSignal(
-                path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name,
-                name: new.present ? "TokenInserted" : "TokenRemoved", arguments: [.objectPath(token.path)])
+            emitPresence(token, present: new.present)
+            Log.info("token \(token.id): card \(new.present ? "inserted" : "removed") (\(new.slotDescription))")
         }
     }
 

@@ -9,11 +9,14 @@ final class Backend: Sendable {
     let index: Int
     let path: String
     let module: PKCS11Module
+    /// Module-wide calls (the slot list) run here, never on a token's worker or the bus thread.
+    let worker: SerialWorker
 
     init(index: Int, path: String, module: PKCS11Module) {
         self.index = index
         self.path = path
         self.module = module
+        self.worker = SerialWorker(name: "pincache-module-\(index)")
     }
 }
 
@@ -69,6 +72,8 @@ final class TokenContext: @unchecked Sendable {
     let slot: SlotID
     let worker: SerialWorker
     let policy = Mutex(TokenPolicy())
+    /// Set once the object is on the bus: before that, changes are not announced.
+    let published = Atomic<Bool>(false)
     private let snapshotState = Mutex(TokenSnapshot())
     /// The last key list read, for readers off the worker (polkit details).
     private let knownKeys = Mutex<[KeyRecord]>([])
