@@ -362,10 +362,14 @@ class Card:
             return b"".join(tlv(t, bytes.fromhex(dos.get(f"{t:X}", "")))
                             for t in (0x5B, 0x5F2D, 0x5F35))
         if tag == 0x006E:
-            # Max command and response length: large enough for RSA-2048 in one APDU.
-            ext_len = tlv(0x02, b"\x08\x00") + tlv(0x02, b"\x08\x00")
-            return b"".join([tlv(0x4F, self.aid), tlv(0x5F52, self.hist),
-                             tlv(0x7F66, ext_len), tlv(0x73, self.discretionary())])
+            parts = [tlv(0x4F, self.aid), tlv(0x5F52, self.hist)]
+            if self.extended_length:
+                # Max command and response length, large enough for RSA-2048 in one
+                # APDU. Only cards with extended Lc/Le have this DO; without it OpenSC
+                # keeps 255 and chains, whatever the reader allows.
+                parts.append(tlv(0x7F66, tlv(0x02, b"\x08\x00") + tlv(0x02, b"\x08\x00")))
+            parts.append(tlv(0x73, self.discretionary()))
+            return b"".join(parts)
         if tag == 0x007A:
             return tlv(0x93, self.state["signature_counter"].to_bytes(3, "big"))
         if tag == 0x00C4:
