@@ -542,10 +542,6 @@ class Card:
 
         if ins == 0xA4:
             return self._select(p1, p2, data)
-        if not self.selected:
-            # Other drivers' probes land here before (or without) our SELECT.
-            raise CardError(SW_CONDITIONS_NOT_SATISFIED if ins in INS_NAMES else SW_INS_NOT_SUPPORTED,
-                            "application not selected")
         handler = {
             0xCA: self._get_data, 0xA5: self._select_data, 0x20: self._verify,
             0x24: self._change_reference, 0x2C: self._reset_retry_counter,
@@ -555,6 +551,9 @@ class Card:
         }.get(ins)
         if handler is None:
             raise CardError(SW_INS_NOT_SUPPORTED)
+        if not self.selected:
+            # Other drivers' probes land here before (or without) our SELECT.
+            raise CardError(SW_CONDITIONS_NOT_SATISFIED, "application not selected")
         return handler(p1, p2, data, ne, entry)
 
     # --- instructions
