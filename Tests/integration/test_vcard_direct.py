@@ -164,6 +164,21 @@ def test_rsa_decipher(pcscd, vcard_factory, opensc_env, tmp_path):
     assert [(e["lc"], e.get("chained", False)) for e in pso] == [(257, False)]
 
 
+def test_ecdh_decipher(pcscd, vcard_factory, opensc_env, tmp_path):
+    card = vcard_factory("a", key_type="p256").insert()
+    slot = slot_id(opensc_env, card, USER_LABEL)
+    card_pub = read_pubkey(opensc_env, slot, "02", tmp_path)
+    peer = ec.generate_private_key(ec.SECP256R1())
+    peer_der = tmp_path / "peer.der"
+    peer_der.write_bytes(peer.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    out = tmp_path / "secret"
+    tool(opensc_env, "--slot", slot, "--login", "--pin", PIN, "--derive", "-m", "ECDH1-DERIVE",
+         "--id", "02", "-i", str(peer_der), "-o", str(out))
+    assert out.read_bytes() == peer.exchange(ec.ECDH(), card_pub)
+    assert [e["sw"] for e in card.apdus() if e.get("op") == "decipher"] == ["9000"]
+
+
 def test_chaining_without_extended_length(pcscd, vcard_factory, opensc_env, tmp_path):
     card = vcard_factory("a", key_type="rsa2048", extended_length=False).insert()
     slot = slot_id(opensc_env, card)

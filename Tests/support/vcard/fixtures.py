@@ -21,12 +21,10 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from ctypes import POINTER, byref, c_char_p, c_long, c_ubyte, c_ulong, c_void_p
+from ctypes import byref, c_char_p, c_long, c_ubyte, c_ulong, c_void_p
 from pathlib import Path
 
 import pytest

@@ -22,7 +22,6 @@ response data and status word.
 """
 
 import argparse
-import datetime
 import errno
 import fcntl
 import hashlib
@@ -215,7 +214,7 @@ class Card:
             "rc": 0,
             "pw3": self.state["tries"]["83"],
             "signature_counter": self.state["signature_counter"],
-            "pw1_single_use": self.state["pw1_single_use"] if "pw1_single_use" in self.state else False,
+            "pw1_single_use": self.state.get("pw1_single_use", False),
         }
         self._atomic_write("counters.json", json.dumps(c, sort_keys=True) + "\n")
 

@@ -5,7 +5,7 @@ Linux x86-64 PKCS#11 ABI: CK_ULONG is unsigned long (8 bytes), structs are unpac
 """
 
 import ctypes
-from ctypes import POINTER, byref, c_ubyte, c_ulong, c_void_p
+from ctypes import byref, c_ubyte, c_ulong, c_void_p
 
 OPENSC_PKCS11 = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
 
