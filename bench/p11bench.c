@@ -183,6 +183,19 @@ static int label_matches(const CK_UTF8CHAR label[32], const char *want)
     return 1;
 }
 
+/* A space-padded PKCS#11 text field as one token for a key=value line: trailing
+ * blanks dropped, inner blanks and non-printables as '_'. */
+static void fixed_field(char *out, const CK_UTF8CHAR *field, size_t len)
+{
+    while (len > 0 && (field[len - 1] == ' ' || field[len - 1] == '\0'))
+        len--;
+    for (size_t i = 0; i < len; i++)
+        out[i] = field[i] > ' ' && field[i] < 0x7f && field[i] != '=' ? (char)field[i] : '_';
+    out[len] = '\0';
+    if (len == 0)
+        strcpy(out, "-");
+}
+
 static CK_RV find_slot(const char *label, CK_SLOT_ID *out)
 {
     CK_ULONG n = 0;
@@ -349,6 +362,11 @@ static CK_RV run(const struct options *o)
     CHECK(get_list(&p11));
     CK_C_INITIALIZE_ARGS init = {.flags = CKF_OS_LOCKING_OK};
     CHECK(p11->C_Initialize(&init));
+    /* Printed so a table row can be told apart from a stand-in module. */
+    CK_INFO info;
+    CHECK(p11->C_GetInfo(&info));
+    char library[33];
+    fixed_field(library, info.manufacturerID, 32);
     CK_SLOT_ID slot;
     CK_RV rv = find_slot(o->token_label, &slot);
     double init_us = now_us() - t0;
@@ -397,12 +415,12 @@ static CK_RV run(const struct options *o)
         sum += samples[i];
     qsort(samples, (size_t)o->count, sizeof *samples, cmp_double);
     printf("RESULT name=%s mech=%s mode=%s n=%ld warmup=%ld p50_us=%.1f p99_us=%.1f "
-           "mean_us=%.1f min_us=%.1f max_us=%.1f ops_per_s=%.1f init_us=%.1f\n",
+           "mean_us=%.1f min_us=%.1f max_us=%.1f ops_per_s=%.1f init_us=%.1f library=%s\n",
            o->name, o->mech == MECH_ECDSA ? "ecdsa" : "rsa",
            o->mode == MODE_STEADY ? "steady" : "cold", o->count, o->warmup,
            percentile(samples, o->count, 50), percentile(samples, o->count, 99),
            sum / (double)o->count, samples[0], samples[o->count - 1],
-           (double)o->count / (elapsed / 1e6), init_us);
+           (double)o->count / (elapsed / 1e6), init_us, library);
     free(samples);
     return CKR_OK;
 }

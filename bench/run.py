@@ -144,16 +144,16 @@ def swift_build_dir(args):
 # service running, and stopping the service on exit.
 
 @contextmanager
-def direct(ctx):
+def direct(ctx, rnd):
     yield SOFTHSM_MODULE, {}
 
 
 @contextmanager
-def p11kit(ctx):
+def p11kit(ctx, rnd):
     if not shutil.which("p11-kit") or not os.path.exists(P11KIT_CLIENT):
         raise Unavailable("p11-kit / p11-kit-modules not installed")
-    d = ctx["tmp"] / "p11-kit"
-    d.mkdir()
+    d = ctx["tmp"] / "p11-kit" / str(rnd + 1)
+    d.mkdir(parents=True)
     sock = d / "server.sock"
     err = open(d / "server.stderr", "wb")
     proc = subprocess.Popen(["p11-kit", "server", "--foreground", "--provider", SOFTHSM_MODULE,
@@ -169,12 +169,12 @@ def p11kit(ctx):
 
 def proxy(caching):
     @contextmanager
-    def start(ctx):
+    def start(ctx, rnd):
         build = ctx["build"]
         if isinstance(build, Unavailable):
             raise build
-        d = ctx["tmp"] / ("proxy-cache" if caching else "proxy-nocache")
-        d.mkdir()
+        d = ctx["tmp"] / ("proxy-cache" if caching else "proxy-nocache") / str(rnd + 1)
+        d.mkdir(parents=True)
         sock = d / "bus.sock"
         (d / "bus.conf").write_text(BUS_CONFIG.format(socket=sock))
         procs = []
@@ -235,8 +235,24 @@ def run_one(ctx, name, module, extra_env, mech, mode, count, warmup):
     out = {}
     for kv in m.group(1).split():
         k, v = kv.split("=", 1)
-        out[k] = v if k in ("name", "mech", "mode") else float(v)
+        out[k] = v if k in ("name", "mech", "mode", "library") else float(v)
     return out
+
+
+def measure(ctx, args, name, rnd, rounds):
+    """One round of one configuration: its service up, four measurements, service down."""
+    with STARTERS[name](ctx, rnd) as (module, extra):
+        for mode in ("steady", "cold"):
+            for mech in ("ecdsa", "rsa"):
+                n, w = counts(args, mech, mode)
+                log(f"round {rnd + 1}/{args.rounds} {name}: {mech} {mode} x{n}")
+                rounds.setdefault((name, mech, mode), []).append(
+                    run_one(ctx, name, module, extra, mech, mode, n, w))
+
+
+def median_round(runs):
+    """The run with the median p50, whole, so that its p99 and ops/s stay its own."""
+    return sorted(runs, key=lambda r: r["p50_us"])[(len(runs) - 1) // 2]
 
 
 def counts(args, mech, mode):
@@ -278,7 +294,8 @@ def report(results, skipped, args):
     print()
     print(f"Machine: {machine()}")
     print(f"Build: {args.config}; steady N = {args.ecdsa_count} ECDSA / {args.rsa_count} RSA, "
-          f"cold N = {args.cold_ecdsa_count} / {args.cold_rsa_count}; times in microseconds")
+          f"cold N = {args.cold_ecdsa_count} / {args.cold_rsa_count}; median of {args.rounds} "
+          f"round(s); times in microseconds")
     head = (f"{'configuration':<14} {'p50':>9} {'p99':>9} {'mean':>9} {'ops/s':>9}"
             f"  {'p50/direct':>10} {'p50/p11-kit':>11} {'ops/direct':>10} {'ops/p11-kit':>11}")
     for mode in ("steady", "cold"):
@@ -302,6 +319,11 @@ def report(results, skipped, args):
                       f" {ratio(r['p50_us'], p11 and p11['p50_us']):>11}"
                       f" {ratio(r['ops_per_s'], base and base['ops_per_s']):>10}"
                       f" {ratio(r['ops_per_s'], p11 and p11['ops_per_s']):>11}")
+    libs = {}
+    for (name, _, _), r in results.items():
+        libs.setdefault(name, r.get("library", "?"))
+    print("\nModules (C_GetInfo manufacturerID): "
+          + ", ".join(f"{n} = {libs[n]}" for n in CONFIGS if n in libs))
     prox = results.get(("proxy-nocache", "ecdsa", "steady"))
     p11 = results.get(("p11-kit", "ecdsa", "steady"))
     if prox and p11:
@@ -323,6 +345,8 @@ def parse_args():
     p.add_argument("--rsa-count", type=int)
     p.add_argument("--cold-ecdsa-count", type=int)
     p.add_argument("--cold-rsa-count", type=int)
+    p.add_argument("--rounds", type=int,
+                   help="measure everything this many times, report the median (default 3, --quick 1)")
     p.add_argument("--only", default=",".join(CONFIGS),
                    help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--config", choices=("release", "debug"), default="release",
@@ -340,6 +364,10 @@ def parse_args():
             setattr(a, attr, d)
         if getattr(a, attr) < 1:
             p.error(f"--{attr.replace('_', '-')} must be at least 1")
+    if a.rounds is None:
+        a.rounds = 1 if a.quick else 3
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     a.only = [c.strip() for c in a.only.split(",") if c.strip()]
     for c in a.only:
         if c not in CONFIGS:
@@ -361,32 +389,33 @@ def main():
                 ctx["build"] = swift_build_dir(args)
             except Unavailable as e:
                 ctx["build"] = e
-        results, skipped = {}, {}
-        for name in args.only:
-            try:
-                with STARTERS[name](ctx) as (module, extra):
-                    for mode in ("steady", "cold"):
-                        for mech in ("ecdsa", "rsa"):
-                            n, w = counts(args, mech, mode)
-                            log(f"{name}: {mech} {mode} x{n}")
-                            results[(name, mech, mode)] = run_one(ctx, name, module, extra,
-                                                                  mech, mode, n, w)
-            except Unavailable as e:
-                skipped[name] = f"skipped: {e}"
-                log(f"{name}: skipped: {e}")
-                failed = failed or args.strict
-            except (RuntimeError, subprocess.SubprocessError) as e:
-                skipped[name] = "FAILED (see above)"
-                log(f"{name}: FAILED: {e}")
-                for f in sorted((tmp / name).glob("*.stderr")) if (tmp / name).is_dir() else []:
-                    tail = f.read_text(errors="replace").strip().splitlines()[-20:]
-                    log(f"{f.name}:" + "".join("\n  | " + t for t in tail))
-                failed = True
+        rounds, skipped = {}, {}
+        # Rounds go round all configurations, so that load from elsewhere drifting over
+        # the run hits every configuration alike; the median round is reported.
+        for rnd in range(args.rounds):
+            for name in args.only:
+                if name in skipped:
+                    continue
+                try:
+                    measure(ctx, args, name, rnd, rounds)
+                except Unavailable as e:
+                    skipped[name] = f"skipped: {e}"
+                    log(f"{name}: skipped: {e}")
+                    failed = failed or args.strict
+                except (RuntimeError, subprocess.SubprocessError) as e:
+                    skipped[name] = "FAILED (see above)"
+                    log(f"{name}: FAILED: {e}")
+                    for f in sorted((tmp / name).glob("*/*.stderr")):
+                        tail = f.read_text(errors="replace").strip().splitlines()[-20:]
+                        log(f"{f.name}:" + "".join("\n  | " + t for t in tail))
+                    failed = True
+        results = {k: median_round(v) for k, v in rounds.items() if k[0] not in skipped}
         report(results, skipped, args)
         if args.json:
-            Path(args.json).write_text(json.dumps(
-                {"machine": machine(), "build": args.config,
-                 "results": [r for r in results.values()], "skipped": skipped}, indent=2) + "\n")
+            doc = {"machine": machine(), "build": args.config, "rounds": args.rounds,
+                   "results": list(results.values()),
+                   "all_rounds": [r for v in rounds.values() for r in v], "skipped": skipped}
+            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     finally:
         if args.keep:
             log(f"kept {tmp}")
