@@ -5,6 +5,7 @@
  * CKA_ID, warms up, then times N signatures. Each sample is measured with
  * CLOCK_MONOTONIC around exactly the calls the mode names:
  *   steady  C_SignInit + C_Sign, in one session logged in once beforehand
+ *           (--length-query: C_SignInit + C_Sign(NULL) + C_Sign)
  *   cold    C_OpenSession + C_Login + key search + C_SignInit + C_Sign +
  *           C_Logout + C_CloseSession (the module stays initialised: this is a
  *           cold session, not a cold process; init_us reports the process start)
@@ -39,6 +40,7 @@ struct options {
     enum run_mode mode;
     long count;
     long warmup;
+    int length_query;
 };
 
 static CK_FUNCTION_LIST_PTR p11;
@@ -48,7 +50,7 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: p11bench --module PATH --token LABEL --pin PIN --key-id HEX\n"
             "                --mech ecdsa|rsa [--mode steady|cold] [--count N]\n"
-            "                [--warmup N] [--name NAME]\n"
+            "                [--warmup N] [--name NAME] [--length-query]\n"
             "The PIN may also come from the environment variable P11BENCH_PIN.\n");
 }
 
@@ -100,6 +102,10 @@ static void parse_args(int argc, char **argv, struct options *o)
         if (strcmp(a, "--help") == 0) {
             usage(stdout);
             exit(0);
+        }
+        if (strcmp(a, "--length-query") == 0) {
+            o->length_query = 1;
+            continue;
         }
         if (i + 1 >= argc) {
             usage(stderr);
@@ -281,11 +287,22 @@ static void setup_payload(enum mech_kind k)
     mechanism.ulParameterLen = 0;
 }
 
+static int length_query;
+
 static CK_RV sign_once(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key)
 {
     unsigned char sig[1024];
     CK_ULONG sig_len = sizeof sig;
     CHECK(p11->C_SignInit(s, &mechanism, key));
+    /* Many applications (pkcs11-tool, OpenSSL's pkcs11 providers) ask for the length
+     * first: a NULL buffer, then the real call. A remoting layer may pay twice. */
+    if (length_query) {
+        CHECK(p11->C_Sign(s, payload, payload_len, NULL, &sig_len));
+        if (sig_len > sizeof sig) {
+            fprintf(stderr, "p11bench: signature of %lu bytes\n", (unsigned long)sig_len);
+            return CKR_GENERAL_ERROR;
+        }
+    }
     CHECK(p11->C_Sign(s, payload, payload_len, sig, &sig_len));
     if (sig_len == 0) {
         fprintf(stderr, "p11bench: empty signature\n");
@@ -373,6 +390,7 @@ static CK_RV run(const struct options *o)
     if (rv != CKR_OK)
         return rv;
     setup_payload(o->mech);
+    length_query = o->length_query;
 
     CK_SESSION_HANDLE s = 0;
     CK_OBJECT_HANDLE key = 0;
@@ -415,12 +433,13 @@ static CK_RV run(const struct options *o)
         sum += samples[i];
     qsort(samples, (size_t)o->count, sizeof *samples, cmp_double);
     printf("RESULT name=%s mech=%s mode=%s n=%ld warmup=%ld p50_us=%.1f p99_us=%.1f "
-           "mean_us=%.1f min_us=%.1f max_us=%.1f ops_per_s=%.1f init_us=%.1f library=%s\n",
+           "mean_us=%.1f min_us=%.1f max_us=%.1f ops_per_s=%.1f init_us=%.1f "
+           "length_query=%d library=%s\n",
            o->name, o->mech == MECH_ECDSA ? "ecdsa" : "rsa",
            o->mode == MODE_STEADY ? "steady" : "cold", o->count, o->warmup,
            percentile(samples, o->count, 50), percentile(samples, o->count, 99),
            sum / (double)o->count, samples[0], samples[o->count - 1],
-           (double)o->count / (elapsed / 1e6), init_us, library);
+           (double)o->count / (elapsed / 1e6), init_us, o->length_query, library);
     free(samples);
     return CKR_OK;
 }

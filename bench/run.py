@@ -226,7 +226,7 @@ def run_one(ctx, name, module, extra_env, mech, mode, count, warmup):
     env = {**ctx["env"], **extra_env, "P11BENCH_PIN": PIN}
     cmd = [str(ctx["exe"]), "--module", module, "--token", TOKEN, "--key-id", KEYS[mech],
            "--mech", mech, "--mode", mode, "--count", str(count), "--warmup", str(warmup),
-           "--name", name]
+           "--name", name] + (["--length-query"] if ctx["length_query"] else [])
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
     m = RESULT_RE.search(r.stdout)
     if r.returncode != 0 or not m:
@@ -300,7 +300,8 @@ def report(results, skipped, args):
             f"  {'p50/direct':>10} {'p50/p11-kit':>11} {'ops/direct':>10} {'ops/p11-kit':>11}")
     for mode in ("steady", "cold"):
         for mech in ("ecdsa", "rsa"):
-            what = ("C_SignInit+C_Sign" if mode == "steady" else
+            sign = "C_SignInit+C_Sign(NULL)+C_Sign" if args.length_query else "C_SignInit+C_Sign"
+            what = (sign if mode == "steady" else
                     "cold cycle: open, login, find key, sign, logout, close")
             print(f"\n{MECH_TITLE[mech]} — {what}")
             print(head)
@@ -353,6 +354,8 @@ def parse_args():
                    help="SwiftPM configuration for pincached and the proxy (default release)")
     p.add_argument("--build-dir", default=os.environ.get("PINCACHE_BENCH_BUILD_DIR"),
                    help="take pincached and libpincache-pkcs11.so from here, do not build")
+    p.add_argument("--length-query", action="store_true",
+                   help="sign as pkcs11-tool does: C_Sign(NULL) for the length, then C_Sign")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs) afterwards")
     p.add_argument("--strict", action="store_true", default=CI,
@@ -382,7 +385,7 @@ def main():
     try:
         exe = compile_bench(tmp)
         conf = make_token(tmp)
-        ctx = {"tmp": tmp, "exe": exe,
+        ctx = {"tmp": tmp, "exe": exe, "length_query": args.length_query,
                "env": {**os.environ, "SOFTHSM2_CONF": str(conf)}}
         if any(c.startswith("proxy") for c in args.only):
             try:
@@ -413,6 +416,7 @@ def main():
         report(results, skipped, args)
         if args.json:
             doc = {"machine": machine(), "build": args.config, "rounds": args.rounds,
+                   "length_query": args.length_query,
                    "results": list(results.values()),
                    "all_rounds": [r for v in rounds.values() for r in v], "skipped": skipped}
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
