@@ -173,15 +173,19 @@ def proxy(caching):
         build = ctx["build"]
         if isinstance(build, Unavailable):
             raise build
+        for tool in ("dbus-daemon", "gdbus"):
+            if not shutil.which(tool):
+                raise Unavailable(f"{tool} not installed")
         d = ctx["tmp"] / ("proxy-cache" if caching else "proxy-nocache") / str(rnd + 1)
         d.mkdir(parents=True)
         sock = d / "bus.sock"
         (d / "bus.conf").write_text(BUS_CONFIG.format(socket=sock))
-        procs = []
+        procs, logs = [], []
         try:
+            logs.append(open(d / "bus.stderr", "wb"))
             bus = subprocess.Popen(["dbus-daemon", f"--config-file={d / 'bus.conf'}", "--nofork",
                                     "--nopidfile", "--print-address=1"], stdout=subprocess.PIPE,
-                                   stderr=open(d / "bus.stderr", "wb"), text=True)
+                                   stderr=logs[-1], text=True)
             procs.append(bus)
             address = bus.stdout.readline().strip()
             if not address:
@@ -192,16 +196,20 @@ def proxy(caching):
                 "P11_LogoutAfterSign=0\n"
                 "ForceLoginBeforeSignKeyUsage=0\n"
                 f"Module={SOFTHSM_MODULE}\n")
+            logs.append(open(d / "pincached.stderr", "wb"))
             daemon = subprocess.Popen([str(build / "pincached"), "--bus", address, "--config",
                                        str(d / "pincache.cfg")],
-                                      stdout=subprocess.DEVNULL,
-                                      stderr=open(d / "pincached.stderr", "wb"), env=ctx["env"])
+                                      stdout=subprocess.DEVNULL, stderr=logs[-1], env=ctx["env"])
             procs.append(daemon)
             wait_for(lambda: name_has_owner(address, "org.pincache.Daemon"), "pincached", daemon)
             yield str(build / "libpincache-pkcs11.so"), {"PINCACHE_BUS_ADDRESS": address}
         finally:
             for p in reversed(procs):
                 stop(p)
+                if p.stdout:
+                    p.stdout.close()
+            for f in logs:
+                f.close()
     return start
 
 
@@ -268,7 +276,7 @@ def counts(args, mech, mode):
 def machine():
     cpu = "unknown CPU"
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -281,7 +289,7 @@ def machine():
             return "?"
     softhsm = version(["dpkg-query", "-W", "-f=${Version}", "softhsm2"])
     p11 = version(["dpkg-query", "-W", "-f=${Version}", "p11-kit"])
-    load = " ".join(open("/proc/loadavg").read().split()[:3])
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     return (f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
             f"SoftHSM {softhsm}, p11-kit {p11}, load average {load}")
 
@@ -323,8 +331,9 @@ def report(results, skipped, args):
     libs = {}
     for (name, _, _), r in results.items():
         libs.setdefault(name, r.get("library", "?"))
-    print("\nModules (C_GetInfo manufacturerID): "
-          + ", ".join(f"{n} = {libs[n]}" for n in CONFIGS if n in libs))
+    if libs:
+        print("\nModules (C_GetInfo manufacturerID): "
+              + ", ".join(f"{n} = {libs[n]}" for n in CONFIGS if n in libs))
     prox = results.get(("proxy-nocache", "ecdsa", "steady"))
     p11 = results.get(("p11-kit", "ecdsa", "steady"))
     if prox and p11:
