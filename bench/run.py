@@ -98,7 +98,7 @@ def compile_bench(tmp):
     cflags = subprocess.run(["pkg-config", "--cflags", "p11-kit-1"], capture_output=True,
                             text=True).stdout.split() or ["-I/usr/include/p11-kit-1"]
     exe = tmp / "p11bench"
-    subprocess.run([cc, "-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", *cflags, "-o", str(exe),
+    subprocess.run([cc, "-O2", "-std=c11", "-Wall", "-Wextra", *cflags, "-o", str(exe),
                     str(REPO / "bench" / "p11bench.c"), "-ldl"], check=True)
     return exe
 
