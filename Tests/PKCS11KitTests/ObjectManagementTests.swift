@@ -168,16 +168,20 @@ extension ModuleTests {
                 try m.verifyRaw(s, mechanism: Mechanism(.ecdsa), key: keys.public, data: digest, signature: flipped)
             }
             #expect(throws: PKCS11Error(rv: .signatureLenRange, function: "C_Verify")) {
-                try m.verifyRaw(s, mechanism: Mechanism(.ecdsa), key: keys.public, data: digest, signature: Array(sig.prefix(63)))
+                try m.verifyRaw(
+                    s, mechanism: Mechanism(.ecdsa), key: keys.public, data: digest, signature: Array(sig.prefix(63)))
             }
             // verify keeps its Bool for an invalid signature, and throws for the length.
-            #expect(try !m.verify(s, mechanism: Mechanism(.ecdsa), key: keys.public, data: digest, signature: flipped))
+            #expect(
+                try !m.verify(s, mechanism: Mechanism(.ecdsa), key: keys.public, data: digest, signature: flipped))
             #expect(throws: PKCS11Error(rv: .signatureLenRange, function: "C_Verify")) {
-                try m.verify(s, mechanism: Mechanism(.ecdsa), key: keys.public, data: digest, signature: Array(sig.prefix(63)))
+                try m.verify(
+                    s, mechanism: Mechanism(.ecdsa), key: keys.public, data: digest, signature: Array(sig.prefix(63)))
             }
             // A failure in the init names C_VerifyInit.
             let e = #expect(throws: PKCS11Error.self) {
-                try m.verifyRaw(s, mechanism: Mechanism(.ecdsa), key: ObjectHandle(rawValue: 0xffff_fff0), data: digest, signature: sig)
+                try m.verifyRaw(
+                    s, mechanism: Mechanism(.ecdsa), key: ObjectHandle(rawValue: 0xffff_fff0), data: digest, signature: sig)
             }
             #expect(e?.function == "C_VerifyInit")
 
@@ -237,7 +241,8 @@ extension ModuleTests {
             ])
             // An impossible AES length.
             let e = #expect(throws: PKCS11Error.self) {
-                try m.generateKey(s, mechanism: Mechanism(.aesKeyGen), template: [.bool(.token, false), .ulong(.valueLen, 7)])
+                try m.generateKey(
+                    s, mechanism: Mechanism(.aesKeyGen), template: [.bool(.token, false), .ulong(.valueLen, 7)])
             }
             #expect(e?.function == "C_GenerateKey")
         }
