@@ -66,16 +66,23 @@ extension TokenContext {
         return handle
     }
 
-    func locator(_ handle: UInt64, session: UInt64, function: String) throws -> ObjectTable.Locator {
+    /// `invalid` is the code for a handle that names nothing here: CKR_KEY_HANDLE_INVALID
+    /// where PKCS#11 expects a key, CKR_OBJECT_HANDLE_INVALID elsewhere.
+    func locator(_ handle: UInt64, session: UInt64, function: String, invalid: ReturnValue = .objectHandleInvalid)
+        throws -> ObjectTable.Locator
+    {
         guard let loc = objectTable.locators[handle], loc.ownerSession == nil || loc.ownerSession == session else {
-            throw PKCS11Error(rv: .objectHandleInvalid, function: function)
+            throw PKCS11Error(rv: invalid, function: function)
         }
         return loc
     }
 
     /// The backend handle of a daemon handle in the current login state.
-    func resolve(_ handle: UInt64, _ s: SessionHandle, session: UInt64, function: String) throws -> ObjectHandle {
-        let loc = try locator(handle, session: session, function: function)
+    func resolve(
+        _ handle: UInt64, _ s: SessionHandle, session: UInt64, function: String,
+        invalid: ReturnValue = .objectHandleInvalid
+    ) throws -> ObjectHandle {
+        let loc = try locator(handle, session: session, function: function, invalid: invalid)
         func matches(_ h: ObjectHandle) -> Bool {
             guard var bytes = identity(s, h)?.bytes else { return false }
             if let owner = loc.ownerSession { withUnsafeBytes(of: owner.littleEndian) { bytes.append(contentsOf: $0) } }
@@ -86,7 +93,7 @@ extension TokenContext {
             objectTable.locators[handle]?.backend = h
             return h
         }
-        throw PKCS11Error(rv: .objectHandleInvalid, function: function)
+        throw PKCS11Error(rv: invalid, function: function)
     }
 
     func forgetObject(_ handle: UInt64) {
@@ -127,11 +134,11 @@ extension TokenContext {
     /// Like withAccess, but an operation on a private object needs the caller's login.
     private func withObjectAccess<T>(
         caller: CallerID, settings: Settings, _ s: SessionHandle, _ loc: ObjectTable.Locator, function: String,
-        _ body: () throws -> T
+        invalid: ReturnValue = .objectHandleInvalid, _ body: () throws -> T
     ) throws -> T {
         if loc.isPrivate && !policy.withLock({ $0.state(of: caller).loggedIn }) {
             try policy.withLock { try $0.checkAvailable(for: caller) }
-            throw PKCS11Error(rv: .objectHandleInvalid, function: function)
+            throw PKCS11Error(rv: invalid, function: function)
         }
         return try withAccess(caller: caller, settings: settings, s, body)
     }
@@ -215,14 +222,16 @@ extension TokenContext {
         case .verify: function = "C_VerifyInit"
         case .encrypt: function = "C_EncryptInit"
         }
-        let loc = try locator(handle, session: id, function: function)
+        let loc = try locator(handle, session: id, function: function, invalid: .keyHandleInvalid)
         let kind: OperationKind
         switch op {
         case .sign: kind = .sign
         case .decrypt: kind = .decrypt
         case .verify, .encrypt:
-            return try withObjectAccess(caller: caller, settings: settings, s, loc, function: function) {
-                let h = try resolve(handle, s, session: id, function: function)
+            return try withObjectAccess(
+                caller: caller, settings: settings, s, loc, function: function, invalid: .keyHandleInvalid
+            ) {
+                let h = try resolve(handle, s, session: id, function: function, invalid: .keyHandleInvalid)
                 if case .verify(let signature) = op {
                     try module.verifyRaw(s, mechanism: mechanism, key: h, data: data, signature: signature)
                     return []
@@ -234,7 +243,7 @@ extension TokenContext {
         if !loc.isPrivate && !policy.withLock({ $0.state(of: caller).loggedIn }) {
             // A public key object (e.g. a secret key marked non-private): no login needed.
             return try withAccess(caller: caller, settings: settings, s) {
-                let h = try resolve(handle, s, session: id, function: function)
+                let h = try resolve(handle, s, session: id, function: function, invalid: .keyHandleInvalid)
                 return try kind == .sign
                     ? module.sign(s, mechanism: mechanism, key: h, data: data)
                     : module.decrypt(s, mechanism: mechanism, key: h, data: data)
@@ -248,7 +257,7 @@ extension TokenContext {
             caller: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh, freshPIN: fresh,
             alwaysAuthenticate: alwaysAuth, session: s
         ) { contextPIN in
-            let h = try resolve(handle, s, session: id, function: function)
+            let h = try resolve(handle, s, session: id, function: function, invalid: .keyHandleInvalid)
             do {
                 switch kind {
                 case .sign:
