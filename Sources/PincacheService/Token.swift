@@ -398,7 +398,15 @@ final class TokenContext: @unchecked Sendable {
             defer { try? module.logout(s) }
             result = try body(nil)
         case .heldLogin:
-            result = try body(nil)
+            do {
+                result = try body(nil)
+            } catch let e as PKCS11Error where e.rv == .userNotLoggedIn {
+                // The token ended the login itself (e.g. an OpenPGP card whose PIN is good for one
+                // signature): the caller no longer holds it, and says so in its state.
+                _ = try? policy.withLock { try $0.logout(for: caller) }
+                backendLogout()
+                throw e
+            }
         case .freshPIN:
             guard let fresh = freshPIN else { throw PolicyError.pinRequired }
             let holds = policy.withLock { $0.state(of: caller).holdsLogin }

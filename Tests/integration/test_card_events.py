@@ -223,3 +223,56 @@ def test_swapped_card_never_sees_the_previous_cards_pin(card_daemon, vcard_facto
     old = hashlib.sha256(CARD_PIN.encode()).hexdigest()
     assert all(v.get("pin_sha256") != old for v in card_b.verifies()), card_b.verifies()
     assert card_b.counters()["pw1"] == 3
+
+
+def test_single_use_pin_card_ends_a_held_login_cleanly(card_daemon, vcard_factory, make_client):
+    # The card accepts one signature per VERIFY. Caching mode verifies before every signature
+    # anyway; a held (non-caching) login is ended by the card after one, and the caller's state
+    # must say so rather than claim a login the card no longer has.
+    card_daemon(caching=False)
+    a = make_client("A")
+    card = vcard_factory("a", pw1_single_use=True).insert()
+    tok = card_token(a, card)
+    s = a.open_session(tok)
+    a.login(s, CARD_PIN)
+    verify_card(card, b"one", sign(a, s, b"one"))
+    assert a.error(sign, a, s) == ERR + "NotLoggedIn"
+    assert a.logged_in() == set() and a.locked() == set()
+    a.login(s, CARD_PIN)
+    verify_card(card, b"two", sign(a, s, b"two"))
+
+
+def test_single_use_pin_card_in_caching_mode_signs_repeatedly(card_daemon, vcard_factory, make_client):
+    card_daemon(caching=True)
+    a = make_client("A")
+    card = vcard_factory("a", pw1_single_use=True).insert()
+    s = a.open_session(card_token(a, card))
+    a.login(s, CARD_PIN)
+    for msg in (b"1", b"2", b"3"):
+        verify_card(card, msg, sign(a, s, msg))
+
+
+def test_pcscd_restart_is_survived(daemon_env, pcscd, vcard_factory, make_client, start_daemon):
+    from conftest import SOFTHSM_MODULE
+    daemon_env["OPENSC_CONF"] = str(OPENSC_CONF)
+    d = start_daemon(module=OPENSC_PKCS11, extra=["SlotPollInterval=300", f"Module={SOFTHSM_MODULE}"])
+    a = make_client("A")
+    soft = a.token()
+    ss = a.open_session(soft)
+    a.login(ss)
+    card = vcard_factory("a").insert()
+    card_token(a, card)
+    pcscd.stop()
+    wait_until(lambda: "PC/SC connection lost" in d.stderr_text(), what="the daemon noticed pcscd going")
+    # Software tokens keep working while pcscd is away.
+    a.sign(ss, b"\x01", "ECDSA", digest(b"soft"))
+    pcscd.start()
+    card = vcard_factory("a")
+    if not card.inserted:
+        card.insert()
+    tok = card_token(a, card)
+    s = a.open_session(tok)
+    a.login(s, CARD_PIN)
+    verify_card(card, b"back", sign(a, s, b"back"))
+    assert d.stderr_text().count("PC/SC connection lost") == 1
+    assert d.proc.poll() is None
