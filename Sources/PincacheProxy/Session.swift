@@ -136,14 +136,19 @@ extension Library {
                          output: UnsafeMutablePointer<CK_BYTE>?, outputLength: UnsafeMutablePointer<CK_ULONG>?) throws(CKError) {
         try withSession(handle) { session throws(CKError) in
             guard var operation = session.operations[kind] else { throw .operationNotInitialized }
+            // Bad pointers leave the operation as it was (as SoftHSM does): the
+            // application can retry with proper arguments.
+            guard let outputLength else { throw .argumentsBad }
+            var single: [UInt8]?
+            if case .single(let pointer, let length) = data {
+                single = try Codec.bytes(pointer, length)
+            }
             do throws(CKError) {
-                guard let outputLength else { throw CKError.argumentsBad }
                 let input: [UInt8]
-                switch data {
-                case .single(let pointer, let length):
+                if let single {
                     guard !operation.multipart else { throw CKError.operationActive }
-                    input = try Codec.bytes(pointer, length)
-                case .accumulated:
+                    input = single
+                } else {
                     input = operation.data
                 }
                 let result: [UInt8]
