@@ -42,11 +42,14 @@ let package = Package(
 
         // The PKCS#11 proxy: C function table and fork handling, then the Swift forwarder.
         // The Swift runtime is linked in statically (`ldd` shows no Swift library) and the
-        // version script exports C_GetFunctionList alone.
+        // version script exports C_GetFunctionList alone. `-z nodelete`: hosts dlclose
+        // modules without C_Finalize (pkcs11-tool on a fatal error), and the loop thread
+        // and the Swift runtime must never find their code unmapped.
         .target(name: "CPincacheProxy", dependencies: ["CPKCS11"]),
         .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit"],
                 linkerSettings: [.unsafeFlags([
                     "-static-stdlib",
+                    "-Xlinker", "-z", "-Xlinker", "nodelete",
                     "-Xlinker", "--version-script=\(packageDirectory)/Sources/CPincacheProxy/exports.map",
                 ])]),
 

@@ -622,9 +622,7 @@ func pincacheGenerateKeyPair(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMu
             let encodedPrivate = try Codec.template(privateTemplate, privateCount)
             guard let publicKey, let privateKey else { throw .argumentsBad }
             let reply = try library.call(Wire.generateKeyPair, on: s, [encodedMechanism, encodedPublic, encodedPrivate])
-            guard let f = reply[0].structFields, f.count == 2, let pub = f[0].uint64Value, let priv = f[1].uint64Value else {
-                throw .deviceError
-            }
+            guard let pub = reply[0].uint64Value, let priv = reply[1].uint64Value else { throw .deviceError }
             publicKey.pointee = CK_OBJECT_HANDLE(pub)
             privateKey.pointee = CK_OBJECT_HANDLE(priv)
         }

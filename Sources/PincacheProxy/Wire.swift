@@ -15,8 +15,12 @@ struct WireMethod: Sendable {
     let timeoutMilliseconds: Int32
 
     init(_ member: String, _ inSignature: String, _ outSignature: String, _ target: CallTarget,
-         timeout seconds: Int32 = Wire.defaultTimeout, interface: String = Wire.cryptoki) {
-        self.interface = interface
+         timeout seconds: Int32 = Wire.defaultTimeout, interface: String? = nil) {
+        switch target {
+        case .general: self.interface = interface ?? Wire.cryptokiManager
+        case .slot: self.interface = interface ?? Wire.cryptokiSlot
+        case .session: self.interface = interface ?? Wire.cryptokiSession
+        }
         self.member = member
         self.inSignature = inSignature
         self.outSignature = outSignature
@@ -27,7 +31,12 @@ struct WireMethod: Sendable {
 
 enum Wire {
     static let daemonName = "org.pincache.Daemon"
-    static let cryptoki = "org.pincache.Cryptoki1"
+    // cryptoki1.md names one interface, org.pincache.Cryptoki1, on all three kinds of
+    // object; the daemon exports one per kind (dbus/org.pincache.Cryptoki*1.xml), and the
+    // daemon's names are the ones that answer.
+    static let cryptokiManager = "org.pincache.CryptokiManager1"
+    static let cryptokiSlot = "org.pincache.CryptokiSlot1"
+    static let cryptokiSession = "org.pincache.CryptokiSession1"
     static let managerPath = ObjectPath("/org/pincache")!
     static let tokenPathPrefix = "/org/pincache/token/"
 
@@ -64,7 +73,8 @@ enum Wire {
     static let copyObject = WireMethod("CopyObject", "ta(tay)", "t", .session)
     static let destroyObject = WireMethod("DestroyObject", "t", "", .session)
     static let generateKey = WireMethod("GenerateKey", "(tay)a(tay)", "t", .session, timeout: slowTimeout)
-    static let generateKeyPair = WireMethod("GenerateKeyPair", "(tay)a(tay)a(tay)", "(tt)", .session, timeout: slowTimeout)
+    // cryptoki1.md says "→ (tt)"; the daemon answers two values (public_key, private_key).
+    static let generateKeyPair = WireMethod("GenerateKeyPair", "(tay)a(tay)a(tay)", "tt", .session, timeout: slowTimeout)
     static let sign = WireMethod("Sign", "(tay)tay", "ay", .session, timeout: slowTimeout)
     static let verify = WireMethod("Verify", "(tay)tayay", "", .session)
     static let encrypt = WireMethod("Encrypt", "(tay)tay", "ay", .session)

@@ -20,7 +20,10 @@ import dbus.service
 import dbus.mainloop.glib
 from gi.repository import GLib
 
-CRYPTOKI = "org.pincache.Cryptoki1"
+# The daemon's interface names (dbus/org.pincache.Cryptoki*1.xml).
+CRYPTO_MANAGER = "org.pincache.CryptokiManager1"
+CRYPTO_SLOT = "org.pincache.CryptokiSlot1"
+CRYPTO_SESSION = "org.pincache.CryptokiSession1"
 SESSION1 = "org.pincache.Session1"
 MANAGER = "org.pincache.Manager1"
 TEST = "org.pincache.Test"
@@ -59,7 +62,7 @@ class Manager(dbus.service.Object):
         self.d = d
 
     # No declared out signature, so the hostile mode can answer with the wrong one.
-    @dbus.service.method(CRYPTOKI, in_signature="")
+    @dbus.service.method(CRYPTO_MANAGER, in_signature="")
     def GetSlots(self):
         self.d.count("GetSlots")
         if self.d.hostile == "wrong-signature":
@@ -101,12 +104,12 @@ class Slot(dbus.service.Object):
         self.d = d
         self.n = n
 
-    @dbus.service.method(CRYPTOKI, in_signature="", out_signature="a(tttt)")
+    @dbus.service.method(CRYPTO_SLOT, in_signature="", out_signature="a(tttt)")
     def GetMechanisms(self):
         self.d.count("GetMechanisms")
         return [(CKM_ECDSA, 256, 256, CKF_SIGN | CKF_VERIFY), (CKM_SHA256, 0, 0, CKF_DIGEST)]
 
-    @dbus.service.method(CRYPTOKI, in_signature="t", out_signature="o", sender_keyword="sender")
+    @dbus.service.method(CRYPTO_SLOT, in_signature="t", out_signature="o", sender_keyword="sender")
     def OpenSession(self, flags, sender=None):
         self.d.count("OpenSession")
         if self.n != 0:
@@ -133,14 +136,14 @@ class Session(dbus.service.Object):
         if sender != self.owner:
             raise Error("org.freedesktop.DBus.Error.AccessDenied", "not yours")
 
-    @dbus.service.method(CRYPTOKI, in_signature="", out_signature="(ttt)", sender_keyword="sender")
+    @dbus.service.method(CRYPTO_SESSION, in_signature="", out_signature="(ttt)", sender_keyword="sender")
     def GetSessionInfo(self, sender=None):
         self.check(sender, "GetSessionInfo")
         rw = self.flags & 2
         state = (3 if rw else 1) if sender in self.d.logged_in else (2 if rw else 0)
         return (state, self.flags, 0)
 
-    @dbus.service.method(CRYPTOKI, in_signature="ts", out_signature="", sender_keyword="sender")
+    @dbus.service.method(CRYPTO_SESSION, in_signature="ts", out_signature="", sender_keyword="sender")
     def Login(self, user_type, pin, sender=None):
         self.check(sender, "Login")
         if sender in self.d.logged_in:
@@ -149,19 +152,19 @@ class Session(dbus.service.Object):
             raise Error("org.pincache.Error.PinIncorrect", "C_Login: CKR_PIN_INCORRECT (0xa0)")
         self.d.logged_in.add(sender)
 
-    @dbus.service.method(CRYPTOKI, in_signature="", out_signature="", sender_keyword="sender")
+    @dbus.service.method(CRYPTO_SESSION, in_signature="", out_signature="", sender_keyword="sender")
     def Logout(self, sender=None):
         self.check(sender, "Logout")
         self.d.logged_in.discard(sender)
 
-    @dbus.service.method(CRYPTOKI, in_signature="a(tay)t", out_signature="at", sender_keyword="sender")
+    @dbus.service.method(CRYPTO_SESSION, in_signature="a(tay)t", out_signature="at", sender_keyword="sender")
     def FindObjects(self, template, max_count, sender=None):
         self.check(sender, "FindObjects")
         if self.d.hostile == "huge-find":
             return dbus.Array(range(100001), signature="t")
         return dbus.Array([EC_KEY], signature="t")
 
-    @dbus.service.method(CRYPTOKI, in_signature="tat", out_signature="a(ttay)", sender_keyword="sender")
+    @dbus.service.method(CRYPTO_SESSION, in_signature="tat", out_signature="a(ttay)", sender_keyword="sender")
     def GetAttributes(self, handle, types, sender=None):
         self.check(sender, "GetAttributes")
         out = []
@@ -176,7 +179,7 @@ class Session(dbus.service.Object):
                 out.append((t, 0x12, dbus.ByteArray(b"")))
         return dbus.Array(out, signature="(ttay)")
 
-    @dbus.service.method(CRYPTOKI, in_signature="(tay)tay", out_signature="ay", sender_keyword="sender")
+    @dbus.service.method(CRYPTO_SESSION, in_signature="(tay)tay", out_signature="ay", sender_keyword="sender")
     def Sign(self, mechanism, key, data, sender=None):
         self.check(sender, "Sign")
         if self.d.hostile == "crash-on-sign":
@@ -187,7 +190,7 @@ class Session(dbus.service.Object):
             raise Error("org.pincache.Error.KeyNotFound", "no such key (0x60)")
         return dbus.ByteArray(hashlib.sha256(bytes(data)).digest() + bytes(32))
 
-    @dbus.service.method(CRYPTOKI, in_signature="(tay)ay", out_signature="ay", sender_keyword="sender")
+    @dbus.service.method(CRYPTO_SESSION, in_signature="(tay)ay", out_signature="ay", sender_keyword="sender")
     def Digest(self, mechanism, data, sender=None):
         self.check(sender, "Digest")
         return dbus.ByteArray(hashlib.sha256(bytes(data)).digest())
