@@ -275,11 +275,12 @@ extension PincacheService {
                             Wire.template(a[1]).map { template in
                                 {
                                     try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
-                                        let backend = try token.resolve(h, s, session: id, function: "C_SetAttributeValue")
+                                        let backend = try token.resolve(h, s, caller: caller, function: "C_SetAttributeValue")
+                                        let created = token.objectTable.locators[h]?.creatingSession
                                         try token.module.setAttributes(s, backend, template)
                                         // The identity may have changed (label, id): register it afresh.
                                         token.forgetObject(h)
-                                        _ = try token.register(s, backend, session: id)
+                                        _ = try token.register(s, backend, caller: caller, createdIn: created)
                                     }
                                 }
                             }
@@ -292,7 +293,7 @@ extension PincacheService {
                         Wire.template(a[0]).map { template in
                             {
                                 try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
-                                    try token.register(s, try token.module.createObject(s, template), session: id)
+                                    try token.registerCreated(s, try token.module.createObject(s, template), caller: caller, session: id)
                                 }
                             }
                         }
@@ -305,8 +306,9 @@ extension PincacheService {
                             Wire.template(a[1]).map { template in
                                 {
                                     try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
-                                        let backend = try token.resolve(h, s, session: id, function: "C_CopyObject")
-                                        return try token.register(s, try token.module.copyObject(s, backend, template), session: id)
+                                        let backend = try token.resolve(h, s, caller: caller, function: "C_CopyObject")
+                                        return try token.registerCreated(
+                                            s, try token.module.copyObject(s, backend, template), caller: caller, session: id)
                                     }
                                 }
                             }
@@ -319,7 +321,7 @@ extension PincacheService {
                         handle(a[0]).map { h in
                             {
                                 try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
-                                    let backend = try token.resolve(h, s, session: id, function: "C_DestroyObject")
+                                    let backend = try token.resolve(h, s, caller: caller, function: "C_DestroyObject")
                                     try token.module.destroyObject(s, backend)
                                     token.forgetObject(h)
                                 }
@@ -334,7 +336,9 @@ extension PincacheService {
                             Wire.template(a[1]).map { template in
                                 {
                                     try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
-                                        try token.register(s, try token.module.generateKey(s, mechanism: m, template: template), session: id)
+                                        try token.registerCreated(
+                                            s, try token.module.generateKey(s, mechanism: m, template: template),
+                                            caller: caller, session: id)
                                     }
                                 }
                             }
@@ -351,8 +355,10 @@ extension PincacheService {
                                         try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
                                             let pair = try token.module.generateKeyPair(
                                                 s, mechanism: m, publicTemplate: pub, privateTemplate: priv)
-                                            return (try token.register(s, pair.public, session: id),
-                                                    try token.register(s, pair.private, session: id))
+                                            return (
+                                                try token.registerCreated(s, pair.public, caller: caller, session: id),
+                                                try token.registerCreated(s, pair.private, caller: caller, session: id)
+                                            )
                                         }
                                     }
                                 }

@@ -4,14 +4,18 @@ import PinPolicy
 /// The daemon's own object handles for the proxy. Backend handles do not survive a bracket
 /// (SoftHSM renumbers private objects at every login), so each handle keeps a locator: the
 /// backend handle last seen plus the attributes that identify the object, re-found when the
-/// backend handle no longer matches. Session objects belong to the session that made them.
+/// backend handle no longer matches. Session objects (CKA_TOKEN false) are the caller's that
+/// made them, as PKCS#11 makes them the application's: the daemon is one application to the
+/// backend, so other callers must never see them.
 struct ObjectTable {
     struct Locator {
         var backend: ObjectHandle
         var identity: [UInt8]
         var template: [Attribute]
         var isPrivate: Bool
-        var ownerSession: UInt64?
+        /// Session objects only: the caller that made it, and in which session (it dies with it).
+        var owner: CallerID?
+        var creatingSession: UInt64?
     }
     var locators: [UInt64: Locator] = [:]
     var byIdentity: [[UInt8]: UInt64] = [:]
@@ -35,21 +39,24 @@ extension TokenContext {
         return (bytes, a)
     }
 
-    /// Gives a backend object a daemon handle (the same one every time it is seen).
-    func register(_ s: SessionHandle, _ h: ObjectHandle, session: UInt64) throws -> UInt64 {
+    /// Gives a backend object a daemon handle (the same one every time it is seen). A session
+    /// object is registered only by the caller that created it (`createdIn`); found by anyone
+    /// else it is not theirs, and nil hides it.
+    func register(_ s: SessionHandle, _ h: ObjectHandle, caller: CallerID, createdIn session: UInt64? = nil) throws
+        -> UInt64?
+    {
         guard let found = identity(s, h) else {
             throw PKCS11Error(rv: .objectHandleInvalid, function: "C_GetAttributeValue")
         }
         var bytes = found.bytes
         let a = found.attrs
         let isTokenObject = a[.token]?.pkcs11Bool ?? true
-        if !isTokenObject {
-            withUnsafeBytes(of: session.littleEndian) { bytes.append(contentsOf: $0) }
-        }
+        if !isTokenObject { bytes += Array(caller.rawValue.utf8) }
         if let existing = objectTable.byIdentity[bytes] {
             objectTable.locators[existing]?.backend = h
             return existing
         }
+        if !isTokenObject && session == nil { return nil }
         guard objectTable.locators.count < ObjectTable.capacity else {
             throw PKCS11Error(rv: .deviceMemory, function: "C_FindObjects")
         }
@@ -61,17 +68,25 @@ extension TokenContext {
         objectTable.next += 1
         objectTable.locators[handle] = ObjectTable.Locator(
             backend: h, identity: bytes, template: template, isPrivate: a[.private]?.pkcs11Bool ?? false,
-            ownerSession: isTokenObject ? nil : session)
+            owner: isTokenObject ? nil : caller, creatingSession: isTokenObject ? nil : session)
         objectTable.byIdentity[bytes] = handle
+        return handle
+    }
+
+    /// register() for objects the caller just made: always gives a handle.
+    func registerCreated(_ s: SessionHandle, _ h: ObjectHandle, caller: CallerID, session: UInt64) throws -> UInt64 {
+        guard let handle = try register(s, h, caller: caller, createdIn: session) else {
+            throw PKCS11Error(rv: .generalError, function: "C_CreateObject")
+        }
         return handle
     }
 
     /// `invalid` is the code for a handle that names nothing here: CKR_KEY_HANDLE_INVALID
     /// where PKCS#11 expects a key, CKR_OBJECT_HANDLE_INVALID elsewhere.
-    func locator(_ handle: UInt64, session: UInt64, function: String, invalid: ReturnValue = .objectHandleInvalid)
+    func locator(_ handle: UInt64, caller: CallerID, function: String, invalid: ReturnValue = .objectHandleInvalid)
         throws -> ObjectTable.Locator
     {
-        guard let loc = objectTable.locators[handle], loc.ownerSession == nil || loc.ownerSession == session else {
+        guard let loc = objectTable.locators[handle], loc.owner == nil || loc.owner == caller else {
             throw PKCS11Error(rv: invalid, function: function)
         }
         return loc
@@ -79,13 +94,13 @@ extension TokenContext {
 
     /// The backend handle of a daemon handle in the current login state.
     func resolve(
-        _ handle: UInt64, _ s: SessionHandle, session: UInt64, function: String,
+        _ handle: UInt64, _ s: SessionHandle, caller: CallerID, function: String,
         invalid: ReturnValue = .objectHandleInvalid
     ) throws -> ObjectHandle {
-        let loc = try locator(handle, session: session, function: function, invalid: invalid)
+        let loc = try locator(handle, caller: caller, function: function, invalid: invalid)
         func matches(_ h: ObjectHandle) -> Bool {
             guard var bytes = identity(s, h)?.bytes else { return false }
-            if let owner = loc.ownerSession { withUnsafeBytes(of: owner.littleEndian) { bytes.append(contentsOf: $0) } }
+            if let owner = loc.owner { bytes += Array(owner.rawValue.utf8) }
             return bytes == loc.identity
         }
         if matches(loc.backend) { return loc.backend }
@@ -114,7 +129,7 @@ extension TokenContext {
     func closeRawSession(_ id: UInt64) {
         contextPINs[id] = nil
         if let s = rawSessions.removeValue(forKey: id) { try? module.closeSession(s) }
-        for (handle, loc) in objectTable.locators where loc.ownerSession == id { forgetObject(handle) }
+        for (handle, loc) in objectTable.locators where loc.creatingSession == id { forgetObject(handle) }
     }
 
     /// Public operations run as they are; when the caller is logged in they run in its login
@@ -158,7 +173,7 @@ extension TokenContext {
     {
         let s = try rawSession(id, readWrite: rw)
         return try withAccess(caller: caller, settings: settings, s) {
-            try module.findObjects(s, matching: template, limit: max).map { try register(s, $0, session: id) }
+            try module.findObjects(s, matching: template, limit: max).compactMap { try register(s, $0, caller: caller) }
         }
     }
 
@@ -166,9 +181,9 @@ extension TokenContext {
         throws -> [AttributeResult]
     {
         let s = try rawSession(id, readWrite: rw)
-        let loc = try locator(handle, session: id, function: "C_GetAttributeValue")
+        let loc = try locator(handle, caller: caller, function: "C_GetAttributeValue")
         var results = try withObjectAccess(caller: caller, settings: settings, s, loc, function: "C_GetAttributeValue") {
-            let h = try resolve(handle, s, session: id, function: "C_GetAttributeValue")
+            let h = try resolve(handle, s, caller: caller, function: "C_GetAttributeValue")
             return try module.attributeValues(s, h, types)
         }
         // Force-login keys show CKA_ALWAYS_AUTHENTICATE, so applications ask for the PIN (DESIGN §1).
@@ -222,7 +237,7 @@ extension TokenContext {
         case .verify: function = "C_VerifyInit"
         case .encrypt: function = "C_EncryptInit"
         }
-        let loc = try locator(handle, session: id, function: function, invalid: .keyHandleInvalid)
+        let loc = try locator(handle, caller: caller, function: function, invalid: .keyHandleInvalid)
         let kind: OperationKind
         switch op {
         case .sign: kind = .sign
@@ -231,7 +246,7 @@ extension TokenContext {
             return try withObjectAccess(
                 caller: caller, settings: settings, s, loc, function: function, invalid: .keyHandleInvalid
             ) {
-                let h = try resolve(handle, s, session: id, function: function, invalid: .keyHandleInvalid)
+                let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
                 if case .verify(let signature) = op {
                     try module.verifyRaw(s, mechanism: mechanism, key: h, data: data, signature: signature)
                     return []
@@ -243,7 +258,7 @@ extension TokenContext {
         if !loc.isPrivate && !policy.withLock({ $0.state(of: caller).loggedIn }) {
             // A public key object (e.g. a secret key marked non-private): no login needed.
             return try withAccess(caller: caller, settings: settings, s) {
-                let h = try resolve(handle, s, session: id, function: function, invalid: .keyHandleInvalid)
+                let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
                 return try kind == .sign
                     ? module.sign(s, mechanism: mechanism, key: h, data: data)
                     : module.decrypt(s, mechanism: mechanism, key: h, data: data)
@@ -257,7 +272,7 @@ extension TokenContext {
             caller: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh, freshPIN: fresh,
             alwaysAuthenticate: alwaysAuth, session: s
         ) { contextPIN in
-            let h = try resolve(handle, s, session: id, function: function, invalid: .keyHandleInvalid)
+            let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
             do {
                 switch kind {
                 case .sign:
