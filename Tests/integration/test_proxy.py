@@ -261,3 +261,26 @@ def test_bad_arguments_through_daemon(start_daemon, proxy_host, proxy_lib, bus):
     lines = run_host(proxy_host, proxy_lib, "badargs", env=proxy_env(bus))
     bad = [l for l in lines if "NULL" in l or "reserved" in l or "partial" in l]
     assert bad and all(l.endswith("CKR_ARGUMENTS_BAD") for l in bad), lines
+
+
+# --- keys and PINs through pkcs11-tool -----------------------------------------
+
+def test_pkcs11_tool_generates_a_key_pair_and_signs(start_daemon, pkcs11_tool, tmp_path):
+    start_daemon(caching=True)
+    pkcs11_tool("--token-label", LABEL, "--login", "--pin", PIN, "--keypairgen", "--key-type", "EC:prime256v1",
+                "--id", "42", "--label", "generated")
+    listed = pkcs11_tool("--token-label", LABEL, "--login", "--pin", PIN, "-O").stdout
+    assert "label:      generated" in listed
+    msg = tmp_path / "msg"
+    msg.write_bytes(digest(MSG))
+    sig = tmp_path / "sig"
+    pkcs11_tool("--token-label", LABEL, "--login", "--pin", PIN, "--sign", "--id", "42", "-m", "ECDSA",
+                "--input-file", str(msg), "--output-file", str(sig))
+    assert len(sig.read_bytes()) == 64
+
+
+def test_pkcs11_tool_changes_the_pin(start_daemon, pkcs11_tool):
+    start_daemon(caching=True)
+    pkcs11_tool("--token-label", LABEL, "--login", "--pin", PIN, "--change-pin", "--new-pin", "55554444")
+    assert pkcs11_tool("--token-label", LABEL, "--login", "--pin", PIN, "-O", check=False).returncode != 0
+    assert "Private Key Object" in pkcs11_tool("--token-label", LABEL, "--login", "--pin", "55554444", "-O").stdout
