@@ -1,6 +1,10 @@
 // swift-tools-version: 6.0
 import PackageDescription
 
+// The proxy's linker version script, by absolute path: the linker does not run in the
+// package directory.
+let packageDirectory = String(#filePath.dropLast("/Package.swift".count))
+
 // One target per concern (see README "Layout"). No third-party Swift packages: every
 // dependency would be rebuilt on each CI run and none has earned its build time yet.
 let package = Package(
@@ -11,6 +15,8 @@ let package = Package(
         // Test support only (never installed): a PKCS#11 module that forwards to another
         // module and injects faults on command (see Sources/FaultShim/README.md).
         .library(name: "pincache-faultshim", type: .dynamic, targets: ["FaultShim"]),
+        // The PKCS#11 proxy applications load (DESIGN §4).
+        .library(name: "pincache-pkcs11", type: .dynamic, targets: ["PincacheProxy"]),
     ],
     targets: [
         // C libraries.
@@ -33,6 +39,19 @@ let package = Package(
         .executableTarget(name: "pincached", dependencies: ["PincacheService"]),
 
         .target(name: "FaultShim", dependencies: ["CPKCS11"]),
+
+        // The PKCS#11 proxy: C function table and fork handling, then the Swift forwarder.
+        // The Swift runtime is linked in statically (`ldd` shows no Swift library) and the
+        // version script exports C_GetFunctionList alone. `-z nodelete`: hosts dlclose
+        // modules without C_Finalize (pkcs11-tool on a fatal error), and the loop thread
+        // and the Swift runtime must never find their code unmapped.
+        .target(name: "CPincacheProxy", dependencies: ["CPKCS11"]),
+        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit"],
+                linkerSettings: [.unsafeFlags([
+                    "-static-stdlib",
+                    "-Xlinker", "-z", "-Xlinker", "nodelete",
+                    "-Xlinker", "--version-script=\(packageDirectory)/Sources/CPincacheProxy/exports.map",
+                ])]),
 
         .testTarget(name: "PinPolicyTests", dependencies: ["PinPolicy"]),
         .testTarget(name: "DBusKitTests", dependencies: ["DBusKit"]),

@@ -1,6 +1,5 @@
 import CDBus
 import Dispatch
-import Foundation
 import Glibc
 import Synchronization
 
@@ -159,12 +158,32 @@ public final class DBusConnection: @unchecked Sendable {
     /// Runs the main loop on a new dedicated thread; returns once it is running.
     public func startLoopThread() {
         let started = DispatchSemaphore(value: 0)
-        let thread = Thread { [self] in
+        // A bare pthread rather than Foundation's Thread: DBusKit is linked into the
+        // PKCS#11 proxy, where a static Foundation would drag ICU into every host process.
+        let body = LoopThreadBody { [self] in
             loop.perform { started.signal() }
             run()
         }
-        thread.name = "DBusKit loop"
-        thread.start()
+        var attributes = pthread_attr_t()
+        pthread_attr_init(&attributes)
+        defer { pthread_attr_destroy(&attributes) }
+        pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
+        var thread = pthread_t()
+        let context = Unmanaged.passRetained(body).toOpaque()
+        let created = pthread_create(&thread, &attributes, { context in
+            // SAFETY: `context` is the retained LoopThreadBody passed below; this thread
+            // takes over that reference.
+            guard let context else { return nil }
+            let body = Unmanaged<LoopThreadBody>.fromOpaque(context).takeRetainedValue()
+            nameLoopThread()
+            body.run()
+            return nil
+        }, context)
+        guard created == 0 else {
+            Unmanaged<LoopThreadBody>.fromOpaque(context).release()
+            DBusLog.log("cannot start the loop thread (pthread_create: \(created))")
+            return
+        }
         started.wait()
     }
 
@@ -479,6 +498,22 @@ public final class DBusConnection: @unchecked Sendable {
         let signal = DBusSignalMessage(sender: sender, path: path, interface: interface, member: member, arguments: arguments)
         for handler in handlers { handler(signal) }
     }
+}
+
+/// Names the calling thread "DBusKit loop" (what Foundation's Thread.name did). Glibc's
+/// Swift module lacks pthread_setname_np, so it is looked up by name, as eventfd is.
+private func nameLoopThread() {
+    typealias SetName = @convention(c) (pthread_t, UnsafePointer<CChar>) -> Int32
+    guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "pthread_setname_np") else { return }
+    // SAFETY: glibc's pthread_setname_np has exactly this C signature.
+    let setName = unsafeBitCast(symbol, to: SetName.self)
+    _ = "DBusKit loop".withCString { setName(pthread_self(), $0) }
+}
+
+/// The closure a loop thread runs, boxed to cross pthread_create's `void *`.
+final class LoopThreadBody: Sendable {
+    let run: @Sendable () -> Void
+    init(_ run: @escaping @Sendable () -> Void) { self.run = run }
 }
 
 /// A libdbus pointer carried into a @Sendable closure; libdbus objects are thread-safe

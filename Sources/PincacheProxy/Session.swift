@@ -1,0 +1,280 @@
+import CPKCS11
+import DBusKit
+
+/// The cryptographic operation kinds a session may have active at once.
+enum OperationKind: Hashable {
+    case sign, verify, encrypt, decrypt, digest
+
+    /// The CKF_ mechanism flag the operation needs.
+    var mechanismFlag: CK_FLAGS {
+        switch self {
+        case .sign: CK_FLAGS(CKF_SIGN)
+        case .verify: CK_FLAGS(CKF_VERIFY)
+        case .encrypt: CK_FLAGS(CKF_ENCRYPT)
+        case .decrypt: CK_FLAGS(CKF_DECRYPT)
+        case .digest: CK_FLAGS(CKF_DIGEST)
+        }
+    }
+}
+
+/// The input of a single-part call, or the input *Update calls accumulated.
+enum OperationInput {
+    case single(UnsafePointer<CK_BYTE>?, CK_ULONG)
+    case accumulated
+}
+
+/// An operation between its *Init and its final call, kept in the proxy: nothing goes
+/// to the daemon until the final call (cryptoki1.md's one-round-trip rule).
+struct PendingOperation {
+    var mechanism: DBusValue
+    var key: CK_OBJECT_HANDLE
+    /// Input accumulated by *Update calls.
+    var data: [UInt8] = []
+    var multipart = false
+    /// The daemon's answer for `resultInput`, kept for the call that follows a length
+    /// query or CKR_BUFFER_TOO_SMALL.
+    var result: [UInt8]?
+    var resultInput: [UInt8]?
+}
+
+/// One GetAttributes answer entry.
+struct AttributeResult {
+    var type: CK_ATTRIBUTE_TYPE
+    var status: CK_RV
+    var value: [UInt8]
+}
+
+/// A session as the proxy sees it: the daemon's session object plus local state.
+final class Session: @unchecked Sendable {
+    // @unchecked: the mutable state below is only touched inside `lock.locked`.
+    let slot: CK_SLOT_ID
+    let path: ObjectPath
+    let link: Link
+    /// Unique name of the daemon that owns the session object.
+    let daemon: String
+    let flags: CK_FLAGS
+    /// Serialises everything done on this session, round trips included: PKCS#11
+    /// operations on one session are sequential anyway, other sessions are unaffected.
+    let lock = Monitor()
+
+    var operations: [OperationKind: PendingOperation] = [:]
+    /// FindObjectsInit's answer, served by C_FindObjects.
+    var found: [CK_OBJECT_HANDLE]?
+    var foundPosition = 0
+    /// The answer to a GetAttributeValue length query, for the call that follows it.
+    var lastAttributes: (object: CK_OBJECT_HANDLE, types: [CK_ATTRIBUTE_TYPE], results: [AttributeResult])?
+
+    init(slot: CK_SLOT_ID, path: ObjectPath, link: Link, daemon: String, flags: CK_FLAGS) {
+        self.slot = slot
+        self.path = path
+        self.link = link
+        self.daemon = daemon
+        self.flags = flags
+    }
+}
+
+extension Library {
+    /// Runs `body` on a session with its lock held. Any call but GetAttributeValue
+    /// forgets a kept attribute answer, so it can never outlive a change.
+    func withSession<R>(_ handle: CK_SESSION_HANDLE, keepAttributes: Bool = false,
+                        _ body: (Session) throws(CKError) -> R) throws(CKError) -> R {
+        let session = try self.session(handle)
+        return try session.lock.locked { () throws(CKError) -> R in
+            if !keepAttributes { session.lastAttributes = nil }
+            return try body(session)
+        }
+    }
+
+    /// Sends a session method.
+    func call(_ method: WireMethod, on session: Session, _ arguments: [DBusValue]) throws(CKError) -> [DBusValue] {
+        try call(method, path: session.path, arguments, session: session)
+    }
+
+    // MARK: operations
+
+    /// *Init: records the operation after the checks that need no round trip.
+    func beginOperation(_ kind: OperationKind, session handle: CK_SESSION_HANDLE,
+                        mechanism pointer: UnsafePointer<CK_MECHANISM>?, key: CK_OBJECT_HANDLE) throws(CKError) {
+        try withSession(handle) { session throws(CKError) in
+            guard session.operations[kind] == nil else { throw .operationActive }
+            let (type, mechanism) = try Codec.mechanism(pointer)
+            // The mechanism list is asked once per slot; a mechanism the token does not
+            // offer for this operation fails here, as it would on the token itself.
+            if let list = try? mechanisms(session.slot) {
+                guard let entry = list.first(where: { $0.type == type }), entry.flags & kind.mechanismFlag != 0 else {
+                    throw CKError(CKR_MECHANISM_INVALID)
+                }
+            }
+            session.operations[kind] = PendingOperation(mechanism: mechanism, key: key)
+        }
+    }
+
+    /// *Update: accumulates input.
+    func updateOperation(_ kind: OperationKind, session handle: CK_SESSION_HANDLE,
+                         part: UnsafePointer<CK_BYTE>?, length: CK_ULONG) throws(CKError) {
+        try withSession(handle) { session throws(CKError) in
+            guard var operation = session.operations[kind] else { throw .operationNotInitialized }
+            do throws(CKError) {
+                guard operation.result == nil else { throw CKError.operationActive }
+                let bytes = try Codec.bytes(part, length)
+                guard operation.data.count + bytes.count <= Wire.maxBytes else { throw CKError(CKR_DATA_LEN_RANGE) }
+                operation.data += bytes
+                operation.multipart = true
+                session.operations[kind] = operation
+            } catch {
+                session.operations[kind] = nil
+                throw error
+            }
+        }
+    }
+
+    /// The single-part call (`data` given) or the final call (`data` nil: the
+    /// accumulated input). Output follows PKCS#11's length-query convention; the
+    /// operation stays active after a length query or CKR_BUFFER_TOO_SMALL only.
+    func finishOperation(_ kind: OperationKind, session handle: CK_SESSION_HANDLE,
+                         data: OperationInput,
+                         output: UnsafeMutablePointer<CK_BYTE>?, outputLength: UnsafeMutablePointer<CK_ULONG>?) throws(CKError) {
+        try withSession(handle) { session throws(CKError) in
+            guard var operation = session.operations[kind] else { throw .operationNotInitialized }
+            // Bad pointers leave the operation as it was (as SoftHSM does): the
+            // application can retry with proper arguments.
+            guard let outputLength else { throw .argumentsBad }
+            var single: [UInt8]?
+            if case .single(let pointer, let length) = data {
+                single = try Codec.bytes(pointer, length)
+            }
+            do throws(CKError) {
+                let input: [UInt8]
+                if let single {
+                    guard !operation.multipart else { throw CKError.operationActive }
+                    input = single
+                } else {
+                    input = operation.data
+                }
+                let result: [UInt8]
+                if let kept = operation.result, operation.resultInput == input {
+                    result = kept
+                } else {
+                    result = try perform(kind, operation, input: input, on: session)
+                    operation.result = result
+                    operation.resultInput = input
+                }
+                if try Codec.deliver(result, to: output, length: outputLength) {
+                    session.operations[kind] = nil
+                } else {
+                    session.operations[kind] = operation
+                }
+            } catch {
+                session.operations[kind] = error == .bufferTooSmall ? operation : nil
+                throw error
+            }
+        }
+    }
+
+    /// C_Verify (`data` given) or C_VerifyFinal (accumulated input): ends the operation.
+    func finishVerify(session handle: CK_SESSION_HANDLE, data: OperationInput,
+                      signature: UnsafePointer<CK_BYTE>?, signatureLength: CK_ULONG) throws(CKError) {
+        try withSession(handle) { session throws(CKError) in
+            guard let operation = session.operations.removeValue(forKey: .verify) else { throw .operationNotInitialized }
+            let input: [UInt8]
+            switch data {
+            case .single(let pointer, let length):
+                guard !operation.multipart else { throw CKError.operationActive }
+                input = try Codec.bytes(pointer, length)
+            case .accumulated:
+                input = operation.data
+            }
+            let signatureBytes = try Codec.bytes(signature, signatureLength, tooLong: CKError(CKR_SIGNATURE_LEN_RANGE))
+            _ = try call(Wire.verify, on: session, [operation.mechanism, .uint64(UInt64(operation.key)),
+                                                     .bytes(input), .bytes(signatureBytes)])
+        }
+    }
+
+    private func perform(_ kind: OperationKind, _ operation: PendingOperation, input: [UInt8],
+                         on session: Session) throws(CKError) -> [UInt8] {
+        let key = DBusValue.uint64(UInt64(operation.key))
+        let reply: [DBusValue]
+        switch kind {
+        case .sign: reply = try call(Wire.sign, on: session, [operation.mechanism, key, .bytes(input)])
+        case .encrypt: reply = try call(Wire.encrypt, on: session, [operation.mechanism, key, .bytes(input)])
+        case .decrypt: reply = try call(Wire.decrypt, on: session, [operation.mechanism, key, .bytes(input)])
+        case .digest: reply = try call(Wire.digest, on: session, [operation.mechanism, .bytes(input)])
+        case .verify: throw CKError(CKR_GENERAL_ERROR)
+        }
+        guard let bytes = reply[0].bytesValue else { throw .deviceError }
+        return bytes
+    }
+
+    // MARK: attributes
+
+    /// C_GetAttributeValue: the daemon answers per attribute; the PKCS#11 rules for
+    /// lengths, NULL buffers and errors are applied here. A length query's answer is kept
+    /// for the call that follows with buffers, so the usual pair costs one round trip.
+    func getAttributes(session handle: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE,
+                       template: UnsafeMutablePointer<CK_ATTRIBUTE>?, count: CK_ULONG) throws(CKError) {
+        try withSession(handle, keepAttributes: true) { session throws(CKError) in
+            let types = try Codec.types(template, count)
+            let results: [AttributeResult]
+            if let kept = session.lastAttributes, kept.object == object, kept.types == types {
+                results = kept.results
+            } else {
+                let reply = try call(Wire.getAttributes, on: session,
+                                     [.uint64(UInt64(object)), .array(elementSignature: "t", types.map { .uint64(UInt64($0)) })])
+                guard let entries = reply[0].arrayValues, entries.count == types.count else { throw .deviceError }
+                var parsed: [AttributeResult] = []
+                for (entry, type) in zip(entries, types) {
+                    guard let f = entry.structFields, f.count == 3, let t = f[0].uint64Value, CK_ULONG(t) == type,
+                          let status = f[1].uint64Value, let value = f[2].bytesValue else { throw .deviceError }
+                    parsed.append(AttributeResult(type: type, status: CK_RV(status), value: value))
+                }
+                results = parsed
+            }
+            session.lastAttributes = nil
+            guard let template else { return }
+            var sensitive = false, invalid = false, tooSmall = false, other: CK_RV?
+            var lengthQuery = false
+            for (index, result) in results.enumerated() {
+                let attribute = template.advanced(by: index)
+                var status = result.status
+                // Values of array attributes are the daemon's pointers: meaningless here.
+                if status == CKR_OK && result.type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0 && !result.value.isEmpty {
+                    status = CKR_ATTRIBUTE_TYPE_INVALID
+                }
+                switch status {
+                case CKR_OK:
+                    let needed = CK_ULONG(result.value.count)
+                    if let buffer = attribute.pointee.pValue {
+                        if attribute.pointee.ulValueLen >= needed {
+                            // SAFETY: the application said pValue holds ulValueLen >= needed bytes.
+                            result.value.withUnsafeBytes { source in
+                                if let base = source.baseAddress { buffer.copyMemory(from: base, byteCount: source.count) }
+                            }
+                            attribute.pointee.ulValueLen = needed
+                        } else {
+                            attribute.pointee.ulValueLen = CK_ULONG.max
+                            tooSmall = true
+                        }
+                    } else {
+                        attribute.pointee.ulValueLen = needed
+                        lengthQuery = true
+                    }
+                case CKR_ATTRIBUTE_SENSITIVE:
+                    attribute.pointee.ulValueLen = CK_ULONG.max
+                    sensitive = true
+                case CKR_ATTRIBUTE_TYPE_INVALID:
+                    attribute.pointee.ulValueLen = CK_ULONG.max
+                    invalid = true
+                default:
+                    attribute.pointee.ulValueLen = CK_ULONG.max
+                    other = other ?? status
+                }
+            }
+            if lengthQuery { session.lastAttributes = (object, types, results) }
+            // SoftHSM's precedence, so both paths answer alike.
+            if sensitive { throw CKError(CKR_ATTRIBUTE_SENSITIVE) }
+            if invalid { throw CKError(CKR_ATTRIBUTE_TYPE_INVALID) }
+            if tooSmall { throw CKError.bufferTooSmall }
+            if let other { throw CKError(other) }
+        }
+    }
+}

@@ -1,0 +1,643 @@
+/* A plain C PKCS#11 host for the proxy tests: dlopens a module (the proxy or SoftHSM
+ * itself) the way any application does and drives it.
+ *
+ *   proxy_host MODULE list                       slots and token labels
+ *   proxy_host MODULE badargs                    NULL pointers, bad lengths, init rules
+ *   proxy_host MODULE conformance LABEL PIN      fixed checks; output compared across modules
+ *   proxy_host MODULE threads LABEL PIN N ITER   N threads signing at once
+ *   proxy_host MODULE fork LABEL PIN             a forked child re-initialises
+ *   proxy_host MODULE repl LABEL                 commands on stdin, one answer line each
+ *
+ * Every line printed is "name rv-name [details]" so tests can compare runs as text.
+ * Exit status 0 unless the harness itself failed (dlopen, missing token).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <p11-kit/pkcs11.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static CK_FUNCTION_LIST *f;
+
+static const char *rvname(CK_RV rv)
+{
+    static char buf[32];
+    switch (rv) {
+#define N(x) case x: return #x;
+    N(CKR_OK) N(CKR_ARGUMENTS_BAD) N(CKR_BUFFER_TOO_SMALL) N(CKR_CRYPTOKI_NOT_INITIALIZED)
+    N(CKR_CRYPTOKI_ALREADY_INITIALIZED) N(CKR_SLOT_ID_INVALID) N(CKR_SESSION_HANDLE_INVALID)
+    N(CKR_SESSION_PARALLEL_NOT_SUPPORTED) N(CKR_OPERATION_ACTIVE) N(CKR_OPERATION_NOT_INITIALIZED)
+    N(CKR_PIN_INCORRECT) N(CKR_USER_ALREADY_LOGGED_IN) N(CKR_USER_NOT_LOGGED_IN)
+    N(CKR_ATTRIBUTE_SENSITIVE) N(CKR_ATTRIBUTE_TYPE_INVALID) N(CKR_MECHANISM_INVALID)
+    N(CKR_FUNCTION_NOT_SUPPORTED) N(CKR_DEVICE_REMOVED) N(CKR_NO_EVENT) N(CKR_CANT_LOCK)
+    N(CKR_USER_ANOTHER_ALREADY_LOGGED_IN) N(CKR_SIGNATURE_INVALID) N(CKR_KEY_HANDLE_INVALID)
+    N(CKR_FUNCTION_FAILED) N(CKR_TOKEN_NOT_PRESENT) N(CKR_USER_TYPE_INVALID) N(CKR_DATA_LEN_RANGE)
+    N(CKR_FUNCTION_NOT_PARALLEL) N(CKR_PIN_LEN_RANGE) N(CKR_GENERAL_ERROR) N(CKR_DEVICE_ERROR)
+    N(CKR_FUNCTION_REJECTED) N(CKR_OBJECT_HANDLE_INVALID) N(CKR_SESSION_READ_ONLY)
+#undef N
+    default: snprintf(buf, sizeof buf, "0x%lx", rv); return buf;
+    }
+}
+
+static void out(const char *name, CK_RV rv, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+#include <stdarg.h>
+static void out(const char *name, CK_RV rv, const char *fmt, ...)
+{
+    printf("%s %s", name, rvname(rv));
+    if (fmt && *fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        putchar(' ');
+        vprintf(fmt, ap);
+        va_end(ap);
+    }
+    putchar('\n');
+    fflush(stdout);
+}
+
+static void load(const char *path)
+{
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h) { fprintf(stderr, "dlopen: %s\n", dlerror()); exit(2); }
+    CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(h, "C_GetFunctionList");
+    if (!get) { fprintf(stderr, "no C_GetFunctionList\n"); exit(2); }
+    if (get(&f) != CKR_OK || !f) { fprintf(stderr, "C_GetFunctionList failed\n"); exit(2); }
+}
+
+static CK_RV init_os_locking(void)
+{
+    CK_C_INITIALIZE_ARGS args = { .flags = CKF_OS_LOCKING_OK };
+    return f->C_Initialize(&args);
+}
+
+static void hex(const unsigned char *p, size_t n, char *dst)
+{
+    for (size_t i = 0; i < n; i++) sprintf(dst + 2 * i, "%02x", p[i]);
+    dst[2 * n] = 0;
+}
+
+static size_t unhex(const char *s, unsigned char *dst, size_t max)
+{
+    size_t n = 0;
+    while (s[0] && s[1] && n < max) {
+        unsigned v;
+        if (sscanf(s, "%2x", &v) != 1) break;
+        dst[n++] = (unsigned char)v;
+        s += 2;
+    }
+    return n;
+}
+
+/* The slot whose token label (blank-padded) is `label`. */
+static int find_slot(const char *label, CK_SLOT_ID *slot)
+{
+    CK_ULONG n = 0;
+    if (f->C_GetSlotList(CK_TRUE, NULL, &n) != CKR_OK) return 0;
+    CK_SLOT_ID *ids = calloc(n + 1, sizeof *ids);
+    if (f->C_GetSlotList(CK_TRUE, ids, &n) != CKR_OK) { free(ids); return 0; }
+    char want[32];
+    memset(want, ' ', 32);
+    memcpy(want, label, strlen(label) < 32 ? strlen(label) : 32);
+    for (CK_ULONG i = 0; i < n; i++) {
+        CK_TOKEN_INFO ti;
+        if (f->C_GetTokenInfo(ids[i], &ti) == CKR_OK && memcmp(ti.label, want, 32) == 0) {
+            *slot = ids[i];
+            free(ids);
+            return 1;
+        }
+    }
+    free(ids);
+    return 0;
+}
+
+static CK_RV find_key(CK_SESSION_HANDLE s, CK_OBJECT_CLASS cls, unsigned char id, CK_OBJECT_HANDLE *key)
+{
+    CK_ATTRIBUTE t[] = { { CKA_CLASS, &cls, sizeof cls }, { CKA_ID, &id, 1 } };
+    CK_RV rv = f->C_FindObjectsInit(s, t, 2);
+    if (rv != CKR_OK) return rv;
+    CK_ULONG n = 0;
+    rv = f->C_FindObjects(s, key, 1, &n);
+    f->C_FindObjectsFinal(s);
+    if (rv == CKR_OK && n != 1) rv = CKR_KEY_HANDLE_INVALID;
+    return rv;
+}
+
+static int mechanism_by_name(const char *name, CK_MECHANISM *m)
+{
+    static CK_RSA_PKCS_PSS_PARAMS pss = { CKM_SHA256, CKG_MGF1_SHA256, 32 };
+    memset(m, 0, sizeof *m);
+    if (!strcmp(name, "ECDSA")) m->mechanism = CKM_ECDSA;
+    else if (!strcmp(name, "ECDSA-SHA256")) m->mechanism = CKM_ECDSA_SHA256;
+    else if (!strcmp(name, "SHA256-RSA-PKCS")) m->mechanism = CKM_SHA256_RSA_PKCS;
+    else if (!strcmp(name, "RSA-PSS-SHA256")) {
+        m->mechanism = CKM_SHA256_RSA_PKCS_PSS;
+        m->pParameter = &pss;
+        m->ulParameterLen = sizeof pss;
+    } else return 0;
+    return 1;
+}
+
+/* SignInit + length query + Sign with `key`; `ctx_pin` non-NULL logs in
+ * CKU_CONTEXT_SPECIFIC in between. */
+static CK_RV sign_with(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key, const char *mech, const unsigned char *data,
+                       size_t len, const char *ctx_pin, unsigned char *sig, CK_ULONG *siglen)
+{
+    CK_MECHANISM m;
+    CK_RV rv;
+    if (!mechanism_by_name(mech, &m)) return CKR_MECHANISM_INVALID;
+    if ((rv = f->C_SignInit(s, &m, key)) != CKR_OK) return rv;
+    if (ctx_pin && (rv = f->C_Login(s, CKU_CONTEXT_SPECIFIC, (CK_UTF8CHAR *)ctx_pin, strlen(ctx_pin))) != CKR_OK) {
+        CK_ULONG dummy = *siglen;
+        f->C_Sign(s, (CK_BYTE *)data, len, sig, &dummy); /* ends the operation */
+        return rv;
+    }
+    CK_ULONG need = 0;
+    if ((rv = f->C_Sign(s, (CK_BYTE *)data, len, NULL, &need)) != CKR_OK) return rv;
+    if (need > *siglen) return CKR_BUFFER_TOO_SMALL;
+    *siglen = need;
+    return f->C_Sign(s, (CK_BYTE *)data, len, sig, siglen);
+}
+
+/* The same with the private key whose CKA_ID is `id`. */
+static CK_RV sign(CK_SESSION_HANDLE s, unsigned char id, const char *mech, const unsigned char *data, size_t len,
+                  const char *ctx_pin, unsigned char *sig, CK_ULONG *siglen)
+{
+    CK_OBJECT_HANDLE key;
+    CK_RV rv = find_key(s, CKO_PRIVATE_KEY, id, &key);
+    if (rv != CKR_OK) return rv;
+    return sign_with(s, key, mech, data, len, ctx_pin, sig, siglen);
+}
+
+/* ------------------------------------------------------------------ list */
+
+static int cmd_list(void)
+{
+    CK_RV rv = init_os_locking();
+    out("C_Initialize", rv, NULL);
+    if (rv != CKR_OK) return 1;
+    CK_ULONG n = 0;
+    rv = f->C_GetSlotList(CK_FALSE, NULL, &n);
+    out("C_GetSlotList", rv, "%lu", n);
+    CK_SLOT_ID ids[64];
+    if (n > 64) n = 64;
+    rv = f->C_GetSlotList(CK_FALSE, ids, &n);
+    for (CK_ULONG i = 0; i < n; i++) {
+        CK_SLOT_INFO si;
+        CK_TOKEN_INFO ti;
+        CK_RV r1 = f->C_GetSlotInfo(ids[i], &si);
+        CK_RV r2 = f->C_GetTokenInfo(ids[i], &ti);
+        out("slot", r1, "%lu present=%d token=%s label=%.32s", ids[i], (int)!!(si.flags & CKF_TOKEN_PRESENT),
+            rvname(r2), r2 == CKR_OK ? (char *)ti.label : "-");
+    }
+    out("C_Finalize", f->C_Finalize(NULL), NULL);
+    return 0;
+}
+
+/* --------------------------------------------------------------- badargs */
+
+static CK_RV dummy_mutex(void **m) { (void)m; return CKR_OK; }
+static CK_RV dummy_mutex1(void *m) { (void)m; return CKR_OK; }
+
+static int cmd_badargs(void)
+{
+    CK_ULONG n;
+    CK_INFO info;
+    out("before-init C_GetInfo", f->C_GetInfo(&info), NULL);
+    out("before-init C_GetSlotList", f->C_GetSlotList(CK_FALSE, NULL, &n), NULL);
+    out("before-init C_Finalize", f->C_Finalize(NULL), NULL);
+    CK_C_INITIALIZE_ARGS partial = { .CreateMutex = dummy_mutex, .flags = CKF_OS_LOCKING_OK };
+    out("init partial-mutexes", f->C_Initialize(&partial), NULL);
+    CK_C_INITIALIZE_ARGS reserved = { .flags = CKF_OS_LOCKING_OK, .pReserved = &n };
+    out("init reserved", f->C_Initialize(&reserved), NULL);
+    CK_C_INITIALIZE_ARGS app_only = { dummy_mutex, dummy_mutex1, dummy_mutex1, dummy_mutex1, 0, NULL };
+    CK_RV rv = f->C_Initialize(&app_only);
+    out("init app-mutexes-only", rv, NULL);
+    if (rv == CKR_OK) f->C_Finalize(NULL);
+    out("init", init_os_locking(), NULL);
+    out("init again", init_os_locking(), NULL);
+    out("C_GetInfo NULL", f->C_GetInfo(NULL), NULL);
+    out("C_GetSlotList NULL count", f->C_GetSlotList(CK_FALSE, NULL, NULL), NULL);
+    CK_SLOT_ID first = 0;
+    n = 1;
+    f->C_GetSlotList(CK_FALSE, &first, &n);
+    out("C_GetSlotInfo NULL", f->C_GetSlotInfo(first, NULL), NULL);
+    out("C_GetTokenInfo bad slot", f->C_GetTokenInfo(0xdeadbeef, &(CK_TOKEN_INFO){0}), NULL);
+    out("C_GetMechanismList bad slot", f->C_GetMechanismList(0xdeadbeef, NULL, &n), NULL);
+    CK_SESSION_HANDLE h;
+    out("C_OpenSession bad slot", f->C_OpenSession(0xdeadbeef, CKF_SERIAL_SESSION, NULL, NULL, &h), NULL);
+    out("C_CloseSession bad", f->C_CloseSession(0xdeadbeef), NULL);
+    out("C_GetSessionInfo bad", f->C_GetSessionInfo(0xdeadbeef, &(CK_SESSION_INFO){0}), NULL);
+    out("C_SignInit bad session", f->C_SignInit(0xdeadbeef, &(CK_MECHANISM){CKM_ECDSA, NULL, 0}, 1), NULL);
+    out("C_Login bad session", f->C_Login(0xdeadbeef, CKU_USER, (CK_UTF8CHAR *)"1", 1), NULL);
+    out("C_WaitForSlotEvent NULL slot", f->C_WaitForSlotEvent(CKF_DONT_BLOCK, NULL, NULL), NULL);
+    CK_SLOT_ID slot;
+    out("C_WaitForSlotEvent reserved", f->C_WaitForSlotEvent(CKF_DONT_BLOCK, &slot, &n), NULL);
+    out("C_GetFunctionStatus", f->C_GetFunctionStatus(0), NULL);
+    out("C_Finalize reserved", f->C_Finalize(&n), NULL);
+    out("C_Finalize", f->C_Finalize(NULL), NULL);
+    out("after-finalize C_GetSlotList", f->C_GetSlotList(CK_FALSE, NULL, &n), NULL);
+    CK_C_INITIALIZE_ARGS nothreads = { .flags = CKF_OS_LOCKING_OK | CKF_LIBRARY_CANT_CREATE_OS_THREADS };
+    out("init no-threads", f->C_Initialize(&nothreads), NULL);
+    out("no-threads C_GetSlotList", f->C_GetSlotList(CK_FALSE, NULL, &n), NULL);
+    out("C_Finalize", f->C_Finalize(NULL), NULL);
+    return 0;
+}
+
+/* ----------------------------------------------------------- conformance */
+
+static int cmd_conformance(const char *label, const char *pin)
+{
+    char hx[2 * 1024 + 1];
+    CK_RV rv;
+    CK_ULONG n;
+    out("C_Initialize", init_os_locking(), NULL);
+    out("C_GetInfo NULL", f->C_GetInfo(NULL), NULL);
+    out("C_GetSlotList NULL", f->C_GetSlotList(CK_TRUE, NULL, NULL), NULL);
+    rv = f->C_GetSlotList(CK_TRUE, NULL, &n);
+    out("C_GetSlotList query", rv, "%s", n > 0 ? "nonzero" : "zero");
+    CK_ULONG small = 0;
+    CK_SLOT_ID ids[1];
+    rv = f->C_GetSlotList(CK_TRUE, ids, &small);
+    out("C_GetSlotList small", rv, "%s", small == n ? "count-set" : "count-wrong");
+    CK_SLOT_ID slot;
+    if (!find_slot(label, &slot)) { fprintf(stderr, "token %s not found\n", label); return 2; }
+    CK_TOKEN_INFO ti;
+    out("C_GetTokenInfo NULL", f->C_GetTokenInfo(slot, NULL), NULL);
+    rv = f->C_GetTokenInfo(slot, &ti);
+    out("C_GetTokenInfo", rv, "initialized=%d login-required=%d user-pin=%d", !!(ti.flags & CKF_TOKEN_INITIALIZED),
+        !!(ti.flags & CKF_LOGIN_REQUIRED), !!(ti.flags & CKF_USER_PIN_INITIALIZED));
+    CK_SLOT_INFO si;
+    rv = f->C_GetSlotInfo(slot, &si);
+    out("C_GetSlotInfo", rv, "present=%d", !!(si.flags & CKF_TOKEN_PRESENT));
+    out("C_GetSlotInfo invalid", f->C_GetSlotInfo(0x7ffffff0, &si), NULL);
+    rv = f->C_GetMechanismList(slot, NULL, &n);
+    out("C_GetMechanismList", rv, "%s", n > 0 ? "nonzero" : "zero");
+    CK_MECHANISM_INFO mi;
+    rv = f->C_GetMechanismInfo(slot, CKM_ECDSA, &mi);
+    out("C_GetMechanismInfo ECDSA", rv, "sign=%d", !!(mi.flags & CKF_SIGN));
+    out("C_GetMechanismInfo bogus", f->C_GetMechanismInfo(slot, 0x7ffffff0, &mi), NULL);
+
+    CK_SESSION_HANDLE s;
+    out("C_OpenSession no-serial", f->C_OpenSession(slot, 0, NULL, NULL, &s), NULL);
+    out("C_OpenSession NULL", f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, NULL), NULL);
+    out("C_OpenSession", f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s), NULL);
+    CK_SESSION_INFO info;
+    out("C_GetSessionInfo NULL", f->C_GetSessionInfo(s, NULL), NULL);
+    rv = f->C_GetSessionInfo(s, &info);
+    out("C_GetSessionInfo", rv, "state=%lu rw=%d", info.state, !!(info.flags & CKF_RW_SESSION));
+    out("C_Login wrong", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)"0000", 4), NULL);
+    out("C_Login bad-type", f->C_Login(s, 77, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    out("C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    out("C_Login again", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    rv = f->C_GetSessionInfo(s, &info);
+    out("C_GetSessionInfo logged-in", rv, "state=%lu", info.state);
+
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    unsigned char id = 1;
+    CK_ATTRIBUTE t[] = { { CKA_CLASS, &cls, sizeof cls }, { CKA_ID, &id, 1 } };
+    out("C_FindObjectsInit", f->C_FindObjectsInit(s, t, 2), NULL);
+    out("C_FindObjectsInit again", f->C_FindObjectsInit(s, t, 2), NULL);
+    CK_OBJECT_HANDLE objs[4];
+    out("C_FindObjects NULL", f->C_FindObjects(s, NULL, 4, &n), NULL);
+    rv = f->C_FindObjects(s, objs, 4, &n);
+    out("C_FindObjects", rv, "%lu", n);
+    CK_OBJECT_HANDLE eckey = objs[0];
+    rv = f->C_FindObjects(s, objs, 4, &n);
+    out("C_FindObjects end", rv, "%lu", n);
+    out("C_FindObjectsFinal", f->C_FindObjectsFinal(s), NULL);
+    out("C_FindObjectsFinal again", f->C_FindObjectsFinal(s), NULL);
+    out("C_FindObjects not-init", f->C_FindObjects(s, objs, 4, &n), NULL);
+    out("C_FindObjectsInit NULL", f->C_FindObjectsInit(s, NULL, 2), NULL);
+    f->C_FindObjectsFinal(s);
+
+    CK_KEY_TYPE kt = 0;
+    CK_ATTRIBUTE a1[] = { { CKA_KEY_TYPE, NULL, 0 } };
+    rv = f->C_GetAttributeValue(s, eckey, a1, 1);
+    out("C_GetAttributeValue query", rv, "len=%lu", a1[0].ulValueLen);
+    a1[0].pValue = &kt;
+    rv = f->C_GetAttributeValue(s, eckey, a1, 1);
+    out("C_GetAttributeValue key-type", rv, "len=%lu type=%lu", a1[0].ulValueLen, kt);
+    unsigned char buf[4096], buf2[4096];
+    CK_ATTRIBUTE a2[] = { { CKA_VALUE, buf, sizeof buf } };
+    rv = f->C_GetAttributeValue(s, eckey, a2, 1);
+    out("C_GetAttributeValue sensitive", rv, "len=%s", a2[0].ulValueLen == CK_UNAVAILABLE_INFORMATION ? "unavailable" : "set");
+    CK_ATTRIBUTE a3[] = { { 0x7fff0001UL, buf, sizeof buf } };
+    rv = f->C_GetAttributeValue(s, eckey, a3, 1);
+    out("C_GetAttributeValue invalid", rv, "len=%s", a3[0].ulValueLen == CK_UNAVAILABLE_INFORMATION ? "unavailable" : "set");
+    CK_ATTRIBUTE a4[] = { { CKA_LABEL, buf, 2 } };
+    rv = f->C_GetAttributeValue(s, eckey, a4, 1);
+    out("C_GetAttributeValue small", rv, "len=%s", a4[0].ulValueLen == CK_UNAVAILABLE_INFORMATION ? "unavailable" : "set");
+    CK_ATTRIBUTE a5[] = { { CKA_LABEL, buf, sizeof buf }, { 0x7fff0001UL, NULL, 0 }, { CKA_ID, buf2, sizeof buf2 } };
+    rv = f->C_GetAttributeValue(s, eckey, a5, 3);
+    out("C_GetAttributeValue mixed", rv, "label=%.*s id-len=%lu", (int)(a5[0].ulValueLen < 64 ? a5[0].ulValueLen : 0),
+        (char *)buf, a5[2].ulValueLen);
+    out("C_GetAttributeValue NULL", f->C_GetAttributeValue(s, eckey, NULL, 1), NULL);
+
+    unsigned char digest[32];
+    memset(digest, 0x5a, sizeof digest);
+    CK_MECHANISM ecdsa = { CKM_ECDSA, NULL, 0 };
+    out("C_Sign not-init", f->C_Sign(s, digest, 32, buf, &n), NULL);
+    out("C_SignInit NULL", f->C_SignInit(s, NULL, eckey), NULL);
+    out("C_SignInit bogus-mech", f->C_SignInit(s, &(CK_MECHANISM){0x7ffffff0, NULL, 0}, eckey), NULL);
+    out("C_SignInit", f->C_SignInit(s, &ecdsa, eckey), NULL);
+    out("C_SignInit again", f->C_SignInit(s, &ecdsa, eckey), NULL);
+    n = 0;
+    rv = f->C_Sign(s, digest, 32, NULL, &n);
+    out("C_Sign query", rv, "%lu", n);
+    n = 10;
+    rv = f->C_Sign(s, digest, 32, buf, &n);
+    out("C_Sign small", rv, "%lu", n);
+    n = sizeof buf;
+    rv = f->C_Sign(s, digest, 32, buf, &n);
+    out("C_Sign", rv, "%lu", n);
+    out("C_Sign ended", f->C_Sign(s, digest, 32, buf, &n), NULL);
+    out("C_SignInit 2", f->C_SignInit(s, &ecdsa, eckey), NULL);
+    out("C_Sign NULL len", f->C_Sign(s, digest, 32, buf, NULL), NULL);
+    out("C_Sign after bad args", f->C_Sign(s, digest, 32, buf, &n), NULL);
+
+    CK_MECHANISM ecdsa256 = { CKM_ECDSA_SHA256, NULL, 0 };
+    out("C_SignInit multi", f->C_SignInit(s, &ecdsa256, eckey), NULL);
+    out("C_SignUpdate 1", f->C_SignUpdate(s, (CK_BYTE *)"hello ", 6), NULL);
+    out("C_SignUpdate 2", f->C_SignUpdate(s, (CK_BYTE *)"world", 5), NULL);
+    n = 0;
+    rv = f->C_SignFinal(s, NULL, &n);
+    out("C_SignFinal query", rv, "%lu", n);
+    n = sizeof buf;
+    rv = f->C_SignFinal(s, buf, &n);
+    out("C_SignFinal", rv, "%lu", n);
+
+    CK_OBJECT_HANDLE rsakey;
+    id = 2;
+    out("find rsa", find_key(s, CKO_PRIVATE_KEY, 2, &rsakey), NULL);
+    CK_MECHANISM rsa = { CKM_SHA256_RSA_PKCS, NULL, 0 };
+    out("C_SignInit rsa", f->C_SignInit(s, &rsa, rsakey), NULL);
+    n = sizeof buf;
+    rv = f->C_Sign(s, (CK_BYTE *)"message", 7, buf, &n);
+    hex(buf, rv == CKR_OK ? n : 0, hx);
+    out("C_Sign rsa", rv, "%s", hx);
+    out("C_SignInit rsa multi", f->C_SignInit(s, &rsa, rsakey), NULL);
+    out("C_SignUpdate rsa", f->C_SignUpdate(s, (CK_BYTE *)"mess", 4), NULL);
+    out("C_SignUpdate rsa 2", f->C_SignUpdate(s, (CK_BYTE *)"age", 3), NULL);
+    n = sizeof buf;
+    rv = f->C_SignFinal(s, buf, &n);
+    hex(buf, rv == CKR_OK ? n : 0, hx);
+    out("C_SignFinal rsa", rv, "%s", hx);
+    CK_MECHANISM pss;
+    mechanism_by_name("RSA-PSS-SHA256", &pss);
+    out("C_SignInit pss", f->C_SignInit(s, &pss, rsakey), NULL);
+    n = sizeof buf;
+    rv = f->C_Sign(s, (CK_BYTE *)"message", 7, buf, &n);
+    out("C_Sign pss", rv, "%lu", n);
+
+    CK_MECHANISM sha = { CKM_SHA256, NULL, 0 };
+    out("C_DigestInit", f->C_DigestInit(s, &sha), NULL);
+    n = sizeof buf;
+    rv = f->C_Digest(s, (CK_BYTE *)"abc", 3, buf, &n);
+    hex(buf, rv == CKR_OK ? n : 0, hx);
+    out("C_Digest", rv, "%s", hx);
+    out("C_DigestInit multi", f->C_DigestInit(s, &sha), NULL);
+    out("C_DigestUpdate", f->C_DigestUpdate(s, (CK_BYTE *)"a", 1), NULL);
+    out("C_DigestUpdate 2", f->C_DigestUpdate(s, (CK_BYTE *)"bc", 2), NULL);
+    n = 4;
+    rv = f->C_DigestFinal(s, buf, &n);
+    out("C_DigestFinal small", rv, "%lu", n);
+    n = sizeof buf;
+    rv = f->C_DigestFinal(s, buf, &n);
+    hex(buf, rv == CKR_OK ? n : 0, hx);
+    out("C_DigestFinal", rv, "%s", hx);
+
+    out("C_GenerateRandom NULL", f->C_GenerateRandom(s, NULL, 16), NULL);
+    out("C_GenerateRandom", f->C_GenerateRandom(s, buf, 16), NULL);
+
+    out("C_Logout", f->C_Logout(s), NULL);
+    /* Not checked: C_Logout when logged out. SoftHSM answers CKR_OK, pincached the
+     * CKR_USER_NOT_LOGGED_IN the standard asks for. */
+    rv = f->C_GetSessionInfo(s, &info);
+    out("C_GetSessionInfo logged-out", rv, "state=%lu", info.state);
+    /* Not checked: signing with a private key after logout. SoftHSM hides the key
+     * (CKR_OBJECT_HANDLE_INVALID at SignInit); pincached keeps handles stable per caller
+     * and answers its policy's CKR_USER_NOT_LOGGED_IN (test_proxy.py checks that). */
+    out("C_CloseSession", f->C_CloseSession(s), NULL);
+    out("C_CloseSession again", f->C_CloseSession(s), NULL);
+    out("C_Finalize reserved", f->C_Finalize(&n), NULL);
+    out("C_Finalize", f->C_Finalize(NULL), NULL);
+    out("C_Finalize again", f->C_Finalize(NULL), NULL);
+    return 0;
+}
+
+/* --------------------------------------------------------------- threads */
+
+struct worker {
+    CK_SLOT_ID slot;
+    int iterations;
+    int ok;
+    CK_RV last;
+};
+
+static void *work(void *arg)
+{
+    struct worker *w = arg;
+    CK_SESSION_HANDLE s;
+    w->last = f->C_OpenSession(w->slot, CKF_SERIAL_SESSION, NULL, NULL, &s);
+    if (w->last != CKR_OK) return NULL;
+    unsigned char digest[32], sig[512];
+    for (int i = 0; i < w->iterations; i++) {
+        memset(digest, i, sizeof digest);
+        CK_ULONG n = sizeof sig;
+        w->last = sign(s, 1, "ECDSA", digest, 32, NULL, sig, &n);
+        if (w->last == CKR_OK && n == 64) w->ok++;
+    }
+    f->C_CloseSession(s);
+    return NULL;
+}
+
+static int cmd_threads(const char *label, const char *pin, int nthreads, int iterations)
+{
+    out("C_Initialize", init_os_locking(), NULL);
+    CK_SLOT_ID slot;
+    if (!find_slot(label, &slot)) return 2;
+    CK_SESSION_HANDLE s;
+    out("C_OpenSession", f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s), NULL);
+    out("C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    pthread_t tids[64];
+    struct worker ws[64];
+    if (nthreads > 64) nthreads = 64;
+    for (int i = 0; i < nthreads; i++) {
+        ws[i] = (struct worker){ slot, iterations, 0, 0 };
+        pthread_create(&tids[i], NULL, work, &ws[i]);
+    }
+    int total = 0;
+    for (int i = 0; i < nthreads; i++) {
+        pthread_join(tids[i], NULL);
+        total += ws[i].ok;
+        if (ws[i].ok != iterations) out("worker", ws[i].last, "%d ok=%d", i, ws[i].ok);
+    }
+    out("signatures", CKR_OK, "%d", total);
+    f->C_CloseSession(s);
+    out("C_Finalize", f->C_Finalize(NULL), NULL);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ fork */
+
+static int cmd_fork(const char *label, const char *pin)
+{
+    out("parent C_Initialize", init_os_locking(), NULL);
+    CK_SLOT_ID slot;
+    if (!find_slot(label, &slot)) return 2;
+    CK_SESSION_HANDLE s;
+    out("parent C_OpenSession", f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s), NULL);
+    out("parent C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    fflush(stdout);
+    pid_t child = fork();
+    if (child == 0) {
+        CK_ULONG n;
+        out("child C_GetSlotList", f->C_GetSlotList(CK_TRUE, NULL, &n), NULL);
+        out("child C_Initialize", init_os_locking(), NULL);
+        CK_SLOT_ID cslot;
+        if (!find_slot(label, &cslot)) { out("child find_slot", CKR_SLOT_ID_INVALID, NULL); _exit(1); }
+        CK_SESSION_HANDLE cs;
+        out("child C_OpenSession", f->C_OpenSession(cslot, CKF_SERIAL_SESSION, NULL, NULL, &cs), NULL);
+        CK_SESSION_INFO info;
+        CK_RV rv = f->C_GetSessionInfo(cs, &info);
+        out("child C_GetSessionInfo", rv, "state=%lu", info.state);
+        out("child C_Login", f->C_Login(cs, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+        unsigned char digest[32] = { 1 }, sig[512];
+        CK_ULONG len = sizeof sig;
+        rv = sign(cs, 1, "ECDSA", digest, 32, NULL, sig, &len);
+        out("child sign", rv, "%lu", len);
+        out("child C_Finalize", f->C_Finalize(NULL), NULL);
+        fflush(stdout);
+        _exit(0);
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    out("parent child-exit", CKR_OK, "%d", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+    unsigned char digest[32] = { 2 }, sig[512];
+    CK_ULONG len = sizeof sig;
+    CK_RV rv = sign(s, 1, "ECDSA", digest, 32, NULL, sig, &len);
+    out("parent sign", rv, "%lu", len);
+    out("parent C_Finalize", f->C_Finalize(NULL), NULL);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ repl */
+
+/* Commands (one answer line each):
+ *   init | finalize | slots | open [rw] | close H | state H | login H PIN | login-so H PIN
+ *   logout H | sign H KEYID MECH HEXDATA | sign-ctx H KEYID MECH HEXDATA PIN
+ *   find H KEYID (private key handle) | signh H HANDLE MECH HEXDATA (sign with a known handle)
+ *   attr H KEYID HEXTYPE (private key attribute, value as hex) | wait [nonblock]
+ *   waitfin (a thread blocks in C_WaitForSlotEvent, C_Finalize ends it) | quit
+ */
+static void *blocking_wait(void *arg)
+{
+    CK_SLOT_ID ev;
+    *(CK_RV *)arg = f->C_WaitForSlotEvent(0, &ev, NULL);
+    return NULL;
+}
+
+static int cmd_repl(const char *label)
+{
+    char line[4096];
+    CK_SLOT_ID slot = (CK_SLOT_ID)-1;
+    while (fgets(line, sizeof line, stdin)) {
+        char cmd[64] = "", a[1024] = "", b[1024] = "", c[1024] = "", d[2048] = "", e[1024] = "";
+        sscanf(line, "%63s %1023s %1023s %1023s %2047s %1023s", cmd, a, b, c, d, e);
+        if (!strcmp(cmd, "quit")) break;
+        if (!strcmp(cmd, "init")) {
+            out("init", init_os_locking(), NULL);
+        } else if (!strcmp(cmd, "finalize")) {
+            out("finalize", f->C_Finalize(NULL), NULL);
+        } else if (!strcmp(cmd, "slots")) {
+            int found = find_slot(label, &slot);
+            out("slots", found ? CKR_OK : CKR_SLOT_ID_INVALID, "%lu", slot);
+        } else if (!strcmp(cmd, "open")) {
+            CK_SESSION_HANDLE h = 0;
+            if (slot == (CK_SLOT_ID)-1) find_slot(label, &slot);
+            CK_FLAGS flags = CKF_SERIAL_SESSION | (!strcmp(a, "rw") ? CKF_RW_SESSION : 0);
+            CK_RV rv = f->C_OpenSession(slot, flags, NULL, NULL, &h);
+            out("open", rv, "%lu", h);
+        } else if (!strcmp(cmd, "close")) {
+            out("close", f->C_CloseSession(strtoul(a, NULL, 0)), NULL);
+        } else if (!strcmp(cmd, "state")) {
+            CK_SESSION_INFO info = { 0 };
+            CK_RV rv = f->C_GetSessionInfo(strtoul(a, NULL, 0), &info);
+            out("state", rv, "%lu", info.state);
+        } else if (!strcmp(cmd, "login") || !strcmp(cmd, "login-so")) {
+            CK_USER_TYPE type = !strcmp(cmd, "login") ? CKU_USER : CKU_SO;
+            out(cmd, f->C_Login(strtoul(a, NULL, 0), type, (CK_UTF8CHAR *)b, strlen(b)), NULL);
+        } else if (!strcmp(cmd, "logout")) {
+            out("logout", f->C_Logout(strtoul(a, NULL, 0)), NULL);
+        } else if (!strcmp(cmd, "sign") || !strcmp(cmd, "sign-ctx")) {
+            unsigned char data[1024], sig[1024];
+            char hx[2049];
+            size_t len = unhex(d, data, sizeof data);
+            CK_ULONG siglen = sizeof sig;
+            CK_RV rv = sign(strtoul(a, NULL, 0), (unsigned char)strtoul(b, NULL, 0), c, data, len,
+                            !strcmp(cmd, "sign-ctx") ? e : NULL, sig, &siglen);
+            hex(sig, rv == CKR_OK ? siglen : 0, hx);
+            out(cmd, rv, "%s", hx);
+        } else if (!strcmp(cmd, "find")) {
+            CK_OBJECT_HANDLE key = 0;
+            CK_RV rv = find_key(strtoul(a, NULL, 0), CKO_PRIVATE_KEY, (unsigned char)strtoul(b, NULL, 0), &key);
+            out("find", rv, "%lu", key);
+        } else if (!strcmp(cmd, "signh")) {
+            unsigned char data[1024], sig[1024];
+            char hx[2049];
+            size_t len = unhex(d, data, sizeof data);
+            CK_ULONG siglen = sizeof sig;
+            CK_RV rv = sign_with(strtoul(a, NULL, 0), strtoul(b, NULL, 0), c, data, len, NULL, sig, &siglen);
+            hex(sig, rv == CKR_OK ? siglen : 0, hx);
+            out("signh", rv, "%s", hx);
+        } else if (!strcmp(cmd, "attr")) {
+            CK_SESSION_HANDLE h = strtoul(a, NULL, 0);
+            CK_OBJECT_HANDLE key;
+            CK_RV rv = find_key(h, CKO_PRIVATE_KEY, (unsigned char)strtoul(b, NULL, 0), &key);
+            unsigned char value[1024];
+            char hx[2049] = "";
+            if (rv == CKR_OK) {
+                CK_ATTRIBUTE t = { strtoul(c, NULL, 16), value, sizeof value };
+                rv = f->C_GetAttributeValue(h, key, &t, 1);
+                if (rv == CKR_OK) hex(value, t.ulValueLen, hx);
+            }
+            out("attr", rv, "%s", hx);
+        } else if (!strcmp(cmd, "wait")) {
+            CK_SLOT_ID ev = 0;
+            CK_RV rv = f->C_WaitForSlotEvent(!strcmp(a, "nonblock") ? CKF_DONT_BLOCK : 0, &ev, NULL);
+            out("wait", rv, "%lu", ev);
+        } else if (!strcmp(cmd, "waitfin")) {
+            pthread_t t;
+            CK_RV rv = CKR_GENERAL_ERROR;
+            pthread_create(&t, NULL, blocking_wait, &rv);
+            usleep(500 * 1000);
+            f->C_Finalize(NULL);
+            pthread_join(t, NULL);
+            out("waitfin", rv, NULL);
+        } else {
+            out("unknown", CKR_ARGUMENTS_BAD, "%s", cmd);
+        }
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3) { fprintf(stderr, "usage: %s MODULE COMMAND ...\n", argv[0]); return 2; }
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    load(argv[1]);
+    const char *cmd = argv[2];
+    if (!strcmp(cmd, "list")) return cmd_list();
+    if (!strcmp(cmd, "badargs")) return cmd_badargs();
+    if (!strcmp(cmd, "conformance") && argc == 5) return cmd_conformance(argv[3], argv[4]);
+    if (!strcmp(cmd, "threads") && argc == 7) return cmd_threads(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
+    if (!strcmp(cmd, "fork") && argc == 5) return cmd_fork(argv[3], argv[4]);
+    if (!strcmp(cmd, "repl") && argc == 4) return cmd_repl(argv[3]);
+    fprintf(stderr, "bad command\n");
+    return 2;
+}
