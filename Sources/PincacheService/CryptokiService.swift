@@ -27,23 +27,48 @@ enum Wire {
         return .success(out)
     }
 
+    /// Mechanisms whose parameter is a pointer-free C struct, with its exact size. Only these
+    /// pass through as raw bytes: any other parameter could carry a pointer the module would
+    /// follow into the daemon's memory, so it is refused (CKR_MECHANISM_PARAM_INVALID).
+    static let rawParameterSizes: [UInt: Int] = [
+        0x0D: 24, 0x0E: 24, 0x43: 24, 0x44: 24, 0x45: 24, 0x47: 24,  // *RSA_PKCS_PSS: CK_RSA_PKCS_PSS_PARAMS
+        0x1082: 16, 0x1085: 16,  // AES_CBC(_PAD): the IV
+        0x1086: 24,  // AES_CTR: CK_AES_CTR_PARAMS
+        0x133: 8, 0x136: 8,  // DES3_CBC(_PAD): the IV
+        0x1084: 8, 0x1105: 8, 0x252: 8, 0x262: 8, 0x272: 8, 0x227: 8, 0x256: 8,  // *_MAC_GENERAL: CK_MAC_GENERAL_PARAMS
+    ]
+
+    static func paramInvalid(_ what: String) -> DBusError {
+        DBusError(
+            name: ServiceError.prefix + ServiceError.Kind.mechanismInvalid.rawValue,
+            message: "\(what) (CKR_MECHANISM_PARAM_INVALID (0x71))")
+    }
+
     /// (tay): the mechanism type and its parameter bytes; OAEP's source data pointer travels flattened.
     static func mechanism(_ v: DBusValue) -> Result<Mechanism, DBusError> {
         guard let f = v.structFields, f.count == 2, let t = f[0].uint64Value, let p = f[1].bytesValue else {
             return .failure(invalid("mechanism: expected (tay)"))
         }
-        guard p.count <= maxAttributeBytes else { return .failure(invalid("mechanism parameter too long")) }
+        guard p.count <= 4096 else { return .failure(paramInvalid("mechanism parameter too long")) }
         let type = MechanismType(rawValue: UInt(t))
+        if p.isEmpty { return .success(Mechanism(type)) }
         if type == .rsaPKCSOAEP {
-            guard p.count >= 24 else { return .failure(invalid("CK_RSA_PKCS_OAEP_PARAMS: need 24 bytes")) }
+            guard p.count >= 24 else { return .failure(paramInvalid("CK_RSA_PKCS_OAEP_PARAMS: need 24 bytes")) }
             func ulong(_ at: Int) -> UInt { p[at..<at + 8].reversed().reduce(0) { $0 << 8 | UInt($1) } }
+            guard ulong(16) == 1 else { return .failure(paramInvalid("OAEP source must be CKZ_DATA_SPECIFIED")) }
             return .success(
                 Mechanism(
                     type,
                     parameter: .oaep(
                         hash: MechanismType(rawValue: ulong(0)), mgf: MGF(rawValue: ulong(8)), sourceData: Array(p[24...]))))
         }
-        return .success(Mechanism(type, parameter: p.isEmpty ? .none : .raw(p)))
+        guard let size = rawParameterSizes[type.rawValue] else {
+            return .failure(paramInvalid("\(type.name): parameters of this mechanism are not supported over the bus"))
+        }
+        guard p.count == size else {
+            return .failure(paramInvalid("\(type.name): parameter must be \(size) bytes, got \(p.count)"))
+        }
+        return .success(Mechanism(type, parameter: .raw(p)))
     }
 
     static func data(_ v: DBusValue, _ name: String = "data") -> Result<[UInt8], DBusError> {

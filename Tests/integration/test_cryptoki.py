@@ -255,7 +255,23 @@ def test_bad_wire_input_is_arguments_bad(ck):
     s = a.open()
     huge = tmpl([(CKA_LABEL, b"x")] * 300)
     assert a.rv(s, "FindObjects", huge, dbus.UInt64(10)) == 0x7
-    assert a.rv(s, "Sign", mech(CKM_RSA_PKCS_OAEP, b"short"), dbus.UInt64(1), dbus.ByteArray(b"")) == 0x7
+    assert a.rv(s, "Sign", mech(CKM_RSA_PKCS_OAEP, b"short"), dbus.UInt64(1), dbus.ByteArray(b"")) == 0x71
     with pytest.raises(CallError) as e:
         a.c.call(s, CSESSION, "Sign", dbus.String("wrong"), signature="s")
     assert e.value.name == "org.freedesktop.DBus.Error.InvalidArgs"
+
+
+@pytest.mark.parametrize("mtype,param", [
+    (0x1087, b"\x41" * 40),            # CKM_AES_GCM: CK_GCM_PARAMS holds pointers
+    (0x1050, b"\x41" * 40),            # CKM_ECDH1_DERIVE: pointers
+    (CKM_SHA256_RSA_PKCS_PSS, b"\x00" * 8),   # a PSS struct cut short: the module would read past it
+    (CKM_RSA_PKCS_OAEP, ulong(CKM_SHA_1) + ulong(CKG_MGF1_SHA1) + ulong(0)),  # source not CKZ_DATA_SPECIFIED
+])
+def test_parameters_that_could_carry_pointers_are_refused(ck, mtype, param):
+    a = ck()
+    s = a.open()
+    a.login(s)
+    key = a.key(s, b"\x01")
+    assert a.rv(s, "Sign", mech(mtype, param), dbus.UInt64(key), dbus.ByteArray(b"x" * 32)) == 0x71
+    # and the daemon is still there
+    assert len(a.sign(s, CKM_ECDSA, key, digest(b"still"))) == 64
