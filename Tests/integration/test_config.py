@@ -112,3 +112,13 @@ def test_sighup_with_a_bad_file_keeps_the_running_configuration(start_daemon, ma
     assert d.proc.poll() is None
     assert a.cached() == {a.token()}
     assert a.manager_props()["CachingMode"] is True
+
+
+def test_daemon_refuses_its_own_proxy_as_a_backend(start_daemon, make_client, build_dir):
+    proxy = build_dir / "libpincache-pkcs11.so"
+    need(proxy.exists(), f"{proxy} not built (swift build)")
+    d = start_daemon(text=f"Module={proxy}\nModule={SOFTHSM_MODULE}\n")
+    assert "refusing to load" in d.stderr_text() and "proxy" in d.stderr_text()
+    a = make_client()
+    assert all("pincache" not in a.token_props(t)["Module"] for t in a.tokens())
+    assert a.token()  # SoftHSM's token is still served
