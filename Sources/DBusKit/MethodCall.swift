@@ -72,7 +72,7 @@ public final class MethodCall: @unchecked Sendable {
             sendError(.failed("internal error: reply does not match the declared signature"))
             return
         }
-        guard !noReplyExpected else { return }
+        guard !noReplyExpected else { return connection.sendReply(nil) }
         guard let reply = dbus_message_new_method_return(message) else { return }
         defer { dbus_message_unref(reply) }
         if let problem = Marshal.append(values, to: reply) {
@@ -80,7 +80,7 @@ public final class MethodCall: @unchecked Sendable {
             sendError(.failed("internal error: reply could not be marshalled"))
             return
         }
-        connection.send(reply)
+        connection.sendReply(reply)
     }
 
     /// Replies with an error. Later replies are ignored.
@@ -98,7 +98,6 @@ public final class MethodCall: @unchecked Sendable {
     }
 
     private func sendError(_ error: DBusError) {
-        guard !noReplyExpected else { return }
         connection.sendError(error, replyingTo: message)
     }
 

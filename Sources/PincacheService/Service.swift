@@ -448,6 +448,7 @@ public final class PincacheService: @unchecked Sendable {
     private func statistics() -> DBusValue {
         var cached = 0
         var locked = 0
+        let replies = connection.replyStatistics
         for token in tokens {
             token.policy.withLock { p in
                 cached += p.cachedPINCount
@@ -462,6 +463,12 @@ public final class PincacheService: @unchecked Sendable {
             "Tokens": .uint32(UInt32(tokens.count)),
             "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
             "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
+            "CallsServed": .uint64(replies.callsServed),
+            "Errors": .dictionary(
+                keySignature: "s", valueSignature: "u",
+                replies.errors.sorted { $0.key < $1.key }.map {
+                    DBusDictEntry(key: .string($0.key), value: .uint32(UInt32(clamping: $0.value)))
+                }),
         ])
     }
 
