@@ -19,7 +19,7 @@ import pytest
 
 from conftest import need
 from figures import fd_count, fd_targets, percentile, record, rss_kib, sized
-import pincache_integration_conftest as _integration
+from buses import bus_with_limits
 from pincache_client import BUS_NAME, CallError, EC_KEY, PIN, digest, verify, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -39,36 +39,12 @@ ITEM = "3 flood"
 
 @pytest.fixture
 def bus(tmp_path):
-    """Like the integration suite's bus, but with the system bus's default limits."""
+    """A bus with the system bus's default limits."""
     need(shutil.which("dbus-daemon"), "dbus-daemon not installed")
-    d = tmp_path / "bus"
-    d.mkdir()
-    saved = _integration.BUS_CONFIG
-    _integration.BUS_CONFIG = SYSTEM_LIMITS_CONFIG
-    try:
-        b = _integration.Bus(d)
-    finally:
-        _integration.BUS_CONFIG = saved
+    b = bus_with_limits(tmp_path, max_message_size=BUS_MAX_MESSAGE, max_incoming_bytes=BUS_QUEUE,
+                        max_outgoing_bytes=BUS_QUEUE)
     yield b
     b.stop()
-
-
-SYSTEM_LIMITS_CONFIG = f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>pincache-flood</type>
-  <listen>unix:path={{socket}}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-  <limit name="max_message_size">{BUS_MAX_MESSAGE}</limit>
-  <limit name="max_incoming_bytes">{BUS_QUEUE}</limit>
-  <limit name="max_outgoing_bytes">{BUS_QUEUE}</limit>
-</busconfig>
-"""
 
 
 def daemon_pid(bus):
