@@ -68,6 +68,14 @@ struct GlobalOptions: ParsableArguments {
     @Flag(name: .long, help: "Print JSON instead of tables.")
     var json = false
 
+    /// These options given after the subcommand, completed by those given before it.
+    func merged(over parent: GlobalOptions) -> GlobalOptions {
+        var result = self
+        if result.bus == nil { result.bus = parent.bus }
+        result.json = json || parent.json
+        return result
+    }
+
     /// An explicit --bus wins, then the environment (as for the proxy library), then the system bus.
     var busAddress: BusAddress {
         if let bus { return BusAddress(parsing: bus) }

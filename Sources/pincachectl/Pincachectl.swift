@@ -16,6 +16,9 @@ struct Pincachectl: ParsableCommand {
             """,
         subcommands: [Status.self, Tokens.self, Keys.self, Watch.self, Sign.self, Flush.self])
 
+    /// `pincachectl --bus X status` as well as `pincachectl status --bus X`.
+    @OptionGroup var options: GlobalOptions
+
     /// Runs `body`, turning a `CLIError` into its message on stderr and its exit code.
     static func guarded(_ body: () throws(CLIError) -> Void) throws(ExitCode) {
         do {
@@ -32,7 +35,9 @@ extension Pincachectl {
         static let configuration = CommandConfiguration(
             abstract: "Show whether pincached answers, its mode, its tokens and your own cache environment.")
 
-        @OptionGroup var global: GlobalOptions
+        @OptionGroup var local: GlobalOptions
+        @ParentCommand var parent: Pincachectl
+        var global: GlobalOptions { local.merged(over: parent.options) }
 
         func run() throws {
             try Pincachectl.guarded { () throws(CLIError) in
@@ -82,7 +87,9 @@ extension Pincachectl {
     struct Tokens: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List the tokens pincached serves.")
 
-        @OptionGroup var global: GlobalOptions
+        @OptionGroup var local: GlobalOptions
+        @ParentCommand var parent: Pincachectl
+        var global: GlobalOptions { local.merged(over: parent.options) }
 
         func run() throws {
             try Pincachectl.guarded { () throws(CLIError) in
@@ -101,7 +108,9 @@ extension Pincachectl {
     struct Keys: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List the private keys of a token.")
 
-        @OptionGroup var global: GlobalOptions
+        @OptionGroup var local: GlobalOptions
+        @ParentCommand var parent: Pincachectl
+        var global: GlobalOptions { local.merged(over: parent.options) }
 
         @Argument(help: "Object path, id (the part after /org/pincache/token/) or label of the token.")
         var token: String
@@ -126,7 +135,9 @@ extension Pincachectl {
         static let configuration = CommandConfiguration(
             abstract: "Print token insertions, removals and property changes as they happen, until Ctrl-C.")
 
-        @OptionGroup var global: GlobalOptions
+        @OptionGroup var local: GlobalOptions
+        @ParentCommand var parent: Pincachectl
+        var global: GlobalOptions { local.merged(over: parent.options) }
 
         func run() throws {
             try Pincachectl.guarded { () throws(CLIError) in
@@ -202,7 +213,9 @@ extension Pincachectl {
                 standard output: raw bytes, or hex when standard output is a terminal.
                 """)
 
-        @OptionGroup var global: GlobalOptions
+        @OptionGroup var local: GlobalOptions
+        @ParentCommand var parent: Pincachectl
+        var global: GlobalOptions { local.merged(over: parent.options) }
 
         @Argument(help: "Object path, id or label of the token.")
         var token: String
@@ -280,7 +293,9 @@ extension Pincachectl {
         static let configuration = CommandConfiguration(
             abstract: "Wipe every cached PIN in every environment (FlushCaches; needs org.pincache.manage).")
 
-        @OptionGroup var global: GlobalOptions
+        @OptionGroup var local: GlobalOptions
+        @ParentCommand var parent: Pincachectl
+        var global: GlobalOptions { local.merged(over: parent.options) }
 
         func run() throws {
             try Pincachectl.guarded { () throws(CLIError) in
