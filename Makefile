@@ -56,8 +56,8 @@ endef
 # Copies a release build into $(DESTDIR)$(PREFIX) (shared by install and deb).
 define install-files
 	$(INSTALL) -d "$(DESTDIR)$(PREFIX)/sbin" "$(DESTDIR)$(PREFIX)/bin"
-	$(INSTALL) -m 755 "$(RELEASE_DIR)/pincached" "$(DESTDIR)$(PREFIX)/sbin/pincached"
-	$(INSTALL) -m 755 "$(RELEASE_DIR)/pincachectl" "$(DESTDIR)$(PREFIX)/bin/pincachectl"
+	$(INSTALL) -s -m 755 "$(RELEASE_DIR)/pincached" "$(DESTDIR)$(PREFIX)/sbin/pincached"
+	$(INSTALL) -s -m 755 "$(RELEASE_DIR)/pincachectl" "$(DESTDIR)$(PREFIX)/bin/pincachectl"
 	$(INSTALL) -D -m 644 dbus/org.pincache.conf "$(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.pincache.conf"
 	$(INSTALL) -D -m 644 dbus/org.pincache.Daemon.service \
 		"$(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.pincache.Daemon.service"
