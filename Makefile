@@ -5,7 +5,7 @@ SCRATCH ?= $(or $(PINCACHE_SCRATCH),$(CURDIR)/.build)
 export PINCACHE_SCRATCH := $(SCRATCH)
 export PATH := $(PATH):/opt/swift/usr/bin
 
-.PHONY: all deps build test integration demo clean install uninstall deb
+.PHONY: all deps build test integration demo bench clean install uninstall deb
 
 all: build
 
@@ -24,6 +24,11 @@ integration:
 
 demo:
 	scripts/demo.sh
+
+# Signature latency: SoftHSM direct, p11-kit remoting, the proxy in both modes
+# (bench/README.md). `make bench BENCH_ARGS=--quick` for a CI-sized run.
+bench:
+	/usr/bin/python3 bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf "$(SCRATCH)" demo-run

@@ -21,6 +21,7 @@ let package = Package(
         // C libraries.
         .systemLibrary(name: "CDBus", pkgConfig: "dbus-1", providers: [.apt(["libdbus-1-dev"])]),
         .systemLibrary(name: "CPKCS11", pkgConfig: "p11-kit-1", providers: [.apt(["libp11-kit-dev"])]),
+        .systemLibrary(name: "CPCSC", pkgConfig: "libpcsclite", providers: [.apt(["libpcsclite-dev"])]),
         // The few libc calls Swift cannot make (variadic prctl, ...).
         .target(name: "CShims"),
 
@@ -28,10 +29,12 @@ let package = Package(
         .target(name: "DBusKit", dependencies: ["CDBus"]),
         // PKCS#11 module binding: dlopen, typed handles, CK_RV errors.
         .target(name: "PKCS11Kit", dependencies: ["CPKCS11"]),
+        // PC/SC binding: a watcher for readers and cards coming and going.
+        .target(name: "PCSCKit", dependencies: ["CPCSC"]),
         // The caching policy core: pure Swift, no D-Bus, no PKCS#11 calls.
         .target(name: "PinPolicy", dependencies: ["CShims"]),
         // The D-Bus service: objects, token workers, glue between the three above.
-        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PinPolicy", "CShims"]),
+        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims"]),
         .executableTarget(name: "pincached", dependencies: ["PincacheService"]),
         // The command-line front. CDBus only for SignOnce, whose PIN goes from a wiped
         // buffer straight into the message instead of through a Swift String.

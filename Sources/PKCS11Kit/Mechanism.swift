@@ -9,7 +9,9 @@ public struct Mechanism: Sendable, Hashable {
     /// The mechanism parameter.
     public enum Parameter: Sendable, Hashable {
         case none
-        /// Bytes passed as they are (e.g. an IV).
+        /// Bytes passed as they are: `pParameter` points at them, `ulParameterLen` is their
+        /// count (NULL and 0 when empty). For an IV, or the C bytes of a pointer-free
+        /// parameter structure such as `CK_RSA_PKCS_PSS_PARAMS` as a client sent them.
         case raw([UInt8])
         /// `CK_RSA_PKCS_PSS_PARAMS`
         case pss(hash: MechanismType, mgf: MGF, saltLength: UInt)
@@ -37,7 +39,7 @@ public struct Mechanism: Sendable, Hashable {
             // valid for the closure's duration and `mutating` only satisfies the C type.
             return try bytes.withUnsafeBytes { p in
                 var m = CK_MECHANISM(
-                    mechanism: type.rawValue, pParameter: UnsafeMutableRawPointer(mutating: p.baseAddress),
+                    mechanism: type.rawValue, pParameter: p.isEmpty ? nil : UnsafeMutableRawPointer(mutating: p.baseAddress),
                     ulParameterLen: CK_ULONG(p.count))
                 return try body(&m)
             }

@@ -163,7 +163,28 @@ public final class PKCS11Module: @unchecked Sendable {
         return TokenInfo(
             label: paddedString(i.label), manufacturer: paddedString(i.manufacturerID), model: paddedString(i.model),
             serialNumber: paddedString(i.serialNumber), flags: i.flags,
-            minPinLength: i.ulMinPinLen, maxPinLength: i.ulMaxPinLen)
+            minPinLength: i.ulMinPinLen, maxPinLength: i.ulMaxPinLen,
+            maxSessionCount: i.ulMaxSessionCount, sessionCount: i.ulSessionCount,
+            maxRwSessionCount: i.ulMaxRwSessionCount, rwSessionCount: i.ulRwSessionCount,
+            totalPublicMemory: i.ulTotalPublicMemory, freePublicMemory: i.ulFreePublicMemory,
+            totalPrivateMemory: i.ulTotalPrivateMemory, freePrivateMemory: i.ulFreePrivateMemory,
+            hardwareVersion: Version(i.hardwareVersion), firmwareVersion: Version(i.firmwareVersion),
+            utcTime: utcTimeString(i.utcTime))
+    }
+
+    /// `C_InitToken`. `label` is blank-padded to 32 bytes; a longer UTF-8 label is
+    /// `CKR_ARGUMENTS_BAD` rather than cut (a cut could split a character). `soPIN` as in
+    /// `login`: read during the call only, nil for the protected authentication path.
+    public func initToken(_ slot: SlotID, soPIN: UnsafeRawBufferPointer?, label: String) throws {
+        let name = "C_InitToken"
+        var padded = [UInt8](label.utf8)
+        guard padded.count <= 32 else { throw PKCS11Error(rv: .argumentsBad, function: name) }
+        padded += [UInt8](repeating: 0x20, count: 32 - padded.count)
+        try withPIN(soPIN) { pin, pinLength in
+            try padded.withUnsafeMutableBufferPointer { l in
+                try call(name, \.C_InitToken) { $0(slot.rawValue, pin, pinLength, l.baseAddress) }
+            }
+        }
     }
 
     /// `C_GetMechanismList`
@@ -221,17 +242,25 @@ public final class PKCS11Module: @unchecked Sendable {
     /// `C_Login`. `pin` is read during the call only and never copied; nil means the
     /// token's protected authentication path (PIN pad). An empty buffer is an empty PIN.
     public func login(_ s: SessionHandle, userType: UserType, pin: UnsafeRawBufferPointer?) throws {
-        var empty: UInt8 = 0
-        try withUnsafeMutablePointer(to: &empty) { emptyPointer in
-            // SAFETY: C_Login's PIN parameter is non-const only because the header predates
-            // const; modules read it during the call and keep no pointer. An empty buffer may
-            // have no base address, so it gets a valid one-byte address with length 0.
-            let pointer: UnsafeMutablePointer<UInt8>? = pin.map { buffer in
-                buffer.baseAddress.map { UnsafeMutablePointer(mutating: $0.assumingMemoryBound(to: UInt8.self)) }
-                    ?? emptyPointer
-            }
-            let length = CK_ULONG(pin?.count ?? 0)
+        try withPIN(pin) { pointer, length in
             try call("C_Login", \.C_Login) { $0(s.rawValue, userType.rawValue, pointer, length) }
+        }
+    }
+
+    /// `C_InitPIN` (SO session): sets the user PIN. `pin` as in `login`.
+    public func initPIN(_ s: SessionHandle, pin: UnsafeRawBufferPointer?) throws {
+        try withPIN(pin) { pointer, length in
+            try call("C_InitPIN", \.C_InitPIN) { $0(s.rawValue, pointer, length) }
+        }
+    }
+
+    /// `C_SetPIN`: changes the PIN of the user logged in (or the user PIN in a public
+    /// session). Both PINs as in `login`; nil for both uses the PIN pad.
+    public func setPIN(_ s: SessionHandle, old: UnsafeRawBufferPointer?, new: UnsafeRawBufferPointer?) throws {
+        try withPIN(old) { oldPointer, oldLength in
+            try withPIN(new) { newPointer, newLength in
+                try call("C_SetPIN", \.C_SetPIN) { $0(s.rawValue, oldPointer, oldLength, newPointer, newLength) }
+            }
         }
     }
 
@@ -278,54 +307,187 @@ public final class PKCS11Module: @unchecked Sendable {
     }
 
     /// `C_GetAttributeValue`. Attributes that are invalid, sensitive or unavailable are
-    /// simply absent from the result; any other failure throws.
+    /// simply absent from the result; any other failure throws. Two calls whatever the
+    /// attributes: use `attributeValues` to learn why one is missing.
     public func getAttributes(_ s: SessionHandle, _ object: ObjectHandle, _ types: [AttributeType]) throws
         -> [AttributeType: [UInt8]]
     {
-        let name = "C_GetAttributeValue"
         guard !types.isEmpty else { return [:] }
-        guard types.count <= Self.maxListCount else { throw PKCS11Error(rv: .argumentsBad, function: name) }
-        let tolerated: [ReturnValue] = [.attributeSensitive, .attributeTypeInvalid]
-        let unavailable = CK_ULONG.max  // CK_UNAVAILABLE_INFORMATION
-
+        try checkAttributeCount(types.count)
         for _ in 0..<4 {
-            var lengths = types.map { CK_ATTRIBUTE(type: $0.rawValue, pValue: nil, ulValueLen: 0) }
-            try call(name, \.C_GetAttributeValue, accepting: tolerated) { f in
-                lengths.withUnsafeMutableBufferPointer { f(s.rawValue, object.rawValue, $0.baseAddress, CK_ULONG($0.count)) }
-            }
-            let wanted = lengths.filter { $0.ulValueLen != unavailable }
+            let lengths = try attributeCall(s, object, types, lengths: nil).lengths
+            let wanted = types.indices.filter { lengths[$0] != unavailableInformation }
             if wanted.isEmpty { return [:] }
-            var total = 0
-            for a in wanted {
-                guard a.ulValueLen <= CK_ULONG(Self.maxLength) else { throw tooLarge(name) }
-                total += Int(a.ulValueLen)
-                guard total <= Self.maxLength else { throw tooLarge(name) }
-            }
-            // SAFETY: one buffer for all values, carved into the template's pValue slices;
-            // freed after the values have been copied out.
-            let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 16)
-            defer { storage.deallocate() }
-            var fetch = wanted
-            var offset = 0
-            for i in fetch.indices {
-                fetch[i].pValue = storage.baseAddress! + offset
-                offset += Int(fetch[i].ulValueLen)
-            }
-            let sizes = fetch.map(\.ulValueLen)
-            let rv = try call(name, \.C_GetAttributeValue, accepting: tolerated + [.bufferTooSmall]) { f in
-                fetch.withUnsafeMutableBufferPointer { f(s.rawValue, object.rawValue, $0.baseAddress, CK_ULONG($0.count)) }
-            }
+            let fetched = try attributeCall(s, object, wanted.map { types[$0] }, lengths: wanted.map { lengths[$0] })
             // The object changed between the two calls: start over with fresh lengths.
-            if rv == .bufferTooSmall { continue }
+            if fetched.rv == .bufferTooSmall { continue }
             var result: [AttributeType: [UInt8]] = [:]
-            for (a, size) in zip(fetch, sizes) where a.ulValueLen != unavailable {
-                guard a.ulValueLen <= size, let p = a.pValue else { throw tooLarge(name) }
-                result[AttributeType(rawValue: a.type)] = Array(
-                    UnsafeRawBufferPointer(start: p, count: Int(a.ulValueLen)))
-            }
+            for (i, value) in zip(wanted, fetched.values) { if let value { result[types[i]] = value } }
             return result
         }
-        throw PKCS11Error(rv: .bufferTooSmall, function: name)
+        throw PKCS11Error(rv: .bufferTooSmall, function: "C_GetAttributeValue")
+    }
+
+    /// `C_GetAttributeValue` with a verdict per attribute, in the order asked: `.ok` and
+    /// the value, or `.attributeSensitive` / `.attributeTypeInvalid` and no value.
+    ///
+    /// One length query and one fetch for the whole list when everything is readable. A
+    /// batch answer can name only one reason for all unreadable attributes, so those
+    /// (marked `CK_UNAVAILABLE_INFORMATION`) are then asked one at a time to get each
+    /// exact code, which the proxy hands back unchanged. Any other code throws, e.g.
+    /// `CKR_OBJECT_HANDLE_INVALID`.
+    public func attributeValues(_ s: SessionHandle, _ object: ObjectHandle, _ types: [AttributeType]) throws
+        -> [AttributeResult]
+    {
+        guard !types.isEmpty else { return [] }
+        try checkAttributeCount(types.count)
+        var results = types.map { AttributeResult(type: $0, status: .ok, value: []) }
+        let lengths = try attributeCall(s, object, types, lengths: nil).lengths
+        var single = types.indices.filter { lengths[$0] == unavailableInformation }
+        let batch = types.indices.filter { lengths[$0] != unavailableInformation }
+        if !batch.isEmpty {
+            let fetched = try attributeCall(s, object, batch.map { types[$0] }, lengths: batch.map { lengths[$0] })
+            if fetched.rv == .ok, fetched.values.allSatisfy({ $0 != nil }) {
+                for (i, value) in zip(batch, fetched.values) { results[i].value = value ?? [] }
+            } else {
+                // The object changed in between (or the module is inconsistent): one at a time.
+                single = Array(types.indices)
+            }
+        }
+        for i in single { results[i] = try attributeValue(s, object, types[i]) }
+        return results
+    }
+
+    /// One attribute alone, so the return code is its own.
+    private func attributeValue(_ s: SessionHandle, _ object: ObjectHandle, _ type: AttributeType) throws
+        -> AttributeResult
+    {
+        for _ in 0..<4 {
+            let query = try attributeCall(s, object, [type], lengths: nil)
+            if query.rv != .ok { return AttributeResult(type: type, status: query.rv, value: []) }
+            // CKR_OK with no length is a contradiction, not an answer.
+            guard query.lengths[0] != unavailableInformation else { throw tooLarge("C_GetAttributeValue") }
+            let fetched = try attributeCall(s, object, [type], lengths: query.lengths)
+            if fetched.rv == .bufferTooSmall { continue }
+            if fetched.rv != .ok { return AttributeResult(type: type, status: fetched.rv, value: []) }
+            guard let value = fetched.values[0] else { throw tooLarge("C_GetAttributeValue") }
+            return AttributeResult(type: type, status: .ok, value: value)
+        }
+        throw PKCS11Error(rv: .bufferTooSmall, function: "C_GetAttributeValue")
+    }
+
+    private func checkAttributeCount(_ count: Int) throws {
+        guard count <= Self.maxListCount else { throw PKCS11Error(rv: .argumentsBad, function: "C_GetAttributeValue") }
+    }
+
+    /// One `C_GetAttributeValue`. Without `lengths` it is the length query (all pValue
+    /// NULL); with them, a fetch into buffers of those sizes. Returns the code (sensitive,
+    /// type-invalid and buffer-too-small are answers here, anything else throws), the
+    /// lengths the module wrote, and for a fetch each value, nil where the module marked
+    /// it unavailable.
+    private func attributeCall(
+        _ s: SessionHandle, _ object: ObjectHandle, _ types: [AttributeType], lengths: [CK_ULONG]?
+    ) throws -> (rv: ReturnValue, lengths: [CK_ULONG], values: [[UInt8]?]) {
+        let name = "C_GetAttributeValue"
+        let accepting: [ReturnValue] = [.attributeSensitive, .attributeTypeInvalid, .bufferTooSmall]
+        var template = types.map { CK_ATTRIBUTE(type: $0.rawValue, pValue: nil, ulValueLen: 0) }
+        guard let sizes = lengths else {
+            let rv = try call(name, \.C_GetAttributeValue, accepting: accepting) { f in
+                template.withUnsafeMutableBufferPointer { f(s.rawValue, object.rawValue, $0.baseAddress, CK_ULONG($0.count)) }
+            }
+            // A length query has no buffer to be too small for.
+            if rv == .bufferTooSmall { throw PKCS11Error(rv: rv, function: name) }
+            return (rv, template.map(\.ulValueLen), [])
+        }
+        var total = 0
+        for size in sizes {
+            guard size <= CK_ULONG(Self.maxLength) else { throw tooLarge(name) }
+            total += Int(size)
+            guard total <= Self.maxLength else { throw tooLarge(name) }
+        }
+        // SAFETY: one buffer for all values, carved into the template's pValue slices;
+        // freed after the values have been copied out.
+        let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 16)
+        defer { storage.deallocate() }
+        var offset = 0
+        for i in template.indices {
+            template[i].pValue = storage.baseAddress! + offset
+            template[i].ulValueLen = sizes[i]
+            offset += Int(sizes[i])
+        }
+        let rv = try call(name, \.C_GetAttributeValue, accepting: accepting) { f in
+            template.withUnsafeMutableBufferPointer { f(s.rawValue, object.rawValue, $0.baseAddress, CK_ULONG($0.count)) }
+        }
+        var values: [[UInt8]?] = []
+        values.reserveCapacity(template.count)
+        for (a, size) in zip(template, sizes) {
+            if a.ulValueLen == unavailableInformation {
+                values.append(nil)
+                continue
+            }
+            guard a.ulValueLen <= size, let p = a.pValue else { throw tooLarge(name) }
+            values.append(Array(UnsafeRawBufferPointer(start: p, count: Int(a.ulValueLen))))
+        }
+        return (rv, template.map(\.ulValueLen), values)
+    }
+
+    /// `C_CreateObject`
+    public func createObject(_ s: SessionHandle, _ template: [Attribute]) throws -> ObjectHandle {
+        var object: CK_OBJECT_HANDLE = 0
+        try withTemplate(template) { p, n in
+            try call("C_CreateObject", \.C_CreateObject) { $0(s.rawValue, p, n, &object) }
+        }
+        return ObjectHandle(rawValue: object)
+    }
+
+    /// `C_CopyObject`: a copy of `object` with `template` overriding its attributes.
+    public func copyObject(_ s: SessionHandle, _ object: ObjectHandle, _ template: [Attribute]) throws -> ObjectHandle {
+        var copy: CK_OBJECT_HANDLE = 0
+        try withTemplate(template) { p, n in
+            try call("C_CopyObject", \.C_CopyObject) { $0(s.rawValue, object.rawValue, p, n, &copy) }
+        }
+        return ObjectHandle(rawValue: copy)
+    }
+
+    /// `C_DestroyObject`
+    public func destroyObject(_ s: SessionHandle, _ object: ObjectHandle) throws {
+        try call("C_DestroyObject", \.C_DestroyObject) { $0(s.rawValue, object.rawValue) }
+    }
+
+    /// `C_SetAttributeValue`
+    public func setAttributes(_ s: SessionHandle, _ object: ObjectHandle, _ template: [Attribute]) throws {
+        try withTemplate(template) { p, n in
+            try call("C_SetAttributeValue", \.C_SetAttributeValue) { $0(s.rawValue, object.rawValue, p, n) }
+        }
+    }
+
+    /// `C_GenerateKey`: a secret key.
+    public func generateKey(_ s: SessionHandle, mechanism: Mechanism, template: [Attribute]) throws -> ObjectHandle {
+        var key: CK_OBJECT_HANDLE = 0
+        try mechanism.withCMechanism { m in
+            try withTemplate(template) { p, n in
+                try call("C_GenerateKey", \.C_GenerateKey) { $0(s.rawValue, m, p, n, &key) }
+            }
+        }
+        return ObjectHandle(rawValue: key)
+    }
+
+    /// `C_GenerateKeyPair`
+    public func generateKeyPair(
+        _ s: SessionHandle, mechanism: Mechanism, publicTemplate: [Attribute], privateTemplate: [Attribute]
+    ) throws -> (public: ObjectHandle, private: ObjectHandle) {
+        var publicKey: CK_OBJECT_HANDLE = 0
+        var privateKey: CK_OBJECT_HANDLE = 0
+        try mechanism.withCMechanism { m in
+            try withTemplate(publicTemplate) { pub, pubCount in
+                try withTemplate(privateTemplate) { priv, privCount in
+                    try call("C_GenerateKeyPair", \.C_GenerateKeyPair) {
+                        $0(s.rawValue, m, pub, pubCount, priv, privCount, &publicKey, &privateKey)
+                    }
+                }
+            }
+        }
+        return (ObjectHandle(rawValue: publicKey), ObjectHandle(rawValue: privateKey))
     }
 
     // MARK: - Cryptography
@@ -371,16 +533,27 @@ public final class PKCS11Module: @unchecked Sendable {
     public func verify(_ s: SessionHandle, mechanism: Mechanism, key: ObjectHandle, data: [UInt8], signature: [UInt8])
         throws -> Bool
     {
+        do {
+            try verifyRaw(s, mechanism: mechanism, key: key, data: data, signature: signature)
+            return true
+        } catch let e as PKCS11Error where e.rv == .signatureInvalid && e.function == "C_Verify" {
+            return false
+        }
+    }
+
+    /// `C_VerifyInit` then `C_Verify`, every failure thrown, `CKR_SIGNATURE_INVALID` and
+    /// `CKR_SIGNATURE_LEN_RANGE` included (the proxy must return the module's exact code).
+    public func verifyRaw(
+        _ s: SessionHandle, mechanism: Mechanism, key: ObjectHandle, data: [UInt8], signature: [UInt8]
+    ) throws {
         try mechanism.withCMechanism { m in
             try call("C_VerifyInit", \.C_VerifyInit) { $0(s.rawValue, m, key.rawValue) }
         }
-        return try withInput(data) { input, length in
+        try withInput(data) { input, length in
             try withInput(signature) { sig, sigLength in
-                try call("C_Verify", \.C_Verify, accepting: [.signatureInvalid]) {
-                    $0(s.rawValue, input, length, sig, sigLength)
-                }
+                try call("C_Verify", \.C_Verify) { $0(s.rawValue, input, length, sig, sigLength) }
             }
-        } == .ok
+        }
     }
 
     /// `C_DigestInit` then the two-call `C_Digest` (no login needed).
@@ -440,6 +613,36 @@ public final class PKCS11Module: @unchecked Sendable {
         }
         return Array(bytes.prefix(count))
     }
+
+    /// `C_SeedRandom`
+    public func seedRandom(_ s: SessionHandle, _ seed: [UInt8]) throws {
+        try withInput(seed) { input, length in
+            try call("C_SeedRandom", \.C_SeedRandom) { $0(s.rawValue, input, length) }
+        }
+    }
+}
+
+/// `CK_UNAVAILABLE_INFORMATION`: the header's `(~0UL)` does not import into Swift.
+private let unavailableInformation = CK_ULONG.max
+
+/// Hands a PIN to C as `(CK_UTF8CHAR_PTR, CK_ULONG)`: nil stays NULL (PIN pad), an empty
+/// buffer becomes a valid address with length 0.
+@discardableResult
+private func withPIN<R>(_ pin: UnsafeRawBufferPointer?, _ body: (UnsafeMutablePointer<UInt8>?, CK_ULONG) throws -> R)
+    rethrows -> R
+{
+    var empty: UInt8 = 0
+    return try withUnsafeMutablePointer(to: &empty) { emptyPointer in
+        // SAFETY: PIN parameters are non-const only because the header predates const;
+        // modules read them during the call and keep no pointer. An empty buffer may have
+        // no base address, so it gets a valid one-byte address with length 0. The PIN is
+        // never copied.
+        let pointer: UnsafeMutablePointer<UInt8>? = pin.map { buffer in
+            buffer.baseAddress.map { UnsafeMutablePointer(mutating: $0.assumingMemoryBound(to: UInt8.self)) }
+                ?? emptyPointer
+        }
+        return try body(pointer, CK_ULONG(pin?.count ?? 0))
+    }
 }
 
 // MARK: - Marshalling helpers
@@ -485,6 +688,15 @@ private func paddedString<T>(_ field: T) -> String {
         var bytes = raw.prefix { $0 != 0 }
         while let last = bytes.last, last == 0x20 { bytes = bytes.dropLast() }
         return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+/// `CK_TOKEN_INFO.utcTime`: the 16 characters as given without NULs (some modules pad
+/// with them); a blank field means the token has no clock.
+private func utcTimeString<T>(_ field: T) -> String {
+    withUnsafeBytes(of: field) { raw in
+        let bytes = raw.filter { $0 != 0 }
+        return bytes.allSatisfy { $0 == 0x20 } ? "" : String(decoding: bytes, as: UTF8.self)
     }
 }
 

@@ -97,6 +97,8 @@ public struct MechanismType: RawRepresentable, Hashable, Sendable, CustomStringC
     public static let sha512 = MechanismType(rawValue: CKM_SHA512)
     /// `CKM_EC_KEY_PAIR_GEN`
     public static let ecKeyPairGen = MechanismType(rawValue: CKM_EC_KEY_PAIR_GEN)
+    /// `CKM_AES_KEY_GEN`
+    public static let aesKeyGen = MechanismType(rawValue: CKM_AES_KEY_GEN)
     /// `CKM_ECDSA`
     public static let ecdsa = MechanismType(rawValue: CKM_ECDSA)
     /// `CKM_ECDSA_SHA1`
@@ -239,6 +241,8 @@ public struct KeyType: RawRepresentable, Hashable, Sendable {
     public static let rsa = KeyType(rawValue: CKK_RSA)
     /// `CKK_EC`
     public static let ec = KeyType(rawValue: CKK_EC)
+    /// `CKK_AES`
+    public static let aes = KeyType(rawValue: CKK_AES)
 }
 
 /// A `CK_USER_TYPE`.
@@ -329,6 +333,31 @@ public struct TokenInfo: Sendable, Hashable {
     public var flags: UInt
     public var minPinLength: UInt
     public var maxPinLength: UInt
+    /// `ulMaxSessionCount`. This and the other counts below are passed on as given: a
+    /// module may answer `CK_UNAVAILABLE_INFORMATION` (`UInt.max`) or, for the maxima,
+    /// `CK_EFFECTIVELY_INFINITE` (0).
+    public var maxSessionCount: UInt
+    /// `ulSessionCount`
+    public var sessionCount: UInt
+    /// `ulMaxRwSessionCount`
+    public var maxRwSessionCount: UInt
+    /// `ulRwSessionCount`
+    public var rwSessionCount: UInt
+    /// `ulTotalPublicMemory`
+    public var totalPublicMemory: UInt
+    /// `ulFreePublicMemory`
+    public var freePublicMemory: UInt
+    /// `ulTotalPrivateMemory`
+    public var totalPrivateMemory: UInt
+    /// `ulFreePrivateMemory`
+    public var freePrivateMemory: UInt
+    /// `hardwareVersion`
+    public var hardwareVersion: Version
+    /// `firmwareVersion`
+    public var firmwareVersion: Version
+    /// `utcTime` (`YYYYMMDDhhmmss00`) as the module gave it, without NULs; "" when the
+    /// field is empty or blank (tokens without `CKF_CLOCK_ON_TOKEN` usually leave it so).
+    public var utcTime: String
     /// `CKF_TOKEN_INITIALIZED`
     public var tokenInitialized: Bool { flags & CKF_TOKEN_INITIALIZED != 0 }
     /// `CKF_LOGIN_REQUIRED`
@@ -343,6 +372,22 @@ public struct TokenInfo: Sendable, Hashable {
     public var userPinFinalTry: Bool { flags & CKF_USER_PIN_FINAL_TRY != 0 }
     /// `CKF_USER_PIN_LOCKED`
     public var userPinLocked: Bool { flags & CKF_USER_PIN_LOCKED != 0 }
+    /// `CKF_CLOCK_ON_TOKEN`
+    public var clockOnToken: Bool { flags & CKF_CLOCK_ON_TOKEN != 0 }
+}
+
+/// One attribute of `PKCS11Module.attributeValues`: `status` is `.ok` with the value, or
+/// the code `C_GetAttributeValue` gives for this attribute alone (`.attributeSensitive`,
+/// `.attributeTypeInvalid`) with an empty value.
+public struct AttributeResult: Sendable, Hashable {
+    public var type: AttributeType
+    public var status: ReturnValue
+    public var value: [UInt8]
+    public init(type: AttributeType, status: ReturnValue, value: [UInt8]) {
+        self.type = type
+        self.status = status
+        self.value = value
+    }
 }
 
 /// `CK_SESSION_INFO` from `C_GetSessionInfo`.

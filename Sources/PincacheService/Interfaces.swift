@@ -18,6 +18,7 @@ public enum PincacheInterfaces {
             DBusMethod("GetTokens", out: [DBusArgument("tokens", "ao")]),
             DBusMethod("FlushCaches"),
             DBusMethod("GetCallerState", out: [DBusArgument("state", "a{sv}")]),
+            DBusMethod("GetStatistics", out: [DBusArgument("statistics", "a{sv}")]),
         ],
         signals: [
             DBusSignal("TokenInserted", [DBusArgument("token", "o")]),

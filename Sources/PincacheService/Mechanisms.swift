@@ -26,18 +26,20 @@ enum NamedMechanism {
         Entry(
             name: "RSA-OAEP-SHA256", use: .decrypt,
             mechanism: Mechanism(.rsaPKCSOAEP, parameter: .oaep(hash: .sha256, mgf: .sha256, sourceData: []))),
+        // Beyond DESIGN §2 (names are only ever added): SoftHSM 2.6 and many cards do OAEP with SHA-1 only.
+        Entry(
+            name: "RSA-OAEP-SHA1", use: .decrypt,
+            mechanism: Mechanism(.rsaPKCSOAEP, parameter: .oaep(hash: .sha1, mgf: .sha1, sourceData: []))),
+        Entry(name: "RSA-PKCS", use: .decrypt, mechanism: Mechanism(.rsaPKCS)),
     ]
 
     private static func pss(_ t: MechanismType, _ h: MechanismType, _ mgf: MGF, _ salt: UInt) -> Mechanism {
         Mechanism(t, parameter: .pss(hash: h, mgf: mgf, saltLength: salt))
     }
 
-    private static let byName: [String: Entry] = Dictionary(
-        uniqueKeysWithValues: table.map { ($0.name, $0) })
-
     /// The mechanism for `name` if it exists for `use`; MechanismInvalid otherwise.
     static func lookup(_ name: String, for use: Use) -> Result<Mechanism, ServiceError> {
-        guard let entry = byName[name], entry.use == use else {
+        guard let entry = table.first(where: { $0.name == name && $0.use == use }) else {
             let names = table.filter { $0.use == use }.map(\.name).joined(separator: ", ")
             let shown = name.count > 64 ? String(name.prefix(64)) + "…" : name
             return .failure(ServiceError(.mechanismInvalid, "unknown mechanism '\(shown)'; expected one of: \(names)"))

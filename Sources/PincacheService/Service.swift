@@ -1,5 +1,6 @@
 import DBusKit
 import Foundation
+import PCSCKit
 import PKCS11Kit
 import PinPolicy
 import Synchronization
@@ -31,7 +32,16 @@ public final class PincacheService: @unchecked Sendable {
     let onSystemBus: Bool
 
     let registry = CallerRegistry()
-    private(set) var tokens: [TokenContext] = []
+    let authorizer: Authorizer
+    /// "token-id caller" pairs whose use of their cached PIN polkit already allowed since their
+    /// last login (DESIGN §3: remembered per environment and token, never shared).
+    private let cachedUseAllowed = Mutex<Set<String>>([])
+    private let tokenTable = Mutex<[TokenContext]>([])
+    /// Every slot currently exported; readers come and go (rescan()).
+    var tokens: [TokenContext] { tokenTable.withLock { $0 } }
+    /// Set once in start(), read-only afterwards.
+    private var backends: [Backend] = []
+    private var readerWatcher: ReaderWatcher?
     private let sessions = Mutex<[UInt64: SessionRecord]>([:])
     private let nextSessionID = Atomic<UInt64>(1)
     /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
@@ -43,13 +53,13 @@ public final class PincacheService: @unchecked Sendable {
         self.connection = connection
         self.configurationState = Mutex(configuration)
         self.onSystemBus = onSystemBus
+        self.authorizer = Authorizer(connection: connection, enabled: onSystemBus)
     }
 
     // MARK: - Start-up
 
     /// Loads the backends, exports every object, then takes the well-known name.
     public func start(modules: [String]) throws {
-        var backends: [Backend] = []
         for path in modules {
             if isPincacheProxy(path) {
                 Log.error("refusing to load \(path) as a backend: it is pincache's own PKCS#11 proxy and would call this daemon")
@@ -62,48 +72,106 @@ public final class PincacheService: @unchecked Sendable {
                 Log.error("cannot load PKCS#11 module \(path): \(error)")
             }
         }
-        for backend in backends {
-            let slots: [SlotID]
-            do {
-                slots = try backend.module.slotList(tokenPresent: false)
-            } catch {
-                Log.error("\(backend.path): C_GetSlotList failed: \(error)")
-                continue
-            }
-            for slot in slots {
-                let token = TokenContext(backend: backend, slot: slot) { [weak self] t, old, new in
-                    self?.tokenChanged(t, old, new)
-                }
-                tokens.append(token)
-            }
-        }
-        // Initial state, read on each token's own worker (blocking calls stay off other threads).
-        let group = DispatchGroup()
-        for token in tokens {
-            group.enter()
-            token.worker.submit {
-                token.refresh()
-                group.leave()
-            }
-        }
-        group.wait()
-
         connection.setObjectManager(at: PincacheBus.managerPath)
         connection.setDeniedSubtree(PincacheBus.sessionPrefix)
         connection.onPeerDisconnected { [weak self] name in self?.peerDisconnected(name) }
         connection.export(PincacheBus.managerPath, interfaces: [managerInterface()])
+        // The first scan completes before the name is taken: clients never see a half-filled list.
+        let group = DispatchGroup()
+        for backend in backends {
+            group.enter()
+            backend.worker.submit { [self] in
+                // Each new token's first refresh and export are queued on its own worker.
+                let added = rescanSlots(backend, announce: false)
+                let all = DispatchGroup()
+                for token in added {
+                    all.enter()
+                    token.worker.submit { all.leave() }
+                }
+                all.wait()
+                group.leave()
+            }
+        }
+        group.wait()
         for token in tokens {
-            connection.export(token.path, interfaces: [tokenInterface(token)])
             let s = token.snapshot
             Log.info("token \(token.id): \(s.slotDescription) present=\(s.present) recognized=\(s.recognized) label=\(s.info?.label ?? "-")")
         }
         try connection.requestName(PincacheBus.serviceName)
         startPoller()
+        let watcher = ReaderWatcher(onChange: { [weak self] in self?.rescan() }, log: { Log.notice($0) })
+        watcher.start()
+        readerWatcher = watcher
         Log.info("ready on the bus as \(PincacheBus.serviceName) (\(connection.uniqueName)); \(tokens.count) slot(s)")
+    }
+
+    /// Re-reads every module's slot list and every token's state (PC/SC event, poll tick).
+    func rescan() {
+        for backend in backends where backend.worker.backlog == 0 {
+            backend.worker.submit { [weak self] in self?.rescanSlots(backend, announce: true) }
+        }
+    }
+
+    /// Backend worker: adds slots that appeared (a reader plugged in), removes those that went,
+    /// and queues a refresh of the others on their own workers.
+    @discardableResult
+    private func rescanSlots(_ backend: Backend, announce: Bool) -> [TokenContext] {
+        let slots: [SlotID]
+        do {
+            slots = try backend.module.slotList(tokenPresent: false)
+        } catch {
+            Log.warning("\(backend.path): C_GetSlotList failed: \(error)")
+            return []
+        }
+        let current = Set(slots)
+        let existing = tokens.filter { $0.backend === backend }
+        for token in existing where !current.contains(token.slot) { removeToken(token) }
+        for token in existing where current.contains(token.slot) && token.worker.backlog == 0 {
+            token.worker.submit { token.refresh() }
+        }
+        let known = Set(existing.map(\.slot))
+        var added: [TokenContext] = []
+        for slot in slots where !known.contains(slot) {
+            let token = TokenContext(backend: backend, slot: slot) { [weak self] t, old, new in
+                self?.tokenChanged(t, old, new)
+            }
+            // In the table at once, so the next rescan does not make a second one for this slot.
+            tokenTable.withLock { $0.append(token) }
+            token.worker.submit { [weak self] in
+                guard let self else { return }
+                token.refresh()
+                self.connection.export(token.path, interfaces: [self.tokenInterface(token)])
+                token.published.store(true, ordering: .releasing)
+                if announce {
+                    Log.info("slot \(token.id) appeared: \(token.snapshot.slotDescription)")
+                    if token.snapshot.present { self.emitPresence(token, present: true) }
+                }
+            }
+            added.append(token)
+        }
+        return added
+    }
+
+    /// A slot that vanished (reader unplugged): every PIN and lock on it ends with it.
+    private func removeToken(_ token: TokenContext) {
+        tokenTable.withLock { $0.removeAll { $0 === token } }
+        token.published.store(false, ordering: .releasing)
+        token.policy.withLock { $0.tokenRemoved() }
+        connection.unexport(token.path)
+        if token.snapshot.present { emitPresence(token, present: false) }
+        Log.info("slot \(token.id) went away")
+        token.shutdown()
+    }
+
+    private func emitPresence(_ token: TokenContext, present: Bool) {
+        connection.emitSignal(
+            path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name,
+            name: present ? "TokenInserted" : "TokenRemoved", arguments: [.objectPath(token.path)])
     }
 
     public func shutdown() {
         stopping.store(true, ordering: .relaxed)
+        readerWatcher?.stop()
         for token in tokens {
             _ = token.policy.withLock { $0.flushCachedPINs() }
             token.shutdown()
@@ -116,9 +184,7 @@ public final class PincacheService: @unchecked Sendable {
         let thread = Thread { [weak self] in
             while let self, !self.stopping.load(ordering: .relaxed) {
                 Thread.sleep(forTimeInterval: interval)
-                for token in self.tokens where token.worker.backlog == 0 {
-                    token.worker.submit { token.refresh() }
-                }
+                self.rescan()
                 self.expireIdlePINs()
             }
         }
@@ -224,6 +290,8 @@ public final class PincacheService: @unchecked Sendable {
     }
 
     private func peerDisconnected(_ name: String) {
+        authorizer.callerGone(name)
+        cachedUseAllowed.withLock { set in set = set.filter { !$0.hasSuffix(" " + name) } }
         if let waiting = pendingCallers.removeValue(forKey: name) {
             for w in waiting { w(nil) }
         }
@@ -281,6 +349,42 @@ public final class PincacheService: @unchecked Sendable {
         }
     }
 
+    private func forgetCachedUse(_ key: String) {
+        _ = cachedUseAllowed.withLock { $0.remove(key) }
+    }
+
+    /// Runs `body` once polkit allows `action`; otherwise replies NotAuthorized. Never called
+    /// for a caller that left while the check was pending.
+    private func authorized(
+        _ action: Authorizer.Action, _ call: MethodCall, _ details: [String: String],
+        _ body: @escaping @Sendable () -> Void
+    ) {
+        authorizer.check(action, for: call, details: details) { verdict in
+            switch verdict {
+            case .success: body()
+            case .failure(let e): call.reply(error: e.dbusError)
+            }
+        }
+    }
+
+    /// What polkit rules can act on (DESIGN §3 / polkit/rules.d examples).
+    private func details(_ token: TokenContext, _ info: CallerInfo, _ operation: String, keyID: [UInt8]?)
+        -> [String: String]
+    {
+        let snap = token.snapshot
+        var d = [
+            "token_label": snap.info?.label ?? "",
+            "token_serial": snap.info?.serialNumber ?? "",
+            "operation": operation,
+            "executable": info.executable ?? "",
+        ]
+        if let keyID {
+            d["key_id"] = hex(keyID)
+            if let usage = token.knownKeyUsage(keyID) { d["key_usage"] = "0x" + String(usage, radix: 16) }
+        }
+        return d
+    }
+
     // MARK: - Manager1
 
     private func managerInterface() -> ExportedInterface {
@@ -289,12 +393,17 @@ public final class PincacheService: @unchecked Sendable {
             methods: [
                 "GetTokens": { [weak self] call in
                     guard let self else { return }
-                    call.reply([.array(elementSignature: "o", self.tokens.map { .objectPath($0.path) })])
+                    let published = self.tokens.filter { $0.published.load(ordering: .acquiring) }
+                    call.reply([.array(elementSignature: "o", published.map { .objectPath($0.path) })])
                 },
                 "FlushCaches": { [weak self] call in self?.flushCaches(call) },
                 "GetCallerState": { [weak self] call in
                     guard let self else { return }
                     self.withCaller(call) { info in call.reply([self.callerState(info)]) }
+                },
+                "GetStatistics": { [weak self] call in
+                    guard let self else { return }
+                    call.reply([self.statistics()])
                 },
             ],
             properties: { [weak self] name -> DBusValue? in
@@ -316,15 +425,37 @@ public final class PincacheService: @unchecked Sendable {
             Log.notice("FlushCaches: \(n) cached PIN(s) wiped")
             call.reply([])
         }
-        guard onSystemBus else { return flush() }
-        // Until polkit's org.pincache.manage is wired in, only root may flush on the system bus.
-        connection.connectionCredentials(of: call.sender) { result in
-            if case .success(let c) = result, c.uid == 0 {
-                flush()
-            } else {
-                call.reply(error: ServiceError(.notAuthorized, "FlushCaches needs org.pincache.manage").dbusError)
+        withCaller(call) { [weak self] info in
+            guard let self else { return }
+            let details = ["operation": "flush", "executable": info.executable ?? ""]
+            self.authorizer.check(.manage, for: call, details: details) { verdict in
+                switch verdict {
+                case .success: flush()
+                case .failure(let e): call.reply(error: e.dbusError)
+                }
             }
         }
+    }
+
+    /// Counts only, never whose: operators and the reliability tests read these.
+    private func statistics() -> DBusValue {
+        var cached = 0
+        var locked = 0
+        for token in tokens {
+            token.policy.withLock { p in
+                cached += p.cachedPINCount
+                if p.lockHolder != nil { locked += 1 }
+            }
+        }
+        return .vardict([
+            "Environments": .uint32(UInt32(registry.count)),
+            "Sessions": .uint32(UInt32(sessions.withLock { $0.count })),
+            "CachedPINs": .uint32(UInt32(cached)),
+            "LockedTokens": .uint32(UInt32(locked)),
+            "Tokens": .uint32(UInt32(tokens.count)),
+            "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
+            "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
+        ])
     }
 
     private func callerState(_ info: CallerInfo) -> DBusValue {
@@ -378,9 +509,13 @@ public final class PincacheService: @unchecked Sendable {
                     case .failure(let e): call.reply(error: e)
                     case .success(let (keyID, mechanism, data)):
                         self.withCaller(call) { info in
-                            self.onWorker(token, call, caller: info.id, {
-                                try token.signOnce(caller: info.id, keyID: keyID, mechanism: mechanism, data: data, pin: pin)
-                            }) { [.bytes($0)] }
+                            let details = self.details(token, info, "sign-once", keyID: keyID)
+                            self.authorized(.login, call, details) {
+                                self.onWorker(token, call, caller: info.id, {
+                                    try token.signOnce(
+                                        caller: info.id, keyID: keyID, mechanism: mechanism, data: data, pin: pin)
+                                }) { [.bytes($0)] }
+                            }
                         }
                     }
                 },
@@ -434,12 +569,12 @@ public final class PincacheService: @unchecked Sendable {
             let after = Self.tokenProperty(property.name, new, token)
             if before != after, let after { changed[property.name] = after }
         }
-        guard !changed.isEmpty else { return }
+        // A slot not yet exported announces itself when it is (rescanSlots).
+        guard !changed.isEmpty, token.published.load(ordering: .acquiring) else { return }
         connection.emitPropertiesChanged(path: token.path, interface: PincacheInterfaces.token.name, changed: changed)
         if old.present != new.present {
-            connection.emitSignal(
-                path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name,
-                name: new.present ? "TokenInserted" : "TokenRemoved", arguments: [.objectPath(token.path)])
+            emitPresence(token, present: new.present)
+            Log.info("token \(token.id): card \(new.present ? "inserted" : "removed") (\(new.slotDescription))")
         }
     }
 
@@ -484,9 +619,25 @@ public final class PincacheService: @unchecked Sendable {
             case .success(let (keyID, mechanism, data)):
                 let operation: PrivateOperation = use == .sign ? .sign(mechanism, data) : .decrypt(mechanism, data)
                 let pin = fresh
-                onWorker(token, call, caller: caller, {
-                    try token.perform(caller: caller, settings: settings(), keyID: keyID, operation: operation, freshPIN: pin)
-                }) { [.bytes($0)] }
+                let run: @Sendable () -> Void = { [weak self] in
+                    self?.onWorker(token, call, caller: caller, {
+                        try token.perform(
+                            caller: caller, settings: settings(), keyID: keyID, operation: operation, freshPIN: pin)
+                    }) { [.bytes($0)] }
+                }
+                let opName = use == .sign ? (pin == nil ? "sign" : "sign-with-pin") : "decrypt"
+                let details = self.details(token, info, opName, keyID: keyID)
+                if pin != nil {
+                    // A PIN submitted for one operation is a login as far as polkit is concerned.
+                    return authorized(.login, call, details, run)
+                }
+                let useKey = "\(token.id) \(caller.rawValue)"
+                let usesCache = token.policy.withLock { $0.state(of: caller).cachedPIN }
+                guard usesCache, !cachedUseAllowed.withLock({ $0.contains(useKey) }) else { return run() }
+                authorized(.useCachedPIN, call, details) { [weak self] in
+                    self?.cachedUseAllowed.withLock { _ = $0.insert(useKey) }
+                    run()
+                }
             }
         }
         return ExportedInterface(
@@ -497,9 +648,15 @@ public final class PincacheService: @unchecked Sendable {
                     switch self.readPIN(call, at: 0) {
                     case .failure(let e): call.reply(error: e)
                     case .success(let pin):
-                        self.onWorker(token, call, caller: caller, {
-                            try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
-                        }) { _ in [] }
+                        let useKey = "\(token.id) \(caller.rawValue)"
+                        self.authorized(.login, call, self.details(token, info, "login", keyID: nil)) { [weak self] in
+                            guard let self else { return }
+                            self.onWorker(token, call, caller: caller, {
+                                try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
+                                // A new login asks polkit again before its cached PIN is first used.
+                                self.forgetCachedUse(useKey)
+                            }) { _ in [] }
+                        }
                     }
                 },
                 "Logout": { [weak self] call in

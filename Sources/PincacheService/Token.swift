@@ -9,11 +9,14 @@ final class Backend: Sendable {
     let index: Int
     let path: String
     let module: PKCS11Module
+    /// Module-wide calls (the slot list) run here, never on a token's worker or the bus thread.
+    let worker: SerialWorker
 
     init(index: Int, path: String, module: PKCS11Module) {
         self.index = index
         self.path = path
         self.module = module
+        self.worker = SerialWorker(name: "pincache-module-\(index)")
     }
 }
 
@@ -69,16 +72,25 @@ final class TokenContext: @unchecked Sendable {
     let slot: SlotID
     let worker: SerialWorker
     let policy = Mutex(TokenPolicy())
+    /// Set once the object is on the bus: before that, changes are not announced.
+    let published = Atomic<Bool>(false)
     private let snapshotState = Mutex(TokenSnapshot())
+    /// The last key list read, for readers off the worker (polkit details).
+    private let knownKeys = Mutex<[KeyRecord]>([])
     /// Called on the worker after a refresh changed what clients can see.
     let onChange: @Sendable (TokenContext, TokenSnapshot, TokenSnapshot) -> Void
 
     // Worker-only state.
-    private var opSession: SessionHandle?
-    private var keys: [KeyRecord]?
+    var opSession: SessionHandle?
+    var keys: [KeyRecord]?
     private var mechanisms: Set<MechanismType>?
 
     var module: PKCS11Module { backend.module }
+
+    /// keyUsage of a key as last read, without touching the token.
+    func knownKeyUsage(_ id: [UInt8]) -> UInt32? {
+        knownKeys.withLock { keys in keys.first { $0.id == id }?.keyUsage }
+    }
     var snapshot: TokenSnapshot { snapshotState.withLock { $0 } }
 
     init(
@@ -126,7 +138,7 @@ final class TokenContext: @unchecked Sendable {
     }
 
     /// Refreshes and returns the token info an operation needs, or TokenNotPresent.
-    private func presentTokenInfo() throws -> TokenInfo {
+    func presentTokenInfo() throws -> TokenInfo {
         let snap = refresh()
         guard snap.present, let info = snap.info else {
             throw ServiceError(.tokenNotPresent, "no token in \(snap.slotDescription.isEmpty ? id : snap.slotDescription)")
@@ -139,21 +151,21 @@ final class TokenContext: @unchecked Sendable {
 
     // MARK: - Backend session (worker)
 
-    private func session() throws -> SessionHandle {
+    func session() throws -> SessionHandle {
         if let opSession { return opSession }
         let s = try module.openSession(slot, readWrite: false)
         opSession = s
         return s
     }
 
-    private func dropSession() {
+    func dropSession() {
         if let s = opSession { try? module.closeSession(s) }
         opSession = nil
     }
 
     /// Replaces the backend session after a failed multi-step operation left state in it.
     /// The new one opens first: closing a token's last session would end a held login.
-    private func resetSession() {
+    func resetSession() {
         guard let old = opSession else { return }
         if let fresh = try? module.openSession(slot, readWrite: false) {
             opSession = fresh
@@ -162,7 +174,7 @@ final class TokenContext: @unchecked Sendable {
     }
 
     /// Runs `body`, translating a vanished session or token into a refresh and a precise error.
-    private func backendCall<T>(_ body: () throws -> T) throws -> T {
+    func backendCall<T>(_ body: () throws -> T) throws -> T {
         do {
             return try body()
         } catch let e as PKCS11Error {
@@ -183,10 +195,11 @@ final class TokenContext: @unchecked Sendable {
         if let keys { return keys }
         let loaded = try backendCall { try loadKeys() }
         keys = loaded
+        knownKeys.withLock { $0 = loaded }
         return loaded
     }
 
-    private func keyRecord(_ id: [UInt8]) throws -> KeyRecord {
+    func keyRecord(_ id: [UInt8]) throws -> KeyRecord {
         if let k = keys?.first(where: { $0.id == id }) { return k }
         keys = nil
         if let k = try listKeys().first(where: { $0.id == id }) { return k }
@@ -268,7 +281,7 @@ final class TokenContext: @unchecked Sendable {
 
     /// C_Login; a backend left logged in (a held login released without logout, a crash in a
     /// bracket) is logged out and the login tried once more.
-    private func backendLogin(_ s: SessionHandle, _ type: UserType, _ pin: SecretPIN?) throws {
+    func backendLogin(_ s: SessionHandle, _ type: UserType, _ pin: SecretPIN?) throws {
         func attempt() throws {
             if let pin {
                 try pin.withBytes { try module.login(s, userType: type, pin: $0) }
@@ -313,14 +326,32 @@ final class TokenContext: @unchecked Sendable {
     func perform(
         caller: CallerID, settings: Settings, keyID: [UInt8], operation: PrivateOperation, freshPIN: SecretPIN?
     ) throws -> [UInt8] {
-        let info = try presentTokenInfo()
         let key = try keyRecord(keyID)
-        let kind = operation.kind
+        let s = try backendCall { try session() }
         let requiresFresh =
-            kind == .sign && (settings.requiresFreshPIN(keyUsage: key.keyUsage) || key.backendAlwaysAuthenticate)
+            operation.kind == .sign
+            && (settings.requiresFreshPIN(keyUsage: key.keyUsage) || key.backendAlwaysAuthenticate)
+        return try withPrivateAccess(
+            caller: caller, settings: settings, kind: operation.kind, requiresFreshPIN: requiresFresh,
+            freshPIN: freshPIN, alwaysAuthenticate: key.backendAlwaysAuthenticate, session: s
+        ) { contextPIN in
+            try run(s, key, operation, contextPIN: contextPIN)
+        }
+    }
+
+    /// The one place a caller's login state becomes a backend login (DESIGN §1): asks the policy
+    /// for a plan, brackets `body` with the cached PIN (caching), runs it in the held login
+    /// (non-caching), or verifies a PIN typed for this one operation. `body` gets the PIN to use
+    /// as a context-specific login when the backend key needs one. A cached PIN the token rejects
+    /// is purged from every environment before the error goes back.
+    func withPrivateAccess<T>(
+        caller: CallerID, settings: Settings, kind: OperationKind, requiresFreshPIN: Bool, freshPIN: SecretPIN?,
+        alwaysAuthenticate: Bool, session s: SessionHandle, _ body: (SecretPIN?) throws -> T
+    ) throws -> T {
+        let info = try presentTokenInfo()
         let plan = try policy.withLock {
             try $0.planOperation(
-                for: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh,
+                for: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFreshPIN,
                 freshPINSupplied: freshPIN != nil, pinStatus: PinStatus(tokenFlags: info.flags), now: Self.now())
         }
         var outcome = OperationOutcome.failed
@@ -330,7 +361,7 @@ final class TokenContext: @unchecked Sendable {
             }
             if action == .logout { backendLogout() }
         }
-        let s = try backendCall { try session() }
+        let result: T
         switch plan {
         case .bracket(let pin):
             do {
@@ -341,22 +372,18 @@ final class TokenContext: @unchecked Sendable {
                 throw e
             }
             defer { try? module.logout(s) }
-            let result = try run(s, key, operation, contextPIN: nil)
-            outcome = .success
-            return result
+            result = try body(nil)
         case .heldLogin:
-            let result = try run(s, key, operation, contextPIN: nil)
-            outcome = .success
-            return result
+            result = try body(nil)
         case .freshPIN:
             guard let fresh = freshPIN else { throw PolicyError.pinRequired }
             let holds = policy.withLock { $0.state(of: caller).holdsLogin }
-            let result = try withFreshPIN(s, caller: caller, holdsLogin: holds, key: key, pin: fresh) {
-                try run(s, key, operation, contextPIN: key.backendAlwaysAuthenticate ? fresh : nil)
+            result = try withFreshPIN(s, caller: caller, holdsLogin: holds, alwaysAuthenticate: alwaysAuthenticate, pin: fresh) {
+                try body(alwaysAuthenticate ? fresh : nil)
             }
-            outcome = .success
-            return result
         }
+        outcome = .success
+        return result
     }
 
     /// SignOnce: a PIN for one signature, never cached, no session needed.
@@ -369,7 +396,9 @@ final class TokenContext: @unchecked Sendable {
         let holds = policy.withLock { $0.state(of: caller).holdsLogin }
         let s = try backendCall { try session() }
         let op = PrivateOperation.sign(mechanism, data)
-        return try withFreshPIN(s, caller: caller, holdsLogin: holds, key: key, pin: pin) {
+        return try withFreshPIN(
+            s, caller: caller, holdsLogin: holds, alwaysAuthenticate: key.backendAlwaysAuthenticate, pin: pin
+        ) {
             try run(s, key, op, contextPIN: key.backendAlwaysAuthenticate ? pin : nil)
         }
     }
@@ -377,11 +406,12 @@ final class TokenContext: @unchecked Sendable {
     /// Verifies a PIN the caller typed for this one operation. Keys the backend marks
     /// always-authenticate get it as a context-specific login inside `body`; other keys need a
     /// user login with it, which for a caller holding the login means logging out first.
-    private func withFreshPIN<T>(
-        _ s: SessionHandle, caller: CallerID, holdsLogin: Bool, key: KeyRecord, pin: SecretPIN, _ body: () throws -> T
+    func withFreshPIN<T>(
+        _ s: SessionHandle, caller: CallerID, holdsLogin: Bool, alwaysAuthenticate: Bool, pin: SecretPIN,
+        _ body: () throws -> T
     ) throws -> T {
         if holdsLogin {
-            if !key.backendAlwaysAuthenticate {
+            if !alwaysAuthenticate {
                 try? module.logout(s)
                 do {
                     try backendCall { try backendLogin(s, .user, pin) }
@@ -398,7 +428,7 @@ final class TokenContext: @unchecked Sendable {
         return try body()
     }
 
-    private func findPrivateKey(_ s: SessionHandle, _ id: [UInt8]) throws -> ObjectHandle {
+    func findPrivateKey(_ s: SessionHandle, _ id: [UInt8]) throws -> ObjectHandle {
         let found = try module.findObjects(s, matching: [.objectClass(.privateKey), Attribute(.id, id)], limit: 2)
         guard let handle = found.first else {
             throw ServiceError(.keyNotFound, "no private key with id \(hex(id)) on this token")
@@ -406,7 +436,7 @@ final class TokenContext: @unchecked Sendable {
         return handle
     }
 
-    private func run(_ s: SessionHandle, _ key: KeyRecord, _ op: PrivateOperation, contextPIN: SecretPIN?) throws
+    func run(_ s: SessionHandle, _ key: KeyRecord, _ op: PrivateOperation, contextPIN: SecretPIN?) throws
         -> [UInt8]
     {
         try backendCall {
@@ -440,7 +470,7 @@ final class TokenContext: @unchecked Sendable {
 
     /// Hash-and-sign ECDSA on a token that only signs prehashed data (SoftHSM, many cards):
     /// the token hashes with C_Digest, then signs with CKM_ECDSA. The result is the same signature.
-    private func adapted(_ op: PrivateOperation, _ s: SessionHandle) throws -> PrivateOperation {
+    func adapted(_ op: PrivateOperation, _ s: SessionHandle) throws -> PrivateOperation {
         guard case .sign(let mechanism, let data) = op,
             let hash = Self.ecdsaHashes[mechanism.type]
         else { return op }
@@ -454,7 +484,7 @@ final class TokenContext: @unchecked Sendable {
         .ecdsaSHA1: .sha1, .ecdsaSHA256: .sha256, .ecdsaSHA384: .sha384, .ecdsaSHA512: .sha512,
     ]
 
-    private func markAlwaysAuthenticate(_ id: [UInt8]) {
+    func markAlwaysAuthenticate(_ id: [UInt8]) {
         guard let i = keys?.firstIndex(where: { $0.id == id }) else { return }
         keys?[i].backendAlwaysAuthenticate = true
     }

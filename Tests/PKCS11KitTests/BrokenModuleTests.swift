@@ -27,11 +27,29 @@ import Testing
         static CK_RV open_s(CK_SLOT_ID s, CK_FLAGS f, void *a, CK_NOTIFY n, CK_SESSION_HANDLE *h) {
             (void)s; (void)f; (void)a; (void)n; *h = 1; return CKR_OK;
         }
-        /* A 1 TiB attribute. */
+        /* Object 2: CKA_LABEL grows from 4 to 8 bytes during the first fetch, CKA_VALUE is
+           sensitive, all else invalid; the batch code is the last problem seen. Any other
+           object: a 1 TiB attribute. */
+        static int grown;
         static CK_RV attrs(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE o, CK_ATTRIBUTE *t, unsigned long n) {
-            (void)s; (void)o;
-            for (unsigned long i = 0; i < n; i++) t[i].ulValueLen = 1UL << 40;
-            return CKR_OK;
+            (void)s;
+            CK_RV rv = CKR_OK;
+            for (unsigned long i = 0; i < n; i++) {
+                if (o != 2) { t[i].ulValueLen = 1UL << 40; continue; }
+                if (t[i].type == CKA_LABEL) {
+                    const char *label = grown ? "abcdefgh" : "abcd";
+                    unsigned long len = strlen(label);
+                    if (t[i].pValue != NULL && !grown) { grown = 1; len = 8; }
+                    if (t[i].pValue == NULL) { t[i].ulValueLen = len; }
+                    else if (t[i].ulValueLen < len) { t[i].ulValueLen = CK_UNAVAILABLE_INFORMATION; rv = CKR_BUFFER_TOO_SMALL; }
+                    else { memcpy(t[i].pValue, label, len); t[i].ulValueLen = len; }
+                } else if (t[i].type == CKA_VALUE) {
+                    t[i].ulValueLen = CK_UNAVAILABLE_INFORMATION; rv = CKR_ATTRIBUTE_SENSITIVE;
+                } else {
+                    t[i].ulValueLen = CK_UNAVAILABLE_INFORMATION; rv = CKR_ATTRIBUTE_TYPE_INVALID;
+                }
+            }
+            return rv;
         }
         static CK_RV sign_init(CK_SESSION_HANDLE s, CK_MECHANISM *m, CK_OBJECT_HANDLE k) {
             (void)s; (void)m; (void)k; return CKR_OK;
@@ -94,6 +112,9 @@ import Testing
         #expect(throws: PKCS11Error(rv: .generalError, function: "C_GetAttributeValue")) {
             try m.getAttributes(s, ObjectHandle(rawValue: 1), [.label])
         }
+        #expect(throws: PKCS11Error(rv: .generalError, function: "C_GetAttributeValue")) {
+            try m.attributeValues(s, ObjectHandle(rawValue: 1), [.label])
+        }
         #expect(throws: PKCS11Error(rv: .generalError, function: "C_Sign")) {
             try m.sign(s, mechanism: Mechanism(.ecdsa), key: ObjectHandle(rawValue: 1), data: [1])
         }
@@ -111,11 +132,50 @@ import Testing
         }
     }
 
+    /// The batch fetch fails because the object changed after the length query: every
+    /// attribute is then asked alone, each with its own code, the grown one with its new value.
+    @Test func attributeValuesFallBackToOneAtATime() throws {
+        let (m, _) = try Self.library.get()
+        let s = try m.openSession(SlotID(rawValue: 0))
+        let object = ObjectHandle(rawValue: 2)
+        #expect(try m.attributeValues(s, object, [.id, .label, .value]) == [
+            AttributeResult(type: .id, status: .attributeTypeInvalid, value: []),
+            AttributeResult(type: .label, status: .ok, value: Array("abcdefgh".utf8)),
+            AttributeResult(type: .value, status: .attributeSensitive, value: []),
+        ])
+        #expect(try m.getAttributes(s, object, [.id, .label, .value]) == [.label: Array("abcdefgh".utf8)])
+    }
+
     @Test func missingFunctionsAreNotSupported() throws {
         let m = try Self.library.get().module
         #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_GetInfo")) { try m.info() }
         #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_Login")) {
             try m.login(SessionHandle(rawValue: 1), userType: .user, pin: nil)
+        }
+        let s = SessionHandle(rawValue: 1)
+        let o = ObjectHandle(rawValue: 1)
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_InitToken")) {
+            try m.initToken(SlotID(rawValue: 0), soPIN: nil, label: "x")
+        }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_InitPIN")) { try m.initPIN(s, pin: nil) }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_SetPIN")) {
+            try m.setPIN(s, old: nil, new: nil)
+        }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_CreateObject")) { try m.createObject(s, []) }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_CopyObject")) { try m.copyObject(s, o, []) }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_DestroyObject")) { try m.destroyObject(s, o) }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_SetAttributeValue")) {
+            try m.setAttributes(s, o, [])
+        }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_GenerateKey")) {
+            try m.generateKey(s, mechanism: Mechanism(.aesKeyGen), template: [])
+        }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_GenerateKeyPair")) {
+            try m.generateKeyPair(s, mechanism: Mechanism(.ecKeyPairGen), publicTemplate: [], privateTemplate: [])
+        }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_SeedRandom")) { try m.seedRandom(s, [1]) }
+        #expect(throws: PKCS11Error(rv: .functionNotSupported, function: "C_VerifyInit")) {
+            try m.verifyRaw(s, mechanism: Mechanism(.ecdsa), key: o, data: [1], signature: [2])
         }
     }
 }

@@ -19,6 +19,9 @@ struct Fixture: Sendable {
     let module: PKCS11Module
     /// The slot holding token "T" with keys `ec` (CKA_ID 01) and `rsa` (CKA_ID 02).
     let slot: SlotID
+    /// SoftHSM's spare slot, uninitialised when the fixture was built. `initTokenAndPINs`
+    /// initialises it, and SoftHSM adds no new spare until it is loaded again.
+    let spareSlot: SlotID
 
     private init() throws {
         let fm = FileManager.default
@@ -60,6 +63,11 @@ struct Fixture: Sendable {
         guard let slot = try module.slotList(tokenPresent: true).first(where: { try module.tokenInfo($0).label == "T" })
         else { throw FixtureError("token T not found") }
         self.slot = slot
+        guard let spare = try module.slotList(tokenPresent: true).first(where: {
+            let info = try module.tokenInfo($0)
+            return !info.tokenInitialized && info.label.isEmpty
+        }) else { throw FixtureError("no uninitialised spare token") }
+        self.spareSlot = spare
     }
 
     /// Writes (or with nil removes) a FaultShim control file.

@@ -144,6 +144,9 @@ class Client:
     def caller_state(self):
         return self.call(MANAGER_PATH, MANAGER, "GetCallerState")
 
+    def statistics(self):
+        return self.call(MANAGER_PATH, MANAGER, "GetStatistics")
+
     def cached(self):
         return set(self.caller_state()["Cached"])
 
@@ -280,9 +283,9 @@ def verify(cert, mechanism, message, signature):
         raise ValueError(f"no verifier for {mechanism}")
 
 
-def oaep_encrypt(cert, plaintext):
+def oaep_encrypt(cert, plaintext, hash=hashes.SHA256):
     return cert.public_key().encrypt(
-        plaintext, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None))
+        plaintext, padding.OAEP(mgf=padding.MGF1(hash()), algorithm=hash(), label=None))
 
 
 def cert_der(cert):

@@ -2,9 +2,11 @@
 
 import os
 
+from cryptography.hazmat.primitives import hashes
+
 import pytest
 
-from pincache_client import (digest, EC_KEY, ERR, PIN, RSA_KEY, input_for, oaep_encrypt, verify,
+from pincache_client import (CallError, digest, EC_KEY, ERR, PIN, RSA_KEY, input_for, oaep_encrypt, verify,
                              wait_until)
 
 MSG = b"pincache caching-mode test message"
@@ -165,10 +167,14 @@ def test_disconnect_clears_only_own_cache(daemon, make_client, tokens):
     a.login(sa)
     b.login(sb)
     a_name = a.unique_name
+    before = b.statistics()
+    assert before["CachedPINs"] == 2 and before["Environments"] == 2 and before["Sessions"] == 2
     a.close()
     wait_until(lambda: b.gone_from_bus(a), what=f"{a_name} to leave the bus")
-    # A's environment itself is not observable from another connection; what is: the
-    # daemon handled A's departure without touching B.
+    # A's environment, its session and its PIN are gone; B's are untouched.
+    wait_until(lambda: b.statistics()["Environments"] == 1, what="A's environment destroyed")
+    after = b.statistics()
+    assert after["CachedPINs"] == 1 and after["Sessions"] == 1
     assert b.cached() == {tok}
     sign_ec(b, sb, tokens)
     # A new connection from the same process is a new, empty environment.
@@ -212,8 +218,20 @@ def test_decrypt_oaep(daemon, make_client, tokens):
     a = make_client()
     s = a.open_session(a.token())
     secret = b"pincache OAEP plaintext"
-    ct = oaep_encrypt(tokens.cert("rsa"), secret)
-    assert a.error(a.decrypt, s, RSA_KEY, "RSA-OAEP-SHA256", ct) == ERR + "NotLoggedIn"
+    ct = oaep_encrypt(tokens.cert("rsa"), secret, hashes.SHA1)
+    assert a.error(a.decrypt, s, RSA_KEY, "RSA-OAEP-SHA1", ct) == ERR + "NotLoggedIn"
     a.login(s)
-    assert a.decrypt(s, RSA_KEY, "RSA-OAEP-SHA256", ct) == secret
+    assert a.decrypt(s, RSA_KEY, "RSA-OAEP-SHA1", ct) == secret
     assert a.cached() == {a.token()}
+
+
+def test_decrypt_oaep_sha256_passes_the_backend_verdict_through(daemon, make_client, tokens):
+    # SoftHSM 2.6 implements OAEP with SHA-1 only: the daemon must hand its exact code back.
+    a = make_client()
+    s = a.open_session(a.token())
+    a.login(s)
+    ct = oaep_encrypt(tokens.cert("rsa"), b"x")
+    with pytest.raises(CallError) as e:
+        a.decrypt(s, RSA_KEY, "RSA-OAEP-SHA256", ct)
+    assert e.value.name == ERR + "BackendError"
+    assert "CKR_ARGUMENTS_BAD (0x7)" in e.value.message

@@ -1,13 +1,14 @@
 """Configuration parsing and process lifecycle."""
 
 import re
+import signal
 import subprocess
 import time
 
 import pytest
 
 from conftest import SOFTHSM_MODULE, need
-from pincache_client import digest, EC_KEY, PIN, verify
+from pincache_client import digest, EC_KEY, PIN, verify, wait_until
 
 
 @pytest.mark.parametrize("bad_line", [
@@ -79,3 +80,35 @@ def test_pin_cache_timeout(start_daemon, make_client):
     while a.cached() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert a.cached() == set()
+
+
+def test_sighup_reload_switching_mode_wipes_caches(start_daemon, make_client, tokens):
+    from conftest import config_text
+    d = start_daemon(caching=True)
+    a = make_client("a")
+    s = a.open_session(a.token())
+    a.login(s)
+    assert a.cached() == {a.token()}
+    assert a.manager_props()["CachingMode"] is True
+    d.config_path.write_text(config_text(caching=False, modules=[SOFTHSM_MODULE]))
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: a.manager_props()["CachingMode"] is False, what="CachingMode false after SIGHUP")
+    assert a.cached() == set()
+    assert a.caller_state()["CachingMode"] is False
+    # Now non-caching: a login locks the token for its caller.
+    a.login(s)
+    assert a.locked() == {a.token()}
+    verify(tokens.cert("ec"), "ECDSA", b"m", a.sign(s, EC_KEY, "ECDSA", digest(b"m")))
+
+
+def test_sighup_with_a_bad_file_keeps_the_running_configuration(start_daemon, make_client):
+    d = start_daemon(caching=True)
+    a = make_client("a")
+    s = a.open_session(a.token())
+    a.login(s)
+    d.config_path.write_text("P11_EnableCachePIN=perhaps\n")
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in d.stderr_text(), what="reload refused in the log")
+    assert d.proc.poll() is None
+    assert a.cached() == {a.token()}
+    assert a.manager_props()["CachingMode"] is True

@@ -1,0 +1,441 @@
+#!/usr/bin/python3
+"""Signature benchmark: one SoftHSM token, four ways to reach it.
+
+Configurations, all on the same token store made afresh in a temp dir:
+  direct        libsofthsm2.so loaded in the benchmark process
+  p11-kit       `p11-kit server` on a unix socket + p11-kit-client.so
+  proxy-nocache libpincache-pkcs11.so -> pincached (P11_EnableCachePIN=0) on a private bus
+  proxy-cache   the same with P11_EnableCachePIN=1
+Each is measured for ECDSA P-256 and RSA-2048, in steady state (C_SignInit+C_Sign in a
+logged-in session) and as a cold open-login-find-sign-logout-close cycle. bench/p11bench.c
+does the timing; this script builds it, sets everything up, prints one table with ratios
+to direct and to p11-kit, and tears everything down.
+
+Usage: bench/run.py [--quick] [--only NAME,...] [--json FILE] [--keep] ...
+       (see --help; `make bench BENCH_ARGS=--quick`)
+Environment: PINCACHE_SCRATCH (SwiftPM scratch path, default <repo>/.build),
+             PINCACHE_BENCH_BUILD_DIR (use pincached and libpincache-pkcs11.so from there,
+             no build), CI=true (a configuration that cannot run is an error).
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+TOKEN = "pincache-demo"
+PIN = "123456"
+SO_PIN = "12345678"
+KEYS = {"ecdsa": "01", "rsa": "02"}  # CKA_IDs written by scripts/make-demo-token.sh
+MECH_TITLE = {"ecdsa": "ECDSA P-256", "rsa": "RSA-2048"}
+CONFIGS = ("direct", "p11-kit", "proxy-nocache", "proxy-cache")
+READY_TIMEOUT = 20.0
+RUN_TIMEOUT = 900
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>pincache-bench</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+class Unavailable(Exception):
+    """A configuration cannot run here (reason in the message)."""
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def wait_for(pred, what, proc=None, timeout=READY_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{what}: not ready after {timeout:.0f} s")
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- setup ----------------------------------------------------------------------
+
+def compile_bench(tmp):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise SystemExit("bench: no C compiler (cc) found")
+    cflags = subprocess.run(["pkg-config", "--cflags", "p11-kit-1"], capture_output=True,
+                            text=True).stdout.split() or ["-I/usr/include/p11-kit-1"]
+    exe = tmp / "p11bench"
+    subprocess.run([cc, "-O2", "-std=c11", "-Wall", "-Wextra", *cflags, "-o", str(exe),
+                    str(REPO / "bench" / "p11bench.c"), "-ldl"], check=True)
+    return exe
+
+
+def make_token(tmp):
+    for tool in ("softhsm2-util", "pkcs11-tool", "openssl"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} not installed (make deps)")
+    store = tmp / "softhsm"
+    env = {**os.environ, "PINCACHE_DEMO_PIN": PIN, "PINCACHE_DEMO_SO_PIN": SO_PIN}
+    subprocess.run([str(REPO / "scripts" / "make-demo-token.sh"), str(store), TOKEN], check=True,
+                   stdout=subprocess.DEVNULL, env=env)
+    return store / "softhsm2.conf"
+
+
+def swift_build_dir(args):
+    """Where pincached and libpincache-pkcs11.so are, building them if needed.
+
+    Raises Unavailable when the proxy product does not exist yet or fails to build."""
+    if args.build_dir:
+        d = Path(args.build_dir)
+    else:
+        pkg = (REPO / "Package.swift").read_text()
+        if '"pincache-pkcs11"' not in pkg:
+            raise Unavailable("product pincache-pkcs11 is not in Package.swift yet")
+        scratch = Path(os.environ.get("PINCACHE_SCRATCH") or REPO / ".build")
+        swift = shutil.which("swift") or "/opt/swift/usr/bin/swift"
+        for product in ("pincached", "pincache-pkcs11"):
+            log(f"building {product} ({args.config}) in {scratch}")
+            r = subprocess.run([swift, "build", "-c", args.config, "--scratch-path", str(scratch),
+                                "--product", product], cwd=REPO, stdout=subprocess.DEVNULL)
+            if r.returncode != 0:
+                raise Unavailable(f"swift build --product {product} failed ({r.returncode})")
+        d = scratch / args.config
+    for f in ("pincached", "libpincache-pkcs11.so"):
+        if not (d / f).exists():
+            raise Unavailable(f"{d / f} does not exist")
+    return d
+
+
+# --- configurations -------------------------------------------------------------
+# Each is a context manager yielding (module path, extra environment) with its
+# service running, and stopping the service on exit.
+
+@contextmanager
+def direct(ctx, rnd):
+    yield SOFTHSM_MODULE, {}
+
+
+@contextmanager
+def p11kit(ctx, rnd):
+    if not shutil.which("p11-kit") or not os.path.exists(P11KIT_CLIENT):
+        raise Unavailable("p11-kit / p11-kit-modules not installed")
+    d = ctx["tmp"] / "p11-kit" / str(rnd + 1)
+    d.mkdir(parents=True)
+    sock = d / "server.sock"
+    err = open(d / "server.stderr", "wb")
+    proc = subprocess.Popen(["p11-kit", "server", "--foreground", "--provider", SOFTHSM_MODULE,
+                             "--name", str(sock), f"pkcs11:token={TOKEN}"],
+                            stdout=subprocess.DEVNULL, stderr=err, env=ctx["env"])
+    try:
+        wait_for(sock.exists, "p11-kit server", proc)
+        yield P11KIT_CLIENT, {"P11_KIT_SERVER_ADDRESS": f"unix:path={sock}"}
+    finally:
+        stop(proc)
+        err.close()
+
+
+def proxy(caching):
+    @contextmanager
+    def start(ctx, rnd):
+        build = ctx["build"]
+        if isinstance(build, Unavailable):
+            raise build
+        for tool in ("dbus-daemon", "gdbus"):
+            if not shutil.which(tool):
+                raise Unavailable(f"{tool} not installed")
+        d = ctx["tmp"] / ("proxy-cache" if caching else "proxy-nocache") / str(rnd + 1)
+        d.mkdir(parents=True)
+        sock = d / "bus.sock"
+        (d / "bus.conf").write_text(BUS_CONFIG.format(socket=sock))
+        procs, logs = [], []
+        try:
+            logs.append(open(d / "bus.stderr", "wb"))
+            bus = subprocess.Popen(["dbus-daemon", f"--config-file={d / 'bus.conf'}", "--nofork",
+                                    "--nopidfile", "--print-address=1"], stdout=subprocess.PIPE,
+                                   stderr=logs[-1], text=True)
+            procs.append(bus)
+            address = bus.stdout.readline().strip()
+            if not address:
+                raise RuntimeError("dbus-daemon did not start: " + (d / "bus.stderr").read_text())
+            # LogoutAfterSign and force-login stay off: they would measure policy, not transport.
+            (d / "pincache.cfg").write_text(
+                f"P11_EnableCachePIN={1 if caching else 0}\n"
+                "P11_LogoutAfterSign=0\n"
+                "ForceLoginBeforeSignKeyUsage=0\n"
+                f"Module={SOFTHSM_MODULE}\n")
+            logs.append(open(d / "pincached.stderr", "wb"))
+            daemon = subprocess.Popen([str(build / "pincached"), "--bus", address, "--config",
+                                       str(d / "pincache.cfg")],
+                                      stdout=subprocess.DEVNULL, stderr=logs[-1], env=ctx["env"])
+            procs.append(daemon)
+            wait_for(lambda: name_has_owner(address, "org.pincache.Daemon"), "pincached", daemon)
+            yield str(build / "libpincache-pkcs11.so"), {"PINCACHE_BUS_ADDRESS": address}
+        finally:
+            for p in reversed(procs):
+                stop(p)
+                if p.stdout:
+                    p.stdout.close()
+            for f in logs:
+                f.close()
+    return start
+
+
+def name_has_owner(address, name):
+    r = subprocess.run(["gdbus", "call", "--address", address, "--dest", "org.freedesktop.DBus",
+                        "--object-path", "/org/freedesktop/DBus",
+                        "--method", "org.freedesktop.DBus.NameHasOwner", name],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and "true" in r.stdout
+
+
+STARTERS = {"direct": direct, "p11-kit": p11kit, "proxy-nocache": proxy(False),
+            "proxy-cache": proxy(True)}
+
+
+# --- measuring ------------------------------------------------------------------
+
+RESULT_RE = re.compile(r"^RESULT (.*)$", re.M)
+
+
+def run_one(ctx, name, module, extra_env, mech, mode, count, warmup):
+    env = {**ctx["env"], **extra_env, "P11BENCH_PIN": PIN}
+    cmd = [str(ctx["exe"]), "--module", module, "--token", TOKEN, "--key-id", KEYS[mech],
+           "--mech", mech, "--mode", mode, "--count", str(count), "--warmup", str(warmup),
+           "--name", name] + (["--length-query"] if ctx["length_query"] else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
+    m = RESULT_RE.search(r.stdout)
+    if r.returncode != 0 or not m:
+        raise RuntimeError(f"p11bench {name} {mech} {mode} failed ({r.returncode}): "
+                           + r.stderr.strip())
+    out = {}
+    for kv in m.group(1).split():
+        k, v = kv.split("=", 1)
+        out[k] = v if k in ("name", "mech", "mode", "library") else float(v)
+    return out
+
+
+def measure(ctx, args, name, rnd, rounds):
+    """One round of one configuration: its service up, four measurements, service down."""
+    with STARTERS[name](ctx, rnd) as (module, extra):
+        for mode in ("steady", "cold"):
+            for mech in ("ecdsa", "rsa"):
+                n, w = counts(args, mech, mode)
+                log(f"round {rnd + 1}/{args.rounds} {name}: {mech} {mode} x{n}")
+                rounds.setdefault((name, mech, mode), []).append(
+                    run_one(ctx, name, module, extra, mech, mode, n, w))
+
+
+def median_round(runs):
+    """The run with the median p50, whole, so that its p99 and ops/s stay its own."""
+    return sorted(runs, key=lambda r: r["p50_us"])[(len(runs) - 1) // 2]
+
+
+def counts(args, mech, mode):
+    if mode == "steady":
+        n = args.ecdsa_count if mech == "ecdsa" else args.rsa_count
+    else:
+        n = args.cold_ecdsa_count if mech == "ecdsa" else args.cold_rsa_count
+    return n, max(5, n // 20)
+
+
+# --- report ---------------------------------------------------------------------
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    def version(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True).stdout.split("\n")[0].strip()
+        except OSError:
+            return "?"
+    softhsm = version(["dpkg-query", "-W", "-f=${Version}", "softhsm2"])
+    p11 = version(["dpkg-query", "-W", "-f=${Version}", "p11-kit"])
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return (f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, "
+            f"SoftHSM {softhsm}, p11-kit {p11}, load average {load}")
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def report(results, skipped, args):
+    print()
+    print(f"Machine: {machine()}")
+    print(f"Build: {args.config}; steady N = {args.ecdsa_count} ECDSA / {args.rsa_count} RSA, "
+          f"cold N = {args.cold_ecdsa_count} / {args.cold_rsa_count}; median of {args.rounds} "
+          f"round(s); times in microseconds")
+    head = (f"{'configuration':<14} {'p50':>9} {'p99':>9} {'mean':>9} {'ops/s':>9}"
+            f"  {'p50/direct':>10} {'p50/p11-kit':>11} {'ops/direct':>10} {'ops/p11-kit':>11}")
+    for mode in ("steady", "cold"):
+        for mech in ("ecdsa", "rsa"):
+            sign = "C_SignInit+C_Sign(NULL)+C_Sign" if args.length_query else "C_SignInit+C_Sign"
+            what = (sign if mode == "steady" else
+                    "cold cycle: open, login, find key, sign, logout, close")
+            print(f"\n{MECH_TITLE[mech]} — {what}")
+            print(head)
+            base = results.get(("direct", mech, mode))
+            p11 = results.get(("p11-kit", mech, mode))
+            for name in CONFIGS:
+                if name not in args.only:
+                    continue
+                r = results.get((name, mech, mode))
+                if r is None:
+                    print(f"{name:<14} {'n/a':>9}  {skipped.get(name, 'not run')}")
+                    continue
+                print(f"{name:<14} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['mean_us']:>9.1f} "
+                      f"{r['ops_per_s']:>9.1f}"
+                      f"  {ratio(r['p50_us'], base and base['p50_us']):>10}"
+                      f" {ratio(r['p50_us'], p11 and p11['p50_us']):>11}"
+                      f" {ratio(r['ops_per_s'], base and base['ops_per_s']):>10}"
+                      f" {ratio(r['ops_per_s'], p11 and p11['ops_per_s']):>11}")
+    libs = {}
+    for (name, _, _), r in results.items():
+        libs.setdefault(name, r.get("library", "?"))
+    if libs:
+        print("\nModules (C_GetInfo manufacturerID): "
+              + ", ".join(f"{n} = {libs[n]}" for n in CONFIGS if n in libs))
+    prox = results.get(("proxy-nocache", "ecdsa", "steady"))
+    p11 = results.get(("p11-kit", "ecdsa", "steady"))
+    if prox and p11:
+        verdict = "MET" if prox["p50_us"] <= p11["p50_us"] else "NOT MET"
+        detail = f"{prox['p50_us']:.1f} us vs {p11['p50_us']:.1f} us"
+    else:
+        verdict, detail = "NOT MEASURED", "needs both proxy-nocache and p11-kit"
+    print(f"\nTarget (proxy non-caching ECDSA p50 <= p11-kit ECDSA p50): {verdict} ({detail})")
+
+
+# --- main -----------------------------------------------------------------------
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized run (200/50 steady, 20/10 cold signatures)")
+    p.add_argument("--ecdsa-count", type=int)
+    p.add_argument("--rsa-count", type=int)
+    p.add_argument("--cold-ecdsa-count", type=int)
+    p.add_argument("--cold-rsa-count", type=int)
+    p.add_argument("--rounds", type=int,
+                   help="measure everything this many times, report the median (default 3, --quick 1)")
+    p.add_argument("--only", default=",".join(CONFIGS),
+                   help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--config", choices=("release", "debug"), default="release",
+                   help="SwiftPM configuration for pincached and the proxy (default release)")
+    p.add_argument("--build-dir", default=os.environ.get("PINCACHE_BENCH_BUILD_DIR"),
+                   help="take pincached and libpincache-pkcs11.so from here, do not build")
+    p.add_argument("--length-query", action="store_true",
+                   help="sign as pkcs11-tool does: C_Sign(NULL) for the length, then C_Sign")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs) afterwards")
+    p.add_argument("--strict", action="store_true", default=CI,
+                   help="a configuration that cannot run is an error (default under CI=true)")
+    a = p.parse_args()
+    defaults = (200, 50, 20, 10) if a.quick else (2000, 500, 200, 100)
+    for attr, d in zip(("ecdsa_count", "rsa_count", "cold_ecdsa_count", "cold_rsa_count"), defaults):
+        if getattr(a, attr) is None:
+            setattr(a, attr, d)
+        if getattr(a, attr) < 1:
+            p.error(f"--{attr.replace('_', '-')} must be at least 1")
+    if a.rounds is None:
+        a.rounds = 1 if a.quick else 3
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
+    a.only = [c.strip() for c in a.only.split(",") if c.strip()]
+    for c in a.only:
+        if c not in CONFIGS:
+            p.error(f"unknown configuration {c!r}")
+    return a
+
+
+def main():
+    args = parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="pincache-bench-"))
+    failed = False
+    try:
+        exe = compile_bench(tmp)
+        conf = make_token(tmp)
+        ctx = {"tmp": tmp, "exe": exe, "length_query": args.length_query,
+               "env": {**os.environ, "SOFTHSM2_CONF": str(conf)}}
+        if any(c.startswith("proxy") for c in args.only):
+            try:
+                ctx["build"] = swift_build_dir(args)
+            except Unavailable as e:
+                ctx["build"] = e
+        rounds, skipped = {}, {}
+        # Rounds go round all configurations, so that load from elsewhere drifting over
+        # the run hits every configuration alike; the median round is reported.
+        for rnd in range(args.rounds):
+            for name in args.only:
+                if name in skipped:
+                    continue
+                try:
+                    measure(ctx, args, name, rnd, rounds)
+                except Unavailable as e:
+                    skipped[name] = f"skipped: {e}"
+                    log(f"{name}: skipped: {e}")
+                    failed = failed or args.strict
+                except (RuntimeError, subprocess.SubprocessError) as e:
+                    skipped[name] = "FAILED (see above)"
+                    log(f"{name}: FAILED: {e}")
+                    for f in sorted((tmp / name).glob("*/*.stderr")):
+                        tail = f.read_text(errors="replace").strip().splitlines()[-20:]
+                        log(f"{f.name}:" + "".join("\n  | " + t for t in tail))
+                    failed = True
+        results = {k: median_round(v) for k, v in rounds.items() if k[0] not in skipped}
+        report(results, skipped, args)
+        if args.json:
+            doc = {"machine": machine(), "build": args.config, "rounds": args.rounds,
+                   "length_query": args.length_query,
+                   "results": list(results.values()),
+                   "all_rounds": [r for v in rounds.values() for r in v], "skipped": skipped}
+            Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    finally:
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
