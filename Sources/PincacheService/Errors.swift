@@ -58,7 +58,9 @@ public struct ServiceError: Error, Sendable, Equatable, CustomStringConvertible 
         case .notLoggedIn:
             self.init(.notLoggedIn, "not logged in to this token (CKR_USER_NOT_LOGGED_IN (0x101))")
         case .pinRequired:
-            self.init(.pinRequired, "this key requires the PIN for every signature: use SignWithPin")
+            self.init(
+                .pinRequired,
+                "this key requires the PIN for every signature: use SignWithPin (CKR_USER_NOT_LOGGED_IN (0x101))")
         case .alreadyLoggedIn:
             self.init(.alreadyLoggedIn, "already logged in to this token (CKR_USER_ALREADY_LOGGED_IN (0x100))")
         }

@@ -42,7 +42,7 @@ enum NamedMechanism {
         guard let entry = table.first(where: { $0.name == name && $0.use == use }) else {
             let names = table.filter { $0.use == use }.map(\.name).joined(separator: ", ")
             let shown = name.count > 64 ? String(name.prefix(64)) + "…" : name
-            return .failure(ServiceError(.mechanismInvalid, "unknown mechanism '\(shown)'; expected one of: \(names)"))
+            return .failure(ServiceError(.mechanismInvalid, "unknown mechanism '\(shown)'; expected one of: \(names) (CKR_MECHANISM_INVALID (0x70))"))
         }
         return .success(entry.mechanism)
     }

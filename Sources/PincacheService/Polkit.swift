@@ -48,7 +48,7 @@ final class Authorizer: Sendable {
             return true
         }
         guard admitted else {
-            return completion(.failure(ServiceError(.notAuthorized, "too many authorisation checks in flight")))
+            return completion(.failure(ServiceError(.notAuthorized, "too many authorisation checks in flight (CKR_FUNCTION_REJECTED (0x200))")))
         }
         let subject = DBusValue.structure([.string("system-bus-name"), .vardict(["name": .string(sender)])])
         let detailEntries = details.sorted { $0.key < $1.key }.map {
@@ -83,11 +83,12 @@ final class Authorizer: Sendable {
                         .failure(
                             ServiceError(
                                 .notAuthorized,
-                                "\(action.rawValue) refused by polkit" + (challenge ? " (authentication required)" : ""))))
+                                "\(action.rawValue) refused by polkit" + (challenge ? ", authentication required" : "")
+                                    + " (CKR_FUNCTION_REJECTED (0x200))")))
                 }
             case .failure(let error):
                 Log.warning("polkit check \(action.rawValue) failed: \(error.name); denying")
-                completion(.failure(ServiceError(.notAuthorized, "polkit is unavailable (\(error.name)); denied")))
+                completion(.failure(ServiceError(.notAuthorized, "polkit is unavailable (\(error.name)); denied (CKR_FUNCTION_REJECTED (0x200))")))
             }
         }
     }

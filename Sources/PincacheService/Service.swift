@@ -19,6 +19,8 @@ struct SessionRecord: Sendable {
     let path: ObjectPath
     let owner: CallerID
     let token: TokenContext
+    /// CKF_RW_SESSION for sessions opened through CryptokiSlot1 (Token1 sessions are read-only).
+    let readWrite: Bool
 }
 
 /// The pincache service: the D-Bus objects of DESIGN §2 over the token contexts, the caller
@@ -42,7 +44,7 @@ public final class PincacheService: @unchecked Sendable {
     /// Set once in start(), read-only afterwards.
     private var backends: [Backend] = []
     private var readerWatcher: ReaderWatcher?
-    private let sessions = Mutex<[UInt64: SessionRecord]>([:])
+    let sessions = Mutex<[UInt64: SessionRecord]>([:])
     private let nextSessionID = Atomic<UInt64>(1)
     /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
     private var pendingCallers: [String: [@Sendable (CallerInfo?) -> Void]] = [:]
@@ -75,7 +77,7 @@ public final class PincacheService: @unchecked Sendable {
         connection.setObjectManager(at: PincacheBus.managerPath)
         connection.setDeniedSubtree(PincacheBus.sessionPrefix)
         connection.onPeerDisconnected { [weak self] name in self?.peerDisconnected(name) }
-        connection.export(PincacheBus.managerPath, interfaces: [managerInterface()])
+        connection.export(PincacheBus.managerPath, interfaces: [managerInterface(), cryptokiManagerInterface()])
         // The first scan completes before the name is taken: clients never see a half-filled list.
         let group = DispatchGroup()
         for backend in backends {
@@ -140,7 +142,8 @@ public final class PincacheService: @unchecked Sendable {
             token.worker.submit { [weak self] in
                 guard let self else { return }
                 token.refresh()
-                self.connection.export(token.path, interfaces: [self.tokenInterface(token)])
+                self.connection.export(
+                    token.path, interfaces: [self.tokenInterface(token), self.cryptokiSlotInterface(token)])
                 token.published.store(true, ordering: .releasing)
                 if announce {
                     Log.info("slot \(token.id) appeared: \(token.snapshot.slotDescription)")
@@ -244,7 +247,7 @@ public final class PincacheService: @unchecked Sendable {
 
     /// Runs `body` with the caller's environment, creating it on the first call. Credentials
     /// are fetched from the bus asynchronously; calls arriving meanwhile wait in order.
-    private func withCaller(_ call: MethodCall, _ body: @escaping @Sendable (CallerInfo) -> Void) {
+    func withCaller(_ call: MethodCall, _ body: @escaping @Sendable (CallerInfo) -> Void) {
         let sender = call.sender
         if let info = registry.lookup(sender) {
             body(info)
@@ -254,7 +257,7 @@ public final class PincacheService: @unchecked Sendable {
             if let info {
                 body(info)
             } else {
-                call.reply(error: ServiceError(.notAuthorized, "the caller's credentials could not be read").dbusError)
+                call.reply(error: ServiceError(.notAuthorized, "the caller's credentials could not be read (CKR_FUNCTION_REJECTED (0x200))").dbusError)
             }
         }
         if pendingCallers[sender] != nil {
@@ -297,14 +300,17 @@ public final class PincacheService: @unchecked Sendable {
         }
         guard let info = registry.depart(name) else { return }
         let dropped = sessions.withLock { s in info.sessions.compactMap { s.removeValue(forKey: $0) } }
-        for record in dropped { connection.unexport(record.path) }
+        for record in dropped {
+            connection.unexport(record.path)
+            record.token.worker.submit { record.token.closeRawSession(record.id) }
+        }
         for token in tokens { token.callerGone(info.id) }
         Log.debug("caller \(name) left: environment destroyed, \(dropped.count) session(s) closed")
     }
 
     // MARK: - Argument helpers
 
-    private func readPIN(_ call: MethodCall, at index: Int) -> Result<SecretPIN, DBusError> {
+    func readPIN(_ call: MethodCall, at index: Int) -> Result<SecretPIN, DBusError> {
         do {
             return .success(try call.withSensitiveArgument(at: index) { try SecretPIN(copying: $0) })
         } catch SecretError.tooLong(let max) {
@@ -312,11 +318,12 @@ public final class PincacheService: @unchecked Sendable {
         } catch {
             Log.error("cannot lock memory for a PIN (\(error)); caching refused. Raise LimitMEMLOCK.")
             return .failure(
-                ServiceError(.secureMemoryUnavailable, "the daemon cannot lock memory for PINs; caching refused").dbusError)
+                ServiceError(
+                    .secureMemoryUnavailable, "the daemon cannot lock memory for PINs; caching refused (CKR_DEVICE_MEMORY (0x31))").dbusError)
         }
     }
 
-    private func bytesArgument(_ v: DBusValue, name: String, max: Int) -> Result<[UInt8], DBusError> {
+    func bytesArgument(_ v: DBusValue, name: String, max: Int) -> Result<[UInt8], DBusError> {
         guard let bytes = v.bytesValue else { return .failure(.invalidArgs("\(name): expected ay")) }
         guard bytes.count <= max else { return .failure(.invalidArgs("\(name) longer than \(max) bytes")) }
         return .success(bytes)
@@ -339,7 +346,7 @@ public final class PincacheService: @unchecked Sendable {
     }
 
     /// Runs `job` on the token's worker unless the caller left before it started, then replies.
-    private func onWorker<T: Sendable>(
+    func onWorker<T: Sendable>(
         _ token: TokenContext, _ call: MethodCall, caller: CallerID,
         _ job: @escaping @Sendable () throws -> T, reply encode: @escaping @Sendable (T) -> [DBusValue]
     ) {
@@ -355,7 +362,7 @@ public final class PincacheService: @unchecked Sendable {
 
     /// Runs `body` once polkit allows `action`; otherwise replies NotAuthorized. Never called
     /// for a caller that left while the check was pending.
-    private func authorized(
+    func authorized(
         _ action: Authorizer.Action, _ call: MethodCall, _ details: [String: String],
         _ body: @escaping @Sendable () -> Void
     ) {
@@ -368,7 +375,7 @@ public final class PincacheService: @unchecked Sendable {
     }
 
     /// What polkit rules can act on (DESIGN §3 / polkit/rules.d examples).
-    private func details(_ token: TokenContext, _ info: CallerInfo, _ operation: String, keyID: [UInt8]?)
+    func details(_ token: TokenContext, _ info: CallerInfo, _ operation: String, keyID: [UInt8]?)
         -> [String: String]
     {
         let snap = token.snapshot
@@ -580,23 +587,25 @@ public final class PincacheService: @unchecked Sendable {
 
     // MARK: - Sessions
 
-    private func openSession(_ call: MethodCall, _ info: CallerInfo, _ token: TokenContext) {
+    func openSession(_ call: MethodCall, _ info: CallerInfo, _ token: TokenContext, readWrite: Bool = false) {
         guard token.snapshot.recognized else {
-            return call.reply(error: ServiceError(.tokenNotPresent, "no usable token in this slot").dbusError)
+            return call.reply(error: ServiceError(.tokenNotPresent, "no usable token in this slot (CKR_TOKEN_NOT_PRESENT (0xe0))").dbusError)
         }
         let id = nextSessionID.wrappingAdd(1, ordering: .relaxed).oldValue
         guard registry.reserveSession(info.id.rawValue, id: id, max: configuration.maxSessionsPerClient) else {
             return call.reply(
                 error: ServiceError(
-                    .tooManySessions, "at most \(configuration.maxSessionsPerClient) sessions per client (MaxSessionsPerClient)"
+                    .tooManySessions, "at most \(configuration.maxSessionsPerClient) sessions per client (MaxSessionsPerClient; CKR_SESSION_COUNT (0xb1))"
                 ).dbusError)
         }
         let path = PincacheBus.sessionPrefix.appending(String(id))!
-        let record = SessionRecord(id: id, path: path, owner: info.id, token: token)
+        let record = SessionRecord(id: id, path: path, owner: info.id, token: token, readWrite: readWrite)
         sessions.withLock { $0[id] = record }
         token.sessionOpened(caller: info.id)
         let owner = info.id.rawValue
-        connection.export(path, interfaces: [sessionInterface(record, info)], accessCheck: { $0 == owner })
+        connection.export(
+            path, interfaces: [sessionInterface(record, info), cryptokiSessionInterface(record, info)],
+            accessCheck: { $0 == owner })
         call.reply([.objectPath(path)])
     }
 
@@ -685,6 +694,7 @@ public final class PincacheService: @unchecked Sendable {
         // Through the worker, so operations queued before Close still see the session's login.
         record.token.worker.submit {
             record.token.sessionClosed(caller: record.owner)
+            record.token.closeRawSession(record.id)
             call.reply([])
         }
     }

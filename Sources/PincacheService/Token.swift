@@ -23,6 +23,10 @@ final class Backend: Sendable {
 /// What the daemon last saw of a slot; read by property getters from any thread.
 struct TokenSnapshot: Sendable, Equatable {
     var slotDescription = ""
+    var slotManufacturer = ""
+    var slotFlags: UInt = 0
+    var slotHardwareVersion = Version(major: 0, minor: 0)
+    var slotFirmwareVersion = Version(major: 0, minor: 0)
     var present = false
     var removable = false
     var info: TokenInfo?
@@ -84,6 +88,12 @@ final class TokenContext: @unchecked Sendable {
     var opSession: SessionHandle?
     var keys: [KeyRecord]?
     private var mechanisms: Set<MechanismType>?
+    // Worker-only state of the proxy's interface (TokenCryptoki.swift).
+    var rawSessions: [UInt64: SessionHandle] = [:]
+    var contextPINs: [UInt64: SecretPIN] = [:]
+    var objectTable = ObjectTable()
+    /// The caller holding an SO login (held like a non-caching login, never cached).
+    let soHolder = Mutex<CallerID?>(nil)
 
     var module: PKCS11Module { backend.module }
 
@@ -116,6 +126,10 @@ final class TokenContext: @unchecked Sendable {
         var next = TokenSnapshot()
         if let slotInfo = try? module.slotInfo(slot) {
             next.slotDescription = slotInfo.description
+            next.slotManufacturer = slotInfo.manufacturer
+            next.slotFlags = slotInfo.flags
+            next.slotHardwareVersion = slotInfo.hardwareVersion
+            next.slotFirmwareVersion = slotInfo.firmwareVersion
             next.present = slotInfo.tokenPresent
             next.removable = slotInfo.removableDevice
             if slotInfo.tokenPresent { next.info = try? module.tokenInfo(slot) }
@@ -132,6 +146,8 @@ final class TokenContext: @unchecked Sendable {
             }
             keys = nil
             mechanisms = nil
+            objectTable = ObjectTable()
+            soHolder.withLock { $0 = nil }
         }
         if previous != next { onChange(self, previous, next) }
         return next
@@ -141,7 +157,9 @@ final class TokenContext: @unchecked Sendable {
     func presentTokenInfo() throws -> TokenInfo {
         let snap = refresh()
         guard snap.present, let info = snap.info else {
-            throw ServiceError(.tokenNotPresent, "no token in \(snap.slotDescription.isEmpty ? id : snap.slotDescription)")
+            throw ServiceError(
+                .tokenNotPresent,
+                "no token in \(snap.slotDescription.isEmpty ? id : snap.slotDescription) (CKR_TOKEN_NOT_PRESENT (0xe0))")
         }
         guard info.tokenInitialized else {
             throw ServiceError(.tokenNotPresent, "the token in this slot is not initialised (CKR_TOKEN_NOT_RECOGNIZED (0xe1))")
@@ -153,7 +171,13 @@ final class TokenContext: @unchecked Sendable {
 
     func session() throws -> SessionHandle {
         if let opSession { return opSession }
-        let s = try module.openSession(slot, readWrite: false)
+        // Read-write where the token allows it: an SO login fails while any read-only session exists.
+        let s: SessionHandle
+        do {
+            s = try module.openSession(slot, readWrite: true)
+        } catch let e as PKCS11Error where e.rv == .tokenWriteProtected {
+            s = try module.openSession(slot, readWrite: false)
+        }
         opSession = s
         return s
     }
@@ -167,7 +191,7 @@ final class TokenContext: @unchecked Sendable {
     /// The new one opens first: closing a token's last session would end a held login.
     func resetSession() {
         guard let old = opSession else { return }
-        if let fresh = try? module.openSession(slot, readWrite: false) {
+        if let fresh = (try? module.openSession(slot, readWrite: true)) ?? (try? module.openSession(slot, readWrite: false)) {
             opSession = fresh
             try? module.closeSession(old)
         }
@@ -203,7 +227,7 @@ final class TokenContext: @unchecked Sendable {
         if let k = keys?.first(where: { $0.id == id }) { return k }
         keys = nil
         if let k = try listKeys().first(where: { $0.id == id }) { return k }
-        throw ServiceError(.keyNotFound, "no key with id \(hex(id)) on this token")
+        throw ServiceError(.keyNotFound, "no key with id \(hex(id)) on this token (CKR_KEY_HANDLE_INVALID (0x60))")
     }
 
     private func loadKeys() throws -> [KeyRecord] {
@@ -374,7 +398,15 @@ final class TokenContext: @unchecked Sendable {
             defer { try? module.logout(s) }
             result = try body(nil)
         case .heldLogin:
-            result = try body(nil)
+            do {
+                result = try body(nil)
+            } catch let e as PKCS11Error where e.rv == .userNotLoggedIn {
+                // The token ended the login itself (e.g. an OpenPGP card whose PIN is good for one
+                // signature): the caller no longer holds it, and says so in its state.
+                _ = try? policy.withLock { try $0.logout(for: caller) }
+                backendLogout()
+                throw e
+            }
         case .freshPIN:
             guard let fresh = freshPIN else { throw PolicyError.pinRequired }
             let holds = policy.withLock { $0.state(of: caller).holdsLogin }
@@ -431,7 +463,7 @@ final class TokenContext: @unchecked Sendable {
     func findPrivateKey(_ s: SessionHandle, _ id: [UInt8]) throws -> ObjectHandle {
         let found = try module.findObjects(s, matching: [.objectClass(.privateKey), Attribute(.id, id)], limit: 2)
         guard let handle = found.first else {
-            throw ServiceError(.keyNotFound, "no private key with id \(hex(id)) on this token")
+            throw ServiceError(.keyNotFound, "no private key with id \(hex(id)) on this token (CKR_KEY_HANDLE_INVALID (0x60))")
         }
         return handle
     }

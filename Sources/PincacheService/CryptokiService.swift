@@ -1,0 +1,425 @@
+import DBusKit
+import PKCS11Kit
+import PinPolicy
+
+/// Argument decoding for the proxy's interfaces: every size and count is capped before any
+/// work (the proxy is as strict with the replies).
+enum Wire {
+    static let maxTemplateEntries = 256
+    static let maxAttributeBytes = 1 << 20
+    static let maxDataBytes = 16 << 20
+    static let maxFindResults = 100_000
+    static let maxRandomBytes = 1 << 20
+
+    static func invalid(_ what: String) -> DBusError { .invalidArgs("\(what) (CKR_ARGUMENTS_BAD (0x7))") }
+
+    static func template(_ v: DBusValue) -> Result<[Attribute], DBusError> {
+        guard let entries = v.arrayValues else { return .failure(invalid("template: expected a(tay)")) }
+        guard entries.count <= maxTemplateEntries else { return .failure(invalid("template longer than \(maxTemplateEntries)")) }
+        var out: [Attribute] = []
+        for e in entries {
+            guard let f = e.structFields, f.count == 2, let t = f[0].uint64Value, let value = f[1].bytesValue else {
+                return .failure(invalid("template entry: expected (tay)"))
+            }
+            guard value.count <= maxAttributeBytes else { return .failure(invalid("attribute value too long")) }
+            out.append(Attribute(AttributeType(rawValue: UInt(t)), value))
+        }
+        return .success(out)
+    }
+
+    /// (tay): the mechanism type and its parameter bytes; OAEP's source data pointer travels flattened.
+    static func mechanism(_ v: DBusValue) -> Result<Mechanism, DBusError> {
+        guard let f = v.structFields, f.count == 2, let t = f[0].uint64Value, let p = f[1].bytesValue else {
+            return .failure(invalid("mechanism: expected (tay)"))
+        }
+        guard p.count <= maxAttributeBytes else { return .failure(invalid("mechanism parameter too long")) }
+        let type = MechanismType(rawValue: UInt(t))
+        if type == .rsaPKCSOAEP {
+            guard p.count >= 24 else { return .failure(invalid("CK_RSA_PKCS_OAEP_PARAMS: need 24 bytes")) }
+            func ulong(_ at: Int) -> UInt { p[at..<at + 8].reversed().reduce(0) { $0 << 8 | UInt($1) } }
+            return .success(
+                Mechanism(
+                    type,
+                    parameter: .oaep(
+                        hash: MechanismType(rawValue: ulong(0)), mgf: MGF(rawValue: ulong(8)), sourceData: Array(p[24...]))))
+        }
+        return .success(Mechanism(type, parameter: p.isEmpty ? .none : .raw(p)))
+    }
+
+    static func data(_ v: DBusValue, _ name: String = "data") -> Result<[UInt8], DBusError> {
+        guard let b = v.bytesValue else { return .failure(invalid("\(name): expected ay")) }
+        guard b.count <= maxDataBytes else { return .failure(invalid("\(name) longer than \(maxDataBytes) bytes")) }
+        return .success(b)
+    }
+}
+
+extension PincacheService {
+    // MARK: - CryptokiManager1
+
+    func cryptokiManagerInterface() -> ExportedInterface {
+        ExportedInterface(
+            PincacheInterfaces.cryptokiManager,
+            methods: [
+                "GetSlots": { [weak self] call in
+                    guard let self else { return }
+                    let slots = self.tokens.filter { $0.published.load(ordering: .acquiring) }.map {
+                        DBusValue.structure([.objectPath($0.path), Self.slotDescription($0)])
+                    }
+                    call.reply([.array(elementSignature: "(oa{sv})", slots)])
+                }
+            ])
+    }
+
+    private static func encodeMechanism(_ m: (MechanismType, MechanismInfo)) -> DBusValue {
+        let fields: [UInt] = [m.0.rawValue, m.1.minKeySize, m.1.maxKeySize, m.1.flags]
+        return .structure(fields.map { .uint64(UInt64($0)) })
+    }
+
+    private static func encodeAttribute(_ r: AttributeResult) -> DBusValue {
+        .structure([.uint64(UInt64(r.type.rawValue)), .uint64(UInt64(r.status.rawValue)), .bytes(r.value)])
+    }
+
+    private static func slotDescription(_ token: TokenContext) -> DBusValue {
+        let s = token.snapshot
+        func version(_ v: Version) -> DBusValue { .structure([.byte(v.major), .byte(v.minor)]) }
+        var d: [String: DBusValue] = [
+            "SlotDescription": .string(s.slotDescription),
+            "SlotManufacturer": .string(s.slotManufacturer),
+            "SlotFlags": .uint64(UInt64(s.slotFlags)),
+            "HardwareVersion": version(s.slotHardwareVersion),
+            "FirmwareVersion": version(s.slotFirmwareVersion),
+            "TokenPresent": .boolean(s.present && s.info != nil),
+        ]
+        if s.present, let i = s.info {
+            d["Label"] = .string(i.label)
+            d["Manufacturer"] = .string(i.manufacturer)
+            d["Model"] = .string(i.model)
+            d["Serial"] = .string(i.serialNumber)
+            d["TokenFlags"] = .uint64(UInt64(i.flags))
+            d["MaxSessionCount"] = .uint64(UInt64(i.maxSessionCount))
+            d["MaxRwSessionCount"] = .uint64(UInt64(i.maxRwSessionCount))
+            d["MaxPinLen"] = .uint64(UInt64(i.maxPinLength))
+            d["MinPinLen"] = .uint64(UInt64(i.minPinLength))
+            d["TotalPublicMemory"] = .uint64(UInt64(i.totalPublicMemory))
+            d["FreePublicMemory"] = .uint64(UInt64(i.freePublicMemory))
+            d["TotalPrivateMemory"] = .uint64(UInt64(i.totalPrivateMemory))
+            d["FreePrivateMemory"] = .uint64(UInt64(i.freePrivateMemory))
+            d["TokenHardwareVersion"] = version(i.hardwareVersion)
+            d["TokenFirmwareVersion"] = version(i.firmwareVersion)
+            d["UtcTime"] = .string(i.utcTime)
+        }
+        return .vardict(d)
+    }
+
+    // MARK: - CryptokiSlot1
+
+    func cryptokiSlotInterface(_ token: TokenContext) -> ExportedInterface {
+        ExportedInterface(
+            PincacheInterfaces.cryptokiSlot,
+            methods: [
+                "GetMechanisms": { [weak self] call in
+                    guard let self else { return }
+                    self.withCaller(call) { info in
+                        self.onWorker(token, call, caller: info.id, { try token.mechanismTable() }) { list in
+                            [.array(elementSignature: "(tttt)", list.map(Self.encodeMechanism))]
+                        }
+                    }
+                },
+                "OpenSession": { [weak self] call in
+                    guard let self, let flags = call.arguments.first?.uint64Value else { return }
+                    guard flags & 0x4 != 0 else {  // CKF_SERIAL_SESSION
+                        return call.reply(
+                            error: ServiceError(.backendError, "C_OpenSession: CKR_SESSION_PARALLEL_NOT_SUPPORTED (0xb4)").dbusError)
+                    }
+                    self.withCaller(call) { info in self.openSession(call, info, token, readWrite: flags & 0x2 != 0) }
+                },
+                "InitToken": { [weak self] call in
+                    guard let self, let label = call.arguments.last?.stringValue else { return }
+                    guard label.utf8.count <= 32 else { return call.reply(error: Wire.invalid("label longer than 32 bytes")) }
+                    switch self.readPIN(call, at: 0) {
+                    case .failure(let e): call.reply(error: e)
+                    case .success(let pin):
+                        self.withCaller(call) { info in
+                            self.authorized(.manage, call, self.details(token, info, "init-token", keyID: nil)) {
+                                self.onWorker(token, call, caller: info.id, { try token.initToken(soPIN: pin, label: label) }) {
+                                    _ in []
+                                }
+                            }
+                        }
+                    }
+                },
+            ])
+    }
+
+    // MARK: - CryptokiSession1
+
+    func cryptokiSessionInterface(_ record: SessionRecord, _ info: CallerInfo) -> ExportedInterface {
+        let token = record.token
+        let caller = record.owner
+        let id = record.id
+        let rw = record.readWrite
+        let registry = self.registry
+        @Sendable func settings() -> Settings { registry.lookup(caller.rawValue)?.settings ?? info.settings }
+        /// Decodes, then runs `job` on the token's worker and encodes its result.
+        @Sendable func work<T: Sendable>(
+            _ call: MethodCall, _ decode: () -> Result<@Sendable () throws -> T, DBusError>,
+            _ encode: @escaping @Sendable (T) -> [DBusValue]
+        ) {
+            switch decode() {
+            case .failure(let e): call.reply(error: e)
+            case .success(let job): onWorker(token, call, caller: caller, job, reply: encode)
+            }
+        }
+        @Sendable func handle(_ v: DBusValue?) -> Result<UInt64, DBusError> {
+            guard let h = v?.uint64Value else { return .failure(Wire.invalid("expected a handle (t)")) }
+            return .success(h)
+        }
+        @Sendable func crypto(_ call: MethodCall, _ op: TokenContext.RawOperation?) {
+            let a = call.arguments
+            work(call, {
+                Wire.mechanism(a[0]).flatMap { m in
+                    handle(a[1]).flatMap { key in
+                        Wire.data(a[2]).flatMap { data in
+                            var operation = op
+                            if op == nil {
+                                switch Wire.data(a[3], "signature") {
+                                case .failure(let e): return .failure(e)
+                                case .success(let sig): operation = .verify(signature: sig)
+                                }
+                            }
+                            let final = operation!
+                            return .success({
+                                try token.rawOperation(
+                                    caller: caller, settings: settings(), session: id, rw: rw, op: final, mechanism: m,
+                                    key: key, data: data)
+                            })
+                        }
+                    }
+                }
+            }) { (bytes: [UInt8]) in op == nil ? [] : [.bytes(bytes)] }
+        }
+        return ExportedInterface(
+            PincacheInterfaces.cryptokiSession,
+            methods: [
+                "GetSessionInfo": { call in
+                    let s = token.sessionState(caller: caller, rw: rw)
+                    call.reply([.structure([.uint64(UInt64(s.state)), .uint64(UInt64(s.flags)), .uint64(0)])])
+                },
+                "Login": { [weak self] call in
+                    guard let self, let userType = call.arguments.first?.uint64Value else { return }
+                    let pin: SecretPIN
+                    switch self.readPIN(call, at: 1) {
+                    case .failure(let e): return call.reply(error: e)
+                    case .success(let p): pin = p
+                    }
+                    let details = self.details(token, info, "login", keyID: nil)
+                    switch UserType(rawValue: UInt(userType)) {
+                    case .user:
+                        self.authorized(.login, call, details) {
+                            self.onWorker(token, call, caller: caller, {
+                                try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
+                            }) { _ in [] }
+                        }
+                    case .so:
+                        self.authorized(.login, call, details) {
+                            self.onWorker(token, call, caller: caller, {
+                                try token.loginSO(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
+                            }) { _ in [] }
+                        }
+                    case .contextSpecific:
+                        self.authorized(.login, call, details) {
+                            self.onWorker(token, call, caller: caller, {
+                                try token.loginContext(caller: caller, session: id, pin: pin)
+                            }) { _ in [] }
+                        }
+                    default:
+                        call.reply(error: ServiceError(.backendError, "C_Login: CKR_USER_TYPE_INVALID (0x103)").dbusError)
+                    }
+                },
+                "Logout": { [weak self] call in
+                    self?.onWorker(token, call, caller: caller, { try token.logoutAll(caller: caller) }) { _ in [] }
+                },
+                "FindObjects": { call in
+                    let a = call.arguments
+                    work(call, {
+                        Wire.template(a[0]).map { template in
+                            let max = Int(min(a[1].uint64Value ?? 0, UInt64(Wire.maxFindResults)))
+                            return {
+                                try token.findObjects(
+                                    caller: caller, settings: settings(), session: id, rw: rw, template: template, max: max)
+                            }
+                        }
+                    }) { (handles: [UInt64]) in [.array(elementSignature: "t", handles.map { DBusValue.uint64($0) })] }
+                },
+                "GetAttributes": { call in
+                    let a = call.arguments
+                    work(call, {
+                        handle(a[0]).flatMap { h in
+                            guard let types = a[1].arrayValues, types.count <= Wire.maxTemplateEntries else {
+                                return .failure(Wire.invalid("types: at most \(Wire.maxTemplateEntries)"))
+                            }
+                            let t = types.compactMap { $0.uint64Value }.map { AttributeType(rawValue: UInt($0)) }
+                            return .success({
+                                try token.getAttributes(
+                                    caller: caller, settings: settings(), session: id, rw: rw, handle: h, types: t)
+                            })
+                        }
+                    }) { (results: [AttributeResult]) in
+                        [.array(elementSignature: "(ttay)", results.map(Self.encodeAttribute))]
+                    }
+                },
+                "SetAttributes": { call in
+                    let a = call.arguments
+                    work(call, {
+                        handle(a[0]).flatMap { h in
+                            Wire.template(a[1]).map { template in
+                                {
+                                    try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                                        let backend = try token.resolve(h, s, caller: caller, function: "C_SetAttributeValue")
+                                        let created = token.objectTable.locators[h]?.creatingSession
+                                        try token.module.setAttributes(s, backend, template)
+                                        // The identity may have changed (label, id): register it afresh.
+                                        token.forgetObject(h)
+                                        _ = try token.register(s, backend, caller: caller, createdIn: created)
+                                    }
+                                }
+                            }
+                        }
+                    }) { _ in [] }
+                },
+                "CreateObject": { call in
+                    let a = call.arguments
+                    work(call, {
+                        Wire.template(a[0]).map { template in
+                            {
+                                try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                                    try token.registerCreated(s, try token.module.createObject(s, template), caller: caller, session: id)
+                                }
+                            }
+                        }
+                    }) { (handle: UInt64) in [.uint64(handle)] }
+                },
+                "CopyObject": { call in
+                    let a = call.arguments
+                    work(call, {
+                        handle(a[0]).flatMap { h in
+                            Wire.template(a[1]).map { template in
+                                {
+                                    try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                                        let backend = try token.resolve(h, s, caller: caller, function: "C_CopyObject")
+                                        return try token.registerCreated(
+                                            s, try token.module.copyObject(s, backend, template), caller: caller, session: id)
+                                    }
+                                }
+                            }
+                        }
+                    }) { (handle: UInt64) in [.uint64(handle)] }
+                },
+                "DestroyObject": { call in
+                    let a = call.arguments
+                    work(call, {
+                        handle(a[0]).map { h in
+                            {
+                                try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                                    let backend = try token.resolve(h, s, caller: caller, function: "C_DestroyObject")
+                                    try token.module.destroyObject(s, backend)
+                                    token.forgetObject(h)
+                                }
+                            }
+                        }
+                    }) { _ in [] }
+                },
+                "GenerateKey": { call in
+                    let a = call.arguments
+                    work(call, {
+                        Wire.mechanism(a[0]).flatMap { m in
+                            Wire.template(a[1]).map { template in
+                                {
+                                    try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                                        try token.registerCreated(
+                                            s, try token.module.generateKey(s, mechanism: m, template: template),
+                                            caller: caller, session: id)
+                                    }
+                                }
+                            }
+                        }
+                    }) { (handle: UInt64) in [.uint64(handle)] }
+                },
+                "GenerateKeyPair": { call in
+                    let a = call.arguments
+                    work(call, {
+                        Wire.mechanism(a[0]).flatMap { m in
+                            Wire.template(a[1]).flatMap { pub in
+                                Wire.template(a[2]).map { priv in
+                                    {
+                                        try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                                            let pair = try token.module.generateKeyPair(
+                                                s, mechanism: m, publicTemplate: pub, privateTemplate: priv)
+                                            return (
+                                                try token.registerCreated(s, pair.public, caller: caller, session: id),
+                                                try token.registerCreated(s, pair.private, caller: caller, session: id)
+                                            )
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }) { (pair: (UInt64, UInt64)) in [.uint64(pair.0), .uint64(pair.1)] }
+                },
+                "Sign": { call in crypto(call, .sign) },
+                "Verify": { call in crypto(call, nil) },
+                "Encrypt": { call in crypto(call, .encrypt) },
+                "Decrypt": { call in crypto(call, .decrypt) },
+                "Digest": { call in
+                    let a = call.arguments
+                    work(call, {
+                        Wire.mechanism(a[0]).flatMap { m in
+                            Wire.data(a[1]).map { data in
+                                { try token.publicOperation(caller: caller, session: id, rw: rw) { s in
+                                    try token.module.digest(s, mechanism: m, data: data) } }
+                            }
+                        }
+                    }) { (bytes: [UInt8]) in [.bytes(bytes)] }
+                },
+                "GenerateRandom": { call in
+                    let n = call.arguments.first?.uint64Value ?? 0
+                    work(call, {
+                        guard n <= UInt64(Wire.maxRandomBytes) else {
+                            return .failure(Wire.invalid("at most \(Wire.maxRandomBytes) random bytes"))
+                        }
+                        return .success({ try token.publicOperation(caller: caller, session: id, rw: rw) { s in
+                            try token.module.generateRandom(s, count: Int(n)) } })
+                    }) { (bytes: [UInt8]) in [.bytes(bytes)] }
+                },
+                "SeedRandom": { call in
+                    let a = call.arguments
+                    work(call, {
+                        Wire.data(a[0], "seed").map { seed in
+                            { try token.publicOperation(caller: caller, session: id, rw: rw) { s in
+                                try token.module.seedRandom(s, seed) } }
+                        }
+                    }) { _ in [] }
+                },
+                "InitPIN": { [weak self] call in
+                    guard let self else { return }
+                    switch self.readPIN(call, at: 0) {
+                    case .failure(let e): call.reply(error: e)
+                    case .success(let pin):
+                        self.onWorker(token, call, caller: caller, { try token.initPIN(caller: caller, pin: pin) }) { _ in [] }
+                    }
+                },
+                "SetPIN": { [weak self] call in
+                    guard let self else { return }
+                    switch (self.readPIN(call, at: 0), self.readPIN(call, at: 1)) {
+                    case (.failure(let e), _), (_, .failure(let e)): call.reply(error: e)
+                    case (.success(let old), .success(let new)):
+                        self.authorized(.login, call, self.details(token, info, "set-pin", keyID: nil)) {
+                            self.onWorker(token, call, caller: caller, {
+                                try token.setPIN(caller: caller, settings: settings(), session: id, rw: rw, old: old, new: new)
+                            }) { _ in [] }
+                        }
+                    }
+                },
+            ])
+    }
+}

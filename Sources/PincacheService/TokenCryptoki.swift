@@ -1,0 +1,397 @@
+import PKCS11Kit
+import PinPolicy
+
+/// The daemon's own object handles for the proxy. Backend handles do not survive a bracket
+/// (SoftHSM renumbers private objects at every login), so each handle keeps a locator: the
+/// backend handle last seen plus the attributes that identify the object, re-found when the
+/// backend handle no longer matches. Session objects (CKA_TOKEN false) are the caller's that
+/// made them, as PKCS#11 makes them the application's: the daemon is one application to the
+/// backend, so other callers must never see them.
+struct ObjectTable {
+    struct Locator {
+        var backend: ObjectHandle
+        var identity: [UInt8]
+        var template: [Attribute]
+        var isPrivate: Bool
+        /// Session objects only: the caller that made it, and in which session (it dies with it).
+        var owner: CallerID?
+        var creatingSession: UInt64?
+    }
+    var locators: [UInt64: Locator] = [:]
+    var byIdentity: [[UInt8]: UInt64] = [:]
+    var next: UInt64 = 1
+    static let capacity = 100_000
+}
+
+extension TokenContext {
+    static let identityTypes: [AttributeType] = [.class, .id, .label, .private, .token, .keyType, .value]
+
+    /// An object's identity bytes from its attributes; nil if the handle is not valid here.
+    private func identity(_ s: SessionHandle, _ h: ObjectHandle) -> (bytes: [UInt8], attrs: [AttributeType: [UInt8]])? {
+        guard let a = try? module.getAttributes(s, h, Self.identityTypes), a[.class] != nil else { return nil }
+        var bytes: [UInt8] = []
+        for t in Self.identityTypes {
+            var v = a[t] ?? []
+            if t == .value { v = fnv1a(v) }
+            withUnsafeBytes(of: UInt64(v.count).littleEndian) { bytes.append(contentsOf: $0) }
+            bytes += v
+        }
+        return (bytes, a)
+    }
+
+    /// Gives a backend object a daemon handle (the same one every time it is seen). A session
+    /// object is registered only by the caller that created it (`createdIn`); found by anyone
+    /// else it is not theirs, and nil hides it.
+    func register(_ s: SessionHandle, _ h: ObjectHandle, caller: CallerID, createdIn session: UInt64? = nil) throws
+        -> UInt64?
+    {
+        guard let found = identity(s, h) else {
+            throw PKCS11Error(rv: .objectHandleInvalid, function: "C_GetAttributeValue")
+        }
+        var bytes = found.bytes
+        let a = found.attrs
+        let isTokenObject = a[.token]?.pkcs11Bool ?? true
+        if !isTokenObject { bytes += Array(caller.rawValue.utf8) }
+        if let existing = objectTable.byIdentity[bytes] {
+            objectTable.locators[existing]?.backend = h
+            return existing
+        }
+        if !isTokenObject && session == nil { return nil }
+        guard objectTable.locators.count < ObjectTable.capacity else {
+            throw PKCS11Error(rv: .deviceMemory, function: "C_FindObjects")
+        }
+        var template: [Attribute] = []
+        for t in [AttributeType.class, .id, .label, .keyType] {
+            if let v = a[t] { template.append(Attribute(t, v)) }
+        }
+        let handle = objectTable.next
+        objectTable.next += 1
+        objectTable.locators[handle] = ObjectTable.Locator(
+            backend: h, identity: bytes, template: template, isPrivate: a[.private]?.pkcs11Bool ?? false,
+            owner: isTokenObject ? nil : caller, creatingSession: isTokenObject ? nil : session)
+        objectTable.byIdentity[bytes] = handle
+        return handle
+    }
+
+    /// register() for objects the caller just made: always gives a handle.
+    func registerCreated(_ s: SessionHandle, _ h: ObjectHandle, caller: CallerID, session: UInt64) throws -> UInt64 {
+        guard let handle = try register(s, h, caller: caller, createdIn: session) else {
+            throw PKCS11Error(rv: .generalError, function: "C_CreateObject")
+        }
+        return handle
+    }
+
+    /// `invalid` is the code for a handle that names nothing here: CKR_KEY_HANDLE_INVALID
+    /// where PKCS#11 expects a key, CKR_OBJECT_HANDLE_INVALID elsewhere.
+    func locator(_ handle: UInt64, caller: CallerID, function: String, invalid: ReturnValue = .objectHandleInvalid)
+        throws -> ObjectTable.Locator
+    {
+        guard let loc = objectTable.locators[handle], loc.owner == nil || loc.owner == caller else {
+            throw PKCS11Error(rv: invalid, function: function)
+        }
+        return loc
+    }
+
+    /// The backend handle of a daemon handle in the current login state.
+    func resolve(
+        _ handle: UInt64, _ s: SessionHandle, caller: CallerID, function: String,
+        invalid: ReturnValue = .objectHandleInvalid
+    ) throws -> ObjectHandle {
+        let loc = try locator(handle, caller: caller, function: function, invalid: invalid)
+        func matches(_ h: ObjectHandle) -> Bool {
+            guard var bytes = identity(s, h)?.bytes else { return false }
+            if let owner = loc.owner { bytes += Array(owner.rawValue.utf8) }
+            return bytes == loc.identity
+        }
+        if matches(loc.backend) { return loc.backend }
+        for h in try module.findObjects(s, matching: loc.template, limit: 1000) where matches(h) {
+            objectTable.locators[handle]?.backend = h
+            return h
+        }
+        throw PKCS11Error(rv: invalid, function: function)
+    }
+
+    func forgetObject(_ handle: UInt64) {
+        if let loc = objectTable.locators.removeValue(forKey: handle) { objectTable.byIdentity[loc.identity] = nil }
+    }
+
+    // MARK: - Sessions of the proxy (worker)
+
+    func rawSession(_ id: UInt64, readWrite: Bool) throws -> SessionHandle {
+        if let s = rawSessions[id] { return s }
+        // The shared session stays open, so closing this one can never end the token's login.
+        _ = try backendCall { try session() }
+        let s = try backendCall { try module.openSession(slot, readWrite: readWrite) }
+        rawSessions[id] = s
+        return s
+    }
+
+    func closeRawSession(_ id: UInt64) {
+        contextPINs[id] = nil
+        if let s = rawSessions.removeValue(forKey: id) { try? module.closeSession(s) }
+        for (handle, loc) in objectTable.locators where loc.creatingSession == id { forgetObject(handle) }
+    }
+
+    /// Public operations run as they are; when the caller is logged in they run in its login
+    /// (so its private objects are visible). Another caller's exclusive hold gives TokenBusy.
+    func withAccess<T>(caller: CallerID, settings: Settings, _ s: SessionHandle, _ body: () throws -> T) throws -> T {
+        if policy.withLock({ $0.state(of: caller).loggedIn }) {
+            return try withPrivateAccess(
+                caller: caller, settings: settings, kind: .readPrivate, requiresFreshPIN: false, freshPIN: nil,
+                alwaysAuthenticate: false, session: s
+            ) { _ in try body() }
+        }
+        try policy.withLock { try $0.checkAvailable(for: caller) }
+        _ = try presentTokenInfo()
+        return try body()
+    }
+
+    /// Like withAccess, but an operation on a private object needs the caller's login.
+    private func withObjectAccess<T>(
+        caller: CallerID, settings: Settings, _ s: SessionHandle, _ loc: ObjectTable.Locator, function: String,
+        invalid: ReturnValue = .objectHandleInvalid, _ body: () throws -> T
+    ) throws -> T {
+        if loc.isPrivate && !policy.withLock({ $0.state(of: caller).loggedIn }) {
+            try policy.withLock { try $0.checkAvailable(for: caller) }
+            throw PKCS11Error(rv: invalid, function: function)
+        }
+        return try withAccess(caller: caller, settings: settings, s, body)
+    }
+
+    /// Every mechanism of the slot with its info, read once per card.
+    func mechanismTable() throws -> [(MechanismType, MechanismInfo)] {
+        _ = try presentTokenInfo()
+        return try backendCall {
+            try module.mechanismList(slot).map { ($0, try module.mechanismInfo(slot, $0)) }
+        }
+    }
+
+    // MARK: - Objects (worker)
+
+    func findObjects(caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, template: [Attribute], max: Int)
+        throws -> [UInt64]
+    {
+        let s = try rawSession(id, readWrite: rw)
+        return try withAccess(caller: caller, settings: settings, s) {
+            try module.findObjects(s, matching: template, limit: max).compactMap { try register(s, $0, caller: caller) }
+        }
+    }
+
+    func getAttributes(caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, handle: UInt64, types: [AttributeType])
+        throws -> [AttributeResult]
+    {
+        let s = try rawSession(id, readWrite: rw)
+        let loc = try locator(handle, caller: caller, function: "C_GetAttributeValue")
+        var results = try withObjectAccess(caller: caller, settings: settings, s, loc, function: "C_GetAttributeValue") {
+            let h = try resolve(handle, s, caller: caller, function: "C_GetAttributeValue")
+            return try module.attributeValues(s, h, types)
+        }
+        // Force-login keys show CKA_ALWAYS_AUTHENTICATE, so applications ask for the PIN (DESIGN §1).
+        if let i = results.firstIndex(where: { $0.type == .alwaysAuthenticate }), results[i].status == .ok,
+            requiresFreshPIN(loc, settings: settings)
+        {
+            results[i].value = [1]
+        }
+        return results
+    }
+
+    /// Force-login applies to private keys whose certificate (same CKA_ID) carries nonRepudiation.
+    private func requiresFreshPIN(_ loc: ObjectTable.Locator, settings: Settings) -> Bool {
+        guard let cls = loc.template.first(where: { $0.type == .class })?.value.pkcs11ULong,
+            cls == ObjectClass.privateKey.rawValue,
+            let id = loc.template.first(where: { $0.type == .id })?.value
+        else { return false }
+        return settings.requiresFreshPIN(keyUsage: keyUsage(id))
+    }
+
+    private func keyUsage(_ id: [UInt8]) -> UInt32? {
+        if keys == nil { _ = try? listKeys() }
+        return keys?.first { $0.id == id }?.keyUsage
+    }
+
+    func mutateObjects<T>(caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, _ body: (SessionHandle) throws -> T)
+        throws -> T
+    {
+        let s = try rawSession(id, readWrite: rw)
+        let result = try withAccess(caller: caller, settings: settings, s) { try body(s) }
+        keys = nil  // a new or changed key shows in ListKeys
+        return result
+    }
+
+    // MARK: - Cryptography (worker)
+
+    enum RawOperation {
+        case sign, decrypt, verify(signature: [UInt8]), encrypt
+    }
+
+    /// One PKCS#11 operation from Init to its final call (the proxy defers Init and Updates).
+    func rawOperation(
+        caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, op: RawOperation, mechanism: Mechanism,
+        key handle: UInt64, data: [UInt8]
+    ) throws -> [UInt8] {
+        let s = try rawSession(id, readWrite: rw)
+        let function: String
+        switch op {
+        case .sign: function = "C_SignInit"
+        case .decrypt: function = "C_DecryptInit"
+        case .verify: function = "C_VerifyInit"
+        case .encrypt: function = "C_EncryptInit"
+        }
+        let loc = try locator(handle, caller: caller, function: function, invalid: .keyHandleInvalid)
+        let kind: OperationKind
+        switch op {
+        case .sign: kind = .sign
+        case .decrypt: kind = .decrypt
+        case .verify, .encrypt:
+            return try withObjectAccess(
+                caller: caller, settings: settings, s, loc, function: function, invalid: .keyHandleInvalid
+            ) {
+                let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
+                if case .verify(let signature) = op {
+                    try module.verifyRaw(s, mechanism: mechanism, key: h, data: data, signature: signature)
+                    return []
+                }
+                return try module.encrypt(s, mechanism: mechanism, key: h, data: data)
+            }
+        }
+        let fresh = contextPINs.removeValue(forKey: id)
+        if !loc.isPrivate && !policy.withLock({ $0.state(of: caller).loggedIn }) {
+            // A public key object (e.g. a secret key marked non-private): no login needed.
+            return try withAccess(caller: caller, settings: settings, s) {
+                let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
+                return try kind == .sign
+                    ? module.sign(s, mechanism: mechanism, key: h, data: data)
+                    : module.decrypt(s, mechanism: mechanism, key: h, data: data)
+            }
+        }
+        let keyID = loc.template.first { $0.type == .id }?.value
+        let record = keyID.flatMap { id in keys?.first { $0.id == id } }
+        let alwaysAuth = record?.backendAlwaysAuthenticate ?? false
+        let requiresFresh = kind == .sign && (requiresFreshPIN(loc, settings: settings) || alwaysAuth)
+        return try withPrivateAccess(
+            caller: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh, freshPIN: fresh,
+            alwaysAuthenticate: alwaysAuth, session: s
+        ) { contextPIN in
+            let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
+            do {
+                switch kind {
+                case .sign:
+                    try module.signInit(s, mechanism: mechanism, key: h)
+                    if let pin = contextPIN { try backendLogin(s, .contextSpecific, pin) }
+                    return try module.signAfterInit(s, data: data)
+                default:
+                    try module.decryptInit(s, mechanism: mechanism, key: h)
+                    if let pin = contextPIN { try backendLogin(s, .contextSpecific, pin) }
+                    return try module.decryptAfterInit(s, data: data)
+                }
+            } catch {
+                // An operation left active by a failure would block the session's next one.
+                replaceRawSession(id, rw: rw)
+                throw error
+            }
+        }
+    }
+
+    private func replaceRawSession(_ id: UInt64, rw: Bool) {
+        guard let old = rawSessions[id], let fresh = try? module.openSession(slot, readWrite: rw) else { return }
+        rawSessions[id] = fresh
+        try? module.closeSession(old)
+    }
+
+    func publicOperation<T>(caller: CallerID, session id: UInt64, rw: Bool, _ body: (SessionHandle) throws -> T) throws -> T {
+        let s = try rawSession(id, readWrite: rw)
+        try policy.withLock { try $0.checkAvailable(for: caller) }
+        _ = try presentTokenInfo()
+        return try backendCall { try body(s) }
+    }
+
+    // MARK: - Logins of the proxy (worker)
+
+    func loginSO(caller: CallerID, settings: Settings, pin: SecretPIN, isAlive: () -> Bool) throws {
+        let info = try presentTokenInfo()
+        var held = settings
+        held.enableCachePIN = false  // SO logins are never cached (DESIGN §1)
+        let plan = try policy.withLock {
+            try $0.planLogin(for: caller, settings: held, protectedAuthenticationPath: info.protectedAuthenticationPath)
+        }
+        let s = try backendCall { try session() }
+        let usePad = info.protectedAuthenticationPath && pin.count == 0
+        try backendCall { try backendLogin(s, .so, usePad ? nil : pin) }
+        let stored = policy.withLock { p -> Bool in
+            guard isAlive() else { return false }
+            p.loginSucceeded(for: caller, plan: plan, settings: held, pin: nil, now: Self.now())
+            return true
+        }
+        if stored {
+            soHolder.withLock { $0 = caller }
+        } else {
+            try? module.logout(s)
+        }
+    }
+
+    /// C_Login(CKU_CONTEXT_SPECIFIC): the PIN is checked now and kept for the session's next
+    /// private operation only.
+    func loginContext(caller: CallerID, session id: UInt64, pin: SecretPIN) throws {
+        _ = try presentTokenInfo()
+        let state = policy.withLock { $0.state(of: caller) }
+        guard state.loggedIn else { throw PKCS11Error(rv: .userNotLoggedIn, function: "C_Login") }
+        let s = try backendCall { try session() }
+        try withFreshPIN(s, caller: caller, holdsLogin: state.holdsLogin, alwaysAuthenticate: false, pin: pin) {}
+        contextPINs[id] = pin
+    }
+
+    func logoutAll(caller: CallerID) throws {
+        try logout(caller: caller)
+        soHolder.withLock { if $0 == caller { $0 = nil } }
+    }
+
+    func sessionState(caller: CallerID, rw: Bool) -> (state: UInt, flags: UInt) {
+        let so = soHolder.withLock { $0 == caller }
+        let loggedIn = policy.withLock { $0.state(of: caller).loggedIn }
+        let state: UInt =
+            so ? 4 : loggedIn ? (rw ? 3 : 1) : (rw ? 2 : 0)  // CKS_RW_SO / RW_USER / RO_USER / RW_PUBLIC / RO_PUBLIC
+        return (state, 0x4 | (rw ? 0x2 : 0))  // CKF_SERIAL_SESSION | CKF_RW_SESSION
+    }
+
+    // MARK: - PINs and token initialisation (worker)
+
+    func initToken(soPIN: SecretPIN, label: String) throws {
+        let sessions = policy.withLock { p in p.callers.reduce(0) { $0 + p.state(of: $1).sessions } }
+        guard sessions == 0, rawSessions.isEmpty else { throw PKCS11Error(rv: .sessionExists, function: "C_InitToken") }
+        dropSession()
+        try soPIN.withBytes { try module.initToken(slot, soPIN: $0, label: label) }
+        keys = nil
+        objectTable = ObjectTable()
+        refresh()
+    }
+
+    func initPIN(caller: CallerID, pin: SecretPIN) throws {
+        guard soHolder.withLock({ $0 == caller }) else { throw PKCS11Error(rv: .userNotLoggedIn, function: "C_InitPIN") }
+        let s = try backendCall { try session() }
+        try pin.withBytes { try module.initPIN(s, pin: $0) }
+    }
+
+    /// C_SetPIN. Every other environment's cached PIN for the token is stale afterwards and is
+    /// wiped; the caller's own is replaced by the new PIN.
+    func setPIN(caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, old: SecretPIN, new: SecretPIN) throws {
+        let s = try rawSession(id, readWrite: rw)
+        try withAccess(caller: caller, settings: settings, s) {
+            try old.withBytes { o in try new.withBytes { n in try module.setPIN(s, old: o, new: n) } }
+        }
+        policy.withLock { p in
+            let hadCache = p.state(of: caller).cachedPIN
+            p.flushCachedPINs()
+            if hadCache { p.loginSucceeded(for: caller, plan: .verifyThenCache, settings: settings, pin: new, now: Self.now()) }
+        }
+    }
+}
+
+/// A 64-bit FNV-1a digest: tells object values apart in identities, not a security measure.
+private func fnv1a(_ bytes: [UInt8]) -> [UInt8] {
+    var h: UInt64 = 0xcbf2_9ce4_8422_2325
+    for b in bytes {
+        h ^= UInt64(b)
+        h = h &* 0x100_0000_01b3
+    }
+    return withUnsafeBytes(of: h.littleEndian) { Array($0) }
+}
