@@ -197,6 +197,7 @@ def test_bus_policy_refuses_other_interfaces(system):
     c.ok(MANAGER, "org.freedesktop.DBus.Peer", "Ping")
     c.ok(MANAGER, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
     assert c.ok(MANAGER, PROPS, "Get", "ss", M1, "Version")
+    assert isinstance(c.ok(MANAGER, "org.pincache.CryptokiManager1", "GetSlots"), list)
     # Refused by the bus itself, before the daemon sees them.
     for iface, member, sig, args in [
         (PROPS, "Set", "ssv", [M1, "CachingMode", False]),
@@ -206,6 +207,29 @@ def test_bus_policy_refuses_other_interfaces(system):
         answer = c.call(MANAGER, iface, member, sig, *args)
         assert answer.get("error") == ACCESS_DENIED, (iface, member, answer)
         assert "policy" in answer["message"].lower() or "rejected" in answer["message"].lower(), answer
+
+
+def test_bus_policy_covers_every_shipped_interface_and_nothing_else():
+    """Each interface in dbus/*.xml is callable; every allow rule pairs destination and interface."""
+    import xml.etree.ElementTree as ET
+    conf = ET.parse(REPO / "dbus" / "org.pincache.conf").getroot()
+    allowed = {}
+    for policy in conf.iter("policy"):
+        for allow in policy.iter("allow"):
+            if "own" in allow.attrib:
+                assert policy.get("user") == DAEMON_USER and allow.get("own") == "org.pincache.Daemon"
+                continue
+            assert allow.get("send_destination") == "org.pincache.Daemon", allow.attrib
+            assert allow.get("send_interface"), f"allow rule without send_interface: {allow.attrib}"
+            assert set(allow.attrib) <= {"send_destination", "send_interface", "send_member"}, allow.attrib
+            allowed.setdefault(allow.get("send_interface"), set()).add(allow.get("send_member"))
+    shipped = {ET.parse(x).getroot().find("interface").get("name")
+               for x in (REPO / "dbus").glob("org.pincache.*.xml")}
+    standard = {"org.freedesktop.DBus.Introspectable", "org.freedesktop.DBus.Peer",
+                "org.freedesktop.DBus.ObjectManager", "org.freedesktop.DBus.Properties"}
+    assert set(allowed) == shipped | standard, set(allowed) ^ (shipped | standard)
+    assert allowed["org.freedesktop.DBus.Properties"] == {"Get", "GetAll"}
+    assert all(members == {None} for name, members in allowed.items() if name != "org.freedesktop.DBus.Properties")
 
 
 def test_only_the_daemon_user_may_own_the_name(system):
