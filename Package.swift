@@ -5,8 +5,8 @@ import PackageDescription
 // package directory.
 let packageDirectory = String(#filePath.dropLast("/Package.swift".count))
 
-// One target per concern (see README "Layout"). No third-party Swift packages: every
-// dependency would be rebuilt on each CI run and none has earned its build time yet.
+// One target per concern (see README "Layout"). One third-party Swift package,
+// swift-argument-parser, for pincachectl only: every dependency is rebuilt on each CI run.
 let package = Package(
     name: "pincache",
     platforms: [.macOS(.v15)],
