@@ -7,6 +7,7 @@ count is back to baseline, every malformed call was refused, and a healthy clien
 throughout the flood saw p99 <= 50 ms."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,11 @@ def bus(tmp_path):
                         max_outgoing_bytes=BUS_QUEUE)
     yield b
     b.stop()
+
+
+def daemon_cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def daemon_pid(bus):
@@ -103,10 +109,15 @@ def test_flood(start_daemon, make_client, bus, tokens):
 
     refused = {}
 
+    cheap = []  # GetCallerState: answered on the bus thread, no token work (a diagnostic)
+
     def healthy_loop():
         while not stop.is_set():
             try:
                 latencies.append(sign_once())
+                t0 = time.perf_counter()
+                healthy.caller_state()
+                cheap.append(time.perf_counter() - t0)
             except CallError as e:
                 refused[e.name] = refused.get(e.name, 0) + 1
             time.sleep(0.005)
@@ -158,6 +169,9 @@ def test_flood(start_daemon, make_client, bus, tokens):
     record(ITEM, "healthy p50 during flood", round(p50, 2), "ms")
     record(ITEM, "healthy p99 during flood", round(p99, 2), "ms", limit=P99_LIMIT_MS, ok=p99 <= P99_LIMIT_MS)
     record(ITEM, "healthy max during flood", round(max(latencies) * 1000, 2), "ms")
+    record(ITEM, "healthy GetCallerState p50 / p99 during flood",
+           f"{percentile(cheap, 50) * 1000:.2f} / {percentile(cheap, 99) * 1000:.2f}", "ms")
+    record(ITEM, "daemon CPU time (whole test)", round(daemon_cpu_seconds(pid), 1), "s")
     record(ITEM, "CallsServed during flood (daemon)", served, "calls")
 
     assert daemon.proc.poll() is None, "pincached died during the flood:\n" + daemon.stderr_text()
