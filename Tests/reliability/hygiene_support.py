@@ -321,3 +321,45 @@ def bus():
     yield b
     b.stop()
     shutil.rmtree(d, ignore_errors=True)
+
+
+# --- tokens with a secret PIN and a daemon over them -------------------------------------
+
+@pytest.fixture(scope="module")
+def secret_store(tmp_path_factory):
+    """SoftHSM demo tokens whose user PIN is a fresh random 40-character string."""
+    pin, so_pin = random_pin(), random_pin(24)
+    d = tmp_path_factory.mktemp("hygiene-tokens")
+    make_token_store(d, pin, so_pin)
+    return d, pin, so_pin
+
+
+@pytest.fixture
+def start(pincached_bin, bus, tmp_path, secret_store):
+    """start(caching=True, module=SoftHSM, env={}, user=None, memlock=None, workdir=tmp_path)
+    -> a ready HygieneDaemon over a private copy of the secret tokens."""
+    need(os.geteuid() == 0, "these tests run pincached as root or nobody and read its memory: run as root")
+    need(pincached_bin.exists(), f"{pincached_bin} not built")
+    daemons = []
+
+    def run(caching=True, module=SOFTHSM_MODULE, env=None, user=None, memlock=None, workdir=None,
+            extra=()):
+        work = workdir or tmp_path
+        n = len(daemons)
+        tokens = Tokens(secret_store[0], work / f"softhsm-{n}")
+        cfg = work / f"pincache-{n}.cfg"
+        cfg.write_text(config_text(caching=caching, modules=[module], extra=extra))
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("DBUS_")}
+        full_env.update(tokens.env())
+        full_env.update(env or {})
+        if user is not None:
+            chown_tree(work, *user)
+        d = HygieneDaemon(pincached_bin, bus, cfg, full_env, work / f"pincached-{n}.stderr",
+                          user=user, memlock=memlock)
+        daemons.append(d)
+        d.wait_ready()
+        return d
+
+    yield run
+    for d in daemons:
+        d.stop()
