@@ -174,12 +174,17 @@ public final class PincacheService: @unchecked Sendable {
             name: present ? "TokenInserted" : "TokenRemoved", arguments: [.objectPath(token.path)])
     }
 
+    /// Wipes every PIN and closes the backend sessions before the process exits; waits for
+    /// the token workers (a few seconds at most, as a card may hang) and leaves them parked.
     public func shutdown() {
         stopping.store(true, ordering: .relaxed)
         readerWatcher?.stop()
+        let deadline = DispatchTime.now() + .seconds(5)
         for token in tokens {
             _ = token.policy.withLock { $0.flushCachedPINs() }
-            token.shutdown()
+            if !token.finishForExit(deadline: deadline) {
+                Log.warning("slot \(token.id): the module did not finish in time; exiting anyway")
+            }
         }
     }
 
