@@ -101,6 +101,8 @@ public final class DBusConnection: @unchecked Sendable {
     let objects = Mutex(ObjectTree())
     let signalState = Mutex(SignalState())
     private let closed = Mutex(false)
+    /// When the last receive-buffer scrub went out, and whether a later one is scheduled.
+    private let scrubState = Mutex<(lastSent: UInt64, scheduled: Bool)>((0, false))
     private let replies = Mutex(ReplyStatistics())
 
     /// The connection's unique name on the bus, e.g. `:1.42`.
@@ -230,6 +232,65 @@ public final class DBusConnection: @unchecked Sendable {
     /// Called on the loop thread when the bus connection is lost.
     public func onDisconnected(_ handler: @escaping @Sendable () -> Void) {
         signalState.withLock { $0.disconnectHandlers.append(handler) }
+    }
+
+    // MARK: scrubbing received secrets
+
+    /// Bytes of padding in a scrub message: more than libdbus's receive buffer keeps beyond
+    /// its live data (it compacts to at most 2 KiB of slack after each message it parses).
+    static let scrubBytes = 16 * 1024
+
+    /// Overwrites what libdbus's receive buffer still holds of messages already parsed.
+    ///
+    /// libdbus reads the socket into one buffer per connection, copies each complete message
+    /// out of it and moves the remaining bytes down, but never clears the bytes it leaves
+    /// behind: the raw bytes of a message carrying a PIN stay there, in ordinary heap memory,
+    /// until later traffic happens to cover them. Wiping the parsed message (`MethodCall`)
+    /// does not reach that copy, and libdbus offers no access to its buffer. New bytes are
+    /// always written where the live data ends, so a message larger than the slack,
+    /// sent to ourselves, lands on top of every stale byte. `Peer.Ping` with no reply
+    /// wanted is consumed inside libdbus and allowed by any bus policy that lets clients
+    /// ping the daemon.
+    ///
+    /// Sent at once, before the reply to the call that asked for it, so the copy is gone by
+    /// the time the caller can ask anything else. Under a flood at most one scrub per 50 ms
+    /// goes out; a request meanwhile is served by one scheduled scrub sent after it.
+    func scrubReceiveBuffer() {
+        guard !uniqueName.isEmpty else { return }
+        let interval: UInt64 = 50_000_000
+        let now = DispatchTime.now().uptimeNanoseconds
+        let delay: UInt64? = scrubState.withLock { state in
+            if state.scheduled { return nil }
+            if now &- state.lastSent >= interval {
+                state.lastSent = now
+                return 0
+            }
+            state.scheduled = true
+            return state.lastSent &+ interval &- now
+        }
+        switch delay {
+        case nil: return
+        case 0: sendScrub()
+        case let wait?:
+            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(wait))) { [weak self] in
+                guard let self else { return }
+                self.scrubState.withLock { state in
+                    state.scheduled = false
+                    state.lastSent = DispatchTime.now().uptimeNanoseconds
+                }
+                self.sendScrub()
+            }
+        }
+    }
+
+    private func sendScrub() {
+        guard isConnected else { return }
+        let message = uniqueName.withCString { dbus_message_new_method_call($0, "/", "org.freedesktop.DBus.Peer", "Ping") }
+        guard let message else { return }
+        defer { dbus_message_unref(message) }
+        dbus_message_set_no_reply(message, 1)
+        guard Marshal.append([.bytes([UInt8](repeating: 0, count: Self.scrubBytes))], to: message) == nil else { return }
+        send(message)
     }
 
     // MARK: sending

@@ -26,6 +26,7 @@ public final class MethodCall: @unchecked Sendable {
     private let method: DBusMethod
     private let sensitiveIndices: [Int]
     private let replied = Mutex(false)
+    private let wiped = Atomic<Bool>(false)
 
     /// Takes a new reference on `message`.
     init(connection: DBusConnection, message: OpaquePointer, sender: String, path: ObjectPath,
@@ -102,6 +103,9 @@ public final class MethodCall: @unchecked Sendable {
     }
 
     private func wipeSensitiveArguments() {
+        guard !sensitiveIndices.isEmpty, !wiped.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        // The raw bytes also linger in libdbus's receive buffer, out of this message's reach.
+        defer { connection.scrubReceiveBuffer() }
         for index in sensitiveIndices {
             Marshal.withArgumentBytes(message, at: index) { buffer in
                 // SAFETY: the buffer is inside the message body this object holds a

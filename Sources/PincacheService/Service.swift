@@ -50,6 +50,8 @@ public final class PincacheService: @unchecked Sendable {
     private var pendingCallers: [String: [@Sendable (Result<CallerInfo, DBusError>) -> Void]] = [:]
     private var poller: Thread?
     private let stopping = Atomic<Bool>(false)
+    /// The failure to lock memory for a PIN was logged and no PIN was locked since.
+    private let memoryLockFailureLogged = Atomic<Bool>(false)
 
     public init(connection: DBusConnection, configuration: Configuration, onSystemBus: Bool) {
         self.connection = connection
@@ -172,12 +174,17 @@ public final class PincacheService: @unchecked Sendable {
             name: present ? "TokenInserted" : "TokenRemoved", arguments: [.objectPath(token.path)])
     }
 
+    /// Wipes every PIN and closes the backend sessions before the process exits; waits for
+    /// the token workers (a few seconds at most, as a card may hang) and leaves them parked.
     public func shutdown() {
         stopping.store(true, ordering: .relaxed)
         readerWatcher?.stop()
+        let deadline = DispatchTime.now() + .seconds(5)
         for token in tokens {
             _ = token.policy.withLock { $0.flushCachedPINs() }
-            token.shutdown()
+            if !token.finishForExit(deadline: deadline) {
+                Log.warning("slot \(token.id): the module did not finish in time; exiting anyway")
+            }
         }
     }
 
@@ -321,15 +328,27 @@ public final class PincacheService: @unchecked Sendable {
 
     func readPIN(_ call: MethodCall, at index: Int) -> Result<SecretPIN, DBusError> {
         do {
-            return .success(try call.withSensitiveArgument(at: index) { try SecretPIN(copying: $0) })
+            let pin = try call.withSensitiveArgument(at: index) { try SecretPIN(copying: $0) }
+            memoryLockFailureLogged.store(false, ordering: .relaxed)
+            return .success(pin)
         } catch SecretError.tooLong(let max) {
             return .failure(.invalidArgs("PIN longer than \(max) bytes"))
         } catch {
-            Log.error("cannot lock memory for a PIN (\(error)); caching refused. Raise LimitMEMLOCK.")
+            // One line per episode: every refused login logging again would bury the cause.
+            if !memoryLockFailureLogged.exchange(true, ordering: .relaxed) {
+                Log.error("cannot lock memory for PINs (\(Self.describe(error))); PIN logins are refused until it can. Raise RLIMIT_MEMLOCK (LimitMEMLOCK= in the systemd unit).")
+            }
             return .failure(
                 ServiceError(
                     .secureMemoryUnavailable, "the daemon cannot lock memory for PINs; caching refused (CKR_DEVICE_MEMORY (0x31))").dbusError)
         }
+    }
+
+    private static func describe(_ error: Error) -> String {
+        guard case SecretError.cannotLockMemory(let code) = error else { return "\(error)" }
+        var limit = rlimit()
+        let current = getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 ? ", RLIMIT_MEMLOCK \(limit.rlim_cur) bytes" : ""
+        return "mlock: \(String(cString: strerror(code)))\(current)"
     }
 
     func bytesArgument(_ v: DBusValue, name: String, max: Int) -> Result<[UInt8], DBusError> {
