@@ -78,10 +78,15 @@ def show(v):
         return ", ".join(f"{k.rsplit('.', 1)[-1]} {n}" for k, n in v.items()) or "none"
     return str(v)
 table = [("item", "figure", "value", "limit", "")]
+# Writers name the fields test/figure or item/name; an optional note follows the value.
 for r in rows:
-    value = show(r["value"]) + (f" {r['unit']}" if r.get("unit") else "")
+    value = show(r.get("value", "")) + (f" {r['unit']}" if r.get("unit") else "")
+    if r.get("note"):
+        value += f" ({r['note']})"
     verdict = "" if "ok" not in r else ("ok" if r["ok"] else "FAIL")
-    table.append((r["test"], r["figure"], value, show(r.get("limit", "")), verdict))
+    item = str(r.get("test", r.get("item", "?")))
+    table.append((item, str(r.get("figure", r.get("name", "?"))), value, show(r.get("limit", "")), verdict))
+table[1:] = sorted(table[1:], key=lambda row: (len(row[0].split()[0]), row[0]))
 widths = [min(60, max(len(row[i]) for row in table)) for i in range(5)]
 for row in table:
     print("  ".join(cell[:120].ljust(w) for cell, w in zip(row, widths)).rstrip())
