@@ -5,18 +5,23 @@ import PackageDescription
 // package directory.
 let packageDirectory = String(#filePath.dropLast("/Package.swift".count))
 
-// One target per concern (see README "Layout"). No third-party Swift packages: every
-// dependency would be rebuilt on each CI run and none has earned its build time yet.
+// One target per concern (see README "Layout"). One third-party Swift package,
+// swift-argument-parser, for pincachectl only: every dependency is rebuilt on each CI run.
 let package = Package(
     name: "pincache",
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "pincached", targets: ["pincached"]),
+        .executable(name: "pincachectl", targets: ["pincachectl"]),
         // Test support only (never installed): a PKCS#11 module that forwards to another
         // module and injects faults on command (see Sources/FaultShim/README.md).
         .library(name: "pincache-faultshim", type: .dynamic, targets: ["FaultShim"]),
         // The PKCS#11 proxy applications load (DESIGN §4).
         .library(name: "pincache-pkcs11", type: .dynamic, targets: ["PincacheProxy"]),
+    ],
+    dependencies: [
+        // pincachectl's command line: subcommands, help and usage errors people expect.
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
     ],
     targets: [
         // C libraries.
@@ -37,6 +42,11 @@ let package = Package(
         // The D-Bus service: objects, token workers, glue between the three above.
         .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims"]),
         .executableTarget(name: "pincached", dependencies: ["PincacheService"]),
+        // The command-line front. CDBus only for SignOnce, whose PIN goes from a wiped
+        // buffer straight into the message instead of through a Swift String.
+        .executableTarget(name: "pincachectl", dependencies: [
+            "DBusKit", "CDBus", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
 
         .target(name: "FaultShim", dependencies: ["CPKCS11"]),
 

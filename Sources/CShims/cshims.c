@@ -1,4 +1,5 @@
 #include "cshims.h"
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -12,4 +13,14 @@ int pincache_disable_core_dumps(void) {
 
 int pincache_madvise_dontdump(void *addr, size_t len) {
     return madvise(addr, len, MADV_DONTDUMP);
+}
+
+int pincache_default_crash_signals(void) {
+    /* The Swift runtime's backtracer handles these: it prints registers with the memory
+       they point at to stderr, and on a SIGSEGV sent with kill the process carries on. */
+    static const int crash[] = { SIGQUIT, SIGABRT, SIGBUS, SIGFPE, SIGILL, SIGSEGV, SIGTRAP };
+    for (size_t i = 0; i < sizeof crash / sizeof crash[0]; i++) {
+        if (signal(crash[i], SIG_DFL) == SIG_ERR) return -1;
+    }
+    return 0;
 }

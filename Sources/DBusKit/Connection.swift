@@ -32,6 +32,14 @@ public struct PeerCredentials: Sendable, Equatable {
     }
 }
 
+/// What a connection answered to the method calls it received.
+public struct ReplyStatistics: Sendable, Equatable {
+    /// Calls answered, by a return or an error.
+    public var callsServed: UInt64 = 0
+    /// Error replies by error name.
+    public var errors: [String: UInt64] = [:]
+}
+
 /// A received signal.
 public struct DBusSignalMessage: Sendable {
     public var sender: String
@@ -93,6 +101,9 @@ public final class DBusConnection: @unchecked Sendable {
     let objects = Mutex(ObjectTree())
     let signalState = Mutex(SignalState())
     private let closed = Mutex(false)
+    /// When the last receive-buffer scrub went out, and whether a later one is scheduled.
+    private let scrubState = Mutex<(lastSent: UInt64, scheduled: Bool)>((0, false))
+    private let replies = Mutex(ReplyStatistics())
 
     /// The connection's unique name on the bus, e.g. `:1.42`.
     public let uniqueName: String
@@ -223,6 +234,65 @@ public final class DBusConnection: @unchecked Sendable {
         signalState.withLock { $0.disconnectHandlers.append(handler) }
     }
 
+    // MARK: scrubbing received secrets
+
+    /// Bytes of padding in a scrub message: more than libdbus's receive buffer keeps beyond
+    /// its live data (it compacts to at most 2 KiB of slack after each message it parses).
+    static let scrubBytes = 16 * 1024
+
+    /// Overwrites what libdbus's receive buffer still holds of messages already parsed.
+    ///
+    /// libdbus reads the socket into one buffer per connection, copies each complete message
+    /// out of it and moves the remaining bytes down, but never clears the bytes it leaves
+    /// behind: the raw bytes of a message carrying a PIN stay there, in ordinary heap memory,
+    /// until later traffic happens to cover them. Wiping the parsed message (`MethodCall`)
+    /// does not reach that copy, and libdbus offers no access to its buffer. New bytes are
+    /// always written where the live data ends, so a message larger than the slack,
+    /// sent to ourselves, lands on top of every stale byte. `Peer.Ping` with no reply
+    /// wanted is consumed inside libdbus and allowed by any bus policy that lets clients
+    /// ping the daemon.
+    ///
+    /// Sent at once, before the reply to the call that asked for it, so the copy is gone by
+    /// the time the caller can ask anything else. Under a flood at most one scrub per 50 ms
+    /// goes out; a request meanwhile is served by one scheduled scrub sent after it.
+    func scrubReceiveBuffer() {
+        guard !uniqueName.isEmpty else { return }
+        let interval: UInt64 = 50_000_000
+        let now = DispatchTime.now().uptimeNanoseconds
+        let delay: UInt64? = scrubState.withLock { state in
+            if state.scheduled { return nil }
+            if now &- state.lastSent >= interval {
+                state.lastSent = now
+                return 0
+            }
+            state.scheduled = true
+            return state.lastSent &+ interval &- now
+        }
+        switch delay {
+        case nil: return
+        case 0: sendScrub()
+        case let wait?:
+            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(wait))) { [weak self] in
+                guard let self else { return }
+                self.scrubState.withLock { state in
+                    state.scheduled = false
+                    state.lastSent = DispatchTime.now().uptimeNanoseconds
+                }
+                self.sendScrub()
+            }
+        }
+    }
+
+    private func sendScrub() {
+        guard isConnected else { return }
+        let message = uniqueName.withCString { dbus_message_new_method_call($0, "/", "org.freedesktop.DBus.Peer", "Ping") }
+        guard let message else { return }
+        defer { dbus_message_unref(message) }
+        dbus_message_set_no_reply(message, 1)
+        guard Marshal.append([.bytes([UInt8](repeating: 0, count: Self.scrubBytes))], to: message) == nil else { return }
+        send(message)
+    }
+
     // MARK: sending
 
     func send(_ message: OpaquePointer) {
@@ -231,7 +301,26 @@ public final class DBusConnection: @unchecked Sendable {
         }
     }
 
+    /// Counts of the method calls this connection answered, since it was opened.
+    public var replyStatistics: ReplyStatistics { replies.withLock { $0 } }
+
+    /// Every answer to a method call, success or error, is counted here and only here; a call
+    /// whose caller asked for no reply counts as answered all the same.
+    func countAnswer(error: String?) {
+        replies.withLock { r in
+            r.callsServed &+= 1
+            if let error { r.errors[error, default: 0] &+= 1 }
+        }
+    }
+
+    /// Sends a method return (built by MethodCall) and counts it.
+    func sendReply(_ reply: OpaquePointer?) {
+        countAnswer(error: nil)
+        if let reply { send(reply) }
+    }
+
     func sendError(_ error: DBusError, replyingTo message: OpaquePointer) {
+        countAnswer(error: error.wireName)
         guard dbus_message_get_no_reply(message) == 0 else { return }
         let reply = error.wireName.withCString { name in
             error.message.withCString { dbus_message_new_error(message, name, $0) }
@@ -362,24 +451,9 @@ public final class DBusConnection: @unchecked Sendable {
     public func callBlocking(destination: String, path: ObjectPath, interface: String, member: String,
                              arguments: [DBusValue], timeoutMilliseconds: Int32 = 25_000) throws(DBusError) -> [DBusValue] {
         if loop.isLoopThread { throw .failed("callBlocking on the loop thread would deadlock") }
-        if loop.isRunning {
-            let done = DispatchSemaphore(value: 0)
-            let result = Mutex<Result<[DBusValue], DBusError>?>(nil)
-            call(destination: destination, path: path, interface: interface, member: member, arguments: arguments,
-                 timeoutMilliseconds: timeoutMilliseconds) { r in
-                result.withLock { $0 = r }
-                done.signal()
-            }
-            let deadline: DispatchTime = timeoutMilliseconds == Int32.max
-                ? .distantFuture
-                : .now() + .milliseconds(Int(timeoutMilliseconds < 0 ? 25_000 : timeoutMilliseconds) + 2_000)
-            // The margin lets libdbus's own timeout answer first; this one only covers a
-            // loop that stopped while we waited.
-            guard done.wait(timeout: deadline) == .success, let r = result.withLock({ $0 }) else {
-                throw .noReply("no reply from \(destination) within \(timeoutMilliseconds) ms")
-            }
-            return try r.get()
-        }
+        // The calling thread reads the reply itself (libdbus lets one thread at a time own the
+        // socket, and the loop thread's poll only ever borrows it): no hop through the loop
+        // thread, which is most of a round trip's cost on a busy machine.
         let message: OpaquePointer
         switch makeCall(destination: destination, path: path, interface: interface, member: member, arguments: arguments) {
         case .failure(let error): throw error

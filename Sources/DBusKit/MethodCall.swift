@@ -26,6 +26,7 @@ public final class MethodCall: @unchecked Sendable {
     private let method: DBusMethod
     private let sensitiveIndices: [Int]
     private let replied = Mutex(false)
+    private let wiped = Atomic<Bool>(false)
 
     /// Takes a new reference on `message`.
     init(connection: DBusConnection, message: OpaquePointer, sender: String, path: ObjectPath,
@@ -72,7 +73,7 @@ public final class MethodCall: @unchecked Sendable {
             sendError(.failed("internal error: reply does not match the declared signature"))
             return
         }
-        guard !noReplyExpected else { return }
+        guard !noReplyExpected else { return connection.sendReply(nil) }
         guard let reply = dbus_message_new_method_return(message) else { return }
         defer { dbus_message_unref(reply) }
         if let problem = Marshal.append(values, to: reply) {
@@ -80,7 +81,7 @@ public final class MethodCall: @unchecked Sendable {
             sendError(.failed("internal error: reply could not be marshalled"))
             return
         }
-        connection.send(reply)
+        connection.sendReply(reply)
     }
 
     /// Replies with an error. Later replies are ignored.
@@ -98,11 +99,13 @@ public final class MethodCall: @unchecked Sendable {
     }
 
     private func sendError(_ error: DBusError) {
-        guard !noReplyExpected else { return }
         connection.sendError(error, replyingTo: message)
     }
 
     private func wipeSensitiveArguments() {
+        guard !sensitiveIndices.isEmpty, !wiped.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        // The raw bytes also linger in libdbus's receive buffer, out of this message's reach.
+        defer { connection.scrubReceiveBuffer() }
         for index in sensitiveIndices {
             Marshal.withArgumentBytes(message, at: index) { buffer in
                 // SAFETY: the buffer is inside the message body this object holds a

@@ -115,10 +115,17 @@ public enum SecretArena {
 public enum ProcessHardening {
     /// Makes the process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`) and sets `RLIMIT_CORE` to 0
     /// (`pincache_disable_core_dumps`). Also stops same-uid processes from ptrace-attaching.
+    ///
+    /// Crash signals get their default action back (`pincache_default_crash_signals`): the
+    /// Swift runtime's backtracer would otherwise print the memory that registers point at
+    /// (a PIN during `C_Login`) to the log, and keep the process running after `kill -SEGV`.
     /// - Throws: ``SystemCallError`` with the failing call's errno.
     public static func disableCoreDumps() throws {
         if pincache_disable_core_dumps() != 0 {
             throw SystemCallError(function: "pincache_disable_core_dumps", errno: errno)
+        }
+        if pincache_default_crash_signals() != 0 {
+            throw SystemCallError(function: "pincache_default_crash_signals", errno: errno)
         }
     }
 }

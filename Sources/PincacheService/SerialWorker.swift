@@ -49,6 +49,10 @@ final class SerialWorker: @unchecked Sendable {
                 return
             }
             let job = jobs[head]
+            // A finished job must not stay reachable from the queue: its closure holds what it
+            // captured (a SecretPIN, a MethodCall) until released, and a PIN must be wiped as
+            // soon as its last real user is done with it, not 64 jobs later.
+            jobs[head] = {}
             head += 1
             if head > 64 && head * 2 > jobs.count {
                 jobs.removeFirst(head)

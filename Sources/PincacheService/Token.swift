@@ -90,6 +90,8 @@ final class TokenContext: @unchecked Sendable {
     private var mechanisms: Set<MechanismType>?
     // Worker-only state of the proxy's interface (TokenCryptoki.swift).
     var rawSessions: [UInt64: SessionHandle] = [:]
+    /// Moves at every backend login, logout or session loss (see logoutBackend).
+    var loginEpoch: UInt64 = 0
     var contextPINs: [UInt64: SecretPIN] = [:]
     var objectTable = ObjectTable()
     /// The caller holding an SO login (held like a non-caching login, never cached).
@@ -153,9 +155,11 @@ final class TokenContext: @unchecked Sendable {
         return next
     }
 
-    /// Refreshes and returns the token info an operation needs, or TokenNotPresent.
-    func presentTokenInfo() throws -> TokenInfo {
-        let snap = refresh()
+    /// Refreshes and returns the token info an operation needs, or TokenNotPresent. `fresh:
+    /// false` trusts the last snapshot: for a caller holding the login, whose operations present
+    /// no PIN (the poller and PC/SC events keep the snapshot current).
+    func presentTokenInfo(fresh: Bool = true) throws -> TokenInfo {
+        let snap = fresh ? refresh() : snapshot
         guard snap.present, let info = snap.info else {
             throw ServiceError(
                 .tokenNotPresent,
@@ -183,6 +187,7 @@ final class TokenContext: @unchecked Sendable {
     }
 
     func dropSession() {
+        loginEpoch &+= 1
         if let s = opSession { try? module.closeSession(s) }
         opSession = nil
     }
@@ -290,7 +295,7 @@ final class TokenContext: @unchecked Sendable {
         try backendCall { try backendLogin(s, .user, usePad ? nil : pin) }
         switch plan {
         case .verifyThenCache:
-            try? module.logout(s)
+            logoutBackend(s)
         case .holdLogin:
             break
         }
@@ -300,12 +305,13 @@ final class TokenContext: @unchecked Sendable {
             p.loginSucceeded(for: caller, plan: plan, settings: settings, pin: pin, now: Self.now())
             return true
         }
-        if !stored, plan == .holdLogin { try? module.logout(s) }
+        if !stored, plan == .holdLogin { logoutBackend(s) }
     }
 
     /// C_Login; a backend left logged in (a held login released without logout, a crash in a
     /// bracket) is logged out and the login tried once more.
     func backendLogin(_ s: SessionHandle, _ type: UserType, _ pin: SecretPIN?) throws {
+        loginEpoch &+= 1
         func attempt() throws {
             if let pin {
                 try pin.withBytes { try module.login(s, userType: type, pin: $0) }
@@ -316,7 +322,7 @@ final class TokenContext: @unchecked Sendable {
         do {
             try attempt()
         } catch let e as PKCS11Error where e.rv == .userAlreadyLoggedIn && type == .user {
-            try? module.logout(s)
+            logoutBackend(s)
             try attempt()
         }
     }
@@ -327,7 +333,14 @@ final class TokenContext: @unchecked Sendable {
     }
 
     func backendLogout() {
-        if let s = opSession { try? module.logout(s) }
+        if let s = opSession { logoutBackend(s) }
+    }
+
+    /// C_Logout, through here only: every change of the backend's login state moves the epoch,
+    /// so object handles checked in an earlier one are checked again (TokenCryptoki).
+    func logoutBackend(_ s: SessionHandle) {
+        loginEpoch &+= 1
+        try? module.logout(s)
     }
 
     func sessionOpened(caller: CallerID) {
@@ -372,7 +385,9 @@ final class TokenContext: @unchecked Sendable {
         caller: CallerID, settings: Settings, kind: OperationKind, requiresFreshPIN: Bool, freshPIN: SecretPIN?,
         alwaysAuthenticate: Bool, session s: SessionHandle, _ body: (SecretPIN?) throws -> T
     ) throws -> T {
-        let info = try presentTokenInfo()
+        // A held login presents no PIN: no need to re-read the token before using it.
+        let holds = policy.withLock { $0.state(of: caller).holdsLogin }
+        let info = try presentTokenInfo(fresh: !holds || freshPIN != nil)
         let plan = try policy.withLock {
             try $0.planOperation(
                 for: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFreshPIN,
@@ -395,7 +410,7 @@ final class TokenContext: @unchecked Sendable {
                 Log.notice("token \(id): a cached PIN was rejected (\(e.rv.name)); purged from every environment")
                 throw e
             }
-            defer { try? module.logout(s) }
+            defer { logoutBackend(s) }
             result = try body(nil)
         case .heldLogin:
             do {
@@ -444,7 +459,7 @@ final class TokenContext: @unchecked Sendable {
     ) throws -> T {
         if holdsLogin {
             if !alwaysAuthenticate {
-                try? module.logout(s)
+                logoutBackend(s)
                 do {
                     try backendCall { try backendLogin(s, .user, pin) }
                 } catch {
@@ -456,7 +471,7 @@ final class TokenContext: @unchecked Sendable {
             return try body()
         }
         try backendCall { try backendLogin(s, .user, pin) }
-        defer { try? module.logout(s) }
+        defer { logoutBackend(s) }
         return try body()
     }
 

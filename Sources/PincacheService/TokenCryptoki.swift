@@ -16,6 +16,8 @@ struct ObjectTable {
         /// Session objects only: the caller that made it, and in which session (it dies with it).
         var owner: CallerID?
         var creatingSession: UInt64?
+        /// The login epoch in which `backend` was last seen to be this object.
+        var checkedEpoch: UInt64?
     }
     var locators: [UInt64: Locator] = [:]
     var byIdentity: [[UInt8]: UInt64] = [:]
@@ -27,8 +29,15 @@ extension TokenContext {
     static let identityTypes: [AttributeType] = [.class, .id, .label, .private, .token, .keyType, .value]
 
     /// An object's identity bytes from its attributes; nil if the handle is not valid here.
+    /// One C_GetAttributeValue for the plain attributes; CKA_VALUE (sensitive on keys, so it
+    /// would cost a call per attribute) only for data objects and certificates.
     private func identity(_ s: SessionHandle, _ h: ObjectHandle) -> (bytes: [UInt8], attrs: [AttributeType: [UInt8]])? {
-        guard let a = try? module.getAttributes(s, h, Self.identityTypes), a[.class] != nil else { return nil }
+        guard var a = try? module.getAttributes(s, h, Array(Self.identityTypes.dropLast())), let cls = a[.class] else {
+            return nil
+        }
+        if let c = cls.pkcs11ULong, c == ObjectClass.data.rawValue || c == ObjectClass.certificate.rawValue {
+            a[.value] = (try? module.getAttributes(s, h, [.value]))?[.value]
+        }
         var bytes: [UInt8] = []
         for t in Self.identityTypes {
             var v = a[t] ?? []
@@ -54,6 +63,7 @@ extension TokenContext {
         if !isTokenObject { bytes += Array(caller.rawValue.utf8) }
         if let existing = objectTable.byIdentity[bytes] {
             objectTable.locators[existing]?.backend = h
+            objectTable.locators[existing]?.checkedEpoch = loginEpoch
             return existing
         }
         if !isTokenObject && session == nil { return nil }
@@ -68,7 +78,8 @@ extension TokenContext {
         objectTable.next += 1
         objectTable.locators[handle] = ObjectTable.Locator(
             backend: h, identity: bytes, template: template, isPrivate: a[.private]?.pkcs11Bool ?? false,
-            owner: isTokenObject ? nil : caller, creatingSession: isTokenObject ? nil : session)
+            owner: isTokenObject ? nil : caller, creatingSession: isTokenObject ? nil : session,
+            checkedEpoch: loginEpoch)
         objectTable.byIdentity[bytes] = handle
         return handle
     }
@@ -103,9 +114,15 @@ extension TokenContext {
             if let owner = loc.owner { bytes += Array(owner.rawValue.utf8) }
             return bytes == loc.identity
         }
-        if matches(loc.backend) { return loc.backend }
+        // Within one login state backend handles stay put: checked once per epoch.
+        if loc.checkedEpoch == loginEpoch { return loc.backend }
+        if matches(loc.backend) {
+            objectTable.locators[handle]?.checkedEpoch = loginEpoch
+            return loc.backend
+        }
         for h in try module.findObjects(s, matching: loc.template, limit: 1000) where matches(h) {
             objectTable.locators[handle]?.backend = h
+            objectTable.locators[handle]?.checkedEpoch = loginEpoch
             return h
         }
         throw PKCS11Error(rv: invalid, function: function)
@@ -325,7 +342,7 @@ extension TokenContext {
         if stored {
             soHolder.withLock { $0 = caller }
         } else {
-            try? module.logout(s)
+            logoutBackend(s)
         }
     }
 

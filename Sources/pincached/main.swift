@@ -52,14 +52,34 @@ do {
     exit(1)
 }
 
+// On the system bus whoever can change the configuration or a module runs code as the daemon
+// and sees every PIN: both must be root's alone (DESIGN §5). Checked before the file is read
+// and before any bus is touched.
+let onSystemBus = BusAddress(parsing: busArgument) == .system
+if onSystemBus {
+    do {
+        try ConfigurationTrust.check(path: configPath)
+    } catch {
+        FileHandle.standardError.write(Data("pincached: refusing to start: \(error)\n".utf8))
+        exit(2)
+    }
+}
+
 let configuration: Configuration
 do {
     configuration = try Configuration.load(path: configPath)
+    if onSystemBus { try ConfigurationTrust.check(configuration: configuration, loadedFrom: configPath) }
+} catch let error as TrustError {
+    FileHandle.standardError.write(Data("pincached: refusing to start: \(error)\n".utf8))
+    exit(2)
 } catch {
     FileHandle.standardError.write(Data("pincached: \(error)\n".utf8))
     exit(2)
 }
 for notice in configuration.notices { Log.notice(notice) }
+if !onSystemBus {
+    Log.notice("not on the system bus: ownership and permissions of the configuration and Module= files are not checked")
+}
 
 // Signals are taken synchronously by one thread (sigwait), so no handler runs in async-signal context.
 var signals = sigset_t()
@@ -98,7 +118,10 @@ let signalThread = Thread {
         guard sigwait(&set, &received) == 0 else { continue }
         if received == SIGHUP {
             do {
-                service.reload(try Configuration.load(path: reloadPath))
+                if onSystemBus { try ConfigurationTrust.check(path: reloadPath) }
+                let reloaded = try Configuration.load(path: reloadPath)
+                if onSystemBus { try ConfigurationTrust.check(configuration: reloaded, loadedFrom: reloadPath) }
+                service.reload(reloaded)
             } catch {
                 Log.error("reload refused, keeping the running configuration: \(error)")
             }

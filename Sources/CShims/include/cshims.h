@@ -9,4 +9,8 @@ int pincache_disable_core_dumps(void);
 /* Marks [addr, addr+len) MADV_DONTDUMP. Returns 0 or -1 with errno. */
 int pincache_madvise_dontdump(void *addr, size_t len);
 
+/* Restores the default action (terminate; a core only where dumps are allowed) of
+   SIGQUIT, SIGABRT, SIGBUS, SIGFPE, SIGILL, SIGSEGV and SIGTRAP. Returns 0 or -1 with errno. */
+int pincache_default_crash_signals(void);
+
 #endif

@@ -1,0 +1,321 @@
+"""The installed package on the real system bus with the real polkitd (issue 4).
+
+Every client runs as an unprivileged user (runuser), so polkit decides by the test rule
+of conftest.py: U1 allowed, U2 denied; FlushCaches needs org.pincache.manage, which only
+root has without an agent. Signatures are verified against the certificate files written
+when the token was made, never against what the daemon says.
+"""
+
+import grp
+import hashlib
+import json
+import pwd
+import re
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+from conftest import DAEMON_USER, LABEL, PIN, REPO, U1, U2, run, stop_daemon
+
+MANAGER = "/org/pincache"
+M1 = "org.pincache.Manager1"
+T1 = "org.pincache.Token1"
+S1 = "org.pincache.Session1"
+PROPS = "org.freedesktop.DBus.Properties"
+ERR = "org.pincache.Error."
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+MSG = b"signed on the system bus"
+EC_KEY, RSA_KEY = "01", "02"
+ACTIONS = {  # DESIGN §3: id -> implicit any / inactive / active
+    "org.pincache.login": ("no", "no", "yes"),
+    "org.pincache.use-cached-pin": ("no", "no", "yes"),
+    "org.pincache.manage": ("auth_admin_keep",) * 3,
+}
+INSTALLED = [
+    "/usr/sbin/pincached", "/usr/bin/pincachectl",
+    "/usr/share/dbus-1/system.d/org.pincache.conf",
+    "/usr/share/dbus-1/system-services/org.pincache.Daemon.service",
+    "/usr/share/dbus-1/interfaces/org.pincache.Manager1.xml",
+    "/usr/share/dbus-1/interfaces/org.pincache.Token1.xml",
+    "/usr/share/dbus-1/interfaces/org.pincache.Session1.xml",
+    "/usr/share/polkit-1/actions/org.pincache.policy",
+    "/lib/systemd/system/pincached.service",
+    "/etc/pincache/pincache.cfg",
+    "/usr/share/man/man8/pincached.8.gz", "/usr/share/man/man5/pincache.cfg.5.gz",
+    "/usr/share/man/man1/pincachectl.1.gz",
+]
+
+
+def verify_ec(system, data, signature):
+    """ECDSA raw r||s over SHA-256(data), checked with the certificate's public key."""
+    cert = x509.load_der_x509_certificate(system.cert("ec"))
+    half = len(signature) // 2
+    der = encode_dss_signature(int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big"))
+    cert.public_key().verify(der, data, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_rsa(system, data, signature):
+    cert = x509.load_der_x509_certificate(system.cert("rsa"))
+    cert.public_key().verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def token_path(client):
+    for path in client.ok(MANAGER, M1, "GetTokens"):
+        if client.ok(path, PROPS, "Get", "ss", T1, "Label") == LABEL:
+            return path
+    raise AssertionError(f"no token labelled {LABEL}")
+
+
+def bus_call_root(*args):
+    return run(["busctl", "--system", "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
+                "org.freedesktop.DBus", *args]).stdout.split()
+
+
+# --- the package and activation ---------------------------------------------------------
+
+def test_package_installs_files_and_system_user(system):
+    status = run(["dpkg-query", "-W", "-f=${db:Status-Status}", "pincache"]).stdout
+    assert status == "installed"
+    missing = [f for f in INSTALLED if not Path(f).exists()]
+    assert not missing, f"not installed: {missing}"
+    user = pwd.getpwnam(DAEMON_USER)
+    assert user.pw_uid != 0 and user.pw_shell.endswith("nologin")
+    assert DAEMON_USER in grp.getgrnam("softhsm").gr_mem, "postinst did not add pincache to group softhsm"
+
+
+def test_call_from_user_activates_daemon_as_pincache(system):
+    stop_daemon()
+    c = system.client(U1)
+    tokens = c.ok(MANAGER, M1, "GetTokens")
+    assert any(t.startswith("/org/pincache/token/") for t in tokens)
+    uid = int(bus_call_root("GetConnectionUnixUser", "s", "org.pincache.Daemon")[1])
+    assert uid == pwd.getpwnam(DAEMON_USER).pw_uid, f"daemon runs as uid {uid}"
+    pid = int(bus_call_root("GetConnectionUnixProcessID", "s", "org.pincache.Daemon")[1])
+    assert Path(f"/proc/{pid}/exe").resolve() == Path("/usr/sbin/pincached")
+    status = Path(f"/proc/{pid}/status").read_text()
+    uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+    assert set(map(int, uids)) == {uid}, f"real/effective/saved/fs uids {uids}"
+    groups = set(map(int, re.search(r"^Groups:\s*(.*)$", status, re.M).group(1).split()))
+    assert grp.getgrnam("softhsm").gr_gid in groups, "activated daemon lacks group softhsm"
+
+
+# --- polkit ------------------------------------------------------------------------------
+
+def test_allowed_user_logs_in_and_signs(system):
+    c = system.client(U1)
+    tok = token_path(c)
+    session = c.ok(tok, T1, "OpenSession")
+    c.ok(session, S1, "Login", "s", PIN)
+    digest = hashlib.sha256(MSG).digest()
+    sig = c.ok(session, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA", {"hex": digest.hex()})
+    verify_ec(system, MSG, bytes.fromhex(sig["hex"]))
+    state = c.ok(MANAGER, M1, "GetCallerState")
+    assert tok in state["Cached"]
+
+
+def test_allowed_user_sign_once(system):
+    c = system.client(U1)
+    sig = c.ok(token_path(c), T1, "SignOnce", "saysay", PIN, {"hex": RSA_KEY}, "SHA256-RSA-PKCS",
+               {"hex": MSG.hex()})
+    verify_rsa(system, MSG, bytes.fromhex(sig["hex"]))
+
+
+def test_denied_user_gets_not_authorized_for_login(system):
+    c = system.client(U2)
+    session = c.ok(token_path(c), T1, "OpenSession")
+    answer = c.call(session, S1, "Login", "s", PIN)
+    assert answer.get("error") == ERR + "NotAuthorized", answer
+    assert c.ok(MANAGER, M1, "GetCallerState")["Cached"] == []
+
+
+def test_denied_user_gets_not_authorized_for_sign_once(system):
+    c = system.client(U2)
+    answer = c.call(token_path(c), T1, "SignOnce", "saysay", PIN, {"hex": EC_KEY}, "ECDSA-SHA256",
+                    {"hex": MSG.hex()})
+    assert answer.get("error") == ERR + "NotAuthorized", answer
+
+
+def test_flush_from_non_admin_is_refused(system):
+    c = system.client(U1)
+    answer = c.call(MANAGER, M1, "FlushCaches")
+    assert answer.get("error") == ERR + "NotAuthorized", answer
+    r = system.run_as(U1, "/usr/bin/pincachectl", "flush")
+    assert r.returncode == 4, (r.returncode, r.stdout, r.stderr)
+    assert "NotAuthorized" in r.stderr
+
+
+def test_flush_from_root_clears_every_environment(system):
+    a, b = system.client(U1), system.client(U1)
+    tok = token_path(a)
+    sessions = []
+    for c in (a, b):
+        s = c.ok(tok, T1, "OpenSession")
+        c.ok(s, S1, "Login", "s", PIN)
+        assert tok in c.ok(MANAGER, M1, "GetCallerState")["Cached"]
+        sessions.append(s)
+    r = run(["/usr/bin/pincachectl", "flush"], check=False)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    digest = hashlib.sha256(MSG).digest()
+    for c, s in zip((a, b), sessions):
+        assert c.ok(MANAGER, M1, "GetCallerState")["Cached"] == []
+        answer = c.call(s, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA", {"hex": digest.hex()})
+        assert answer.get("error") == ERR + "NotLoggedIn", answer
+
+
+def test_pkaction_shows_installed_actions(system):
+    for action, (any_, inactive, active) in ACTIONS.items():
+        out = run(["pkaction", "--action-id", action, "--verbose"]).stdout
+        assert f"implicit any:      {any_}" in out, out
+        assert f"implicit inactive: {inactive}" in out, out
+        assert f"implicit active:   {active}" in out, out
+
+
+def test_every_action_the_daemon_checks_is_in_the_policy():
+    """Action ids are string literals in the daemon's sources; each must be shipped."""
+    policy = (REPO / "polkit" / "org.pincache.policy").read_text()
+    shipped = set(re.findall(r'<action id="([^"]+)"', policy))
+    assert shipped == set(ACTIONS)
+    checked = set()
+    for source in (REPO / "Sources").rglob("*.swift"):
+        if "pincachectl" in source.parts:
+            continue
+        checked |= set(re.findall(r'"(org\.pincache\.[a-z][a-z-]*)"', source.read_text()))
+    assert checked, "the daemon's sources name no polkit action (org.pincache.login ...): no check is wired in"
+    assert checked <= shipped, f"checked but not in the policy: {checked - shipped}"
+
+
+# --- bus policy ----------------------------------------------------------------------------
+
+def test_bus_policy_refuses_other_interfaces(system):
+    c = system.client(U1)
+    # Allowed: the standard read-only interfaces.
+    assert "org.pincache.Manager1" in c.ok(MANAGER, "org.freedesktop.DBus.Introspectable", "Introspect")
+    c.ok(MANAGER, "org.freedesktop.DBus.Peer", "Ping")
+    c.ok(MANAGER, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+    assert c.ok(MANAGER, PROPS, "Get", "ss", M1, "Version")
+    assert isinstance(c.ok(MANAGER, "org.pincache.CryptokiManager1", "GetSlots"), list)
+    # Refused by the bus itself, before the daemon sees them.
+    for iface, member, sig, args in [
+        (PROPS, "Set", "ssv", [M1, "CachingMode", False]),
+        ("org.example.NotPincache", "Anything", "", []),
+        ("org.freedesktop.DBus.Debug.Stats", "GetStats", "", []),
+    ]:
+        answer = c.call(MANAGER, iface, member, sig, *args)
+        assert answer.get("error") == ACCESS_DENIED, (iface, member, answer)
+        assert "policy" in answer["message"].lower() or "rejected" in answer["message"].lower(), answer
+
+
+def test_bus_policy_covers_every_shipped_interface_and_nothing_else():
+    """Each interface in dbus/*.xml is callable; every allow rule pairs destination and interface."""
+    import xml.etree.ElementTree as ET
+    conf = ET.parse(REPO / "dbus" / "org.pincache.conf").getroot()
+    allowed = {}
+    for policy in conf.iter("policy"):
+        for allow in policy.iter("allow"):
+            if "own" in allow.attrib:
+                assert policy.get("user") == DAEMON_USER and allow.get("own") == "org.pincache.Daemon"
+                continue
+            assert allow.get("send_destination") == "org.pincache.Daemon", allow.attrib
+            assert allow.get("send_interface"), f"allow rule without send_interface: {allow.attrib}"
+            assert set(allow.attrib) <= {"send_destination", "send_interface", "send_member"}, allow.attrib
+            allowed.setdefault(allow.get("send_interface"), set()).add(allow.get("send_member"))
+    shipped = {ET.parse(x).getroot().find("interface").get("name")
+               for x in (REPO / "dbus").glob("org.pincache.*.xml")}
+    standard = {"org.freedesktop.DBus.Introspectable", "org.freedesktop.DBus.Peer",
+                "org.freedesktop.DBus.ObjectManager", "org.freedesktop.DBus.Properties"}
+    assert set(allowed) == shipped | standard, set(allowed) ^ (shipped | standard)
+    assert allowed["org.freedesktop.DBus.Properties"] == {"Get", "GetAll"}
+    assert all(members == {None} for name, members in allowed.items() if name != "org.freedesktop.DBus.Properties")
+
+
+def test_only_the_daemon_user_may_own_the_name(system):
+    c = system.client(U1)
+    answer = c.send(op="request_name", name="org.pincache.Daemon")
+    assert answer.get("error") == ACCESS_DENIED, answer
+
+
+# --- systemd unit ------------------------------------------------------------------------
+
+def test_systemd_analyze_verify_is_clean(system):
+    r = run(["systemd-analyze", "verify", "/lib/systemd/system/pincached.service"], check=False)
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+def test_systemd_security_exposure_at_most_2_5(system):
+    r = run(["systemd-analyze", "security", "--offline=true", "/lib/systemd/system/pincached.service"],
+            check=False)
+    m = re.search(r"Overall exposure level for pincached\.service: ([0-9.]+)", r.stdout + r.stderr)
+    assert m, r.stdout[-2000:] + r.stderr
+    assert float(m.group(1)) <= 2.5, r.stdout
+
+
+# --- configuration -------------------------------------------------------------------------
+
+def test_sample_config_documents_and_accepts_every_key(system, tmp_path):
+    sample = Path("/etc/pincache/pincache.cfg").read_text()
+    for key in ("P11_EnableCachePIN", "P11_LogoutAfterSign", "ForceLoginBeforeSignKeyUsage", "PinCacheTimeout",
+                "MD_EnableCachePIN", "CSP_EnableCachePIN", "CSP_LogoutAfterSign", "Module", "MaxSessionsPerClient",
+                "SlotPollInterval", "[app "):
+        assert key in sample, f"sample config does not mention {key}"
+    # Every commented-out example, switched on, must parse: the daemon then fails on the bus
+    # (exit 1), not on the file (exit 2).
+    enabled = re.sub(r"^#(\w+=|\[app )", r"\1", sample, flags=re.M)
+    enabled = "\n".join(l for l in enabled.splitlines() if not l.startswith("Module="))
+    cfg = tmp_path / "all.cfg"
+    cfg.write_text(enabled)
+    r = run(["/usr/sbin/pincached", "--config", str(cfg), "--bus", "unix:path=/nonexistent"], check=False)
+    assert r.returncode == 1 and "cannot connect" in r.stderr, (r.returncode, r.stderr)
+
+
+# --- pincachectl --------------------------------------------------------------------------
+
+def test_pincachectl_listings(system):
+    ctl = "/usr/bin/pincachectl"
+    r = system.run_as(U1, ctl, "status")
+    assert r.returncode == 0, r.stderr
+    assert "pincached" in r.stdout and LABEL in r.stdout and "Your environment" in r.stdout
+    status = json.loads(system.run_as(U1, ctl, "status", "--json", check=True).stdout)
+    assert status["Manager"]["Version"] and any(t["Label"] == LABEL for t in status["Tokens"])
+    assert status["Caller"]["Cached"] == [] and status["Caller"]["Sessions"] == 0
+
+    r = system.run_as(U1, ctl, "tokens", check=True)
+    assert r.stdout.splitlines()[0].split()[:3] == ["ID", "LABEL", "SERIAL"] and LABEL in r.stdout
+    tokens = json.loads(system.run_as(U1, ctl, "--json", "tokens", check=True).stdout)
+    mine = [t for t in tokens if t["Label"] == LABEL]
+    assert len(mine) == 1 and mine[0]["Path"].startswith("/org/pincache/token/")
+
+    r = system.run_as(U1, ctl, "keys", LABEL, check=True)
+    assert r.stdout.splitlines()[0].split()[:2] == ["ID", "LABEL"] and "ec-key" in r.stdout
+    for spec in (LABEL, mine[0]["Id"], mine[0]["Path"]):
+        keys = json.loads(system.run_as(U1, ctl, "keys", spec, "--json", check=True).stdout)
+        assert {k["Id"]: k["KeyType"] for k in keys} == {EC_KEY: "EC", RSA_KEY: "RSA"}
+        ec_cert = next(k["Certificate"] for k in keys if k["Id"] == EC_KEY)
+        assert bytes.fromhex(ec_cert) == system.cert("ec")
+
+
+def test_pincachectl_sign_with_pin_from_stdin(system):
+    data = system.workdir / "data.bin"
+    data.write_bytes(MSG)
+    data.chmod(0o644)
+    r = system.run_as(U1, "/usr/bin/pincachectl", "sign", LABEL, EC_KEY, "--mechanism", "ECDSA-SHA256",
+                      "--in", str(data), "--pin-stdin", input=(PIN + "\n").encode(), text=False)
+    assert r.returncode == 0, r.stderr
+    verify_ec(system, MSG, r.stdout)
+    r = system.run_as(U2, "/usr/bin/pincachectl", "sign", LABEL, EC_KEY, "--mechanism", "ECDSA-SHA256",
+                      "--in", str(data), "--pin-stdin", input=(PIN + "\n").encode(), text=False)
+    stderr = r.stderr.decode(errors="replace")
+    assert r.returncode == 4 and "NotAuthorized" in stderr, (r.returncode, stderr, r.stdout.hex())
+
+
+def test_pincachectl_exit_codes(system):
+    ctl = "/usr/bin/pincachectl"
+    r = system.run_as(U1, ctl, "--bus", "unix:path=/nonexistent", "status")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    r = system.run_as(U1, ctl, "keys", "no-such-token")
+    assert r.returncode == 1 and "no token" in r.stderr, (r.returncode, r.stderr)
+    r = system.run_as(U1, ctl, "sign", LABEL, "not-hex", "--mechanism", "ECDSA")
+    assert r.returncode == 64, (r.returncode, r.stderr)
