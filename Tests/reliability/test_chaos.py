@@ -52,6 +52,9 @@ PROXY_DOCUMENTED = {
     # OpenSC 0.23 answers C_Login/C_Sign with CKR_GENERAL_ERROR when the card leaves the
     # reader mid-call; the daemon passes a backend's code through unchanged (dbus/README.md).
     "CKR_GENERAL_ERROR",
+    # CKR_USER_PIN_NOT_INITIALIZED: OpenSC's answer while it reads a card that is leaving
+    # again (its token flags are not filled in yet); seen once in a long run.
+    "0x102",
     # C_GetSlotList's second call when a slot appeared after the first (a re-inserted card):
     # the PKCS#11 answer to a list that grew (p11.py asks for the count, then the list).
     "0x150",
@@ -59,7 +62,7 @@ PROXY_DOCUMENTED = {
 # A backend error's code must be one a vanishing card explains.
 BACKEND_CODES = ("CKR_DEVICE_ERROR", "CKR_DEVICE_REMOVED", "CKR_TOKEN_NOT_PRESENT", "CKR_SESSION_HANDLE_INVALID",
                  "CKR_SESSION_CLOSED", "CKR_CARD_REMOVED", "CKR_FUNCTION_FAILED", "CKR_GENERAL_ERROR",
-                 "CKR_TOKEN_NOT_RECOGNIZED")
+                 "CKR_TOKEN_NOT_RECOGNIZED", "CKR_USER_PIN_NOT_INITIALIZED")
 
 
 class Worker:
