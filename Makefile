@@ -5,7 +5,7 @@ SCRATCH ?= $(or $(PINCACHE_SCRATCH),$(CURDIR)/.build)
 export PINCACHE_SCRATCH := $(SCRATCH)
 export PATH := $(PATH):/opt/swift/usr/bin
 
-.PHONY: all deps build test integration demo bench clean install uninstall deb
+.PHONY: all deps build test integration demo bench clean install uninstall deb reliability
 
 all: build
 
@@ -29,6 +29,11 @@ demo:
 # (bench/README.md). `make bench BENCH_ARGS=--quick` for a CI-sized run.
 bench:
 	/usr/bin/python3 bench/run.py $(BENCH_ARGS)
+
+# Floods, races, quotas, concurrency, PIN hygiene, chaos, fuzzing, sanitizers, with a figures
+# table (docs/reliability.md). CI-sized by default; `make reliability RELIABILITY=long` for releases.
+reliability:
+	RELIABILITY=$(or $(RELIABILITY),ci) scripts/reliability.sh
 
 clean:
 	rm -rf "$(SCRATCH)" demo-run

@@ -32,6 +32,14 @@ public struct PeerCredentials: Sendable, Equatable {
     }
 }
 
+/// What a connection answered to the method calls it received.
+public struct ReplyStatistics: Sendable, Equatable {
+    /// Calls answered, by a return or an error.
+    public var callsServed: UInt64 = 0
+    /// Error replies by error name.
+    public var errors: [String: UInt64] = [:]
+}
+
 /// A received signal.
 public struct DBusSignalMessage: Sendable {
     public var sender: String
@@ -95,6 +103,7 @@ public final class DBusConnection: @unchecked Sendable {
     private let closed = Mutex(false)
     /// When the last receive-buffer scrub went out, and whether a later one is scheduled.
     private let scrubState = Mutex<(lastSent: UInt64, scheduled: Bool)>((0, false))
+    private let replies = Mutex(ReplyStatistics())
 
     /// The connection's unique name on the bus, e.g. `:1.42`.
     public let uniqueName: String
@@ -292,7 +301,26 @@ public final class DBusConnection: @unchecked Sendable {
         }
     }
 
+    /// Counts of the method calls this connection answered, since it was opened.
+    public var replyStatistics: ReplyStatistics { replies.withLock { $0 } }
+
+    /// Every answer to a method call, success or error, is counted here and only here; a call
+    /// whose caller asked for no reply counts as answered all the same.
+    func countAnswer(error: String?) {
+        replies.withLock { r in
+            r.callsServed &+= 1
+            if let error { r.errors[error, default: 0] &+= 1 }
+        }
+    }
+
+    /// Sends a method return (built by MethodCall) and counts it.
+    func sendReply(_ reply: OpaquePointer?) {
+        countAnswer(error: nil)
+        if let reply { send(reply) }
+    }
+
     func sendError(_ error: DBusError, replyingTo message: OpaquePointer) {
+        countAnswer(error: error.wireName)
         guard dbus_message_get_no_reply(message) == 0 else { return }
         let reply = error.wireName.withCString { name in
             error.message.withCString { dbus_message_new_error(message, name, $0) }

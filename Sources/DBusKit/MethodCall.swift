@@ -73,7 +73,7 @@ public final class MethodCall: @unchecked Sendable {
             sendError(.failed("internal error: reply does not match the declared signature"))
             return
         }
-        guard !noReplyExpected else { return }
+        guard !noReplyExpected else { return connection.sendReply(nil) }
         guard let reply = dbus_message_new_method_return(message) else { return }
         defer { dbus_message_unref(reply) }
         if let problem = Marshal.append(values, to: reply) {
@@ -81,7 +81,7 @@ public final class MethodCall: @unchecked Sendable {
             sendError(.failed("internal error: reply could not be marshalled"))
             return
         }
-        connection.send(reply)
+        connection.sendReply(reply)
     }
 
     /// Replies with an error. Later replies are ignored.
@@ -99,7 +99,6 @@ public final class MethodCall: @unchecked Sendable {
     }
 
     private func sendError(_ error: DBusError) {
-        guard !noReplyExpected else { return }
         connection.sendError(error, replyingTo: message)
     }
 

@@ -277,6 +277,10 @@ extension DBusConnection {
 
     private func handleProperties(_ call: MethodCall, object: ExportedObject, interfaceName: String) {
         let args = call.arguments
+        // A Set's variant may carry file descriptors; they are ours unless the setter takes
+        // them, so every refusal path closes them (a caller could otherwise exhaust our fds).
+        var handedToSetter = false
+        defer { if !handedToSetter { closeDescriptors(in: args) } }
         guard let exported = object.interfaces.first(where: { $0.spec.name == interfaceName }) else {
             let standard = [StandardInterfaces.introspectable, StandardInterfaces.properties, StandardInterfaces.peer,
                             StandardInterfaces.objectManager].map(\.name)
@@ -313,9 +317,9 @@ extension DBusConnection {
                 return call.reply(error: .invalidArgs("expected a variant value"))
             }
             guard value.signature == declared.signature else {
-                closeDescriptors(in: [value])
                 return call.reply(error: .invalidArgs("property '\(name)' has type '\(declared.signature)', got '\(value.signature)'"))
             }
+            handedToSetter = true
             do {
                 try setter(name, value)
             } catch {

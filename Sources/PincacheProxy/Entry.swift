@@ -103,16 +103,7 @@ func pincacheGetSlotInfo(_ slot: CK_SLOT_ID, _ info: UnsafeMutablePointer<CK_SLO
     entry { library throws(CKError) in
         let snapshot = try library.snapshot(slot)
         guard let info else { throw .argumentsBad }
-        let p = snapshot.properties
-        var value = CK_SLOT_INFO()
-        withUnsafeMutableBytes(of: &value.slotDescription) { Codec.pad(p["SlotDescription"]?.stringValue ?? "", into: $0) }
-        withUnsafeMutableBytes(of: &value.manufacturerID) { Codec.pad(p["SlotManufacturer"]?.stringValue ?? "", into: $0) }
-        var flags = CK_FLAGS(p["SlotFlags"]?.uint64Value ?? 0) & ~CK_FLAGS(CKF_TOKEN_PRESENT)
-        if snapshot.tokenPresent { flags |= CK_FLAGS(CKF_TOKEN_PRESENT) }
-        value.flags = flags
-        value.hardwareVersion = Codec.version(p["HardwareVersion"])
-        value.firmwareVersion = Codec.version(p["FirmwareVersion"])
-        info.pointee = value
+        info.pointee = snapshot.slotInfo
     }
 }
 
@@ -122,31 +113,7 @@ func pincacheGetTokenInfo(_ slot: CK_SLOT_ID, _ info: UnsafeMutablePointer<CK_TO
         let snapshot = try library.snapshot(slot)
         guard let info else { throw .argumentsBad }
         guard snapshot.tokenPresent else { throw CKError(CKR_TOKEN_NOT_PRESENT) }
-        let p = snapshot.properties
-        func number(_ key: String) -> CK_ULONG {
-            p[key]?.uint64Value.map { CK_ULONG($0) } ?? CK_ULONG.max
-        }
-        var value = CK_TOKEN_INFO()
-        withUnsafeMutableBytes(of: &value.label) { Codec.pad(p["Label"]?.stringValue ?? "", into: $0) }
-        withUnsafeMutableBytes(of: &value.manufacturerID) { Codec.pad(p["Manufacturer"]?.stringValue ?? "", into: $0) }
-        withUnsafeMutableBytes(of: &value.model) { Codec.pad(p["Model"]?.stringValue ?? "", into: $0) }
-        withUnsafeMutableBytes(of: &value.serialNumber) { Codec.pad(p["Serial"]?.stringValue ?? "", into: $0) }
-        value.flags = CK_FLAGS(p["TokenFlags"]?.uint64Value ?? 0)
-        value.ulMaxSessionCount = number("MaxSessionCount")
-        // Session counts are the backend's business across every caller; not on the wire.
-        value.ulSessionCount = CK_ULONG.max
-        value.ulMaxRwSessionCount = number("MaxRwSessionCount")
-        value.ulRwSessionCount = CK_ULONG.max
-        value.ulMaxPinLen = number("MaxPinLen")
-        value.ulMinPinLen = number("MinPinLen")
-        value.ulTotalPublicMemory = number("TotalPublicMemory")
-        value.ulFreePublicMemory = number("FreePublicMemory")
-        value.ulTotalPrivateMemory = number("TotalPrivateMemory")
-        value.ulFreePrivateMemory = number("FreePrivateMemory")
-        value.hardwareVersion = Codec.version(p["TokenHardwareVersion"])
-        value.firmwareVersion = Codec.version(p["TokenFirmwareVersion"])
-        withUnsafeMutableBytes(of: &value.utcTime) { Codec.pad(p["UtcTime"]?.stringValue ?? "", into: $0) }
-        info.pointee = value
+        info.pointee = snapshot.tokenInfo
     }
 }
 

@@ -259,7 +259,7 @@ final class Library: @unchecked Sendable {
             let rv = ErrorMapping.returnValue(for: error, target: method.target)
             return .failure(CallFailure(busError: error, error: CKError(rv)))
         }
-        guard reply.map(\.signature).joined() == method.outSignature, reply.allSatisfy({ Wire.withinCaps($0) }) else {
+        guard Replies.check(reply, method) else {
             reply.forEach(Wire.closeDescriptors)
             return .failure(CallFailure(busError: nil, error: .deviceError))
         }
@@ -272,14 +272,7 @@ final class Library: @unchecked Sendable {
     /// stay the same for a token object path for the life of this instance.
     @discardableResult
     func refreshSlots() throws(CKError) -> [CK_SLOT_ID] {
-        let reply = try call(Wire.getSlots, path: Wire.managerPath, [])
-        guard let entries = reply[0].arrayValues else { throw .deviceError }
-        var parsed: [SlotSnapshot] = []
-        for entry in entries {
-            guard let fields = entry.structFields, fields.count == 2, let path = fields[0].objectPathValue,
-                  let properties = fields[1].vardictValue else { throw .deviceError }
-            parsed.append(SlotSnapshot(path: path, properties: properties))
-        }
+        let parsed = try Replies.slots(try call(Wire.getSlots, path: Wire.managerPath, []))
         var changed: [CK_SLOT_ID] = []
         let ids = state.withLock { s -> [CK_SLOT_ID] in
             var ids: [CK_SLOT_ID] = []
@@ -324,15 +317,7 @@ final class Library: @unchecked Sendable {
     /// The slot's mechanisms, asked once per slot.
     func mechanisms(_ slot: CK_SLOT_ID, refresh: Bool = false) throws(CKError) -> [MechanismEntry] {
         if !refresh, let cached = state.withLock({ $0.mechanisms[slot] }) { return cached }
-        let reply = try call(Wire.getMechanisms, path: try slotPath(slot), [])
-        guard let entries = reply[0].arrayValues else { throw .deviceError }
-        var list: [MechanismEntry] = []
-        for entry in entries {
-            guard let f = entry.structFields, f.count == 4, let type = f[0].uint64Value, let min = f[1].uint64Value,
-                  let max = f[2].uint64Value, let flags = f[3].uint64Value else { throw .deviceError }
-            list.append(MechanismEntry(type: CK_ULONG(type), minKeySize: CK_ULONG(min), maxKeySize: CK_ULONG(max),
-                                       flags: CK_ULONG(flags)))
-        }
+        let list = try Replies.mechanisms(try call(Wire.getMechanisms, path: try slotPath(slot), []))
         state.withLock { $0.mechanisms[slot] = list }
         return list
     }

@@ -220,61 +220,13 @@ extension Library {
             } else {
                 let reply = try call(Wire.getAttributes, on: session,
                                      [.uint64(UInt64(object)), .array(elementSignature: "t", types.map { .uint64(UInt64($0)) })])
-                guard let entries = reply[0].arrayValues, entries.count == types.count else { throw .deviceError }
-                var parsed: [AttributeResult] = []
-                for (entry, type) in zip(entries, types) {
-                    guard let f = entry.structFields, f.count == 3, let t = f[0].uint64Value, CK_ULONG(t) == type,
-                          let status = f[1].uint64Value, let value = f[2].bytesValue else { throw .deviceError }
-                    parsed.append(AttributeResult(type: type, status: CK_RV(status), value: value))
-                }
-                results = parsed
+                results = try Replies.attributes(reply, types: types)
             }
             session.lastAttributes = nil
             guard let template else { return }
-            var sensitive = false, invalid = false, tooSmall = false, other: CK_RV?
-            var lengthQuery = false
-            for (index, result) in results.enumerated() {
-                let attribute = template.advanced(by: index)
-                var status = result.status
-                // Values of array attributes are the daemon's pointers: meaningless here.
-                if status == CKR_OK && result.type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0 && !result.value.isEmpty {
-                    status = CKR_ATTRIBUTE_TYPE_INVALID
-                }
-                switch status {
-                case CKR_OK:
-                    let needed = CK_ULONG(result.value.count)
-                    if let buffer = attribute.pointee.pValue {
-                        if attribute.pointee.ulValueLen >= needed {
-                            // SAFETY: the application said pValue holds ulValueLen >= needed bytes.
-                            result.value.withUnsafeBytes { source in
-                                if let base = source.baseAddress { buffer.copyMemory(from: base, byteCount: source.count) }
-                            }
-                            attribute.pointee.ulValueLen = needed
-                        } else {
-                            attribute.pointee.ulValueLen = CK_ULONG.max
-                            tooSmall = true
-                        }
-                    } else {
-                        attribute.pointee.ulValueLen = needed
-                        lengthQuery = true
-                    }
-                case CKR_ATTRIBUTE_SENSITIVE:
-                    attribute.pointee.ulValueLen = CK_ULONG.max
-                    sensitive = true
-                case CKR_ATTRIBUTE_TYPE_INVALID:
-                    attribute.pointee.ulValueLen = CK_ULONG.max
-                    invalid = true
-                default:
-                    attribute.pointee.ulValueLen = CK_ULONG.max
-                    other = other ?? status
-                }
-            }
-            if lengthQuery { session.lastAttributes = (object, types, results) }
-            // SoftHSM's precedence, so both paths answer alike.
-            if sensitive { throw CKError(CKR_ATTRIBUTE_SENSITIVE) }
-            if invalid { throw CKError(CKR_ATTRIBUTE_TYPE_INVALID) }
-            if tooSmall { throw CKError.bufferTooSmall }
-            if let other { throw CKError(other) }
+            let outcome = Replies.deliver(results, into: template)
+            if outcome.lengthQuery { session.lastAttributes = (object, types, results) }
+            if let error = outcome.error { throw error }
         }
     }
 }

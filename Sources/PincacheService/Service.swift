@@ -47,7 +47,7 @@ public final class PincacheService: @unchecked Sendable {
     let sessions = Mutex<[UInt64: SessionRecord]>([:])
     private let nextSessionID = Atomic<UInt64>(1)
     /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
-    private var pendingCallers: [String: [@Sendable (CallerInfo?) -> Void]] = [:]
+    private var pendingCallers: [String: [@Sendable (Result<CallerInfo, DBusError>) -> Void]] = [:]
     private var poller: Thread?
     private let stopping = Atomic<Bool>(false)
     /// The failure to lock memory for a PIN was logged and no PIN was locked since.
@@ -174,12 +174,17 @@ public final class PincacheService: @unchecked Sendable {
             name: present ? "TokenInserted" : "TokenRemoved", arguments: [.objectPath(token.path)])
     }
 
+    /// Wipes every PIN and closes the backend sessions before the process exits; waits for
+    /// the token workers (a few seconds at most, as a card may hang) and leaves them parked.
     public func shutdown() {
         stopping.store(true, ordering: .relaxed)
         readerWatcher?.stop()
+        let deadline = DispatchTime.now() + .seconds(5)
         for token in tokens {
             _ = token.policy.withLock { $0.flushCachedPINs() }
-            token.shutdown()
+            if !token.finishForExit(deadline: deadline) {
+                Log.warning("slot \(token.id): the module did not finish in time; exiting anyway")
+            }
         }
     }
 
@@ -255,11 +260,10 @@ public final class PincacheService: @unchecked Sendable {
             body(info)
             return
         }
-        let run: @Sendable (CallerInfo?) -> Void = { info in
-            if let info {
-                body(info)
-            } else {
-                call.reply(error: ServiceError(.notAuthorized, "the caller's credentials could not be read (CKR_FUNCTION_REJECTED (0x200))").dbusError)
+        let run: @Sendable (Result<CallerInfo, DBusError>) -> Void = { admitted in
+            switch admitted {
+            case .success(let info): body(info)
+            case .failure(let error): call.reply(error: error)
             }
         }
         if pendingCallers[sender] != nil {
@@ -274,31 +278,41 @@ public final class PincacheService: @unchecked Sendable {
         connection.connectionCredentials(of: sender) { [weak self] result in
             guard let self else { return }
             let waiting = self.pendingCallers.removeValue(forKey: sender) ?? []
-            var info: CallerInfo?
-            if case .success(let creds) = result {
-                info = self.admit(sender: sender, credentials: creds)
+            let admitted: Result<CallerInfo, DBusError>
+            switch result {
+            case .success(let creds): admitted = self.admit(sender: sender, credentials: creds)
+            case .failure: admitted = .failure(Self.credentialsUnreadable)
             }
-            for w in waiting { w(info) }
+            for w in waiting { w(admitted) }
         }
     }
 
-    private func admit(sender: String, credentials: PeerCredentials) -> CallerInfo? {
+    private static let credentialsUnreadable = ServiceError(
+        .notAuthorized, "the caller's credentials could not be read (CKR_FUNCTION_REJECTED (0x200))"
+    ).dbusError
+
+    private func admit(sender: String, credentials: PeerCredentials) -> Result<CallerInfo, DBusError> {
         let exe = credentials.pid.flatMap { executablePath(pid: $0, uid: credentials.uid) }
         let settings = configuration.settings(forExecutable: exe)
         let info = CallerInfo(
             id: CallerID(sender), uid: credentials.uid, pid: credentials.pid, executable: exe, settings: settings)
-        let admitted = registry.add(info, maxPerUID: Limits.environmentsPerUID)
-        if admitted == nil, !registry.hasDeparted(sender) {
-            Log.warning("uid \(credentials.uid.map(String.init) ?? "?") reached \(Limits.environmentsPerUID) environments; \(sender) refused")
-        }
-        return admitted
+        if let admitted = registry.add(info, maxPerUID: Limits.environmentsPerUID) { return .success(admitted) }
+        // A caller that already left gets nothing; one over its uid's quota is told so, in
+        // words that do not send its user looking for a polkit or credentials problem.
+        guard !registry.hasDeparted(sender) else { return .failure(Self.credentialsUnreadable) }
+        let uid = credentials.uid.map(String.init) ?? "?"
+        Log.warning("uid \(uid) reached \(Limits.environmentsPerUID) environments; \(sender) refused")
+        return .failure(
+            DBusError(
+                name: "org.freedesktop.DBus.Error.LimitsExceeded",
+                message: "uid \(uid) already has \(Limits.environmentsPerUID) cache environments (bus connections) in use; close some (CKR_HOST_MEMORY (0x2))"))
     }
 
     private func peerDisconnected(_ name: String) {
         authorizer.callerGone(name)
         cachedUseAllowed.withLock { set in set = set.filter { !$0.hasSuffix(" " + name) } }
         if let waiting = pendingCallers.removeValue(forKey: name) {
-            for w in waiting { w(nil) }
+            for w in waiting { w(.failure(Self.credentialsUnreadable)) }
         }
         guard let info = registry.depart(name) else { return }
         let dropped = sessions.withLock { s in info.sessions.compactMap { s.removeValue(forKey: $0) } }
@@ -462,6 +476,7 @@ public final class PincacheService: @unchecked Sendable {
     private func statistics() -> DBusValue {
         var cached = 0
         var locked = 0
+        let replies = connection.replyStatistics
         for token in tokens {
             token.policy.withLock { p in
                 cached += p.cachedPINCount
@@ -476,6 +491,12 @@ public final class PincacheService: @unchecked Sendable {
             "Tokens": .uint32(UInt32(tokens.count)),
             "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
             "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
+            "CallsServed": .uint64(replies.callsServed),
+            "Errors": .dictionary(
+                keySignature: "s", valueSignature: "u",
+                replies.errors.sorted { $0.key < $1.key }.map {
+                    DBusDictEntry(key: .string($0.key), value: .uint32(UInt32(clamping: $0.value)))
+                }),
         ])
     }
 

@@ -540,6 +540,21 @@ final class TokenContext: @unchecked Sendable {
         worker.submit { [self] in dropSession() }
         worker.stop()
     }
+
+    /// Daemon exit: closes the backend session on the worker and waits until that is done,
+    /// at most until `deadline`. The worker thread is left parked, not ended: exit() runs the
+    /// libraries' exit handlers (the module's destructors, OpenSSL's cleanup), and a worker
+    /// still calling the module then, or a thread ending then (OpenSSL's thread-exit hook
+    /// takes a lock its cleanup freed), crashes the daemon on its way out.
+    @discardableResult
+    func finishForExit(deadline: DispatchTime) -> Bool {
+        let done = DispatchSemaphore(value: 0)
+        worker.submit { [self] in
+            dropSession()
+            done.signal()
+        }
+        return done.wait(timeout: deadline) == .success
+    }
 }
 
 func hex(_ bytes: [UInt8]) -> String {
