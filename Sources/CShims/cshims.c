@@ -1,4 +1,5 @@
 #include "cshims.h"
+#include <malloc.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -23,4 +24,10 @@ int pincache_default_crash_signals(void) {
         if (signal(crash[i], SIG_DFL) == SIG_ERR) return -1;
     }
     return 0;
+}
+
+int pincache_wipe_freed_memory(void) {
+    /* glibc then fills every freed chunk with 0xff (and new ones with 0x00), except chunks
+       kept in the per-thread cache (at most 1032 bytes). mallopt returns 1 on success. */
+    return mallopt(M_PERTURB, 0xff) == 1 ? 0 : -1;
 }

@@ -128,6 +128,19 @@ public enum ProcessHardening {
             throw SystemCallError(function: "pincache_default_crash_signals", errno: errno)
         }
     }
+
+    /// Makes `free` overwrite the memory it releases (glibc `mallopt(M_PERTURB)`).
+    ///
+    /// libdbus reads each connection's socket into one growing buffer and hands it back to
+    /// the heap when it shrinks or moves it, with the raw bytes of the messages it held: a
+    /// Login's PIN among them, out of reach of anything that wipes the parsed message. Those
+    /// buffers are at least 2 KiB, beyond the per-thread cache that glibc does not perturb.
+    /// - Throws: ``SystemCallError`` if glibc refuses.
+    public static func wipeFreedMemory() throws {
+        if pincache_wipe_freed_memory() != 0 {
+            throw SystemCallError(function: "mallopt(M_PERTURB)", errno: EINVAL)
+        }
+    }
 }
 
 /// Pages of locked memory cut into fixed-size slots. Slots of one size keep the arena free of

@@ -47,8 +47,9 @@ if let dir = introspectionDir {
 
 do {
     try ProcessHardening.disableCoreDumps()
+    try ProcessHardening.wipeFreedMemory()
 } catch {
-    Log.error("cannot disable core dumps: \(error)")
+    Log.error("cannot harden the process (core dumps, crash handlers, freed memory): \(error)")
     exit(1)
 }
 

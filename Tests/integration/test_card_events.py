@@ -184,8 +184,11 @@ def test_outsider_never_rides_the_daemons_login(card_daemon, vcard_factory, make
     signed = []
 
     def loop():
+        # Short gaps between brackets: the outsider must get the card sometimes (PC/SC
+        # transactions are not fair), and then find nobody logged in.
         while not stop.is_set():
             signed.append(sign(a, sa, b"loop"))
+            time.sleep(0.02)
     t = threading.Thread(target=loop)
     t.start()
     outsider_wins = 0

@@ -76,6 +76,8 @@ Host = proxy_support.Host
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SIZE = os.environ.get("RELIABILITY", "ci").lower()
 LONG = SIZE == "long"
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 PYTHON = "/usr/bin/python3"
 
 
@@ -93,15 +95,18 @@ def sized(ci, long):
 
 # --- figures ------------------------------------------------------------------------
 
-def figure(item, name, value, unit="", **extra):
-    """Prints one figure and appends it as a JSON line to $RELIABILITY_OUT/figures.jsonl."""
-    record = {"item": item, "name": name, "value": value, "unit": unit, "size": SIZE, **extra}
-    print(f"FIGURE item {item}: {name} = {value}{(' ' + unit) if unit else ''}", flush=True)
-    out = os.environ.get("RELIABILITY_OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        with open(Path(out) / "figures.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+ITEM_NAMES = {7: "7 PIN hygiene", 8: "8 chaos", 9: "9 proxy in a host", 10: "10 configuration trust"}
+
+
+def figure(item, name, value, unit="", limit=None, note=None):
+    """One figure in the format of figures.py (rel-load's; scripts/reliability.sh tabulates
+    $RELIABILITY_OUT/figures.jsonl). `limit` is an upper bound the value was held to;
+    `note` goes into the figure's name, shortened."""
+    import figures
+    if note:
+        name = f"{name} ({note if len(note) <= 70 else note[:67] + '...'})"
+    ok = None if limit is None else (isinstance(value, (int, float)) and value <= limit)
+    figures.record(ITEM_NAMES.get(item, str(item)), name, value, unit=unit, limit=limit, ok=ok)
 
 
 # --- a high-entropy PIN and tokens that use it ----------------------------------------

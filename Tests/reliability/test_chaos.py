@@ -52,6 +52,9 @@ PROXY_DOCUMENTED = {
     # OpenSC 0.23 answers C_Login/C_Sign with CKR_GENERAL_ERROR when the card leaves the
     # reader mid-call; the daemon passes a backend's code through unchanged (dbus/README.md).
     "CKR_GENERAL_ERROR",
+    # CKR_USER_PIN_NOT_INITIALIZED: OpenSC's answer while it reads a card that is leaving
+    # again (its token flags are not filled in yet); seen once in a long run.
+    "0x102",
     # C_GetSlotList's second call when a slot appeared after the first (a re-inserted card):
     # the PKCS#11 answer to a list that grew (p11.py asks for the count, then the list).
     "0x150",
@@ -59,7 +62,7 @@ PROXY_DOCUMENTED = {
 # A backend error's code must be one a vanishing card explains.
 BACKEND_CODES = ("CKR_DEVICE_ERROR", "CKR_DEVICE_REMOVED", "CKR_TOKEN_NOT_PRESENT", "CKR_SESSION_HANDLE_INVALID",
                  "CKR_SESSION_CLOSED", "CKR_CARD_REMOVED", "CKR_FUNCTION_FAILED", "CKR_GENERAL_ERROR",
-                 "CKR_TOKEN_NOT_RECOGNIZED")
+                 "CKR_TOKEN_NOT_RECOGNIZED", "CKR_USER_PIN_NOT_INITIALIZED")
 
 
 class Worker:
@@ -262,12 +265,12 @@ def test_chaos(start, pcscd, vcard_factory, bus, proxy_lib, secret_store, make_c
     figure(ITEM, "signatures (all verified)", signatures,
            note=f"{card_signatures} on the card; {len(workers)} clients: 3 D-Bus, 2 proxy")
     figure(ITEM, "events: card pulls / pcscd restarts / daemon kills", f"{PULLS}/{PCSCD_RESTARTS}/{KILLS}")
-    figure(ITEM, "daemon crashes (besides the kills)", 0)
-    figure(ITEM, "calls past their deadline", 0)
-    figure(ITEM, "slowest call", round(latencies[-1], 2), "s", note=f"p99 {p99:.3f} s")
+    figure(ITEM, "daemon crashes (besides the kills)", 0, limit=0)
+    figure(ITEM, "calls past their deadline", 0, limit=0)
+    figure(ITEM, "slowest call", round(latencies[-1], 2), "s", limit=DEADLINE["dbus"], note=f"p99 {p99:.3f} s")
     figure(ITEM, "documented errors answered", sum(errors.values()),
            note=", ".join(f"{n}:{k[1].rsplit('.', 1)[-1]}" for k, n in sorted(errors.items())))
     figure(ITEM, "pulls after which the card's PINs were cached anywhere", 0, note=f"{wiped_checks} checked")
-    figure(ITEM, "clients that had to be restarted", 0)
-    figure(ITEM, "card PIN retries lost", 3 - card.counters()["pw1"])
+    figure(ITEM, "clients that had to be restarted", 0, limit=0)
+    figure(ITEM, "card PIN retries lost", 3 - card.counters()["pw1"], limit=0)
     figure(ITEM, "run time", round(elapsed, 1), "s")

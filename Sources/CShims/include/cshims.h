@@ -13,4 +13,7 @@ int pincache_madvise_dontdump(void *addr, size_t len);
    SIGQUIT, SIGABRT, SIGBUS, SIGFPE, SIGILL, SIGSEGV and SIGTRAP. Returns 0 or -1 with errno. */
 int pincache_default_crash_signals(void);
 
+/* Makes glibc's free() overwrite what it frees (mallopt M_PERTURB). Returns 0 or -1. */
+int pincache_wipe_freed_memory(void);
+
 #endif
