@@ -26,8 +26,18 @@ int pincache_default_crash_signals(void) {
     return 0;
 }
 
+#ifndef __has_feature
+#define __has_feature(x) 0
+#endif
+
 int pincache_wipe_freed_memory(void) {
+#if defined(__SANITIZE_ADDRESS__) || __has_feature(address_sanitizer)
+    /* An AddressSanitizer build replaces glibc's allocator (mallopt is refused); its own
+       quarantine holds freed chunks back and ASAN_OPTIONS=max_free_fill_size fills them. */
+    return 0;
+#else
     /* glibc then fills every freed chunk with 0xff (and new ones with 0x00), except chunks
        kept in the per-thread cache (at most 1032 bytes). mallopt returns 1 on success. */
     return mallopt(M_PERTURB, 0xff) == 1 ? 0 : -1;
+#endif
 }
