@@ -83,6 +83,11 @@ final class MainLoop: @unchecked Sendable {
         _ = write(wakeWriteFD, &one, 8)
     }
 
+    /// `wake()` unless called on the loop thread itself.
+    func wakeFromOtherThread() {
+        if !isLoopThread { wake() }
+    }
+
     /// True when called from inside `run`.
     var isLoopThread: Bool {
         state.withLock { s in s.thread.map { pthread_equal($0, pthread_self()) != 0 } ?? false }
@@ -101,40 +106,59 @@ final class MainLoop: @unchecked Sendable {
         wake()
     }
 
+    // libdbus's watch and timeout callbacks, shared by connections and servers; `data` is
+    // the unretained MainLoop.
+    private static let addWatch: DBusAddWatchFunction = { watch, data in
+        guard let watch, let data else { return 0 }
+        Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().updateWatch(watch, adding: true)
+        return 1
+    }
+    private static let removeWatch: DBusRemoveWatchFunction = { watch, data in
+        guard let watch, let data else { return }
+        _ = Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().state.withLock { $0.watches.removeValue(forKey: Handle(raw: watch)) }
+    }
+    private static let toggleWatch: DBusWatchToggledFunction = { watch, data in
+        guard let watch, let data else { return }
+        Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().updateWatch(watch, adding: false)
+    }
+    private static let addTimeout: DBusAddTimeoutFunction = { timeout, data in
+        guard let timeout, let data else { return 0 }
+        Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().updateTimeout(timeout, adding: true)
+        return 1
+    }
+    private static let removeTimeout: DBusRemoveTimeoutFunction = { timeout, data in
+        guard let timeout, let data else { return }
+        _ = Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().state.withLock { $0.timeouts.removeValue(forKey: Handle(raw: timeout)) }
+    }
+    private static let toggleTimeout: DBusTimeoutToggledFunction = { timeout, data in
+        guard let timeout, let data else { return }
+        Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().updateTimeout(timeout, adding: false)
+    }
+
     /// Registers the loop's callbacks on `connection`. `self` must outlive the
     /// registration (`uninstall` removes it).
     func install(on connection: OpaquePointer) {
         let me = Unmanaged.passUnretained(self).toOpaque()
-        dbus_connection_set_watch_functions(connection, { watch, data in
-            guard let watch, let data else { return 0 }
-            Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().updateWatch(watch, adding: true)
-            return 1
-        }, { watch, data in
-            guard let watch, let data else { return }
-            _ = Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().state.withLock { $0.watches.removeValue(forKey: Handle(raw: watch)) }
-        }, { watch, data in
-            guard let watch, let data else { return }
-            Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().updateWatch(watch, adding: false)
-        }, me, nil)
-        dbus_connection_set_timeout_functions(connection, { timeout, data in
-            guard let timeout, let data else { return 0 }
-            Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().updateTimeout(timeout, adding: true)
-            return 1
-        }, { timeout, data in
-            guard let timeout, let data else { return }
-            _ = Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().state.withLock { $0.timeouts.removeValue(forKey: Handle(raw: timeout)) }
-        }, { timeout, data in
-            guard let timeout, let data else { return }
-            Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().updateTimeout(timeout, adding: false)
-        }, me, nil)
+        dbus_connection_set_watch_functions(connection, Self.addWatch, Self.removeWatch, Self.toggleWatch, me, nil)
+        dbus_connection_set_timeout_functions(connection, Self.addTimeout, Self.removeTimeout, Self.toggleTimeout, me, nil)
+        // The loop thread dispatches and re-reads its watches before every poll, so only
+        // other threads need to interrupt it.
         dbus_connection_set_wakeup_main_function(connection, { data in
             guard let data else { return }
-            Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().wake()
+            Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().wakeFromOtherThread()
         }, me, nil)
         dbus_connection_set_dispatch_status_function(connection, { _, status, data in
             guard let data, status == DBUS_DISPATCH_DATA_REMAINS else { return }
-            Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().wake()
+            Unmanaged<MainLoop>.fromOpaque(data).takeUnretainedValue().wakeFromOtherThread()
         }, me, nil)
+    }
+
+    /// Registers the loop's callbacks on a listening `server`, whose watches then run on
+    /// this loop beside its connection's. `self` must outlive the registration.
+    func install(onServer server: OpaquePointer) {
+        let me = Unmanaged.passUnretained(self).toOpaque()
+        dbus_server_set_watch_functions(server, Self.addWatch, Self.removeWatch, Self.toggleWatch, me, nil)
+        dbus_server_set_timeout_functions(server, Self.addTimeout, Self.removeTimeout, Self.toggleTimeout, me, nil)
     }
 
     /// Removes the callbacks (libdbus calls the remove functions for what remains).
@@ -149,10 +173,13 @@ final class MainLoop: @unchecked Sendable {
         let handle = Handle(raw: raw)
         let watch = Watch(handle: handle, fd: dbus_watch_get_unix_fd(raw),
                           flags: dbus_watch_get_flags(raw), enabled: dbus_watch_get_enabled(raw) != 0)
-        state.withLock { s in
+        let onLoop = state.withLock { s -> Bool in
             if adding || s.watches[handle] != nil { s.watches[handle] = watch }
+            return s.thread.map { pthread_equal($0, pthread_self()) != 0 } ?? false
         }
-        wake()
+        // The loop thread re-reads the watches before it polls again; only another thread's
+        // change must interrupt a poll in progress.
+        if !onLoop { wake() }
     }
 
     private func updateTimeout(_ raw: OpaquePointer, adding: Bool) {
@@ -160,10 +187,11 @@ final class MainLoop: @unchecked Sendable {
         let interval = Int64(dbus_timeout_get_interval(raw))
         let timeout = Timeout(handle: handle, interval: interval, enabled: dbus_timeout_get_enabled(raw) != 0,
                               deadline: MainLoop.now() &+ UInt64(max(interval, 0)) &* 1_000_000)
-        state.withLock { s in
+        let onLoop = state.withLock { s -> Bool in
             if adding || s.timeouts[handle] != nil { s.timeouts[handle] = timeout }
+            return s.thread.map { pthread_equal($0, pthread_self()) != 0 } ?? false
         }
-        wake()
+        if !onLoop { wake() }
     }
 
     static func now() -> UInt64 {

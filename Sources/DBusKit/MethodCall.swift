@@ -22,7 +22,8 @@ public final class MethodCall: @unchecked Sendable {
     public let noReplyExpected: Bool
 
     private let message: OpaquePointer
-    private let connection: DBusConnection
+    /// The connection the call came on: the bus, or a peer channel.
+    public let connection: DBusConnection
     private let method: DBusMethod
     private let sensitiveIndices: [Int]
     private let replied = Mutex(false)

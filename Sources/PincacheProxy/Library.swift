@@ -11,8 +11,34 @@ final class Link: Sendable {
     let connection: DBusConnection
     /// Unique bus name of the daemon we talk to; nil until asked or after it vanished.
     let daemon = Mutex<String?>(nil)
+    /// The peer channel to that daemon (`Library.channel(on:to:)`).
+    let channel = Mutex(ChannelState.untried)
+
+    enum ChannelState: Sendable {
+        case untried
+        /// Another thread is opening it; calls meanwhile go over the bus.
+        case opening
+        case open(daemon: String, DBusConnection)
+        /// That daemon offers none, or opening failed: the bus it is, until the daemon changes.
+        case unavailable(daemon: String)
+    }
 
     init(connection: DBusConnection) { self.connection = connection }
+
+    /// Leaves the bus and closes the channel.
+    func close() {
+        dropChannel()
+        connection.close()
+    }
+
+    func dropChannel() {
+        let old = channel.withLock { state -> DBusConnection? in
+            defer { state = .untried }
+            if case .open(_, let c) = state { return c }
+            return nil
+        }
+        old?.close()
+    }
 }
 
 /// What GetSlots said about one slot.
@@ -134,7 +160,7 @@ final class Library: @unchecked Sendable {
             events.broadcast()
         }
         // Closing leaves the bus: the daemon drops this environment, its sessions and PINs.
-        link?.connection.close()
+        link?.close()
     }
 
     // MARK: the bus connection
@@ -148,7 +174,7 @@ final class Library: @unchecked Sendable {
                 defer { s.link = nil }
                 return s.link
             }
-            old?.connection.close()
+            old?.close()
             if state.withLock({ $0.finalized }) { throw .notInitialized }
             let connection: DBusConnection
             do {
@@ -247,23 +273,99 @@ final class Library: @unchecked Sendable {
         var error: CKError
     }
 
-    /// The one place a method call goes out.
+    /// The one place a method call goes out: over the peer channel when there is one and
+    /// the call carries no PIN, otherwise (and when the channel turns out dead) over the bus.
     private func send(_ method: WireMethod, path: ObjectPath, _ arguments: [DBusValue], link: Link,
                       destination: String) -> Result<[DBusValue], CallFailure> {
-        let reply: [DBusValue]
-        do {
-            reply = try link.connection.callBlocking(destination: destination, path: path, interface: method.interface,
-                                                     member: method.member, arguments: arguments,
-                                                     timeoutMilliseconds: method.timeoutMilliseconds)
-        } catch {
-            let rv = ErrorMapping.returnValue(for: error, target: method.target)
-            return .failure(CallFailure(busError: error, error: CKError(rv)))
+        var reply: [DBusValue]? = nil
+        if !method.carriesSecret, let channel = channel(on: link, to: destination) {
+            do {
+                reply = try channel.callBlocking(destination: destination, path: path, interface: method.interface,
+                                                 member: method.member, arguments: arguments,
+                                                 timeoutMilliseconds: method.timeoutMilliseconds)
+            } catch where !channel.isConnected {
+                // The daemon closed it or is gone. The call is sent again over the bus, which
+                // tells which (a restarted daemon answers ServiceUnknown there); the daemon
+                // never closes a channel with a call in progress but when its caller left.
+                link.dropChannel()
+            } catch {
+                let rv = ErrorMapping.returnValue(for: error, target: method.target)
+                return .failure(CallFailure(busError: error, error: CKError(rv)))
+            }
         }
+        if reply == nil {
+            do {
+                reply = try link.connection.callBlocking(destination: destination, path: path, interface: method.interface,
+                                                         member: method.member, arguments: arguments,
+                                                         timeoutMilliseconds: method.timeoutMilliseconds)
+            } catch {
+                let rv = ErrorMapping.returnValue(for: error, target: method.target)
+                return .failure(CallFailure(busError: error, error: CKError(rv)))
+            }
+        }
+        guard let reply else { return .failure(CallFailure(busError: nil, error: .deviceError)) }
         guard Replies.check(reply, method) else {
             reply.forEach(Wire.closeDescriptors)
             return .failure(CallFailure(busError: nil, error: .deviceError))
         }
         return .success(reply)
+    }
+
+    // MARK: the peer channel
+
+    /// The open channel to `daemon`, opening it on first use. The bus stays the way in:
+    /// OpenChannel (over the bus) gives a one-time ticket that binds the new connection to
+    /// this process's bus name. Any failure leaves the link on the bus for this daemon.
+    private func channel(on link: Link, to daemon: String) -> DBusConnection? {
+        let proceed = link.channel.withLock { state -> DBusConnection?? in
+            switch state {
+            case .open(let d, let c) where d == daemon && c.isConnected: return .some(c)
+            case .unavailable(let d) where d == daemon: return .some(nil)
+            case .opening: return .some(nil)
+            default:
+                state = .opening
+                return .none
+            }
+        }
+        if let decided = proceed { return decided }
+        let opened = openChannel(on: link, to: daemon)
+        link.channel.withLock { $0 = opened.map { .open(daemon: daemon, $0) } ?? .unavailable(daemon: daemon) }
+        // C_Finalize or a reconnect closed the link meanwhile: the channel goes with it.
+        if let opened, !link.connection.isConnected {
+            link.dropChannel()
+            return nil
+        }
+        return opened
+    }
+
+    private func openChannel(on link: Link, to daemon: String) -> DBusConnection? {
+        let offer: [DBusValue]
+        do {
+            offer = try link.connection.callBlocking(destination: daemon, path: Wire.managerPath, interface: Wire.openChannel.interface,
+                                                     member: Wire.openChannel.member, arguments: [],
+                                                     timeoutMilliseconds: Wire.channelTimeout * 1000)
+        } catch {
+            return nil
+        }
+        // Only a local socket: whatever the daemon says, the proxy never dials out.
+        guard Replies.check(offer, Wire.openChannel), let address = offer[0].stringValue, address.hasPrefix("unix:"),
+            address.utf8.count <= 4096, case .bytes(let ticket) = offer[1], (16...64).contains(ticket.count)
+        else { return nil }
+        let channel: DBusConnection
+        do {
+            channel = try DBusConnection(peer: address)
+        } catch {
+            return nil
+        }
+        do {
+            _ = try channel.callBlocking(destination: daemon, path: Wire.managerPath, interface: Wire.channelBind.interface,
+                                         member: Wire.channelBind.member, arguments: [.bytes(ticket)],
+                                         timeoutMilliseconds: Wire.channelTimeout * 1000)
+        } catch {
+            channel.close()
+            return nil
+        }
+        return channel
     }
 
     // MARK: slots

@@ -13,9 +13,13 @@ struct WireMethod: Sendable {
     let target: CallTarget
     /// libdbus's reply timeout for this call.
     let timeoutMilliseconds: Int32
+    /// Carries a PIN: goes over the bus, never the peer channel (the daemon refuses it there,
+    /// as it can scrub only its bus connection's receive buffer).
+    let carriesSecret: Bool
 
     init(_ member: String, _ inSignature: String, _ outSignature: String, _ target: CallTarget,
-         timeout seconds: Int32 = Wire.defaultTimeout, interface: String? = nil) {
+         timeout seconds: Int32 = Wire.defaultTimeout, interface: String? = nil, carriesSecret: Bool = false) {
+        self.carriesSecret = carriesSecret
         switch target {
         case .general: self.interface = interface ?? Wire.cryptokiManager
         case .slot: self.interface = interface ?? Wire.cryptokiSlot
@@ -31,6 +35,8 @@ struct WireMethod: Sendable {
 
 enum Wire {
     static let daemonName = "org.pincache.Daemon"
+    /// Seconds allowed for opening and binding the peer channel.
+    static let channelTimeout: Int32 = 5
     // cryptoki1.md names one interface, org.pincache.Cryptoki1, on all three kinds of
     // object; the daemon exports one per kind (dbus/org.pincache.Cryptoki*1.xml), and the
     // daemon's names are the ones that answer.
@@ -57,14 +63,16 @@ enum Wire {
 
     // Manager
     static let getSlots = WireMethod("GetSlots", "", "a(oa{sv})", .general)
+    static let openChannel = WireMethod("OpenChannel", "", "say", .general)
+    static let channelBind = WireMethod("Bind", "ay", "", .general, interface: "org.pincache.Channel1")
     // Slot
     static let getMechanisms = WireMethod("GetMechanisms", "", "a(tttt)", .slot)
     static let openSession = WireMethod("OpenSession", "t", "o", .slot)
-    static let initToken = WireMethod("InitToken", "ss", "", .slot, timeout: slowTimeout)
+    static let initToken = WireMethod("InitToken", "ss", "", .slot, timeout: slowTimeout, carriesSecret: true)
     // Session
     static let close = WireMethod("Close", "", "", .session, interface: "org.pincache.Session1")
     static let getSessionInfo = WireMethod("GetSessionInfo", "", "(ttt)", .session)
-    static let login = WireMethod("Login", "ts", "", .session, timeout: slowTimeout)
+    static let login = WireMethod("Login", "ts", "", .session, timeout: slowTimeout, carriesSecret: true)
     static let logout = WireMethod("Logout", "", "", .session)
     static let findObjects = WireMethod("FindObjects", "a(tay)t", "at", .session)
     static let getAttributes = WireMethod("GetAttributes", "tat", "a(ttay)", .session)
@@ -82,8 +90,8 @@ enum Wire {
     static let digest = WireMethod("Digest", "(tay)ay", "ay", .session)
     static let generateRandom = WireMethod("GenerateRandom", "t", "ay", .session)
     static let seedRandom = WireMethod("SeedRandom", "ay", "", .session)
-    static let initPIN = WireMethod("InitPIN", "s", "", .session, timeout: slowTimeout)
-    static let setPIN = WireMethod("SetPIN", "ss", "", .session, timeout: slowTimeout)
+    static let initPIN = WireMethod("InitPIN", "s", "", .session, timeout: slowTimeout, carriesSecret: true)
+    static let setPIN = WireMethod("SetPIN", "ss", "", .session, timeout: slowTimeout, carriesSecret: true)
 
     /// True when a decoded reply stays within the caps: counts, byte strings, strings,
     /// and variant nesting. Anything else (including file descriptors, which no reply

@@ -91,8 +91,24 @@ extension PincacheService {
                         DBusValue.structure([.objectPath($0.path), Self.slotDescription($0)])
                     }
                     call.reply([.array(elementSignature: "(oa{sv})", slots)])
-                }
+                },
+                "OpenChannel": { [weak self] call in
+                    guard let self else { return }
+                    self.withCaller(call) { info in self.openChannel(call, info) }
+                },
             ])
+    }
+
+    private func openChannel(_ call: MethodCall, _ info: CallerInfo) {
+        guard let address = channelAddress else {
+            return call.reply(error: DBusError(name: "org.freedesktop.DBus.Error.NotSupported", message: "this daemon serves no peer channels"))
+        }
+        guard let uid = info.uid, let pid = info.pid,
+            let ticket = channelTickets.issue(name: call.sender, uid: uid, pid: pid)
+        else {
+            return call.reply(error: DBusError(name: "org.freedesktop.DBus.Error.LimitsExceeded", message: "too many channel tickets outstanding for this caller"))
+        }
+        call.reply([.string(address), .bytes(ticket)])
     }
 
     private static func encodeMechanism(_ m: (MechanismType, MechanismInfo)) -> DBusValue {

@@ -93,7 +93,14 @@ public enum PincacheInterfaces {
     // operation. Handles and CK_ULONGs travel as `t`; templates as a(tay); mechanisms as (tay).
     public static let cryptokiManager = DBusInterface(
         "org.pincache.CryptokiManager1",
-        methods: [DBusMethod("GetSlots", out: [DBusArgument("slots", "a(oa{sv})")])])
+        methods: [
+            DBusMethod("GetSlots", out: [DBusArgument("slots", "a(oa{sv})")]),
+            DBusMethod("OpenChannel", out: [DBusArgument("address", "s"), DBusArgument("ticket", "ay")]),
+        ])
+
+    /// Answered only on a peer channel that is not bound yet (dbus/README.md, "Channel").
+    public static let channelInterface = "org.pincache.Channel1"
+    public static let channelBindMember = "Bind"
 
     public static let cryptokiSlot = DBusInterface(
         "org.pincache.CryptokiSlot1",

@@ -11,6 +11,8 @@ enum Limits {
     static let dataBytes = 1 << 20
     static let pendingCallsPerUnidentifiedCaller = 64
     static let environmentsPerUID = 256
+    /// Tokens whose operations average longer than this are never run inline (smart cards).
+    static let inlineJobNanoseconds: UInt64 = 5_000_000
 }
 
 /// A Session1 object: owned by one caller connection, bound to one token.
@@ -49,6 +51,9 @@ public final class PincacheService: @unchecked Sendable {
     /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
     private var pendingCallers: [String: [@Sendable (Result<CallerInfo, DBusError>) -> Void]] = [:]
     private var poller: Thread?
+    /// The peer channel server, when one listens (`startChannels`).
+    private let channelServer = Mutex<DBusChannelServer?>(nil)
+    let channelTickets = ChannelTickets()
     private let stopping = Atomic<Bool>(false)
     /// The failure to lock memory for a PIN was logged and no PIN was locked since.
     private let memoryLockFailureLogged = Atomic<Bool>(false)
@@ -107,6 +112,37 @@ public final class PincacheService: @unchecked Sendable {
         watcher.start()
         readerWatcher = watcher
         Log.info("ready on the bus as \(PincacheBus.serviceName) (\(connection.uniqueName)); \(tokens.count) slot(s)")
+    }
+
+    /// Listens for peer channels on `address` (a D-Bus server address), so proxy clients'
+    /// calls skip the bus daemon's relay. Failing to listen is logged, not fatal: clients
+    /// then stay on the bus.
+    public func startChannels(listen address: String, maxChannels: Int = 512) {
+        do {
+            let server = try DBusChannelServer(
+                listen: address, serving: connection, bindInterface: PincacheInterfaces.channelInterface,
+                bindMember: PincacheInterfaces.channelBindMember, maxChannels: maxChannels
+            ) { [channelTickets, registry] ticket, peer in
+                guard let name = channelTickets.redeem(ticket, peer: peer), registry.lookup(name) != nil else { return nil }
+                return name
+            }
+            channelServer.withLock { $0 = server }
+            // Any local user may connect: the ticket, not the socket's mode, admits a client.
+            if let path = Self.socketPath(in: server.address) { chmod(path, 0o666) }
+            Log.info("peer channels on \(server.address)")
+        } catch {
+            Log.notice("no peer channels (\(address): \(error.message)); clients use the bus")
+        }
+    }
+
+    var channelAddress: String? { channelServer.withLock { $0 }?.address }
+
+    public static func socketPath(in address: String) -> String? {
+        guard address.hasPrefix("unix:") else { return nil }
+        for part in address.dropFirst(5).split(separator: ",") where part.hasPrefix("path=") {
+            return String(part.dropFirst(5))
+        }
+        return nil
     }
 
     /// Re-reads every module's slot list and every token's state (PC/SC event, poll tick).
@@ -178,6 +214,7 @@ public final class PincacheService: @unchecked Sendable {
     /// the token workers (a few seconds at most, as a card may hang) and leaves them parked.
     public func shutdown() {
         stopping.store(true, ordering: .relaxed)
+        channelServer.withLock { $0 }?.stop()
         readerWatcher?.stop()
         let deadline = DispatchTime.now() + .seconds(5)
         for token in tokens {
@@ -260,6 +297,11 @@ public final class PincacheService: @unchecked Sendable {
             body(info)
             return
         }
+        // A channel is bound to a caller already admitted; if it is not known any more it
+        // has left (and `pendingCallers` belongs to the bus loop thread).
+        guard call.connection === connection else {
+            return call.reply(error: Self.credentialsUnreadable)
+        }
         let run: @Sendable (Result<CallerInfo, DBusError>) -> Void = { admitted in
             switch admitted {
             case .success(let info): body(info)
@@ -310,6 +352,8 @@ public final class PincacheService: @unchecked Sendable {
 
     private func peerDisconnected(_ name: String) {
         authorizer.callerGone(name)
+        channelTickets.forget(name: name)
+        channelServer.withLock { $0 }?.closeChannels(boundTo: name)
         cachedUseAllowed.withLock { set in set = set.filter { !$0.hasSuffix(" " + name) } }
         if let waiting = pendingCallers.removeValue(forKey: name) {
             for w in waiting { w(.failure(Self.credentialsUnreadable)) }
@@ -378,10 +422,18 @@ public final class PincacheService: @unchecked Sendable {
         _ token: TokenContext, _ call: MethodCall, caller: CallerID,
         _ job: @escaping @Sendable () throws -> T, reply encode: @escaping @Sendable (T) -> [DBusValue]
     ) {
-        token.worker.submit { [registry] in
+        let work: @Sendable () -> Void = { [registry] in
             guard registry.isAlive(caller) else { return }  // nobody to answer, nothing to do
             call.reply(Result<T, ServiceError>.catching(job), encode)
         }
+        // A peer channel's own loop thread may block on its caller's behalf: an idle, fast
+        // token's operation runs right here (SerialWorker.runInline).
+        if call.connection !== connection, call.connection.isLoopThread,
+            token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, work)
+        {
+            return
+        }
+        token.worker.submit(work)
     }
 
     private func forgetCachedUse(_ key: String) {
@@ -476,7 +528,8 @@ public final class PincacheService: @unchecked Sendable {
     private func statistics() -> DBusValue {
         var cached = 0
         var locked = 0
-        let replies = connection.replyStatistics
+        var replies = connection.replyStatistics
+        if let channels = channelServer.withLock({ $0 }) { replies.add(channels.replyStatistics) }
         for token in tokens {
             token.policy.withLock { p in
                 cached += p.cachedPINCount
@@ -491,6 +544,7 @@ public final class PincacheService: @unchecked Sendable {
             "Tokens": .uint32(UInt32(tokens.count)),
             "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
             "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
+            "Channels": .uint32(UInt32(channelServer.withLock { $0 }?.count ?? 0)),
             "CallsServed": .uint64(replies.callsServed),
             "Errors": .dictionary(
                 keySignature: "s", valueSignature: "u",

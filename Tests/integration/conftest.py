@@ -242,12 +242,12 @@ def config_text(caching=True, logout_after_sign=None, force_login=None, modules=
 
 
 class Daemon:
-    def __init__(self, binary, bus, config_path, env, stderr_path):
+    def __init__(self, binary, bus, config_path, env, stderr_path, args=()):
         self.bus = bus
         self.config_path = config_path
         self.stderr_path = stderr_path
         self.proc = subprocess.Popen(
-            [str(binary), "--bus", bus.address, "--config", str(config_path)],
+            [str(binary), "--bus", bus.address, "--config", str(config_path), *args],
             stdin=subprocess.DEVNULL, stdout=open(stderr_path.with_suffix(".stdout"), "wb"),
             stderr=open(stderr_path, "wb"), env=env)
 
@@ -294,13 +294,14 @@ def daemon_env(tokens):
 @pytest.fixture
 def start_daemon(request, pincached_bin, bus, tokens, daemon_env, tmp_path):
     """start_daemon(caching=True, logout_after_sign=None, force_login=None,
-    module="softhsm"|"shim"|PATH, extra=[lines], apps={exe: [lines]}, text=None)
-    -> a ready Daemon. `text` replaces the generated config entirely."""
+    module="softhsm"|"shim"|PATH, extra=[lines], apps={exe: [lines]}, text=None, args=[])
+    -> a ready Daemon. `text` replaces the generated config entirely; `args` are extra
+    command-line arguments."""
     need(pincached_bin.exists(), f"{pincached_bin} not built (swift build)")
     daemons = []
     request.node._pincache_daemons = daemons
 
-    def start(module="softhsm", text=None, shim=None, **kw):
+    def start(module="softhsm", text=None, shim=None, args=(), **kw):
         if module == "softhsm":
             modules = [SOFTHSM_MODULE]
         elif module == "shim":
@@ -314,7 +315,7 @@ def start_daemon(request, pincached_bin, bus, tokens, daemon_env, tmp_path):
         env = dict(daemon_env)
         if shim is not None:
             env.update(shim.env())
-        d = Daemon(pincached_bin, bus, cfg, env, tmp_path / f"pincached-{n}.stderr")
+        d = Daemon(pincached_bin, bus, cfg, env, tmp_path / f"pincached-{n}.stderr", args)
         daemons.append(d)
         d.wait_ready()
         return d

@@ -1,0 +1,192 @@
+"""The peer channel (dbus/README.md, "Peer channel"): proxy calls that skip the bus
+daemon's relay. A channel speaks for the bus name whose one-time ticket bound it, only
+from that name's own process; it refuses PIN-carrying calls; it closes when its caller
+leaves the bus; and without one the proxy works over the bus as before."""
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import dbus
+import dbus.connection
+import pytest
+
+from conftest import need
+from pincache_client import PIN, CallError, digest, verify, wait_until
+from test_proxy_support import Host, proxy_host, proxy_lib  # noqa: F401 (fixtures)
+
+MANAGER_PATH = "/org/pincache"
+CMANAGER = "org.pincache.CryptokiManager1"
+CSLOT = "org.pincache.CryptokiSlot1"
+CSESSION = "org.pincache.CryptokiSession1"
+CHANNEL = "org.pincache.Channel1"
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+LABEL = "pincache-demo"
+MSG = b"sent over the peer channel"
+CKF_SERIAL_SESSION = 4
+
+
+def channel_count(client):
+    return int(client.statistics()["Channels"])
+
+
+def peer(address):
+    """A raw peer-to-peer connection to the daemon's channel socket (no bus, no Hello)."""
+    return dbus.connection.Connection(address)
+
+
+def peer_call(conn, path, interface, method, signature="", args=()):
+    try:
+        return conn.call_blocking(None, path, interface, method, signature, args, timeout=10)
+    except dbus.exceptions.DBusException as e:
+        raise CallError(e.get_dbus_name(), e.get_dbus_message()) from None
+
+
+def bind(conn, ticket):
+    return peer_call(conn, MANAGER_PATH, CHANNEL, "Bind", "ay", (dbus.ByteArray(ticket),))
+
+
+def open_channel(client):
+    address, ticket = client.call(MANAGER_PATH, CMANAGER, "OpenChannel")
+    assert str(address).startswith("unix:"), address
+    return str(address), bytes(ticket)
+
+
+def slot_of(client, label=LABEL):
+    return next(p for p, d in client.call(MANAGER_PATH, CMANAGER, "GetSlots") if d.get("Label") == label)
+
+
+@pytest.fixture
+def host(proxy_host, proxy_lib, bus):
+    hosts = []
+
+    def make():
+        h = Host(proxy_host, proxy_lib, LABEL, {"PINCACHE_BUS_ADDRESS": bus.address})
+        hosts.append(h)
+        assert h("init")[0] == "CKR_OK"
+        return h
+
+    yield make
+    for h in hosts:
+        h.close()
+
+
+def test_proxy_signs_over_a_channel_that_closes_with_it(start_daemon, host, make_client, tokens):
+    d = start_daemon(caching=True)
+    assert "peer channels on unix:" in d.stderr_text()
+    watcher = make_client("watcher")
+    assert channel_count(watcher) == 0
+    h = host()
+    _, s = h("open")
+    assert h(f"login {s} {PIN}")[0] == "CKR_OK"  # over the bus: it carries the PIN
+    served = int(watcher.statistics()["CallsServed"])
+    rv, sig = h(f"sign {s} 1 ECDSA {digest(MSG).hex()}")
+    assert rv == "CKR_OK"
+    verify(tokens.cert("ec"), "ECDSA", MSG, bytes.fromhex(sig))
+    assert channel_count(watcher) == 1
+    # Channel replies count in the daemon's statistics like bus replies.
+    assert int(watcher.statistics()["CallsServed"]) > served
+    h.close()
+    wait_until(lambda: channel_count(watcher) == 0, what="the channel closed with its process")
+
+
+def test_without_channels_the_proxy_uses_the_bus(start_daemon, host, make_client, tokens):
+    d = start_daemon(caching=True, args=["--channel", "none"])
+    assert "peer channels off" in d.stderr_text()
+    h = host()
+    _, s = h("open")
+    assert h(f"login {s} {PIN}")[0] == "CKR_OK"
+    rv, sig = h(f"sign {s} 1 ECDSA {digest(MSG).hex()}")
+    assert rv == "CKR_OK"
+    verify(tokens.cert("ec"), "ECDSA", MSG, bytes.fromhex(sig))
+    c = make_client()
+    assert channel_count(c) == 0
+    assert c.error(c.call, MANAGER_PATH, CMANAGER, "OpenChannel") == "org.freedesktop.DBus.Error.NotSupported"
+
+
+def test_a_ticket_binds_only_its_own_process_and_only_once(start_daemon, make_client, tmp_path):
+    start_daemon(caching=True)
+    c = make_client()
+    address, ticket = open_channel(c)
+    # Another process (another pid, same uid) with the ticket: refused, ticket used up.
+    script = textwrap.dedent(f"""
+        import dbus, dbus.connection, sys
+        conn = dbus.connection.Connection({address!r})
+        try:
+            conn.call_blocking(None, {MANAGER_PATH!r}, {CHANNEL!r}, "Bind", "ay",
+                               (dbus.ByteArray({ticket!r}),), timeout=10)
+        except dbus.exceptions.DBusException as e:
+            print(e.get_dbus_name()); sys.exit(0)
+        print("bound"); sys.exit(1)
+        """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == ACCESS_DENIED, out.stdout + out.stderr
+    with pytest.raises(CallError) as e:
+        bind(peer(address), ticket)
+    assert e.value.name == ACCESS_DENIED
+    # A made-up ticket, and a wrong-sized one.
+    for bogus in (bytes(32), b"x"):
+        with pytest.raises(CallError) as e:
+            bind(peer(address), bogus)
+        assert e.value.name == ACCESS_DENIED
+    # A fresh ticket, redeemed from the process that asked for it: bound.
+    _, ticket = open_channel(c)
+    conn = peer(address)
+    bind(conn, ticket)
+    assert [str(p) for p, _ in peer_call(conn, MANAGER_PATH, CMANAGER, "GetSlots")] == \
+        [str(p) for p, _ in c.call(MANAGER_PATH, CMANAGER, "GetSlots")]
+
+
+def test_unbound_channel_answers_nothing_and_is_closed(start_daemon, make_client):
+    start_daemon(caching=True)
+    c = make_client()
+    address, _ = open_channel(c)
+    conn = peer(address)
+    with pytest.raises(CallError) as e:
+        peer_call(conn, MANAGER_PATH, CMANAGER, "GetSlots")
+    assert e.value.name == ACCESS_DENIED
+    assert channel_count(c) == 1
+    # Not bound within 5 s: closed.
+    wait_until(lambda: channel_count(c) == 0, timeout=15, what="the unbound channel closed")
+
+
+def test_channel_speaks_for_its_caller_and_refuses_pins(start_daemon, make_client, tokens):
+    start_daemon(caching=True)
+    a, b = make_client("A"), make_client("B")
+    address, ticket = open_channel(a)
+    conn = peer(address)
+    bind(conn, ticket)
+    session = str(peer_call(conn, slot_of(a), CSLOT, "OpenSession", "t", (dbus.UInt64(CKF_SERIAL_SESSION),)))
+    # The session opened on the channel is A's on the bus too, and nobody else's.
+    assert a.call(session, CSESSION, "GetSessionInfo")[0] == peer_call(conn, session, CSESSION, "GetSessionInfo")[0]
+    assert b.error(b.call, session, CSESSION, "GetSessionInfo") is not None
+    # A PIN never travels on a channel: the daemon could not scrub its receive buffer.
+    with pytest.raises(CallError) as e:
+        peer_call(conn, session, CSESSION, "Login", "ts", (dbus.UInt64(1), PIN))
+    assert e.value.name == ACCESS_DENIED and "over the bus" in e.value.message
+    # Logged in over the bus, the channel signs in the same environment.
+    a.call(session, CSESSION, "Login", dbus.UInt64(1), PIN)
+    found = peer_call(conn, session, CSESSION, "FindObjects", "a(tay)t",
+                      (dbus.Array([(dbus.UInt64(0), dbus.ByteArray((3).to_bytes(8, "little"))),  # CKO_PRIVATE_KEY
+                                   (dbus.UInt64(0x102), dbus.ByteArray(b"\x01"))], signature="(tay)"),
+                       dbus.UInt64(10)))
+    keys = [k for k in found]
+    assert len(keys) == 1, "the private key is visible through the channel after the bus login"
+    mech = dbus.Struct((dbus.UInt64(0x1041), dbus.ByteArray(b"")), signature="tay")  # CKM_ECDSA
+    sig = bytes(peer_call(conn, session, CSESSION, "Sign", "(tay)tay",
+                          (mech, dbus.UInt64(keys[-1]), dbus.ByteArray(digest(MSG)))))
+    verify(tokens.cert("ec"), "ECDSA", MSG, sig)
+
+
+def test_channel_closes_when_its_caller_leaves_the_bus(start_daemon, make_client):
+    start_daemon(caching=True)
+    a, watcher = make_client("A"), make_client("watcher")
+    address, ticket = open_channel(a)
+    conn = peer(address)
+    bind(conn, ticket)
+    assert channel_count(watcher) == 1
+    a.close()
+    wait_until(lambda: channel_count(watcher) == 0, what="the channel closed after its caller left")
+    with pytest.raises(CallError):
+        peer_call(conn, MANAGER_PATH, CMANAGER, "GetSlots")
