@@ -39,6 +39,8 @@ public struct ReplyStatistics: Sendable, Equatable {
     /// Error replies by error name.
     public var errors: [String: UInt64] = [:]
 
+    public init() {}
+
     public mutating func add(_ other: ReplyStatistics) {
         callsServed &+= other.callsServed
         for (name, n) in other.errors { errors[name, default: 0] &+= n }

@@ -529,7 +529,8 @@ public final class PincacheService: @unchecked Sendable {
         var cached = 0
         var locked = 0
         var replies = connection.replyStatistics
-        if let channels = channelServer.withLock({ $0 }) { replies.add(channels.replyStatistics) }
+        let channelReplies = channelServer.withLock { $0 }?.replyStatistics ?? ReplyStatistics()
+        replies.add(channelReplies)
         for token in tokens {
             token.policy.withLock { p in
                 cached += p.cachedPINCount
@@ -546,6 +547,7 @@ public final class PincacheService: @unchecked Sendable {
             "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
             "Channels": .uint32(UInt32(channelServer.withLock { $0 }?.count ?? 0)),
             "CallsServed": .uint64(replies.callsServed),
+            "ChannelCalls": .uint64(channelReplies.callsServed),
             "Errors": .dictionary(
                 keySignature: "s", valueSignature: "u",
                 replies.errors.sorted { $0.key < $1.key }.map {

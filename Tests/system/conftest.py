@@ -38,6 +38,7 @@ LABEL = "pincache-systest"
 PIN = "123456"
 U1, U2 = "pctest1", "pctest2"
 DAEMON_USER = "pincache"
+RUN_DIR = "/run/pincache"
 
 # Allows U1 everything but org.pincache.manage (so FlushCaches from U1 is refused: it falls
 # through to auth_admin_keep, and no agent can answer), denies U2 everything.
@@ -252,6 +253,15 @@ def system():
 
         # First thing at teardown: the daemon the tests activated goes, before anything it uses.
         cleanups.append(stop_daemon)
+
+        # What systemd's RuntimeDirectory=pincache (pincached.service) makes; activation here
+        # runs without systemd. The daemon listens for proxy channels in it.
+        made_run_dir = not os.path.isdir(RUN_DIR)
+        if made_run_dir:
+            os.makedirs(RUN_DIR, mode=0o755)
+            pw = pwd.getpwnam(DAEMON_USER)
+            os.chown(RUN_DIR, pw.pw_uid, pw.pw_gid)
+            cleanups.append(lambda: shutil.rmtree(RUN_DIR, ignore_errors=True))
 
         # 3. The test polkit rule, then polkitd (which reads rules at start and on change).
         RULES_FILE.parent.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,14 @@ root has without an agent. Signatures are verified against the certificate files
 when the token was made, never against what the daemon says.
 """
 
+import glob
 import grp
 import hashlib
 import json
+import os
 import pwd
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -319,3 +322,33 @@ def test_pincachectl_exit_codes(system):
     assert r.returncode == 1 and "no token" in r.stderr, (r.returncode, r.stderr)
     r = system.run_as(U1, ctl, "sign", LABEL, "not-hex", "--mechanism", "ECDSA")
     assert r.returncode == 64, (r.returncode, r.stderr)
+
+
+def channel_calls():
+    r = run(["busctl", "--system", "--json=short", "call", "org.pincache.Daemon", MANAGER, M1, "GetStatistics"])
+    return int(json.loads(r.stdout)["data"][0]["ChannelCalls"]["data"])
+
+
+def test_proxy_of_another_user_signs_over_the_peer_channel(system):
+    """A user's PKCS#11 application, through the installed proxy, signs over the daemon's
+    peer channel (/run/pincache/channel): the socket lets any user connect, and the
+    ticket from the bus binds the channel to that user's own process."""
+    proxies = glob.glob("/usr/lib/*/pkcs11/libpincache-pkcs11.so")
+    assert len(proxies) == 1, proxies
+    system.client(U1).ok(MANAGER, M1, "GetStatistics")  # activates the daemon
+    st = os.stat("/run/pincache/channel")
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666, oct(st.st_mode)
+    assert pwd.getpwuid(st.st_uid).pw_name == DAEMON_USER
+    data = system.workdir / "channel-data.bin"
+    data.write_bytes(hashlib.sha256(MSG).digest())
+    data.chmod(0o644)
+    out = system.workdir / "channel-sig.bin"
+    out.write_bytes(b"")
+    out.chmod(0o666)
+    before = channel_calls()
+    r = system.run_as(U1, "pkcs11-tool", "--module", proxies[0], "--token-label", LABEL, "--login",
+                      "--pin", PIN, "--sign", "--id", EC_KEY, "--mechanism", "ECDSA",
+                      "--input-file", str(data), "--output-file", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    verify_ec(system, MSG, out.read_bytes())
+    assert channel_calls() > before, "the proxy's calls did not go over the channel"

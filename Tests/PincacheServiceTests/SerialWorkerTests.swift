@@ -1,0 +1,77 @@
+import Foundation
+import Synchronization
+import Testing
+
+@testable import PincacheService
+
+/// SerialWorker.runInline: a job runs on the caller's thread only when the worker is idle and
+/// fast, and never at the same time as another job.
+@Suite struct SerialWorkerTests {
+    @Test func idleFastWorkerRunsInlineOnTheCallersThread() {
+        let worker = SerialWorker(name: "test")
+        defer { worker.stop() }
+        let caller = pthread_self()
+        let ranHere = Mutex(false)
+        let ran = worker.runInline(ifFasterThan: 5_000_000) { ranHere.withLock { $0 = pthread_equal(pthread_self(), caller) != 0 } }
+        #expect(ran)
+        #expect(ranHere.withLock { $0 })
+    }
+
+    @Test func busyWorkerRefusesInline() {
+        let worker = SerialWorker(name: "test")
+        defer { worker.stop() }
+        let started = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        worker.submit {
+            started.signal()
+            release.wait()
+        }
+        started.wait()
+        var ran = false
+        #expect(!worker.runInline(ifFasterThan: .max) { ran = true })
+        #expect(!ran)
+        release.signal()
+    }
+
+    @Test func slowWorkerKeepsItsJobs() {
+        let worker = SerialWorker(name: "test")
+        defer { worker.stop() }
+        // Jobs of 20 ms raise the average well above a 1 ms limit.
+        for _ in 0..<8 {
+            #expect(worker.runInline(ifFasterThan: .max) { usleep(20_000) })
+        }
+        #expect(!worker.runInline(ifFasterThan: 1_000_000) {})
+    }
+
+    @Test func inlineAndQueuedJobsNeverOverlap() {
+        let worker = SerialWorker(name: "test")
+        defer { worker.stop() }
+        let inside = Atomic<Int>(0)
+        let overlaps = Atomic<Int>(0)
+        let total = Atomic<Int>(0)
+        let body: @Sendable () -> Void = {
+            if inside.wrappingAdd(1, ordering: .sequentiallyConsistent).newValue != 1 {
+                overlaps.wrappingAdd(1, ordering: .relaxed)
+            }
+            for _ in 0..<200 { _ = total.wrappingAdd(0, ordering: .relaxed) }
+            inside.wrappingSubtract(1, ordering: .sequentiallyConsistent)
+            total.wrappingAdd(1, ordering: .relaxed)
+        }
+        let group = DispatchGroup()
+        for t in 0..<4 {
+            group.enter()
+            Thread {
+                for i in 0..<2_000 {
+                    if (i + t) % 3 == 0 || !worker.runInline(ifFasterThan: .max, body) { worker.submit(body) }
+                }
+                group.leave()
+            }.start()
+        }
+        group.wait()
+        let drained = DispatchSemaphore(value: 0)
+        worker.submit { drained.signal() }
+        drained.wait()
+        #expect(overlaps.load(ordering: .relaxed) == 0)
+        #expect(total.load(ordering: .relaxed) == 8_000)
+    }
+}
