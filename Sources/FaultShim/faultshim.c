@@ -122,6 +122,13 @@ static CK_RV shim_C_Login(CK_SESSION_HANDLE session, CK_USER_TYPE user_type,
 	CK_RV rv;
 
 	maybe_delay();
+	if (read_control(FAULTSHIM_FILE_STALE_SESSION_ONCE, reject, sizeof reject) >= 0) {
+		/* One shot: the session dies under the caller, as a card reset leaves it. */
+		char path[sizeof control_dir + 64];
+		snprintf(path, sizeof path, "%s/%s", control_dir, FAULTSHIM_FILE_STALE_SESSION_ONCE);
+		unlink(path);
+		target->C_CloseSession(session);
+	}
 	reject_len = read_control(FAULTSHIM_FILE_REJECT_PIN, reject, sizeof reject);
 	if (reject_len >= 0 && pin != NULL && (CK_ULONG)reject_len == pin_len &&
 	    memcmp(reject, pin, pin_len) == 0)

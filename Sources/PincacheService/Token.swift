@@ -285,14 +285,26 @@ final class TokenContext: @unchecked Sendable {
     // MARK: - Login and logout (worker)
 
     func login(caller: CallerID, settings: Settings, pin: SecretPIN, isAlive: () -> Bool) throws {
-        let info = try presentTokenInfo()
-        let plan = try policy.withLock {
-            try $0.planLogin(
-                for: caller, settings: settings, protectedAuthenticationPath: info.protectedAuthenticationPath)
+        func attempt() throws -> (LoginPlan, SessionHandle) {
+            let info = try presentTokenInfo()
+            let plan = try policy.withLock {
+                try $0.planLogin(
+                    for: caller, settings: settings, protectedAuthenticationPath: info.protectedAuthenticationPath)
+            }
+            let s = try backendCall { try session() }
+            let usePad = info.protectedAuthenticationPath && pin.count == 0
+            try backendCall { try backendLogin(s, .user, usePad ? nil : pin) }
+            return (plan, s)
         }
-        let s = try backendCall { try session() }
-        let usePad = info.protectedAuthenticationPath && pin.count == 0
-        try backendCall { try backendLogin(s, .user, usePad ? nil : pin) }
+        let (plan, s): (LoginPlan, SessionHandle)
+        do {
+            (plan, s) = try attempt()
+        } catch let e as PKCS11Error where e.rv == .sessionHandleInvalid || e.rv == .sessionClosed {
+            // The shared session went stale under us (a card swapped or reset since it was
+            // opened): the PIN never reached a card, so one more try, on a fresh session and a
+            // fresh look at the token, costs no PIN attempt. backendCall has dropped it.
+            (plan, s) = try attempt()
+        }
         switch plan {
         case .verifyThenCache:
             logoutBackend(s)

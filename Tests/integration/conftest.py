@@ -200,6 +200,9 @@ class FaultShim:
     def delay_ms(self, ms):
         self._write("delay_ms", str(ms))
 
+    def stale_session_once(self):
+        self._write("stale_session_once", "")
+
     def logins(self):
         """[(userType, rv)] for every C_Login the shim saw, oldest first."""
         log = self.dir / "logins.log"

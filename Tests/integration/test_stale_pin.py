@@ -8,6 +8,7 @@ MSG = b"pincache stale-pin message"
 CKU_USER = 1
 CKR_OK = 0
 CKR_PIN_INCORRECT = 0xA0
+CKR_SESSION_HANDLE_INVALID = 0xB3
 CKF_USER_PIN_COUNT_LOW = 0x10000
 
 
@@ -69,3 +70,18 @@ def test_count_low_never_presents_cached_pin(daemon, make_client, faultshim, tok
     assert b.error(b.sign, sb, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
     assert len(faultshim.logins()) == before
     assert a.token_props(tok)["UserPinCountLow"] is True
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_login_on_a_stale_backend_session_is_retried_once(start_daemon, make_client, faultshim, tokens, caching):
+    """A card reset or swap can leave the daemon's backend session dead before a C_Login;
+    the PIN never reached a card then, and the daemon tries once more on a fresh session."""
+    start_daemon(caching=caching, module="shim", shim=faultshim)
+    c = make_client()
+    tok = c.token()
+    s = c.open_session(tok)
+    faultshim.stale_session_once()
+    c.login(s, PIN)
+    assert faultshim.logins() == [(CKU_USER, CKR_SESSION_HANDLE_INVALID), (CKU_USER, CKR_OK)]
+    assert not (faultshim.dir / "stale_session_once").exists()
+    verify(tokens.cert("ec"), "ECDSA", MSG, c.sign(s, EC_KEY, "ECDSA", digest(MSG)))
