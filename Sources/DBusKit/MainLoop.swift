@@ -200,6 +200,27 @@ final class MainLoop: @unchecked Sendable {
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
+    /// libdbus reads about 2 KiB per dbus_watch_handle, so a message near the bus's 32 MiB
+    /// limit would take some 16 000 trips round the loop (a lock, a snapshot and a poll each),
+    /// a third of a second during which nothing queued behind it is read. While the socket
+    /// stays readable and no whole message is waiting to be dispatched, this reads on, for at
+    /// most 2 ms; then the loop goes round as usual (jobs, timers, other watches).
+    private func keepReading(_ watch: Watch, _ connection: OpaquePointer) {
+        let deadline = MainLoop.now() &+ 2_000_000
+        var fd = pollfd(fd: watch.fd, events: Int16(POLLIN), revents: 0)
+        while dbus_connection_get_dispatch_status(connection) != DBUS_DISPATCH_DATA_REMAINS {
+            // libdbus disables reading when its incoming queue is full, and may drop the watch.
+            let readable = state.withLock { s -> Bool in
+                guard let w = s.watches[watch.handle], w.enabled else { return false }
+                return w.flags & DBUS_WATCH_READABLE.rawValue != 0
+            }
+            fd.revents = 0
+            guard readable, poll(&fd, 1, 0) == 1, fd.revents == Int16(POLLIN) else { return }
+            _ = dbus_watch_handle(watch.handle.raw, DBUS_WATCH_READABLE.rawValue)
+            if MainLoop.now() > deadline { return }
+        }
+    }
+
     /// Runs until `stop()`. `dispatch` is called whenever libdbus may have queued messages.
     func run(connection: OpaquePointer) {
         let alreadyRunning = state.withLock { s -> Bool in
@@ -263,7 +284,10 @@ final class MainLoop: @unchecked Sendable {
                 // watches still registered. Removal happens when the connection is closed
                 // or the transport dies, and close() is routed through this thread.
                 let live = state.withLock { $0.watches[w.handle]?.enabled ?? false }
-                if live { _ = dbus_watch_handle(w.handle.raw, flags) }
+                if live {
+                    _ = dbus_watch_handle(w.handle.raw, flags)
+                    if flags == DBUS_WATCH_READABLE.rawValue { keepReading(w, connection) }
+                }
             }
             let now = MainLoop.now()
             let due = state.withLock { s -> [Handle] in

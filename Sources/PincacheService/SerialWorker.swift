@@ -79,6 +79,9 @@ final class SerialWorker: @unchecked Sendable {
             condition.lock()
             while (head == jobs.count && !stopping) || running { condition.wait() }
             if head == jobs.count {
+                // Ends the worker → Thread → closure → worker cycle: once this thread exits,
+                // Foundation releases the Thread and with it the last reference to the worker.
+                thread = nil
                 condition.unlock()
                 return
             }
