@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <p11-kit/pkcs11.h>
 
@@ -51,7 +52,10 @@ static void usage(FILE *f)
             "usage: p11bench --module PATH --token LABEL --pin PIN --key-id HEX\n"
             "                --mech ecdsa|rsa [--mode steady|cold] [--count N]\n"
             "                [--warmup N] [--name NAME] [--length-query]\n"
-            "The PIN may also come from the environment variable P11BENCH_PIN.\n");
+            "The PIN may also come from the environment variable P11BENCH_PIN.\n"
+            "P11BENCH_PAUSE_US=N sleeps N microseconds between samples (not timed): a client\n"
+            "that signs now and then, as the reliability flood test's healthy client does.\n"
+            "P11BENCH_STOP_FILE=PATH ends the measured loop early once PATH exists.\n");
 }
 
 static double now_us(void)
@@ -409,8 +413,21 @@ static CK_RV run(const struct options *o)
     double *samples = calloc((size_t)o->count, sizeof *samples);
     if (!samples)
         return CKR_HOST_MEMORY;
+    const char *stop_file = getenv("P11BENCH_STOP_FILE");
+    const char *pause_env = getenv("P11BENCH_PAUSE_US");
+    long pause_us = pause_env ? strtol(pause_env, NULL, 10) : 0;
+    double paused = 0;
     double start = now_us();
-    for (long i = 0; i < o->count; i++) {
+    long done = 0;
+    for (long i = 0; i < o->count; i++, done++) {
+        if (stop_file && access(stop_file, F_OK) == 0)
+            break;
+        if (pause_us > 0) {
+            double p0 = now_us();
+            struct timespec pause = {pause_us / 1000000, (pause_us % 1000000) * 1000};
+            nanosleep(&pause, NULL);
+            paused += now_us() - p0;
+        }
         double a = now_us();
         rv = o->mode == MODE_STEADY ? sign_once(s, key) : cold_cycle(slot, o);
         samples[i] = now_us() - a;
@@ -419,7 +436,13 @@ static CK_RV run(const struct options *o)
             return rv;
         }
     }
-    double elapsed = now_us() - start;
+    double elapsed = now_us() - start - paused;
+    if (done == 0) {
+        fprintf(stderr, "p11bench: stopped before the first sample\n");
+        free(samples);
+        return CKR_GENERAL_ERROR;
+    }
+    const long n = done; /* fewer than --count when P11BENCH_STOP_FILE ended the loop */
 
     if (o->mode == MODE_STEADY) {
         CHECK(p11->C_Logout(s));
@@ -429,17 +452,17 @@ static CK_RV run(const struct options *o)
     /* The module stays mapped: some modules leave threads behind after C_Finalize. */
 
     double sum = 0;
-    for (long i = 0; i < o->count; i++)
+    for (long i = 0; i < n; i++)
         sum += samples[i];
-    qsort(samples, (size_t)o->count, sizeof *samples, cmp_double);
+    qsort(samples, (size_t)n, sizeof *samples, cmp_double);
     printf("RESULT name=%s mech=%s mode=%s n=%ld warmup=%ld p50_us=%.1f p99_us=%.1f "
            "mean_us=%.1f min_us=%.1f max_us=%.1f ops_per_s=%.1f init_us=%.1f "
            "length_query=%d library=%s\n",
            o->name, o->mech == MECH_ECDSA ? "ecdsa" : "rsa",
-           o->mode == MODE_STEADY ? "steady" : "cold", o->count, o->warmup,
-           percentile(samples, o->count, 50), percentile(samples, o->count, 99),
-           sum / (double)o->count, samples[0], samples[o->count - 1],
-           (double)o->count / (elapsed / 1e6), init_us, o->length_query, library);
+           o->mode == MODE_STEADY ? "steady" : "cold", n, o->warmup,
+           percentile(samples, n, 50), percentile(samples, n, 99),
+           sum / (double)n, samples[0], samples[n - 1],
+           (double)n / (elapsed / 1e6), init_us, o->length_query, library);
     free(samples);
     return CKR_OK;
 }
