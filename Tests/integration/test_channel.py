@@ -14,7 +14,7 @@ import pytest
 
 from conftest import need
 from pincache_client import PIN, CallError, digest, verify, wait_until
-from test_proxy_support import Host, proxy_host, proxy_lib  # noqa: F401 (fixtures)
+from test_proxy_support import Host, host, proxy_host, proxy_lib  # noqa: F401 (fixtures)
 
 MANAGER_PATH = "/org/pincache"
 CMANAGER = "org.pincache.CryptokiManager1"
@@ -55,21 +55,6 @@ def open_channel(client):
 
 def slot_of(client, label=LABEL):
     return next(p for p, d in client.call(MANAGER_PATH, CMANAGER, "GetSlots") if d.get("Label") == label)
-
-
-@pytest.fixture
-def host(proxy_host, proxy_lib, bus):
-    hosts = []
-
-    def make():
-        h = Host(proxy_host, proxy_lib, LABEL, {"PINCACHE_BUS_ADDRESS": bus.address})
-        hosts.append(h)
-        assert h("init")[0] == "CKR_OK"
-        return h
-
-    yield make
-    for h in hosts:
-        h.close()
 
 
 def test_proxy_signs_over_a_channel_that_closes_with_it(start_daemon, host, make_client, tokens):

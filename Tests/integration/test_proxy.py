@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SOFTHSM_MODULE, need
 from pincache_client import PIN, SO_PIN, digest, verify
-from test_proxy_support import Host, proxy_host, proxy_lib  # noqa: F401 (fixtures)
+from test_proxy_support import Host, host, proxy_host, proxy_lib  # noqa: F401 (fixtures)
 
 LABEL = "pincache-demo"
 MSG = b"pincache proxy test message"
@@ -23,21 +23,6 @@ CKA_ALWAYS_AUTHENTICATE = 0x202
 
 def proxy_env(bus):
     return {**os.environ, "PINCACHE_BUS_ADDRESS": bus.address}
-
-
-@pytest.fixture
-def host(proxy_host, proxy_lib, bus):
-    hosts = []
-
-    def make():
-        h = Host(proxy_host, proxy_lib, LABEL, {"PINCACHE_BUS_ADDRESS": bus.address})
-        hosts.append(h)
-        assert h("init")[0] == "CKR_OK"
-        return h
-
-    yield make
-    for h in hosts:
-        h.close()
 
 
 @pytest.fixture

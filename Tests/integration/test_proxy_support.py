@@ -1,5 +1,6 @@
 """Shared pieces of the proxy tests (no tests here): the proxy library, the C host
-program compiled from test_proxy_host.c, and a driver for its `repl` mode."""
+program compiled from test_proxy_host.c, a driver for its `repl` mode, and the `host`
+fixture that starts initialised ones."""
 
 import os
 import shutil
@@ -11,6 +12,7 @@ import pytest
 from conftest import need
 
 TESTS = Path(__file__).resolve().parent
+LABEL = "pincache-demo"
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +60,19 @@ class Host:
             except Exception:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@pytest.fixture
+def host(proxy_host, proxy_lib, bus):
+    """host() -> a Host running `repl` on the demo token through the proxy, initialised."""
+    hosts = []
+
+    def make():
+        h = Host(proxy_host, proxy_lib, LABEL, {"PINCACHE_BUS_ADDRESS": bus.address})
+        hosts.append(h)
+        assert h("init")[0] == "CKR_OK"
+        return h
+
+    yield make
+    for h in hosts:
+        h.close()
