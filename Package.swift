@@ -40,7 +40,10 @@ let package = Package(
         // The caching policy core: pure Swift, no D-Bus, no PKCS#11 calls.
         .target(name: "PinPolicy", dependencies: ["CShims"]),
         // The D-Bus service: objects, token workers, glue between the three above.
-        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims"]),
+        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "FastPathWire"]),
+        // The fast path's frames (sign, decrypt, verify, encrypt off D-Bus): pure Swift,
+        // shared by the daemon and the proxy.
+        .target(name: "FastPathWire"),
         .executableTarget(name: "pincached", dependencies: ["PincacheService"]),
         // The command-line front. CDBus only for SignOnce, whose PIN goes from a wiped
         // buffer straight into the message instead of through a Swift String.
@@ -56,7 +59,7 @@ let package = Package(
         // modules without C_Finalize (pkcs11-tool on a fatal error), and the loop thread
         // and the Swift runtime must never find their code unmapped.
         .target(name: "CPincacheProxy", dependencies: ["CPKCS11"]),
-        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit"],
+        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "FastPathWire"],
                 linkerSettings: [.unsafeFlags([
                     "-static-stdlib",
                     "-Xlinker", "-z", "-Xlinker", "nodelete",
@@ -67,6 +70,7 @@ let package = Package(
         .testTarget(name: "DBusKitTests", dependencies: ["DBusKit"]),
         .testTarget(name: "PKCS11KitTests", dependencies: ["PKCS11Kit"]),
         .testTarget(name: "PincacheServiceTests", dependencies: ["PincacheService"]),
+        .testTarget(name: "FastPathWireTests", dependencies: ["FastPathWire"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,6 +1,7 @@
 import CPincacheProxy
 import CPKCS11
 import DBusKit
+import FastPathWire
 import Glibc
 import Synchronization
 
@@ -13,6 +14,15 @@ final class Link: Sendable {
     let daemon = Mutex<String?>(nil)
     /// The peer channel to that daemon (`Library.channel(on:to:)`).
     let channel = Mutex(ChannelState.untried)
+    /// The fast path to that daemon (`Library.fastPath(on:to:)`), in the same states.
+    let fastPath = Mutex(FastPathState.untried)
+
+    enum FastPathState: Sendable {
+        case untried
+        case opening
+        case open(daemon: String, FastPathSocket)
+        case unavailable(daemon: String)
+    }
 
     enum ChannelState: Sendable {
         case untried
@@ -25,10 +35,20 @@ final class Link: Sendable {
 
     init(connection: DBusConnection) { self.connection = connection }
 
-    /// Leaves the bus and closes the channel.
+    /// Leaves the bus and closes the channel and the fast path.
     func close() {
         dropChannel()
+        dropFastPath()
         connection.close()
+    }
+
+    func dropFastPath() {
+        let old = fastPath.withLock { state -> FastPathSocket? in
+            defer { state = .untried }
+            if case .open(_, let f) = state { return f }
+            return nil
+        }
+        old?.shutDown()
     }
 
     func dropChannel() {
@@ -278,7 +298,30 @@ final class Library: @unchecked Sendable {
     private func send(_ method: WireMethod, path: ObjectPath, _ arguments: [DBusValue], link: Link,
                       destination: String) -> Result<[DBusValue], CallFailure> {
         var reply: [DBusValue]? = nil
-        if !method.carriesSecret, let channel = channel(on: link, to: destination) {
+        if let operation = method.fastPath, let request = FastPathSocket.request(operation, path: path, arguments),
+            let frame = FastPathWire.encode(request), let socket = fastPath(on: link, to: destination), socket.tryAcquire()
+        {
+            let outcome = socket.exchange(frame, timeoutMilliseconds: method.timeoutMilliseconds)
+            socket.release()
+            switch outcome {
+            case .success(.output(let bytes)):
+                reply = operation == .verify ? [] : [.bytes(bytes)]
+            case .success(.error(let name, let message)):
+                let error = DBusError(name: name, message: message)
+                return .failure(CallFailure(busError: error, error: CKError(ErrorMapping.returnValue(for: error, target: method.target))))
+            case .failure(.closed):
+                // As for a dead channel: the bus tells a restarted daemon from a live one.
+                link.dropFastPath()
+            case .failure(.timedOut):
+                link.dropFastPath()
+                let error = DBusError.noReply("no reply from the daemon in time")
+                return .failure(CallFailure(busError: error, error: CKError(ErrorMapping.returnValue(for: error, target: method.target))))
+            case .failure(.malformed):
+                link.dropFastPath()
+                return .failure(CallFailure(busError: nil, error: .deviceError))
+            }
+        }
+        if reply == nil, !method.carriesSecret, let channel = channel(on: link, to: destination) {
             do {
                 reply = try channel.callBlocking(destination: destination, path: path, interface: method.interface,
                                                  member: method.member, arguments: arguments,
@@ -309,6 +352,36 @@ final class Library: @unchecked Sendable {
             return .failure(CallFailure(busError: nil, error: .deviceError))
         }
         return .success(reply)
+    }
+
+    // MARK: the fast path
+
+    /// The open fast path to `daemon`, asking for one (over the bus) on first use.
+    private func fastPath(on link: Link, to daemon: String) -> FastPathSocket? {
+        let proceed = link.fastPath.withLock { state -> FastPathSocket?? in
+            switch state {
+            case .open(let d, let f) where d == daemon: return .some(f)
+            case .unavailable(let d) where d == daemon: return .some(nil)
+            case .opening: return .some(nil)
+            default:
+                state = .opening
+                return .none
+            }
+        }
+        if let decided = proceed { return decided }
+        var opened: FastPathSocket? = nil
+        if let reply = try? link.connection.callBlocking(
+            destination: daemon, path: Wire.managerPath, interface: Wire.openFastPath.interface,
+            member: Wire.openFastPath.member, arguments: [], timeoutMilliseconds: Wire.channelTimeout * 1000)
+        {
+            opened = FastPathSocket.adopt(reply)
+        }
+        link.fastPath.withLock { $0 = opened.map { .open(daemon: daemon, $0) } ?? .unavailable(daemon: daemon) }
+        if opened != nil, !link.connection.isConnected {
+            link.dropFastPath()
+            return nil
+        }
+        return opened
     }
 
     // MARK: the peer channel

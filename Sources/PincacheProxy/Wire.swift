@@ -1,3 +1,4 @@
+import FastPathWire
 import CPKCS11
 import DBusKit
 import Glibc
@@ -16,10 +17,14 @@ struct WireMethod: Sendable {
     /// Carries a PIN: goes over the bus, never the peer channel (the daemon refuses it there,
     /// as it can scrub only its bus connection's receive buffer).
     let carriesSecret: Bool
+    /// The fast-path operation standing for this method, when it has one.
+    let fastPath: FastPathWire.Operation?
 
     init(_ member: String, _ inSignature: String, _ outSignature: String, _ target: CallTarget,
-         timeout seconds: Int32 = Wire.defaultTimeout, interface: String? = nil, carriesSecret: Bool = false) {
+         timeout seconds: Int32 = Wire.defaultTimeout, interface: String? = nil, carriesSecret: Bool = false,
+         fastPath: FastPathWire.Operation? = nil) {
         self.carriesSecret = carriesSecret
+        self.fastPath = fastPath
         switch target {
         case .general: self.interface = interface ?? Wire.cryptokiManager
         case .slot: self.interface = interface ?? Wire.cryptokiSlot
@@ -64,6 +69,7 @@ enum Wire {
     // Manager
     static let getSlots = WireMethod("GetSlots", "", "a(oa{sv})", .general)
     static let openChannel = WireMethod("OpenChannel", "", "say", .general)
+    static let openFastPath = WireMethod("OpenFastPath", "", "h", .general)
     static let channelBind = WireMethod("Bind", "ay", "", .general, interface: "org.pincache.Channel1")
     // Slot
     static let getMechanisms = WireMethod("GetMechanisms", "", "a(tttt)", .slot)
@@ -83,10 +89,10 @@ enum Wire {
     static let generateKey = WireMethod("GenerateKey", "(tay)a(tay)", "t", .session, timeout: slowTimeout)
     // cryptoki1.md says "→ (tt)"; the daemon answers two values (public_key, private_key).
     static let generateKeyPair = WireMethod("GenerateKeyPair", "(tay)a(tay)a(tay)", "tt", .session, timeout: slowTimeout)
-    static let sign = WireMethod("Sign", "(tay)tay", "ay", .session, timeout: slowTimeout)
-    static let verify = WireMethod("Verify", "(tay)tayay", "", .session)
-    static let encrypt = WireMethod("Encrypt", "(tay)tay", "ay", .session)
-    static let decrypt = WireMethod("Decrypt", "(tay)tay", "ay", .session, timeout: slowTimeout)
+    static let sign = WireMethod("Sign", "(tay)tay", "ay", .session, timeout: slowTimeout, fastPath: .sign)
+    static let verify = WireMethod("Verify", "(tay)tayay", "", .session, fastPath: .verify)
+    static let encrypt = WireMethod("Encrypt", "(tay)tay", "ay", .session, fastPath: .encrypt)
+    static let decrypt = WireMethod("Decrypt", "(tay)tay", "ay", .session, timeout: slowTimeout, fastPath: .decrypt)
     static let digest = WireMethod("Digest", "(tay)ay", "ay", .session)
     static let generateRandom = WireMethod("GenerateRandom", "t", "ay", .session)
     static let seedRandom = WireMethod("SeedRandom", "ay", "", .session)

@@ -1,4 +1,6 @@
 import DBusKit
+import Glibc
+import FastPathWire
 import PKCS11Kit
 import PinPolicy
 
@@ -96,6 +98,10 @@ extension PincacheService {
                     guard let self else { return }
                     self.withCaller(call) { info in self.openChannel(call, info) }
                 },
+                "OpenFastPath": { [weak self] call in
+                    guard let self else { return }
+                    self.withCaller(call) { info in self.openFastPath(call, info) }
+                },
             ])
     }
 
@@ -109,6 +115,46 @@ extension PincacheService {
             return call.reply(error: DBusError(name: "org.freedesktop.DBus.Error.LimitsExceeded", message: "too many channel tickets outstanding for this caller"))
         }
         call.reply([.string(address), .bytes(ticket)])
+    }
+
+    private func openFastPath(_ call: MethodCall, _ info: CallerInfo) {
+        let name = call.sender
+        guard let fd = fastPaths.open(for: name, serve: { [weak self] request in
+            self?.serveFastPath(request, for: name)
+                ?? .error(name: "org.freedesktop.DBus.Error.Failed", message: "the daemon is shutting down")
+        }) else {
+            return call.reply(error: DBusError(name: "org.freedesktop.DBus.Error.LimitsExceeded", message: "too many fast paths open"))
+        }
+        // libdbus sends a duplicate; the caller's is the only copy that stays.
+        call.reply([.unixFD(fd)])
+        Glibc.close(fd)
+    }
+
+    /// One fast-path request of `name`: the same arguments, checks and code as the
+    /// CryptokiSession1 method it stands for, on a session only `name` may use.
+    func serveFastPath(_ request: FastPathWire.Request, for name: String) -> FastPathWire.Reply {
+        guard let info = registry.lookup(name),
+            let record = sessions.withLock({ $0[request.session] }), record.owner == info.id
+        else {
+            // What the bus says for another caller's session, or one that does not exist.
+            return .error(name: DBusConnection.accessDeniedError.name, message: DBusConnection.accessDeniedError.message)
+        }
+        var arguments: [DBusValue] = [
+            .structure([.uint64(request.mechanism), .bytes(request.parameter)]), .uint64(request.key),
+            .bytes(request.data),
+        ]
+        let op: TokenContext.RawOperation?
+        switch request.operation {
+        case .sign: op = .sign
+        case .decrypt: op = .decrypt
+        case .encrypt: op = .encrypt
+        case .verify:
+            op = nil
+            arguments.append(.bytes(request.signature))
+        }
+        let call = FastPathCall(outputs: op != nil)
+        cryptokiCrypto(record, info, op, arguments, reply: call)
+        return call.wait()
     }
 
     private static func encodeMechanism(_ m: (MechanismType, MechanismInfo)) -> DBusValue {
@@ -194,6 +240,42 @@ extension PincacheService {
 
     // MARK: - CryptokiSession1
 
+    /// Sign, Decrypt, Encrypt, or Verify (`op` nil) with CryptokiSession1's arguments
+    /// `(tay) mechanism, t key, ay data[, ay signature]`, already checked against the
+    /// signature: the one implementation behind the D-Bus methods and the fast path.
+    func cryptokiCrypto(
+        _ record: SessionRecord, _ info: CallerInfo, _ op: TokenContext.RawOperation?, _ a: [DBusValue],
+        reply: any CallReply
+    ) {
+        let token = record.token
+        let caller = record.owner
+        let registry = self.registry
+        let decoded: Result<@Sendable () throws -> [UInt8], DBusError> =
+            Wire.mechanism(a[0]).flatMap { m in
+                guard let key = a[1].uint64Value else { return .failure(Wire.invalid("expected a handle (t)")) }
+                return Wire.data(a[2]).flatMap { data in
+                    var operation = op
+                    if op == nil {
+                        switch Wire.data(a[3], "signature") {
+                        case .failure(let e): return .failure(e)
+                        case .success(let sig): operation = .verify(signature: sig)
+                        }
+                    }
+                    let final = operation!
+                    return .success({
+                        try token.rawOperation(
+                            caller: caller, settings: registry.lookup(caller.rawValue)?.settings ?? info.settings,
+                            session: record.id, rw: record.readWrite, op: final, mechanism: m, key: key, data: data)
+                    })
+                }
+            }
+        switch decoded {
+        case .failure(let e): reply.reply(error: e)
+        case .success(let job):
+            onWorker(token, reply, caller: caller, job) { (bytes: [UInt8]) in op == nil ? [] : [.bytes(bytes)] }
+        }
+    }
+
     func cryptokiSessionInterface(_ record: SessionRecord, _ info: CallerInfo) -> ExportedInterface {
         let token = record.token
         let caller = record.owner
@@ -216,28 +298,7 @@ extension PincacheService {
             return .success(h)
         }
         @Sendable func crypto(_ call: MethodCall, _ op: TokenContext.RawOperation?) {
-            let a = call.arguments
-            work(call, {
-                Wire.mechanism(a[0]).flatMap { m in
-                    handle(a[1]).flatMap { key in
-                        Wire.data(a[2]).flatMap { data in
-                            var operation = op
-                            if op == nil {
-                                switch Wire.data(a[3], "signature") {
-                                case .failure(let e): return .failure(e)
-                                case .success(let sig): operation = .verify(signature: sig)
-                                }
-                            }
-                            let final = operation!
-                            return .success({
-                                try token.rawOperation(
-                                    caller: caller, settings: settings(), session: id, rw: rw, op: final, mechanism: m,
-                                    key: key, data: data)
-                            })
-                        }
-                    }
-                }
-            }) { (bytes: [UInt8]) in op == nil ? [] : [.bytes(bytes)] }
+            self.cryptokiCrypto(record, info, op, call.arguments, reply: call)
         }
         return ExportedInterface(
             PincacheInterfaces.cryptokiSession,

@@ -86,11 +86,27 @@ extension Result where Failure == ServiceError {
     }
 }
 
-extension MethodCall {
+/// Where an operation's answer goes: a D-Bus method call (bus or peer channel) or a fast-path
+/// request. Either is answered exactly once; one dropped unanswered answers "no reply".
+protocol CallReply: AnyObject, Sendable {
+    func reply(_ values: [DBusValue])
+    func reply(error: DBusError)
+    /// True when the job may run on the current thread: a thread serving this caller alone
+    /// (its peer channel's loop or its fast path), never the bus loop or a worker.
+    func mayRunInline(besides bus: DBusConnection) -> Bool
+}
+
+extension CallReply {
     func reply<T>(_ result: Result<T, ServiceError>, _ encode: (T) -> [DBusValue]) {
         switch result {
         case .success(let value): reply(encode(value))
         case .failure(let error): reply(error: error.dbusError)
         }
+    }
+}
+
+extension MethodCall: CallReply {
+    func mayRunInline(besides bus: DBusConnection) -> Bool {
+        connection !== bus && connection.isLoopThread
     }
 }

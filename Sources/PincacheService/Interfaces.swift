@@ -96,6 +96,7 @@ public enum PincacheInterfaces {
         methods: [
             DBusMethod("GetSlots", out: [DBusArgument("slots", "a(oa{sv})")]),
             DBusMethod("OpenChannel", out: [DBusArgument("address", "s"), DBusArgument("ticket", "ay")]),
+            DBusMethod("OpenFastPath", out: [DBusArgument("socket", "h")]),
         ])
 
     /// Answered only on a peer channel that is not bound yet (dbus/README.md, "Channel").

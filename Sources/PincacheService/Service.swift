@@ -54,6 +54,7 @@ public final class PincacheService: @unchecked Sendable {
     /// The peer channel server, when one listens (`startChannels`).
     private let channelServer = Mutex<DBusChannelServer?>(nil)
     let channelTickets = ChannelTickets()
+    let fastPaths = FastPaths()
     private let stopping = Atomic<Bool>(false)
     /// The failure to lock memory for a PIN was logged and no PIN was locked since.
     private let memoryLockFailureLogged = Atomic<Bool>(false)
@@ -215,6 +216,7 @@ public final class PincacheService: @unchecked Sendable {
     public func shutdown() {
         stopping.store(true, ordering: .relaxed)
         channelServer.withLock { $0 }?.stop()
+        fastPaths.closeAll()
         readerWatcher?.stop()
         let deadline = DispatchTime.now() + .seconds(5)
         for token in tokens {
@@ -354,6 +356,7 @@ public final class PincacheService: @unchecked Sendable {
         authorizer.callerGone(name)
         channelTickets.forget(name: name)
         channelServer.withLock { $0 }?.closeChannels(boundTo: name)
+        fastPaths.close(boundTo: name)
         cachedUseAllowed.withLock { set in set = set.filter { !$0.hasSuffix(" " + name) } }
         if let waiting = pendingCallers.removeValue(forKey: name) {
             for w in waiting { w(.failure(Self.credentialsUnreadable)) }
@@ -419,16 +422,17 @@ public final class PincacheService: @unchecked Sendable {
 
     /// Runs `job` on the token's worker unless the caller left before it started, then replies.
     func onWorker<T: Sendable>(
-        _ token: TokenContext, _ call: MethodCall, caller: CallerID,
+        _ token: TokenContext, _ call: any CallReply, caller: CallerID,
         _ job: @escaping @Sendable () throws -> T, reply encode: @escaping @Sendable (T) -> [DBusValue]
     ) {
         let work: @Sendable () -> Void = { [registry] in
-            guard registry.isAlive(caller) else { return }  // nobody to answer, nothing to do
+            // Nobody to answer, nothing to do; the answer only releases a waiting fast path.
+            guard registry.isAlive(caller) else { return call.reply(error: .failed("no reply")) }
             call.reply(Result<T, ServiceError>.catching(job), encode)
         }
-        // A peer channel's own loop thread may block on its caller's behalf: an idle, fast
-        // token's operation runs right here (SerialWorker.runInline).
-        if call.connection !== connection, call.connection.isLoopThread,
+        // A peer channel's loop or a fast path's thread may block on its caller's behalf: an
+        // idle, fast token's operation runs right here (SerialWorker.runInline).
+        if call.mayRunInline(besides: connection),
             token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, work)
         {
             return
@@ -548,6 +552,8 @@ public final class PincacheService: @unchecked Sendable {
             "Channels": .uint32(UInt32(channelServer.withLock { $0 }?.count ?? 0)),
             "CallsServed": .uint64(replies.callsServed),
             "ChannelCalls": .uint64(channelReplies.callsServed),
+            "FastPaths": .uint32(UInt32(fastPaths.count)),
+            "FastPathCalls": .uint64(fastPaths.callsServed),
             "Errors": .dictionary(
                 keySignature: "s", valueSignature: "u",
                 replies.errors.sorted { $0.key < $1.key }.map {
