@@ -22,9 +22,10 @@ let package = Package(
         .target(name: "PKCS11Kit", dependencies: ["CPKCS11"]),
         .target(name: "PCSCKit", dependencies: ["CPCSC"]),
         .target(name: "PinPolicy", dependencies: ["CShims"]),
-        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims"]),
+        .target(name: "FastPathWire"),
+        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "FastPathWire"]),
         .target(name: "CPincacheProxy", dependencies: ["CPKCS11"]),
-        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit"]),
+        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "FastPathWire"]),
 
         // libFuzzer's driver for the executables below (see Driver/include/fuzzdriver.h).
         .target(name: "FuzzDriver", path: "Driver"),
@@ -36,6 +37,7 @@ let package = Package(
         fuzzer("FuzzKeyUsage", ["PinPolicy"]),
         fuzzer("FuzzProxyReply", ["DBusKit", "PincacheProxy", "CPKCS11"]),
         fuzzer("FuzzProxyArguments", ["DBusKit", "PincacheProxy", "CPKCS11"]),
+        fuzzer("FuzzFastPath", ["FastPathWire"]),
     ],
     swiftLanguageModes: [.v6]
 )

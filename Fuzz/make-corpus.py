@@ -425,6 +425,38 @@ def proxy_argument_seeds():
     }
 
 
+def fast_path_seeds():
+    """The first byte picks the decoder: even = request (daemon side), odd = reply (proxy side)."""
+    def req(op=1, session=1, mech=0x1041, key=1, param=b"", data=b"\x00" * 32, sig=b"", counts=None):
+        p, d, s = counts or (len(param), len(data), len(sig))
+        return b"\x00" + struct.pack("<IIQQQIII", 0x31464350, op, session, mech, key, p, d, s) + param + data + sig
+
+    def rep(status, first, second, body, counts=None):
+        a, b = counts or (first, second)
+        return b"\x01" + struct.pack("<IIII", 0x31524350, status, a, b) + body
+
+    return {
+        "request-sign": req(),
+        "request-verify": req(op=3, sig=b"\x01" * 64),
+        "request-oaep-params": req(op=2, mech=9, param=bytes(24)),
+        "request-sign-with-signature": req(sig=b"x"),
+        "request-unknown-op": req(op=9),
+        "request-count-overflow": req(counts=(0, 0xFFFFFFFF, 0xFFFFFFFF)),
+        "request-count-short": req(counts=(0, 33, 0)),
+        "request-param-too-long": req(param=bytes(1025)),
+        "request-data-max": req(data=bytes(64 * 1024)),
+        "request-data-max-plus-1": req(data=bytes(64 * 1024 + 1)),
+        "request-empty": b"\x00",
+        "reply-output": rep(0, 64, 0, bytes(64)),
+        "reply-error": rep(1, 9, 2, b"org.x.Bad" + b"ok"),
+        "reply-error-bad-name": rep(1, 5, 0, b"a/b.c"),
+        "reply-error-bad-utf8": rep(1, 3, 2, b"a.B\xff\xfe"),
+        "reply-output-with-second": rep(0, 1, 1, b"ab"),
+        "reply-count-overflow": rep(0, 0xFFFFFFFF, 0xFFFFFFFF, b""),
+        "reply-status-2": rep(2, 0, 0, b""),
+    }
+
+
 def write(target, seeds):
     directory = os.path.join(ROOT, target)
     os.makedirs(directory, exist_ok=True)
@@ -445,6 +477,7 @@ def main():
     write("configuration", configuration_seeds())
     write("key-usage", key_usage_seeds())
     write("proxy-arguments", proxy_argument_seeds())
+    write("fast-path", fast_path_seeds())
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ declare -A binary=(
     [key-usage]=FuzzKeyUsage
     [proxy-reply]=FuzzProxyReply
     [proxy-arguments]=FuzzProxyArguments
+    [fast-path]=FuzzFastPath
 )
-targets=${FUZZ_TARGETS:-"dbus-message service-arguments configuration key-usage proxy-reply proxy-arguments"}
+targets=${FUZZ_TARGETS:-"dbus-message service-arguments configuration key-usage proxy-reply proxy-arguments fast-path"}
 
 start=$(date +%s)
 echo "fuzz.sh: building Fuzz/ (-sanitize=fuzzer,address) in $scratch_fuzz"
