@@ -324,15 +324,16 @@ def test_pincachectl_exit_codes(system):
     assert r.returncode == 64, (r.returncode, r.stderr)
 
 
-def channel_calls():
+def daemon_statistics():
     r = run(["busctl", "--system", "--json=short", "call", "org.pincache.Daemon", MANAGER, M1, "GetStatistics"])
-    return int(json.loads(r.stdout)["data"][0]["ChannelCalls"]["data"])
+    return {k: v["data"] for k, v in json.loads(r.stdout)["data"][0].items()}
 
 
-def test_proxy_of_another_user_signs_over_the_peer_channel(system):
-    """A user's PKCS#11 application, through the installed proxy, signs over the daemon's
-    peer channel (/run/pincache/channel): the socket lets any user connect, and the
-    ticket from the bus binds the channel to that user's own process."""
+def test_proxy_of_another_user_uses_the_peer_channel_and_the_fast_path(system):
+    """A user's PKCS#11 application, through the installed proxy, talks over the daemon's
+    peer channel (/run/pincache/channel: the socket lets any user connect, and the ticket
+    from the bus binds the channel to that user's own process) and signs over its fast path
+    (a socket pair passed over the system bus, through its bus policy)."""
     proxies = glob.glob("/usr/lib/*/pkcs11/libpincache-pkcs11.so")
     assert len(proxies) == 1, proxies
     system.client(U1).ok(MANAGER, M1, "GetStatistics")  # activates the daemon
@@ -345,10 +346,12 @@ def test_proxy_of_another_user_signs_over_the_peer_channel(system):
     out = system.workdir / "channel-sig.bin"
     out.write_bytes(b"")
     out.chmod(0o666)
-    before = channel_calls()
+    before = daemon_statistics()
     r = system.run_as(U1, "pkcs11-tool", "--module", proxies[0], "--token-label", LABEL, "--login",
                       "--pin", PIN, "--sign", "--id", EC_KEY, "--mechanism", "ECDSA",
                       "--input-file", str(data), "--output-file", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     verify_ec(system, MSG, out.read_bytes())
-    assert channel_calls() > before, "the proxy's calls did not go over the channel"
+    after = daemon_statistics()
+    assert after["ChannelCalls"] > before["ChannelCalls"], "the proxy's calls did not go over the channel"
+    assert after["FastPathCalls"] > before["FastPathCalls"], "the signature did not go over the fast path"
