@@ -6,9 +6,15 @@ import Synchronization
 /// The proxy's end of the fast path (dbus/README.md, "Fast path"): a SOCK_SEQPACKET socket
 /// the daemon handed over the bus, one request and one reply at a time. A thread that finds
 /// it in use takes the peer channel instead, so threads never queue behind each other here.
-final class FastPathSocket: Sendable {
+final class FastPathSocket: @unchecked Sendable {
+    // @unchecked: `buffer` and `receiveTimeout` are used only by the thread holding `busy`.
     let fd: Int32
     private let busy = Atomic<Bool>(false)
+    /// One byte more than the largest frame (MSG_TRUNC then reports a longer one); kept, so
+    /// that no call pays for zeroing 64 KiB.
+    private var buffer = [UInt8](repeating: 0, count: FastPathWire.maxFrame + 1)
+    /// The SO_RCVTIMEO last set, in milliseconds.
+    private var receiveTimeout: Int32 = -1
 
     init(fd: Int32) { self.fd = fd }
 
@@ -30,30 +36,24 @@ final class FastPathSocket: Sendable {
         case malformed
     }
 
-    /// Sends `frame` and waits up to `timeoutMilliseconds` for the reply.
+    /// Sends `frame` and waits up to `timeoutMilliseconds` for the reply. Only while holding
+    /// the socket (`tryAcquire`).
     func exchange(_ frame: [UInt8], timeoutMilliseconds: Int32) -> Result<FastPathWire.Reply, Failure> {
+        if receiveTimeout != timeoutMilliseconds {
+            // A blocking receive with a time limit: one system call per reply, not two.
+            var limit = timeval(tv_sec: Int(timeoutMilliseconds / 1000), tv_usec: Int(timeoutMilliseconds % 1000) * 1000)
+            guard setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size)) == 0 else {
+                return .failure(.closed)
+            }
+            receiveTimeout = timeoutMilliseconds
+        }
         let sent = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
         guard sent == frame.count else { return .failure(.closed) }
-        var deadline = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &deadline)
-        let end = Int64(deadline.tv_sec) * 1000 + Int64(deadline.tv_nsec) / 1_000_000 + Int64(timeoutMilliseconds)
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        while true {
-            var now = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &now)
-            let left = end - (Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000)
-            guard left > 0 else { return .failure(.timedOut) }
-            p.revents = 0
-            let ready = poll(&p, 1, Int32(min(left, Int64(Int32.max))))
-            if ready < 0 && errno == EINTR { continue }
-            guard ready > 0 else { return ready == 0 ? .failure(.timedOut) : .failure(.closed) }
-            break
-        }
-        var buffer = [UInt8](repeating: 0, count: FastPathWire.maxFrame + 1)
         var n: Int
         repeat {
             n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_TRUNC)) }
         } while n < 0 && errno == EINTR
+        if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) { return .failure(.timedOut) }
         guard n > 0 else { return .failure(.closed) }
         guard n <= FastPathWire.maxFrame,
             let reply = buffer.withUnsafeBytes({ FastPathWire.decodeReply(UnsafeRawBufferPointer(rebasing: $0[..<n])) })
