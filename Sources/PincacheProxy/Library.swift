@@ -13,51 +13,74 @@ final class Link: Sendable {
     /// Unique bus name of the daemon we talk to; nil until asked or after it vanished.
     let daemon = Mutex<String?>(nil)
     /// The peer channel to that daemon (`Library.channel(on:to:)`).
-    let channel = Mutex(ChannelState.untried)
-    /// The fast path to that daemon (`Library.fastPath(on:to:)`), in the same states.
-    let fastPath = Mutex(FastPathState.untried)
-
-    enum FastPathState: Sendable {
-        case untried
-        case opening
-        case open(daemon: String, FastPathSocket)
-        case unavailable(daemon: String)
-    }
-
-    enum ChannelState: Sendable {
-        case untried
-        /// Another thread is opening it; calls meanwhile go over the bus.
-        case opening
-        case open(daemon: String, DBusConnection)
-        /// That daemon offers none, or opening failed: the bus it is, until the daemon changes.
-        case unavailable(daemon: String)
-    }
+    let channel = BesideTheBus<DBusConnection>(isUsable: { $0.isConnected }, discard: { $0.close() })
+    /// The fast path to that daemon (`Library.fastPath(on:to:)`).
+    let fastPath = BesideTheBus<FastPathSocket>(isUsable: { _ in true }, discard: { $0.shutDown() })
 
     init(connection: DBusConnection) { self.connection = connection }
 
     /// Leaves the bus and closes the channel and the fast path.
     func close() {
-        dropChannel()
-        dropFastPath()
+        channel.drop()
+        fastPath.drop()
         connection.close()
     }
+}
 
-    func dropFastPath() {
-        let old = fastPath.withLock { state -> FastPathSocket? in
-            defer { state = .untried }
-            if case .open(_, let f) = state { return f }
-            return nil
-        }
-        old?.shutDown()
+/// A way to the daemon beside the bus (the peer channel, the fast path): opened on first use
+/// by one thread while the others keep using the bus, kept while it serves that daemon
+/// instance, and not asked for again from a daemon instance that did not give one.
+final class BesideTheBus<Resource: AnyObject & Sendable>: Sendable {
+    enum State: Sendable {
+        case untried
+        /// Another thread is opening it; calls meanwhile go the other way.
+        case opening
+        case open(daemon: String, Resource)
+        /// That daemon offers none, or opening failed, until the daemon changes.
+        case unavailable(daemon: String)
     }
 
-    func dropChannel() {
-        let old = channel.withLock { state -> DBusConnection? in
-            defer { state = .untried }
-            if case .open(_, let c) = state { return c }
+    private let state = Mutex(State.untried)
+    private let isUsable: @Sendable (Resource) -> Bool
+    private let discard: @Sendable (Resource) -> Void
+
+    init(isUsable: @escaping @Sendable (Resource) -> Bool, discard: @escaping @Sendable (Resource) -> Void) {
+        self.isUsable = isUsable
+        self.discard = discard
+    }
+
+    /// The resource for `daemon`, opened with `open` if this thread is the first to need it;
+    /// nil while another thread opens it, or when it is unavailable. `linkAlive` is asked
+    /// after opening: a link closed meanwhile (C_Finalize, a reconnect) takes it along.
+    func get(for daemon: String, linkAlive: () -> Bool, open: () -> Resource?) -> Resource? {
+        let decided = state.withLock { s -> Resource?? in
+            switch s {
+            case .open(let d, let r) where d == daemon && isUsable(r): return .some(r)
+            case .unavailable(let d) where d == daemon: return .some(nil)
+            case .opening: return .some(nil)
+            default:
+                s = .opening
+                return .none
+            }
+        }
+        if let decided { return decided }
+        let opened = open()
+        state.withLock { $0 = opened.map { .open(daemon: daemon, $0) } ?? .unavailable(daemon: daemon) }
+        if opened != nil, !linkAlive() {
+            drop()
             return nil
         }
-        old?.close()
+        return opened
+    }
+
+    /// Forgets (and closes) it; the next call opens a new one.
+    func drop() {
+        let old = state.withLock { s -> Resource? in
+            defer { s = .untried }
+            if case .open(_, let r) = s { return r }
+            return nil
+        }
+        if let old { discard(old) }
     }
 }
 
@@ -311,13 +334,13 @@ final class Library: @unchecked Sendable {
                 return .failure(CallFailure(busError: error, error: CKError(ErrorMapping.returnValue(for: error, target: method.target))))
             case .failure(.closed):
                 // As for a dead channel: the bus tells a restarted daemon from a live one.
-                link.dropFastPath()
+                link.fastPath.drop()
             case .failure(.timedOut):
-                link.dropFastPath()
+                link.fastPath.drop()
                 let error = DBusError.noReply("no reply from the daemon in time")
                 return .failure(CallFailure(busError: error, error: CKError(ErrorMapping.returnValue(for: error, target: method.target))))
             case .failure(.malformed):
-                link.dropFastPath()
+                link.fastPath.drop()
                 return .failure(CallFailure(busError: nil, error: .deviceError))
             }
         }
@@ -330,7 +353,7 @@ final class Library: @unchecked Sendable {
                 // The daemon closed it or is gone. The call is sent again over the bus, which
                 // tells which (a restarted daemon answers ServiceUnknown there); the daemon
                 // never closes a channel with a call in progress but when its caller left.
-                link.dropChannel()
+                link.channel.drop()
             } catch {
                 let rv = ErrorMapping.returnValue(for: error, target: method.target)
                 return .failure(CallFailure(busError: error, error: CKError(rv)))
@@ -358,30 +381,13 @@ final class Library: @unchecked Sendable {
 
     /// The open fast path to `daemon`, asking for one (over the bus) on first use.
     private func fastPath(on link: Link, to daemon: String) -> FastPathSocket? {
-        let proceed = link.fastPath.withLock { state -> FastPathSocket?? in
-            switch state {
-            case .open(let d, let f) where d == daemon: return .some(f)
-            case .unavailable(let d) where d == daemon: return .some(nil)
-            case .opening: return .some(nil)
-            default:
-                state = .opening
-                return .none
-            }
+        link.fastPath.get(for: daemon, linkAlive: { link.connection.isConnected }) {
+            guard let reply = try? link.connection.callBlocking(
+                destination: daemon, path: Wire.managerPath, interface: Wire.openFastPath.interface,
+                member: Wire.openFastPath.member, arguments: [], timeoutMilliseconds: Wire.channelTimeout * 1000)
+            else { return nil }
+            return FastPathSocket.adopt(reply)
         }
-        if let decided = proceed { return decided }
-        var opened: FastPathSocket? = nil
-        if let reply = try? link.connection.callBlocking(
-            destination: daemon, path: Wire.managerPath, interface: Wire.openFastPath.interface,
-            member: Wire.openFastPath.member, arguments: [], timeoutMilliseconds: Wire.channelTimeout * 1000)
-        {
-            opened = FastPathSocket.adopt(reply)
-        }
-        link.fastPath.withLock { $0 = opened.map { .open(daemon: daemon, $0) } ?? .unavailable(daemon: daemon) }
-        if opened != nil, !link.connection.isConnected {
-            link.dropFastPath()
-            return nil
-        }
-        return opened
     }
 
     // MARK: the peer channel
@@ -390,25 +396,7 @@ final class Library: @unchecked Sendable {
     /// OpenChannel (over the bus) gives a one-time ticket that binds the new connection to
     /// this process's bus name. Any failure leaves the link on the bus for this daemon.
     private func channel(on link: Link, to daemon: String) -> DBusConnection? {
-        let proceed = link.channel.withLock { state -> DBusConnection?? in
-            switch state {
-            case .open(let d, let c) where d == daemon && c.isConnected: return .some(c)
-            case .unavailable(let d) where d == daemon: return .some(nil)
-            case .opening: return .some(nil)
-            default:
-                state = .opening
-                return .none
-            }
-        }
-        if let decided = proceed { return decided }
-        let opened = openChannel(on: link, to: daemon)
-        link.channel.withLock { $0 = opened.map { .open(daemon: daemon, $0) } ?? .unavailable(daemon: daemon) }
-        // C_Finalize or a reconnect closed the link meanwhile: the channel goes with it.
-        if let opened, !link.connection.isConnected {
-            link.dropChannel()
-            return nil
-        }
-        return opened
+        link.channel.get(for: daemon, linkAlive: { link.connection.isConnected }) { openChannel(on: link, to: daemon) }
     }
 
     private func openChannel(on link: Link, to daemon: String) -> DBusConnection? {
