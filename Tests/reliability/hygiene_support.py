@@ -19,11 +19,12 @@ import shutil
 import string
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from pincache_client import wait_until  # noqa: F401 (re-exported to the tests)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -256,17 +257,6 @@ def as_user_argv(argv, uid, gid, memlock=None):
         pre = ["prlimit", f"--memlock={memlock}:{memlock}", "--"]
     return pre + ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                   "--inh-caps=-all", "--bounding-set=-all", "--"] + list(argv)
-
-
-def wait_until(predicate, timeout=10.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- pincached with the options these tests need ---------------------------------------
