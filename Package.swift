@@ -44,7 +44,10 @@ let package = Package(
         // The fast path's frames (sign, decrypt, verify, encrypt off D-Bus): pure Swift,
         // shared by the daemon and the proxy.
         .target(name: "FastPathWire"),
-        .executableTarget(name: "pincached", dependencies: ["PincacheService"]),
+        // The proxy's RPC: the one call table, its encoder and decoder, and framing. Pure Swift,
+        // shared by the daemon and the proxy.
+        .target(name: "CryptokiWire"),
+        .executableTarget(name: "pincached", dependencies: ["PincacheService", "CryptokiWire"]),
         // The command-line front. CDBus only for SignOnce, whose PIN goes from a wiped
         // buffer straight into the message instead of through a Swift String.
         .executableTarget(name: "pincachectl", dependencies: [
@@ -71,6 +74,7 @@ let package = Package(
         .testTarget(name: "PKCS11KitTests", dependencies: ["PKCS11Kit"]),
         .testTarget(name: "PincacheServiceTests", dependencies: ["PincacheService"]),
         .testTarget(name: "FastPathWireTests", dependencies: ["FastPathWire"]),
+        .testTarget(name: "CryptokiWireTests", dependencies: ["CryptokiWire"]),
     ],
     swiftLanguageModes: [.v6]
 )

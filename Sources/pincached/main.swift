@@ -1,3 +1,4 @@
+import CryptokiWire
 import DBusKit
 import Foundation
 import PinPolicy
@@ -6,6 +7,7 @@ import PincacheService
 let usage = """
     usage: pincached [--bus system|session|ADDRESS] [--config FILE] [--channel ADDRESS|none] [--verbose]
            pincached --print-introspection DIR
+           pincached --print-wire-table
 
     Shares PKCS#11 tokens on D-Bus while each client connection keeps its own PIN cache.
       --bus       the bus to serve (default: system). On any bus but the system bus
@@ -27,6 +29,10 @@ while let arg = arguments.popFirst() {
     case "--bus": busArgument = arguments.popFirst() ?? ""
     case "--config": configPath = arguments.popFirst() ?? ""
     case "--print-introspection": introspectionDir = arguments.popFirst()
+    case "--print-wire-table":
+        // dbus/cryptoki-wire.json: the proxy's call table for clients in other languages.
+        print(Calls.json(), terminator: "")
+        exit(0)
     case "--channel": channelArgument = arguments.popFirst() ?? ""
 
     case "--verbose": Log.verbose = true

@@ -1,0 +1,164 @@
+/// Every call of the proxy's RPC, declared once: its id, name, request and response fields
+/// with the cap on every count and length. The daemon's dispatcher, the proxy's forwarder,
+/// the fuzz target and the Python test client (through `dbus/cryptoki-wire.json`, generated
+/// from this table) all read it. Calls are appended, never renumbered; a new field is a new
+/// call.
+public struct Call: Sendable, Equatable {
+    public let id: UInt16
+    public let name: String
+    public let request: [Field]
+    public let response: [Field]
+    /// May wait for a person (PIN pad, polkit prompt) or slow card work: the proxy's long timeout.
+    public let slow: Bool
+
+    init(_ id: UInt16, _ name: String, _ request: [Field], _ response: [Field] = [], slow: Bool = false) {
+        self.id = id
+        self.name = name
+        self.request = request
+        self.response = response
+        self.slow = slow
+    }
+}
+
+/// The caps, each written once (dbus/README.md "Limits").
+public enum Caps {
+    public static let slotName = 64
+    public static let text = 256
+    public static let pin = 256
+    public static let tokenLabel = 32
+    public static let templateEntries = 256
+    public static let attributeValue = 1 << 20
+    public static let mechanismParameter = 4096
+    public static let data = 16 << 20
+    public static let handles = 100_000
+    public static let slots = 1024
+    public static let mechanisms = 4096
+    public static let random = 1 << 20
+    public static let errorMessage = 4096
+    /// The largest frame body: one call's data plus room for its other fields.
+    public static let frameBody = data + (64 << 10)
+}
+
+/// Field types used by several calls.
+public enum Fields {
+    public static let slot = Field("slot", .string(max: Caps.slotName))
+    public static let session = Field("session", .ulong)
+    public static let handle = Field("handle", .ulong)
+    public static let key = Field("key", .ulong)
+    public static let attribute = FieldType.record([
+        Field("type", .ulong), Field("value", .bytes(max: Caps.attributeValue)),
+    ])
+    public static let template = FieldType.array(attribute, max: Caps.templateEntries)
+    public static let mechanism = FieldType.record([
+        Field("type", .ulong), Field("parameter", .bytes(max: Caps.mechanismParameter)),
+    ])
+    public static let data = FieldType.bytes(max: Caps.data)
+    public static let pin = FieldType.secret(max: Caps.pin)
+    public static let text = FieldType.string(max: Caps.text)
+    public static let version = FieldType.record([Field("major", .ulong), Field("minor", .ulong)])
+    /// CK_SLOT_INFO and, when `token_present`, CK_TOKEN_INFO (zeros and empty text otherwise).
+    public static let slotInfo = FieldType.record([
+        slot,
+        Field("slot_description", text), Field("slot_manufacturer", text), Field("slot_flags", .ulong),
+        Field("hardware_version", version), Field("firmware_version", version),
+        Field("token_present", .ulong),
+        Field("label", text), Field("manufacturer", text), Field("model", text), Field("serial", text),
+        Field("token_flags", .ulong), Field("max_session_count", .ulong), Field("max_rw_session_count", .ulong),
+        Field("max_pin_len", .ulong), Field("min_pin_len", .ulong),
+        Field("total_public_memory", .ulong), Field("free_public_memory", .ulong),
+        Field("total_private_memory", .ulong), Field("free_private_memory", .ulong),
+        Field("token_hardware_version", version), Field("token_firmware_version", version),
+        Field("utc_time", .string(max: 16)),
+    ])
+    public static let mechanismInfo = FieldType.record([
+        Field("type", .ulong), Field("min_key_size", .ulong), Field("max_key_size", .ulong), Field("flags", .ulong),
+    ])
+    /// One C_GetAttributeValue result: status 0 (value valid), CKR_ATTRIBUTE_SENSITIVE or
+    /// CKR_ATTRIBUTE_TYPE_INVALID (value empty).
+    public static let attributeResult = FieldType.record([
+        Field("type", .ulong), Field("status", .ulong), Field("value", .bytes(max: Caps.attributeValue)),
+    ])
+}
+
+public enum Calls {
+    /// Protocol version: the Hello exchange opens every socket with it.
+    public static let version: UInt64 = 1
+    /// "PINCACHE" as a little-endian number: a peer that is not the proxy fails at once.
+    public static let magic: UInt64 = 0x4548_4341_4E49_5050
+
+    public static let hello = Call(
+        0, "Hello", [Field("magic", .ulong), Field("version", .ulong)],
+        [Field("version", .ulong), Field("daemon", .string(max: 64))])
+    public static let getSlots = Call(1, "GetSlots", [], [Field("slots", .array(Fields.slotInfo, max: Caps.slots))])
+    public static let getMechanisms = Call(
+        2, "GetMechanisms", [Fields.slot], [Field("mechanisms", .array(Fields.mechanismInfo, max: Caps.mechanisms))],
+        slow: true)
+    public static let openSession = Call(3, "OpenSession", [Fields.slot, Field("flags", .ulong)], [Fields.session])
+    public static let closeSession = Call(4, "CloseSession", [Fields.session])
+    public static let initToken = Call(
+        5, "InitToken", [Fields.slot, Field("so_pin", Fields.pin), Field("label", .string(max: Caps.tokenLabel))],
+        slow: true)
+    public static let getSessionInfo = Call(
+        6, "GetSessionInfo", [Fields.session],
+        [Field("state", .ulong), Field("flags", .ulong), Field("device_error", .ulong)])
+    public static let login = Call(
+        7, "Login", [Fields.session, Field("user_type", .ulong), Field("pin", Fields.pin)], slow: true)
+    public static let logout = Call(8, "Logout", [Fields.session])
+    public static let findObjects = Call(
+        9, "FindObjects", [Fields.session, Field("template", Fields.template), Field("max", .ulong)],
+        [Field("handles", .array(.ulong, max: Caps.handles))])
+    public static let getAttributes = Call(
+        10, "GetAttributes",
+        [Fields.session, Fields.handle, Field("types", .array(.ulong, max: Caps.templateEntries))],
+        [Field("attributes", .array(Fields.attributeResult, max: Caps.templateEntries))])
+    public static let setAttributes = Call(
+        11, "SetAttributes", [Fields.session, Fields.handle, Field("template", Fields.template)])
+    public static let createObject = Call(
+        12, "CreateObject", [Fields.session, Field("template", Fields.template)], [Fields.handle])
+    public static let copyObject = Call(
+        13, "CopyObject", [Fields.session, Fields.handle, Field("template", Fields.template)], [Fields.handle])
+    public static let destroyObject = Call(14, "DestroyObject", [Fields.session, Fields.handle])
+    public static let generateKey = Call(
+        15, "GenerateKey", [Fields.session, Field("mechanism", Fields.mechanism), Field("template", Fields.template)],
+        [Fields.handle], slow: true)
+    public static let generateKeyPair = Call(
+        16, "GenerateKeyPair",
+        [
+            Fields.session, Field("mechanism", Fields.mechanism), Field("public_template", Fields.template),
+            Field("private_template", Fields.template),
+        ],
+        [Field("public_key", .ulong), Field("private_key", .ulong)], slow: true)
+    public static let sign = Call(
+        17, "Sign", [Fields.session, Field("mechanism", Fields.mechanism), Fields.key, Field("data", Fields.data)],
+        [Field("signature", Fields.data)], slow: true)
+    public static let verify = Call(
+        18, "Verify",
+        [
+            Fields.session, Field("mechanism", Fields.mechanism), Fields.key, Field("data", Fields.data),
+            Field("signature", Fields.data),
+        ])
+    public static let encrypt = Call(
+        19, "Encrypt", [Fields.session, Field("mechanism", Fields.mechanism), Fields.key, Field("data", Fields.data)],
+        [Field("ciphertext", Fields.data)])
+    public static let decrypt = Call(
+        20, "Decrypt", [Fields.session, Field("mechanism", Fields.mechanism), Fields.key, Field("data", Fields.data)],
+        [Field("plaintext", Fields.data)], slow: true)
+    public static let digest = Call(
+        21, "Digest", [Fields.session, Field("mechanism", Fields.mechanism), Field("data", Fields.data)],
+        [Field("digest", Fields.data)])
+    public static let generateRandom = Call(
+        22, "GenerateRandom", [Fields.session, Field("length", .ulong)], [Field("random", .bytes(max: Caps.random))])
+    public static let seedRandom = Call(23, "SeedRandom", [Fields.session, Field("seed", Fields.data)])
+    public static let initPIN = Call(24, "InitPIN", [Fields.session, Field("pin", Fields.pin)], slow: true)
+    public static let setPIN = Call(
+        25, "SetPIN", [Fields.session, Field("old_pin", Fields.pin), Field("new_pin", Fields.pin)], slow: true)
+
+    /// Indexed by id: `all[Int(id)].id == id` (a unit test checks it).
+    public static let all: [Call] = [
+        hello, getSlots, getMechanisms, openSession, closeSession, initToken, getSessionInfo, login, logout,
+        findObjects, getAttributes, setAttributes, createObject, copyObject, destroyObject, generateKey,
+        generateKeyPair, sign, verify, encrypt, decrypt, digest, generateRandom, seedRandom, initPIN, setPIN,
+    ]
+
+    public static func byID(_ id: UInt16) -> Call? { Int(id) < all.count ? all[Int(id)] : nil }
+}
