@@ -40,10 +40,7 @@ let package = Package(
         // The caching policy core: pure Swift, no D-Bus, no PKCS#11 calls.
         .target(name: "PinPolicy", dependencies: ["CShims"]),
         // The D-Bus service: objects, token workers, glue between the three above.
-        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "FastPathWire"]),
-        // The fast path's frames (sign, decrypt, verify, encrypt off D-Bus): pure Swift,
-        // shared by the daemon and the proxy.
-        .target(name: "FastPathWire"),
+        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "CryptokiWire"]),
         // The proxy's RPC: the one call table, its encoder and decoder, and framing. Pure Swift,
         // shared by the daemon and the proxy.
         .target(name: "CryptokiWire"),
@@ -62,7 +59,7 @@ let package = Package(
         // modules without C_Finalize (pkcs11-tool on a fatal error), and the loop thread
         // and the Swift runtime must never find their code unmapped.
         .target(name: "CPincacheProxy", dependencies: ["CPKCS11"]),
-        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "FastPathWire"],
+        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "CryptokiWire"],
                 linkerSettings: [.unsafeFlags([
                     "-static-stdlib",
                     "-Xlinker", "-z", "-Xlinker", "nodelete",
@@ -73,7 +70,6 @@ let package = Package(
         .testTarget(name: "DBusKitTests", dependencies: ["DBusKit"]),
         .testTarget(name: "PKCS11KitTests", dependencies: ["PKCS11Kit"]),
         .testTarget(name: "PincacheServiceTests", dependencies: ["PincacheService"]),
-        .testTarget(name: "FastPathWireTests", dependencies: ["FastPathWire"]),
         .testTarget(name: "CryptokiWireTests", dependencies: ["CryptokiWire"]),
     ],
     swiftLanguageModes: [.v6]

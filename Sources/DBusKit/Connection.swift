@@ -105,11 +105,7 @@ public final class DBusConnection: @unchecked Sendable {
 
     let connection: OpaquePointer
     let loop = MainLoop()
-    /// Shared with the peer channels a `DBusChannelServer` accepts for this connection, so
-    /// that one set of exported objects answers on the bus and on every channel.
     let objects: ObjectStore
-    /// What kind of connection this is; see `Role`.
-    let role: Role
     let signalState = Mutex(SignalState())
     private let closed = Mutex(false)
     /// When the last receive-buffer scrub went out, and whether a later one is scheduled.
@@ -143,38 +139,9 @@ public final class DBusConnection: @unchecked Sendable {
         dbus_connection_set_exit_on_disconnect(opened, 0)
         connection = opened
         objects = ObjectStore()
-        role = .bus
         uniqueName = dbus_bus_get_unique_name(opened).map { String(cString: $0) } ?? ""
         loop.install(on: opened)
         dbus_connection_add_filter(opened, DBusConnection.filter, Unmanaged.passUnretained(self).toOpaque(), nil)
-    }
-
-    /// Opens a private peer-to-peer connection to `address` (a `DBusChannelServer`), with
-    /// exit-on-disconnect off and no main loop: `callBlocking` reads its own replies, and
-    /// nothing but replies arrives on a channel.
-    public init(peer address: String) throws(DBusError) {
-        guard dbus_threads_init_default() != 0 else { throw .noMemory("dbus_threads_init_default failed") }
-        let raw = try DBusError.check { e in address.withCString { dbus_connection_open_private($0, e) } }
-        guard let raw else { throw .failed("cannot connect to \(address)") }
-        dbus_connection_set_exit_on_disconnect(raw, 0)
-        connection = raw
-        objects = ObjectStore()
-        role = .peerClient
-        uniqueName = ""
-        // No loop: every watch change would otherwise cost a wake-up write per call.
-        dbus_connection_add_filter(raw, DBusConnection.filter, Unmanaged.passUnretained(self).toOpaque(), nil)
-    }
-
-    /// Wraps a connection a `DBusChannelServer` accepted (takes a new reference on `raw`).
-    init(accepted raw: OpaquePointer, objects: ObjectStore, channel: ChannelBinding) {
-        dbus_connection_ref(raw)
-        dbus_connection_set_exit_on_disconnect(raw, 0)
-        connection = raw
-        self.objects = objects
-        role = .channel(channel)
-        uniqueName = ""
-        loop.install(on: raw)
-        dbus_connection_add_filter(raw, DBusConnection.filter, Unmanaged.passUnretained(self).toOpaque(), nil)
     }
 
     deinit {

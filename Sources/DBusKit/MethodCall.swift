@@ -7,7 +7,7 @@ import Synchronization
 /// The handler may keep it and reply later from any thread. The first reply wins; a call
 /// released without a reply is answered with `Failed("no reply")` so callers never hang.
 public final class MethodCall: @unchecked Sendable {
-    /// Unique bus name of the caller (empty on a peer-to-peer connection).
+    /// Unique bus name of the caller.
     public let sender: String
     public let path: ObjectPath
     /// The interface the call was dispatched to, resolved if the message named none.
@@ -22,7 +22,7 @@ public final class MethodCall: @unchecked Sendable {
     public let noReplyExpected: Bool
 
     private let message: OpaquePointer
-    /// The connection the call came on: the bus, or a peer channel.
+    /// The connection the call came on.
     public let connection: DBusConnection
     private let method: DBusMethod
     private let sensitiveIndices: [Int]

@@ -57,7 +57,7 @@ struct ExportedObject: Sendable {
     }
 }
 
-/// The exported objects of a bus connection and of the channels it serves.
+/// The exported objects of a bus connection.
 final class ObjectStore: Sendable {
     private let tree = Mutex(ObjectTree())
 
@@ -174,17 +174,7 @@ extension DBusConnection {
         let member = dbus_message_get_member(message).map { String(cString: $0) } ?? ""
         let interface = dbus_message_get_interface(message).map { String(cString: $0) }
         let signature = dbus_message_get_signature(message).map { String(cString: $0) } ?? ""
-        let sender: String
-        switch role {
-        case .bus, .peerClient:
-            sender = dbus_message_get_sender(message).map { String(cString: $0) } ?? ""
-        case .channel(let channel):
-            // A channel speaks for the bus name it was bound to; until then it can only bind.
-            guard let bound = channel.boundName else {
-                return channel.handleUnbound(message, on: self, interface: interface, member: member, signature: signature)
-            }
-            sender = bound
-        }
+        let sender = dbus_message_get_sender(message).map { String(cString: $0) } ?? ""
         guard let path = dbus_message_get_path(message).flatMap({ ObjectPath(String(cString: $0)) }) else {
             return sendError(.unknownObject("no object path"), replyingTo: message)
         }
@@ -235,13 +225,6 @@ extension DBusConnection {
         }
         // 6. Decode (sensitive arguments stay in the message) and hand over.
         let placeholders = Set(method.inArguments.indices.filter { method.inArguments[$0].sensitive })
-        if case .channel = role, !placeholders.isEmpty {
-            // A channel's receive buffer cannot be scrubbed (there is no sending to oneself
-            // on a peer connection): secrets must come over the bus.
-            return sendError(DBusError(name: DBusConnection.accessDeniedError.name,
-                                       message: "'\(member)' carries a secret and is refused on a peer channel: call it over the bus"),
-                             replyingTo: message)
-        }
         let arguments: [DBusValue]
         switch Marshal.decode(message, placeholders: placeholders) {
         case .failure(let error): return sendError(error, replyingTo: message)

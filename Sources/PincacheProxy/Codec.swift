@@ -1,13 +1,14 @@
 import CPKCS11
-import DBusKit
+import CryptokiWire
+import Glibc
 
-// C arguments -> wire values. Every pointer and length the application hands over is
+// C arguments -> wire values (CryptokiWire's table gives their caps). Every pointer and length the application hands over is
 // checked here before it is read; a length is compared with its cap before it becomes
 // an Int, so no conversion can trap.
 
 enum Codec {
     /// The bytes of a (pointer, length) pair; NULL is fine only with length 0.
-    static func bytes(_ pointer: UnsafePointer<CK_BYTE>?, _ length: CK_ULONG, max: Int = Wire.maxBytes,
+    static func bytes(_ pointer: UnsafePointer<CK_BYTE>?, _ length: CK_ULONG, max: Int = Caps.data,
                       tooLong: CKError = CKError(CKR_DATA_LEN_RANGE)) throws(CKError) -> [UInt8] {
         guard length > 0 else { return [] }
         guard let pointer else { throw .argumentsBad }
@@ -17,54 +18,55 @@ enum Codec {
         return Array(UnsafeBufferPointer(start: pointer, count: Int(length)))
     }
 
-    /// A PIN as the wire carries it (`s`): UTF-8 without NUL, at most 256 bytes. NULL
-    /// with length 0 is the empty PIN (protected authentication path).
-    static func pin(_ pointer: UnsafePointer<CK_UTF8CHAR>?, _ length: CK_ULONG) throws(CKError) -> String {
-        guard length > 0 else { return "" }
+    /// A PIN as the wire carries it: UTF-8 without NUL, at most `Caps.pin` bytes. NULL
+    /// with length 0 is the empty PIN (protected authentication path). The caller wipes it.
+    static func pin(_ pointer: UnsafePointer<CK_UTF8CHAR>?, _ length: CK_ULONG) throws(CKError) -> [UInt8] {
+        guard length > 0 else { return [] }
         guard let pointer else { throw .argumentsBad }
-        guard length <= CK_ULONG(Wire.maxPin) else { throw CKError(CKR_PIN_LEN_RANGE) }
+        guard length <= CK_ULONG(Caps.pin) else { throw CKError(CKR_PIN_LEN_RANGE) }
         // SAFETY: `length` bytes at `pointer`, as above.
         let raw = UnsafeBufferPointer(start: pointer, count: Int(length))
-        guard !raw.contains(0), let pin = String(validating: raw, as: UTF8.self) else { throw CKError(CKR_PIN_INVALID) }
-        return pin
+        guard !raw.contains(0), String(validating: raw, as: UTF8.self) != nil else { throw CKError(CKR_PIN_INVALID) }
+        return Array(raw)
     }
 
-    /// A template (`a(tay)`).
-    static func template(_ pointer: UnsafePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG) throws(CKError) -> DBusValue {
-        guard count > 0 else { return .array(elementSignature: "(tay)", []) }
+    /// Overwrites a PIN copy once it has been sent.
+    static func wipe(_ bytes: inout [UInt8]) {
+        bytes.withUnsafeMutableBytes { raw in if let base = raw.baseAddress { explicit_bzero(base, raw.count) } }
+    }
+
+    /// A template: (type, value) records.
+    static func template(_ pointer: UnsafePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG) throws(CKError) -> WireValue {
+        guard count > 0 else { return .array([]) }
         guard let pointer else { throw .argumentsBad }
-        guard count <= CK_ULONG(Wire.maxTemplate) else { throw .argumentsBad }
-        var items: [DBusValue] = []
+        guard count <= CK_ULONG(Caps.templateEntries) else { throw .argumentsBad }
+        var items: [WireValue] = []
         for attribute in UnsafeBufferPointer(start: pointer, count: Int(count)) {
             // Array attributes (CKA_WRAP_TEMPLATE, ...) hold pointers to further
             // templates, which cannot cross a process boundary as bytes.
             if attribute.type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0 { throw CKError(CKR_ATTRIBUTE_TYPE_INVALID) }
             let value = try bytes(attribute.pValue?.assumingMemoryBound(to: CK_BYTE.self), attribute.ulValueLen,
-                                  max: Wire.maxAttributeValue, tooLong: .argumentsBad)
-            items.append(.structure([.uint64(UInt64(attribute.type)), .bytes(value)]))
+                                  max: Caps.attributeValue, tooLong: .argumentsBad)
+            items.append(.record([.ulong(UInt64(attribute.type)), .bytes(value)]))
         }
-        return .array(elementSignature: "(tay)", items)
+        return .array(items)
     }
 
-    /// Attribute types of a template, for GetAttributes (`at`).
+    /// Attribute types of a template, for GetAttributes.
     static func types(_ pointer: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG) throws(CKError) -> [CK_ATTRIBUTE_TYPE] {
         guard count > 0 else { return [] }
         guard let pointer else { throw .argumentsBad }
-        guard count <= CK_ULONG(Wire.maxTemplate) else { throw .argumentsBad }
+        guard count <= CK_ULONG(Caps.templateEntries) else { throw .argumentsBad }
         return UnsafeBufferPointer(start: pointer, count: Int(count)).map(\.type)
     }
 
     static let oaepMechanisms: Set<CK_MECHANISM_TYPE> = [CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP), 0x4002 /* CKM_RSA_PKCS_OAEP_TPM_1_1 */]
-    /// Mechanisms whose parameter structs hold pointers the proxy does not flatten.
-    static let pointerParameterMechanisms: Set<CK_MECHANISM_TYPE> = [
-        0x1087 /* AES_GCM */, 0x1088 /* AES_CCM */, 0x1050 /* ECDH1_DERIVE */, 0x1051 /* ECDH1_COFACTOR_DERIVE */,
-        0x1052 /* ECMQV_DERIVE */, 0x1057 /* EDDSA */, 0x3b0 /* PKCS5_PBKD2 */, 0x4021 /* CHACHA20_POLY1305 */,
-        0x4022 /* SALSA20_POLY1305 */, 0x1100 /* DES_ECB_ENCRYPT_DATA */, 0x1101, 0x1102, 0x1103, 0x1104, 0x1105,
-    ]
     static let oaepParamsSize = 5 * MemoryLayout<CK_ULONG>.size
 
-    /// A mechanism (`(tay)`), parameters flattened as cryptoki1.md "Wire types" says.
-    static func mechanism(_ pointer: UnsafePointer<CK_MECHANISM>?) throws(CKError) -> (CK_MECHANISM_TYPE, DBusValue) {
+    /// A mechanism: its type and parameter bytes. OAEP's source-data pointer is flattened
+    /// (dbus/README.md); any other parameter goes as the bytes the application gave, and
+    /// the daemon (MechanismParameters, the one check) takes only pointer-free ones.
+    static func mechanism(_ pointer: UnsafePointer<CK_MECHANISM>?) throws(CKError) -> (CK_MECHANISM_TYPE, WireValue) {
         guard let mechanism = pointer?.pointee else { throw .argumentsBad }
         let type = mechanism.mechanism
         let length = mechanism.ulParameterLen
@@ -78,14 +80,13 @@ enum Codec {
             let sourceData = raw.load(fromByteOffset: 3 * MemoryLayout<CK_ULONG>.size, as: UnsafePointer<CK_BYTE>?.self)
             let sourceLength = raw.load(fromByteOffset: 4 * MemoryLayout<CK_ULONG>.size, as: CK_ULONG.self)
             parameter = Array(fixed)
-            parameter += try bytes(sourceData, sourceLength, max: Wire.maxAttributeValue,
+            parameter += try bytes(sourceData, sourceLength, max: Caps.mechanismParameter - parameter.count,
                                    tooLong: CKError(CKR_MECHANISM_PARAM_INVALID))
         } else if length > 0 {
-            if pointerParameterMechanisms.contains(type) { throw CKError(CKR_MECHANISM_INVALID) }
             parameter = try bytes(mechanism.pParameter?.assumingMemoryBound(to: CK_BYTE.self), length,
-                                  max: Wire.maxAttributeValue, tooLong: CKError(CKR_MECHANISM_PARAM_INVALID))
+                                  max: Caps.mechanismParameter, tooLong: CKError(CKR_MECHANISM_PARAM_INVALID))
         }
-        return (type, .structure([.uint64(UInt64(type)), .bytes(parameter)]))
+        return (type, .record([.ulong(UInt64(type)), .bytes(parameter)]))
     }
 
     /// PKCS#11's output convention for one result: NULL buffer = length query (result
@@ -125,11 +126,11 @@ enum Codec {
         }
     }
 
-    /// A `(yy)` version, or 0.0.
-    static func version(_ value: DBusValue?) -> CK_VERSION {
-        guard let f = value?.structFields, f.count == 2, case .byte(let major) = f[0], case .byte(let minor) = f[1] else {
+    /// A (major, minor) version record, or 0.0.
+    static func version(_ value: WireValue?) -> CK_VERSION {
+        guard let f = value?.recordFields, f.count == 2, let major = f[0].ulongValue, let minor = f[1].ulongValue else {
             return CK_VERSION(major: 0, minor: 0)
         }
-        return CK_VERSION(major: major, minor: minor)
+        return CK_VERSION(major: CK_BYTE(truncatingIfNeeded: major), minor: CK_BYTE(truncatingIfNeeded: minor))
     }
 }

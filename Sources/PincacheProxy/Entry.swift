@@ -1,5 +1,5 @@
 import CPKCS11
-import DBusKit
+import CryptokiWire
 
 // The PKCS#11 entry points, exported under C names the function table in
 // CPincacheProxy/proxy.c points at. Each one only lists its arguments: `entry` finds the
@@ -121,7 +121,7 @@ func pincacheGetTokenInfo(_ slot: CK_SLOT_ID, _ info: UnsafeMutablePointer<CK_TO
 func pincacheGetMechanismList(_ slot: CK_SLOT_ID, _ list: UnsafeMutablePointer<CK_MECHANISM_TYPE>?,
                               _ count: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
     entry { library throws(CKError) in
-        _ = try library.slotPath(slot)
+        _ = try library.slotName(slot)
         guard let count else { throw .argumentsBad }
         // A length query refreshes; the call with a buffer that follows reuses it.
         let mechanisms = try library.mechanisms(slot, refresh: list == nil)
@@ -133,7 +133,7 @@ func pincacheGetMechanismList(_ slot: CK_SLOT_ID, _ list: UnsafeMutablePointer<C
 func pincacheGetMechanismInfo(_ slot: CK_SLOT_ID, _ type: CK_MECHANISM_TYPE,
                               _ info: UnsafeMutablePointer<CK_MECHANISM_INFO>?) -> CK_RV {
     entry { library throws(CKError) in
-        _ = try library.slotPath(slot)
+        _ = try library.slotName(slot)
         guard let info else { throw .argumentsBad }
         guard let entry = try library.mechanisms(slot).first(where: { $0.type == type }) else {
             throw CKError(CKR_MECHANISM_INVALID)
@@ -146,13 +146,14 @@ func pincacheGetMechanismInfo(_ slot: CK_SLOT_ID, _ type: CK_MECHANISM_TYPE,
 func pincacheInitToken(_ slot: CK_SLOT_ID, _ pin: UnsafeMutablePointer<CK_UTF8CHAR>?, _ pinLength: CK_ULONG,
                        _ label: UnsafeMutablePointer<CK_UTF8CHAR>?) -> CK_RV {
     entry { library throws(CKError) in
-        let path = try library.slotPath(slot)
+        let name = try library.slotName(slot)
         guard let label else { throw .argumentsBad }
-        let soPin = try Codec.pin(pin, pinLength)
+        var soPin = try Codec.pin(pin, pinLength)
+        defer { Codec.wipe(&soPin) }
         // SAFETY: C_InitToken's label is exactly 32 bytes, blank-padded.
         guard let labelText = String(validating: UnsafeBufferPointer(start: label, count: 32), as: UTF8.self),
               !labelText.utf8.contains(0) else { throw .argumentsBad }
-        _ = try library.call(Wire.initToken, path: path, [.string(soPin), .string(labelText)])
+        _ = try library.call(Calls.initToken, [.string(name), .bytes(soPin), .string(labelText)])
         library.state.withLock { $0.mechanisms[slot] = nil }
     }
 }
@@ -161,7 +162,9 @@ func pincacheInitToken(_ slot: CK_SLOT_ID, _ pin: UnsafeMutablePointer<CK_UTF8CH
 func pincacheInitPIN(_ session: CK_SESSION_HANDLE, _ pin: UnsafeMutablePointer<CK_UTF8CHAR>?, _ length: CK_ULONG) -> CK_RV {
     entry { library throws(CKError) in
         try library.withSession(session) { s throws(CKError) in
-            _ = try library.call(Wire.initPIN, on: s, [.string(try Codec.pin(pin, length))])
+            var newPin = try Codec.pin(pin, length)
+            defer { Codec.wipe(&newPin) }
+            _ = try library.call(Calls.initPIN, on: s, [.bytes(newPin)])
         }
     }
 }
@@ -171,9 +174,11 @@ func pincacheSetPIN(_ session: CK_SESSION_HANDLE, _ old: UnsafeMutablePointer<CK
                     _ new: UnsafeMutablePointer<CK_UTF8CHAR>?, _ newLength: CK_ULONG) -> CK_RV {
     entry { library throws(CKError) in
         try library.withSession(session) { s throws(CKError) in
-            let oldPin = try Codec.pin(old, oldLength)
-            let newPin = try Codec.pin(new, newLength)
-            _ = try library.call(Wire.setPIN, on: s, [.string(oldPin), .string(newPin)])
+            var oldPin = try Codec.pin(old, oldLength)
+            defer { Codec.wipe(&oldPin) }
+            var newPin = try Codec.pin(new, newLength)
+            defer { Codec.wipe(&newPin) }
+            _ = try library.call(Calls.setPIN, on: s, [.bytes(oldPin), .bytes(newPin)])
         }
     }
 }
@@ -185,7 +190,7 @@ func pincacheOpenSession(_ slot: CK_SLOT_ID, _ flags: CK_FLAGS, _ application: U
                          _ notify: UnsafeMutableRawPointer?, _ handle: UnsafeMutablePointer<CK_SESSION_HANDLE>?) -> CK_RV {
     entry { library throws(CKError) in
         // Notification callbacks are never called: the proxy has no surrender events.
-        _ = try library.slotPath(slot)
+        _ = try library.slotName(slot)
         guard let handle else { throw .argumentsBad }
         guard flags & CK_FLAGS(CKF_SERIAL_SESSION) != 0 else { throw CKError(CKR_SESSION_PARALLEL_NOT_SUPPORTED) }
         handle.pointee = try library.openSession(slot: slot, flags: flags)
@@ -200,7 +205,7 @@ func pincacheCloseSession(_ session: CK_SESSION_HANDLE) -> CK_RV {
 @_cdecl("pincache_C_CloseAllSessions")
 func pincacheCloseAllSessions(_ slot: CK_SLOT_ID) -> CK_RV {
     entry { library throws(CKError) in
-        _ = try library.slotPath(slot)
+        _ = try library.slotName(slot)
         var first: CKError?
         for handle in library.sessions(on: slot) {
             do throws(CKError) { try library.closeSession(handle) } catch { first = first ?? error }
@@ -215,9 +220,9 @@ func pincacheGetSessionInfo(_ session: CK_SESSION_HANDLE, _ info: UnsafeMutableP
         try library.withSession(session) { s throws(CKError) in
             guard let info else { throw .argumentsBad }
             // Asked every time: the caller's login state changes behind its back.
-            let reply = try library.call(Wire.getSessionInfo, on: s, [])
-            guard let f = reply[0].structFields, f.count == 3, let state = f[0].uint64Value, let flags = f[1].uint64Value,
-                  let deviceError = f[2].uint64Value else { throw .deviceError }
+            let reply = try library.call(Calls.getSessionInfo, on: s, [])
+            guard reply.count == 3, let state = reply[0].ulongValue, let flags = reply[1].ulongValue,
+                  let deviceError = reply[2].ulongValue else { throw .deviceError }
             info.pointee = CK_SESSION_INFO(slotID: s.slot, state: CK_STATE(state), flags: CK_FLAGS(flags),
                                            ulDeviceError: CK_ULONG(deviceError))
         }
@@ -237,7 +242,9 @@ func pincacheLogin(_ session: CK_SESSION_HANDLE, _ userType: CK_USER_TYPE, _ pin
                    _ length: CK_ULONG) -> CK_RV {
     entry { library throws(CKError) in
         try library.withSession(session) { s throws(CKError) in
-            _ = try library.call(Wire.login, on: s, [.uint64(UInt64(userType)), .string(try Codec.pin(pin, length))])
+            var secret = try Codec.pin(pin, length)
+            defer { Codec.wipe(&secret) }
+            _ = try library.call(Calls.login, on: s, [.ulong(UInt64(userType)), .bytes(secret)])
         }
     }
 }
@@ -245,7 +252,7 @@ func pincacheLogin(_ session: CK_SESSION_HANDLE, _ userType: CK_USER_TYPE, _ pin
 @_cdecl("pincache_C_Logout")
 func pincacheLogout(_ session: CK_SESSION_HANDLE) -> CK_RV {
     entry { library throws(CKError) in
-        try library.withSession(session) { s throws(CKError) in _ = try library.call(Wire.logout, on: s, []) }
+        try library.withSession(session) { s throws(CKError) in _ = try library.call(Calls.logout, on: s, []) }
     }
 }
 
@@ -258,8 +265,8 @@ func pincacheCreateObject(_ session: CK_SESSION_HANDLE, _ template: UnsafeMutabl
         try library.withSession(session) { s throws(CKError) in
             let encoded = try Codec.template(template, count)
             guard let object else { throw .argumentsBad }
-            let reply = try library.call(Wire.createObject, on: s, [encoded])
-            guard let handle = reply[0].uint64Value else { throw .deviceError }
+            let reply = try library.call(Calls.createObject, on: s, [encoded])
+            guard let handle = reply.first?.ulongValue else { throw .deviceError }
             object.pointee = CK_OBJECT_HANDLE(handle)
         }
     }
@@ -272,8 +279,8 @@ func pincacheCopyObject(_ session: CK_SESSION_HANDLE, _ source: CK_OBJECT_HANDLE
         try library.withSession(session) { s throws(CKError) in
             let encoded = try Codec.template(template, count)
             guard let object else { throw .argumentsBad }
-            let reply = try library.call(Wire.copyObject, on: s, [.uint64(UInt64(source)), encoded])
-            guard let handle = reply[0].uint64Value else { throw .deviceError }
+            let reply = try library.call(Calls.copyObject, on: s, [.ulong(UInt64(source)), encoded])
+            guard let handle = reply.first?.ulongValue else { throw .deviceError }
             object.pointee = CK_OBJECT_HANDLE(handle)
         }
     }
@@ -283,7 +290,7 @@ func pincacheCopyObject(_ session: CK_SESSION_HANDLE, _ source: CK_OBJECT_HANDLE
 func pincacheDestroyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) -> CK_RV {
     entry { library throws(CKError) in
         try library.withSession(session) { s throws(CKError) in
-            _ = try library.call(Wire.destroyObject, on: s, [.uint64(UInt64(object))])
+            _ = try library.call(Calls.destroyObject, on: s, [.ulong(UInt64(object))])
         }
     }
 }
@@ -305,7 +312,7 @@ func pincacheSetAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT
                                _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG) -> CK_RV {
     entry { library throws(CKError) in
         try library.withSession(session) { s throws(CKError) in
-            _ = try library.call(Wire.setAttributes, on: s, [.uint64(UInt64(object)), try Codec.template(template, count)])
+            _ = try library.call(Calls.setAttributes, on: s, [.ulong(UInt64(object)), try Codec.template(template, count)])
         }
     }
 }
@@ -317,10 +324,10 @@ func pincacheFindObjectsInit(_ session: CK_SESSION_HANDLE, _ template: UnsafeMut
         try library.withSession(session) { s throws(CKError) in
             guard s.found == nil else { throw .operationActive }
             let encoded = try Codec.template(template, count)
-            let reply = try library.call(Wire.findObjects, on: s, [encoded, .uint64(UInt64(Wire.maxCount))])
-            guard let handles = reply[0].arrayValues?.compactMap(\.uint64Value), handles.count == reply[0].arrayValues?.count else {
-                throw .deviceError
-            }
+            let reply = try library.call(Calls.findObjects, on: s, [encoded, .ulong(UInt64(Caps.handles))])
+            guard let all = reply.first?.arrayValues else { throw .deviceError }
+            let handles = all.compactMap(\.ulongValue)
+            guard handles.count == all.count else { throw .deviceError }
             s.found = handles.map { CK_OBJECT_HANDLE($0) }
             s.foundPosition = 0
         }
@@ -334,7 +341,7 @@ func pincacheFindObjects(_ session: CK_SESSION_HANDLE, _ objects: UnsafeMutableP
         try library.withSession(session) { s throws(CKError) in
             guard let found = s.found else { throw .operationNotInitialized }
             guard let count, let objects else { throw .argumentsBad }
-            let n = min(found.count - s.foundPosition, Int(min(maxCount, CK_ULONG(Wire.maxCount))))
+            let n = min(found.count - s.foundPosition, Int(min(maxCount, CK_ULONG(Caps.handles))))
             for i in 0..<n { objects[i] = found[s.foundPosition + i] }
             s.foundPosition += n
             count.pointee = CK_ULONG(n)
@@ -569,8 +576,8 @@ func pincacheGenerateKey(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutabl
             let (_, encodedMechanism) = try Codec.mechanism(mechanism)
             let encodedTemplate = try Codec.template(template, count)
             guard let key else { throw .argumentsBad }
-            let reply = try library.call(Wire.generateKey, on: s, [encodedMechanism, encodedTemplate])
-            guard let handle = reply[0].uint64Value else { throw .deviceError }
+            let reply = try library.call(Calls.generateKey, on: s, [encodedMechanism, encodedTemplate])
+            guard let handle = reply.first?.ulongValue else { throw .deviceError }
             key.pointee = CK_OBJECT_HANDLE(handle)
         }
     }
@@ -588,8 +595,8 @@ func pincacheGenerateKeyPair(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMu
             let encodedPublic = try Codec.template(publicTemplate, publicCount)
             let encodedPrivate = try Codec.template(privateTemplate, privateCount)
             guard let publicKey, let privateKey else { throw .argumentsBad }
-            let reply = try library.call(Wire.generateKeyPair, on: s, [encodedMechanism, encodedPublic, encodedPrivate])
-            guard let pub = reply[0].uint64Value, let priv = reply[1].uint64Value else { throw .deviceError }
+            let reply = try library.call(Calls.generateKeyPair, on: s, [encodedMechanism, encodedPublic, encodedPrivate])
+            guard reply.count == 2, let pub = reply[0].ulongValue, let priv = reply[1].ulongValue else { throw .deviceError }
             publicKey.pointee = CK_OBJECT_HANDLE(pub)
             privateKey.pointee = CK_OBJECT_HANDLE(priv)
         }
@@ -619,7 +626,7 @@ func pincacheSeedRandom(_ session: CK_SESSION_HANDLE, _ seed: UnsafeMutablePoint
     entry { library throws(CKError) in
         try library.withSession(session) { s throws(CKError) in
             let bytes = try Codec.bytes(seed, length, tooLong: .argumentsBad)
-            _ = try library.call(Wire.seedRandom, on: s, [.bytes(bytes)])
+            _ = try library.call(Calls.seedRandom, on: s, [.bytes(bytes)])
         }
     }
 }
@@ -633,9 +640,9 @@ func pincacheGenerateRandom(_ session: CK_SESSION_HANDLE, _ out: UnsafeMutablePo
             // The wire gives at most 1 MiB per call.
             var done: CK_ULONG = 0
             while done < length {
-                let chunk = min(length - done, CK_ULONG(Wire.maxRandomChunk))
-                let reply = try library.call(Wire.generateRandom, on: s, [.uint64(UInt64(chunk))])
-                guard let bytes = reply[0].bytesValue, CK_ULONG(bytes.count) == chunk else { throw .deviceError }
+                let chunk = min(length - done, CK_ULONG(Caps.random))
+                let reply = try library.call(Calls.generateRandom, on: s, [.ulong(UInt64(chunk))])
+                guard let bytes = reply.first?.bytesValue, CK_ULONG(bytes.count) == chunk else { throw .deviceError }
                 bytes.withUnsafeBufferPointer { source in
                     if let base = source.baseAddress { out.advanced(by: Int(done)).update(from: base, count: source.count) }
                 }

@@ -1,36 +1,33 @@
 import CPKCS11
-import DBusKit
+import CryptokiWire
 
-// Reply decoding, kept apart from the bus so that it can run without one: the forwarder
-// and the entry points call these, and so does the fuzz target (Fuzz/Targets/FuzzProxyReply).
-// A reply that passed `check` has the declared signature; everything else is still the
-// daemon's word and is checked again here.
+// Reply decoding: the wire decoder has checked every field against the table's types and
+// caps; what is left is the daemon's word, checked again here for meaning (the fuzz target
+// FuzzProxyReply runs these on arbitrary frames).
 
 enum Replies {
-    /// True when `reply` is what `method` declares and stays within the caps.
-    static func check(_ reply: [DBusValue], _ method: WireMethod) -> Bool {
-        reply.map(\.signature).joined() == method.outSignature && reply.allSatisfy { Wire.withinCaps($0) }
-    }
-
     /// GetSlots → one snapshot per slot, in the daemon's order.
-    static func slots(_ reply: [DBusValue]) throws(CKError) -> [SlotSnapshot] {
-        guard let entries = reply.first?.arrayValues else { throw .deviceError }
+    static func slots(_ reply: [WireValue]) throws(CKError) -> [SlotSnapshot] {
+        guard case .array(let entries) = reply.first, case .array(let type, _) = Calls.getSlots.response[0].type,
+            case .record(let fields) = type
+        else { throw .deviceError }
         var parsed: [SlotSnapshot] = []
         for entry in entries {
-            guard let fields = entry.structFields, fields.count == 2, let path = fields[0].objectPathValue,
-                  let properties = fields[1].vardictValue else { throw .deviceError }
-            parsed.append(SlotSnapshot(path: path, properties: properties))
+            guard let values = entry.recordFields, values.count == fields.count, let name = values[0].stringValue,
+                !name.isEmpty
+            else { throw .deviceError }
+            parsed.append(SlotSnapshot(name: name, fields: Dictionary(uniqueKeysWithValues: zip(fields.map(\.name), values))))
         }
         return parsed
     }
 
     /// GetMechanisms → the mechanism list.
-    static func mechanisms(_ reply: [DBusValue]) throws(CKError) -> [MechanismEntry] {
-        guard let entries = reply.first?.arrayValues else { throw .deviceError }
+    static func mechanisms(_ reply: [WireValue]) throws(CKError) -> [MechanismEntry] {
+        guard case .array(let entries) = reply.first else { throw .deviceError }
         var list: [MechanismEntry] = []
         for entry in entries {
-            guard let f = entry.structFields, f.count == 4, let type = f[0].uint64Value, let min = f[1].uint64Value,
-                  let max = f[2].uint64Value, let flags = f[3].uint64Value else { throw .deviceError }
+            guard let f = entry.recordFields, f.count == 4, let type = f[0].ulongValue, let min = f[1].ulongValue,
+                  let max = f[2].ulongValue, let flags = f[3].ulongValue else { throw .deviceError }
             list.append(MechanismEntry(type: CK_ULONG(type), minKeySize: CK_ULONG(min), maxKeySize: CK_ULONG(max),
                                        flags: CK_ULONG(flags)))
         }
@@ -39,12 +36,12 @@ enum Replies {
 
     /// GetAttributes → one result per requested type, in order; the daemon must answer
     /// exactly the types asked for.
-    static func attributes(_ reply: [DBusValue], types: [CK_ATTRIBUTE_TYPE]) throws(CKError) -> [AttributeResult] {
-        guard let entries = reply.first?.arrayValues, entries.count == types.count else { throw .deviceError }
+    static func attributes(_ reply: [WireValue], types: [CK_ATTRIBUTE_TYPE]) throws(CKError) -> [AttributeResult] {
+        guard case .array(let entries) = reply.first, entries.count == types.count else { throw .deviceError }
         var parsed: [AttributeResult] = []
         for (entry, type) in zip(entries, types) {
-            guard let f = entry.structFields, f.count == 3, let t = f[0].uint64Value, CK_ULONG(t) == type,
-                  let status = f[1].uint64Value, let value = f[2].bytesValue else { throw .deviceError }
+            guard let f = entry.recordFields, f.count == 3, let t = f[0].ulongValue, CK_ULONG(t) == type,
+                  let status = f[1].ulongValue, let value = f[2].bytesValue else { throw .deviceError }
             parsed.append(AttributeResult(type: type, status: CK_RV(status), value: value))
         }
         return parsed
@@ -105,44 +102,44 @@ enum Replies {
 extension SlotSnapshot {
     /// C_GetSlotInfo's answer.
     var slotInfo: CK_SLOT_INFO {
-        let p = properties
+        let p = fields
         var value = CK_SLOT_INFO()
-        withUnsafeMutableBytes(of: &value.slotDescription) { Codec.pad(p["SlotDescription"]?.stringValue ?? "", into: $0) }
-        withUnsafeMutableBytes(of: &value.manufacturerID) { Codec.pad(p["SlotManufacturer"]?.stringValue ?? "", into: $0) }
-        var flags = CK_FLAGS(p["SlotFlags"]?.uint64Value ?? 0) & ~CK_FLAGS(CKF_TOKEN_PRESENT)
+        withUnsafeMutableBytes(of: &value.slotDescription) { Codec.pad(p["slot_description"]?.stringValue ?? "", into: $0) }
+        withUnsafeMutableBytes(of: &value.manufacturerID) { Codec.pad(p["slot_manufacturer"]?.stringValue ?? "", into: $0) }
+        var flags = CK_FLAGS(p["slot_flags"]?.ulongValue ?? 0) & ~CK_FLAGS(CKF_TOKEN_PRESENT)
         if tokenPresent { flags |= CK_FLAGS(CKF_TOKEN_PRESENT) }
         value.flags = flags
-        value.hardwareVersion = Codec.version(p["HardwareVersion"])
-        value.firmwareVersion = Codec.version(p["FirmwareVersion"])
+        value.hardwareVersion = Codec.version(p["hardware_version"])
+        value.firmwareVersion = Codec.version(p["firmware_version"])
         return value
     }
 
     /// C_GetTokenInfo's answer (the caller checks that a token is present).
     var tokenInfo: CK_TOKEN_INFO {
-        let p = properties
+        let p = fields
         func number(_ key: String) -> CK_ULONG {
-            p[key]?.uint64Value.map { CK_ULONG($0) } ?? CK_ULONG.max
+            p[key]?.ulongValue.map { CK_ULONG($0) } ?? CK_ULONG.max
         }
         var value = CK_TOKEN_INFO()
-        withUnsafeMutableBytes(of: &value.label) { Codec.pad(p["Label"]?.stringValue ?? "", into: $0) }
-        withUnsafeMutableBytes(of: &value.manufacturerID) { Codec.pad(p["Manufacturer"]?.stringValue ?? "", into: $0) }
-        withUnsafeMutableBytes(of: &value.model) { Codec.pad(p["Model"]?.stringValue ?? "", into: $0) }
-        withUnsafeMutableBytes(of: &value.serialNumber) { Codec.pad(p["Serial"]?.stringValue ?? "", into: $0) }
-        value.flags = CK_FLAGS(p["TokenFlags"]?.uint64Value ?? 0)
-        value.ulMaxSessionCount = number("MaxSessionCount")
+        withUnsafeMutableBytes(of: &value.label) { Codec.pad(p["label"]?.stringValue ?? "", into: $0) }
+        withUnsafeMutableBytes(of: &value.manufacturerID) { Codec.pad(p["manufacturer"]?.stringValue ?? "", into: $0) }
+        withUnsafeMutableBytes(of: &value.model) { Codec.pad(p["model"]?.stringValue ?? "", into: $0) }
+        withUnsafeMutableBytes(of: &value.serialNumber) { Codec.pad(p["serial"]?.stringValue ?? "", into: $0) }
+        value.flags = CK_FLAGS(p["token_flags"]?.ulongValue ?? 0)
+        value.ulMaxSessionCount = number("max_session_count")
         // Session counts are the backend's business across every caller; not on the wire.
         value.ulSessionCount = CK_ULONG.max
-        value.ulMaxRwSessionCount = number("MaxRwSessionCount")
+        value.ulMaxRwSessionCount = number("max_rw_session_count")
         value.ulRwSessionCount = CK_ULONG.max
-        value.ulMaxPinLen = number("MaxPinLen")
-        value.ulMinPinLen = number("MinPinLen")
-        value.ulTotalPublicMemory = number("TotalPublicMemory")
-        value.ulFreePublicMemory = number("FreePublicMemory")
-        value.ulTotalPrivateMemory = number("TotalPrivateMemory")
-        value.ulFreePrivateMemory = number("FreePrivateMemory")
-        value.hardwareVersion = Codec.version(p["TokenHardwareVersion"])
-        value.firmwareVersion = Codec.version(p["TokenFirmwareVersion"])
-        withUnsafeMutableBytes(of: &value.utcTime) { Codec.pad(p["UtcTime"]?.stringValue ?? "", into: $0) }
+        value.ulMaxPinLen = number("max_pin_len")
+        value.ulMinPinLen = number("min_pin_len")
+        value.ulTotalPublicMemory = number("total_public_memory")
+        value.ulFreePublicMemory = number("free_public_memory")
+        value.ulTotalPrivateMemory = number("total_private_memory")
+        value.ulFreePrivateMemory = number("free_private_memory")
+        value.hardwareVersion = Codec.version(p["token_hardware_version"])
+        value.firmwareVersion = Codec.version(p["token_firmware_version"])
+        withUnsafeMutableBytes(of: &value.utcTime) { Codec.pad(p["utc_time"]?.stringValue ?? "", into: $0) }
         return value
     }
 }

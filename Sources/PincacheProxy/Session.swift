@@ -1,5 +1,5 @@
 import CPKCS11
-import DBusKit
+import CryptokiWire
 
 /// The cryptographic operation kinds a session may have active at once.
 enum OperationKind: Hashable {
@@ -26,7 +26,7 @@ enum OperationInput {
 /// An operation between its *Init and its final call, kept in the proxy: nothing goes
 /// to the daemon until the final call (cryptoki1.md's one-round-trip rule).
 struct PendingOperation {
-    var mechanism: DBusValue
+    var mechanism: WireValue
     var key: CK_OBJECT_HANDLE
     /// Input accumulated by *Update calls.
     var data: [UInt8] = []
@@ -44,14 +44,13 @@ struct AttributeResult {
     var value: [UInt8]
 }
 
-/// A session as the proxy sees it: the daemon's session object plus local state.
+/// A session as the proxy sees it: the daemon's session number plus local state.
 final class Session: @unchecked Sendable {
     // @unchecked: the mutable state below is only touched inside `lock.locked`.
     let slot: CK_SLOT_ID
-    let path: ObjectPath
+    /// The daemon's number for it, valid on `link`'s socket only.
+    let number: UInt64
     let link: Link
-    /// Unique name of the daemon that owns the session object.
-    let daemon: String
     let flags: CK_FLAGS
     /// Serialises everything done on this session, round trips included: PKCS#11
     /// operations on one session are sequential anyway, other sessions are unaffected.
@@ -64,11 +63,10 @@ final class Session: @unchecked Sendable {
     /// The answer to a GetAttributeValue length query, for the call that follows it.
     var lastAttributes: (object: CK_OBJECT_HANDLE, types: [CK_ATTRIBUTE_TYPE], results: [AttributeResult])?
 
-    init(slot: CK_SLOT_ID, path: ObjectPath, link: Link, daemon: String, flags: CK_FLAGS) {
+    init(slot: CK_SLOT_ID, number: UInt64, link: Link, flags: CK_FLAGS) {
         self.slot = slot
-        self.path = path
+        self.number = number
         self.link = link
-        self.daemon = daemon
         self.flags = flags
     }
 }
@@ -85,9 +83,9 @@ extension Library {
         }
     }
 
-    /// Sends a session method.
-    func call(_ method: WireMethod, on session: Session, _ arguments: [DBusValue]) throws(CKError) -> [DBusValue] {
-        try call(method, path: session.path, arguments, session: session)
+    /// Sends a session call: the session's number goes first, as the table declares.
+    func call(_ call: Call, on session: Session, _ arguments: [WireValue]) throws(CKError) -> [WireValue] {
+        try self.call(call, [.ulong(session.number)] + arguments, session: session)
     }
 
     // MARK: operations
@@ -117,7 +115,7 @@ extension Library {
             do throws(CKError) {
                 guard operation.result == nil else { throw CKError.operationActive }
                 let bytes = try Codec.bytes(part, length)
-                guard operation.data.count + bytes.count <= Wire.maxBytes else { throw CKError(CKR_DATA_LEN_RANGE) }
+                guard operation.data.count + bytes.count <= Caps.data else { throw CKError(CKR_DATA_LEN_RANGE) }
                 operation.data += bytes
                 operation.multipart = true
                 session.operations[kind] = operation
@@ -185,23 +183,23 @@ extension Library {
                 input = operation.data
             }
             let signatureBytes = try Codec.bytes(signature, signatureLength, tooLong: CKError(CKR_SIGNATURE_LEN_RANGE))
-            _ = try call(Wire.verify, on: session, [operation.mechanism, .uint64(UInt64(operation.key)),
-                                                     .bytes(input), .bytes(signatureBytes)])
+            _ = try call(Calls.verify, on: session, [operation.mechanism, .ulong(UInt64(operation.key)),
+                                                      .bytes(input), .bytes(signatureBytes)])
         }
     }
 
     private func perform(_ kind: OperationKind, _ operation: PendingOperation, input: [UInt8],
                          on session: Session) throws(CKError) -> [UInt8] {
-        let key = DBusValue.uint64(UInt64(operation.key))
-        let reply: [DBusValue]
+        let key = WireValue.ulong(UInt64(operation.key))
+        let reply: [WireValue]
         switch kind {
-        case .sign: reply = try call(Wire.sign, on: session, [operation.mechanism, key, .bytes(input)])
-        case .encrypt: reply = try call(Wire.encrypt, on: session, [operation.mechanism, key, .bytes(input)])
-        case .decrypt: reply = try call(Wire.decrypt, on: session, [operation.mechanism, key, .bytes(input)])
-        case .digest: reply = try call(Wire.digest, on: session, [operation.mechanism, .bytes(input)])
+        case .sign: reply = try call(Calls.sign, on: session, [operation.mechanism, key, .bytes(input)])
+        case .encrypt: reply = try call(Calls.encrypt, on: session, [operation.mechanism, key, .bytes(input)])
+        case .decrypt: reply = try call(Calls.decrypt, on: session, [operation.mechanism, key, .bytes(input)])
+        case .digest: reply = try call(Calls.digest, on: session, [operation.mechanism, .bytes(input)])
         case .verify: throw CKError(CKR_GENERAL_ERROR)
         }
-        guard let bytes = reply[0].bytesValue else { throw .deviceError }
+        guard let bytes = reply.first?.bytesValue else { throw .deviceError }
         return bytes
     }
 
@@ -218,8 +216,8 @@ extension Library {
             if let kept = session.lastAttributes, kept.object == object, kept.types == types {
                 results = kept.results
             } else {
-                let reply = try call(Wire.getAttributes, on: session,
-                                     [.uint64(UInt64(object)), .array(elementSignature: "t", types.map { .uint64(UInt64($0)) })])
+                let reply = try call(Calls.getAttributes, on: session,
+                                     [.ulong(UInt64(object)), .array(types.map { .ulong(UInt64($0)) })])
                 results = try Replies.attributes(reply, types: types)
             }
             session.lastAttributes = nil

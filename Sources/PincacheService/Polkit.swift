@@ -12,6 +12,7 @@ final class Authorizer: Sendable {
     enum Action: String, Sendable {
         case login = "org.pincache.login"
         case useCachedPIN = "org.pincache.use-cached-pin"
+        case modifyToken = "org.pincache.modify-token"
         case manage = "org.pincache.manage"
     }
 
@@ -39,8 +40,15 @@ final class Authorizer: Sendable {
         _ action: Action, for call: MethodCall, details: [String: String],
         _ completion: @escaping @Sendable (Result<Void, ServiceError>) -> Void
     ) {
+        check(action, subject: call.sender, interactive: call.allowsInteractiveAuthorization, details: details, completion)
+    }
+
+    /// `subject`: the caller's unique bus name, whichever way its request came in.
+    func check(
+        _ action: Action, subject sender: String, interactive: Bool, details: [String: String],
+        _ completion: @escaping @Sendable (Result<Void, ServiceError>) -> Void
+    ) {
         guard enabled else { return completion(.success(())) }
-        let sender = call.sender
         let id = "pincache-\(counter.wrappingAdd(1, ordering: .relaxed).oldValue)"
         let admitted = pending.withLock { p -> Bool in
             guard p[sender, default: []].count < Self.maxPendingPerCaller else { return false }
@@ -54,7 +62,6 @@ final class Authorizer: Sendable {
         let detailEntries = details.sorted { $0.key < $1.key }.map {
             DBusDictEntry(key: .string($0.key), value: .string($0.value))
         }
-        let interactive = call.allowsInteractiveAuthorization
         connection.call(
             destination: Self.authority, path: Self.authorityPath, interface: Self.authorityInterface,
             member: "CheckAuthorization",

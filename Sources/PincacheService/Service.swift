@@ -15,13 +15,14 @@ enum Limits {
     static let inlineJobNanoseconds: UInt64 = 5_000_000
 }
 
-/// A Session1 object: owned by one caller connection, bound to one token.
+/// A session: owned by one caller connection, bound to one token. Sessions opened through
+/// Token1 are Session1 objects on the bus; those of the proxy's wire are numbers on its socket.
 struct SessionRecord: Sendable {
     let id: UInt64
     let path: ObjectPath
     let owner: CallerID
     let token: TokenContext
-    /// CKF_RW_SESSION for sessions opened through CryptokiSlot1 (Token1 sessions are read-only).
+    /// CKF_RW_SESSION for sessions opened through the proxy's wire (Token1 sessions are read-only).
     let readWrite: Bool
 }
 
@@ -39,7 +40,7 @@ public final class PincacheService: @unchecked Sendable {
     let authorizer: Authorizer
     /// "token-id caller" pairs whose use of their cached PIN polkit already allowed since their
     /// last login (DESIGN §3: remembered per environment and token, never shared).
-    private let cachedUseAllowed = Mutex<Set<String>>([])
+    let cachedUseAllowed = Mutex<Set<String>>([])
     private let tokenTable = Mutex<[TokenContext]>([])
     /// Every slot currently exported; readers come and go (rescan()).
     var tokens: [TokenContext] { tokenTable.withLock { $0 } }
@@ -51,10 +52,8 @@ public final class PincacheService: @unchecked Sendable {
     /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
     private var pendingCallers: [String: [@Sendable (Result<CallerInfo, DBusError>) -> Void]] = [:]
     private var poller: Thread?
-    /// The peer channel server, when one listens (`startChannels`).
-    private let channelServer = Mutex<DBusChannelServer?>(nil)
-    let channelTickets = ChannelTickets()
-    let fastPaths = FastPaths()
+    /// The proxy's sockets (CryptokiSockets.swift).
+    let cryptokiSockets = CryptokiSockets()
     private let stopping = Atomic<Bool>(false)
     /// The failure to lock memory for a PIN was logged and no PIN was locked since.
     private let memoryLockFailureLogged = Atomic<Bool>(false)
@@ -85,7 +84,7 @@ public final class PincacheService: @unchecked Sendable {
         connection.setObjectManager(at: PincacheBus.managerPath)
         connection.setDeniedSubtree(PincacheBus.sessionPrefix)
         connection.onPeerDisconnected { [weak self] name in self?.peerDisconnected(name) }
-        connection.export(PincacheBus.managerPath, interfaces: [managerInterface(), cryptokiManagerInterface()])
+        connection.export(PincacheBus.managerPath, interfaces: [managerInterface()])
         // The first scan completes before the name is taken: clients never see a half-filled list.
         let group = DispatchGroup()
         for backend in backends {
@@ -113,37 +112,6 @@ public final class PincacheService: @unchecked Sendable {
         watcher.start()
         readerWatcher = watcher
         Log.info("ready on the bus as \(PincacheBus.serviceName) (\(connection.uniqueName)); \(tokens.count) slot(s)")
-    }
-
-    /// Listens for peer channels on `address` (a D-Bus server address), so proxy clients'
-    /// calls skip the bus daemon's relay. Failing to listen is logged, not fatal: clients
-    /// then stay on the bus.
-    public func startChannels(listen address: String, maxChannels: Int = 512) {
-        do {
-            let server = try DBusChannelServer(
-                listen: address, serving: connection, bindInterface: PincacheInterfaces.channelInterface,
-                bindMember: PincacheInterfaces.channelBindMember, maxChannels: maxChannels
-            ) { [channelTickets, registry] ticket, peer in
-                guard let name = channelTickets.redeem(ticket, peer: peer), registry.lookup(name) != nil else { return nil }
-                return name
-            }
-            channelServer.withLock { $0 = server }
-            // Any local user may connect: the ticket, not the socket's mode, admits a client.
-            if let path = Self.socketPath(in: server.address) { chmod(path, 0o666) }
-            Log.info("peer channels on \(server.address)")
-        } catch {
-            Log.notice("no peer channels (\(address): \(error.message)); clients use the bus")
-        }
-    }
-
-    var channelAddress: String? { channelServer.withLock { $0 }?.address }
-
-    public static func socketPath(in address: String) -> String? {
-        guard address.hasPrefix("unix:") else { return nil }
-        for part in address.dropFirst(5).split(separator: ",") where part.hasPrefix("path=") {
-            return String(part.dropFirst(5))
-        }
-        return nil
     }
 
     /// Re-reads every module's slot list and every token's state (PC/SC event, poll tick).
@@ -181,8 +149,7 @@ public final class PincacheService: @unchecked Sendable {
             token.worker.submit { [weak self] in
                 guard let self else { return }
                 token.refresh()
-                self.connection.export(
-                    token.path, interfaces: [self.tokenInterface(token), self.cryptokiSlotInterface(token)])
+                self.connection.export(token.path, interfaces: [self.tokenInterface(token)])
                 token.published.store(true, ordering: .releasing)
                 if announce {
                     Log.info("slot \(token.id) appeared: \(token.snapshot.slotDescription)")
@@ -215,8 +182,7 @@ public final class PincacheService: @unchecked Sendable {
     /// the token workers (a few seconds at most, as a card may hang) and leaves them parked.
     public func shutdown() {
         stopping.store(true, ordering: .relaxed)
-        channelServer.withLock { $0 }?.stop()
-        fastPaths.closeAll()
+        cryptokiSockets.closeAll()
         readerWatcher?.stop()
         let deadline = DispatchTime.now() + .seconds(5)
         for token in tokens {
@@ -299,11 +265,6 @@ public final class PincacheService: @unchecked Sendable {
             body(info)
             return
         }
-        // A channel is bound to a caller already admitted; if it is not known any more it
-        // has left (and `pendingCallers` belongs to the bus loop thread).
-        guard call.connection === connection else {
-            return call.reply(error: Self.credentialsUnreadable)
-        }
         let run: @Sendable (Result<CallerInfo, DBusError>) -> Void = { admitted in
             switch admitted {
             case .success(let info): body(info)
@@ -353,14 +314,19 @@ public final class PincacheService: @unchecked Sendable {
     }
 
     private func peerDisconnected(_ name: String) {
-        authorizer.callerGone(name)
-        channelTickets.forget(name: name)
-        channelServer.withLock { $0 }?.closeChannels(boundTo: name)
-        fastPaths.close(boundTo: name)
-        cachedUseAllowed.withLock { set in set = set.filter { !$0.hasSuffix(" " + name) } }
         if let waiting = pendingCallers.removeValue(forKey: name) {
             for w in waiting { w(.failure(Self.credentialsUnreadable)) }
         }
+        cryptokiSockets.close(boundTo: name)
+        endEnvironment(name)
+    }
+
+    /// The caller's environment ends (it left the bus, or closed its cryptoki socket): its
+    /// polkit checks are cancelled, its sessions closed, its PINs wiped, its locks released.
+    /// Any thread.
+    func endEnvironment(_ name: String) {
+        authorizer.callerGone(name)
+        cachedUseAllowed.withLock { set in set = set.filter { !$0.hasSuffix(" " + name) } }
         guard let info = registry.depart(name) else { return }
         let dropped = sessions.withLock { s in info.sessions.compactMap { s.removeValue(forKey: $0) } }
         for record in dropped {
@@ -376,19 +342,27 @@ public final class PincacheService: @unchecked Sendable {
     func readPIN(_ call: MethodCall, at index: Int) -> Result<SecretPIN, DBusError> {
         do {
             let pin = try call.withSensitiveArgument(at: index) { try SecretPIN(copying: $0) }
-            memoryLockFailureLogged.store(false, ordering: .relaxed)
+            pinMemoryAvailable()
             return .success(pin)
-        } catch SecretError.tooLong(let max) {
-            return .failure(.invalidArgs("PIN longer than \(max) bytes"))
         } catch {
-            // One line per episode: every refused login logging again would bury the cause.
-            if !memoryLockFailureLogged.exchange(true, ordering: .relaxed) {
-                Log.error("cannot lock memory for PINs (\(Self.describe(error))); PIN logins are refused until it can. Raise RLIMIT_MEMLOCK (LimitMEMLOCK= in the systemd unit).")
-            }
-            return .failure(
-                ServiceError(
-                    .secureMemoryUnavailable, "the daemon cannot lock memory for PINs; caching refused (CKR_DEVICE_MEMORY (0x31))").dbusError)
+            return .failure(pinMemoryError(error).dbusError)
         }
+    }
+
+    func pinMemoryAvailable() { memoryLockFailureLogged.store(false, ordering: .relaxed) }
+
+    /// Why a PIN could not be taken into locked memory, for either front end.
+    func pinMemoryError(_ error: Error) -> ServiceError {
+        if case SecretError.tooLong(let max) = error {
+            return .arguments("PIN longer than \(max) bytes")
+        }
+        // One line per episode: every refused login logging again would bury the cause.
+        if !memoryLockFailureLogged.exchange(true, ordering: .relaxed) {
+            Log.error("cannot lock memory for PINs (\(Self.describe(error))); PIN logins are refused until it can. Raise RLIMIT_MEMLOCK (LimitMEMLOCK= in the systemd unit).")
+        }
+        return ServiceError(
+            .secureMemoryUnavailable, "the daemon cannot lock memory for PINs; caching refused (CKR_DEVICE_MEMORY (0x31))",
+            rv: 0x31)
     }
 
     private static func describe(_ error: Error) -> String {
@@ -422,40 +396,39 @@ public final class PincacheService: @unchecked Sendable {
 
     /// Runs `job` on the token's worker unless the caller left before it started, then replies.
     func onWorker<T: Sendable>(
-        _ token: TokenContext, _ call: any CallReply, caller: CallerID,
+        _ token: TokenContext, _ call: MethodCall, caller: CallerID,
         _ job: @escaping @Sendable () throws -> T, reply encode: @escaping @Sendable (T) -> [DBusValue]
     ) {
+        onWorker(token, caller: caller, inline: false, job) { call.reply($0, encode) }
+    }
+
+    /// The token step of both front ends: `job` on the token's worker (the only thread that
+    /// calls its module), then `done` with its result. Nothing runs for a caller that left
+    /// meanwhile. `inline`: the calling thread serves this caller alone (its cryptoki socket),
+    /// so an idle, fast token's job runs right here, without two thread hand-offs
+    /// (SerialWorker.runInline); a slow token (a card) keeps its jobs on the worker.
+    func onWorker<T: Sendable>(
+        _ token: TokenContext, caller: CallerID, inline: Bool, _ job: @escaping @Sendable () throws -> T,
+        _ done: @escaping @Sendable (Result<T, ServiceError>) -> Void
+    ) {
         let work: @Sendable () -> Void = { [registry] in
-            // Nobody to answer, nothing to do; the answer only releases a waiting fast path.
-            guard registry.isAlive(caller) else { return call.reply(error: .failed("no reply")) }
-            call.reply(Result<T, ServiceError>.catching(job), encode)
+            guard registry.isAlive(caller) else {
+                return done(.failure(ServiceError(.backendError, "the caller has left (CKR_DEVICE_REMOVED (0x32))", rv: 0x32)))
+            }
+            done(Result<T, ServiceError>.catching(job))
         }
-        // A peer channel's loop or a fast path's thread may block on its caller's behalf: an
-        // idle, fast token's operation runs right here (SerialWorker.runInline).
-        if call.mayRunInline(besides: connection),
-            token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, work)
-        {
-            return
-        }
+        if inline, token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, work) { return }
         token.worker.submit(work)
     }
 
-    private func forgetCachedUse(_ key: String) {
-        _ = cachedUseAllowed.withLock { $0.remove(key) }
-    }
-
-    /// Runs `body` once polkit allows `action`; otherwise replies NotAuthorized. Never called
-    /// for a caller that left while the check was pending.
+    /// Session1's and Token1's way into the one authorisation step (Authorisation.swift).
     func authorized(
-        _ action: Authorizer.Action, _ call: MethodCall, _ details: [String: String],
-        _ body: @escaping @Sendable () -> Void
+        _ needs: [Access], _ call: MethodCall, _ info: CallerInfo, token: TokenContext?, operation: String,
+        keyID: [UInt8]? = nil, _ body: @escaping @Sendable () -> Void
     ) {
-        authorizer.check(action, for: call, details: details) { verdict in
-            switch verdict {
-            case .success: body()
-            case .failure(let e): call.reply(error: e.dbusError)
-            }
-        }
+        authorise(
+            needs, Requester(info: info, interactive: call.allowsInteractiveAuthorization), token: token,
+            operation: operation, keyID: keyID, denied: { call.reply(error: $0.dbusError) }, body)
     }
 
     /// What polkit rules can act on (DESIGN §3 / polkit/rules.d examples).
@@ -496,6 +469,10 @@ public final class PincacheService: @unchecked Sendable {
                     guard let self else { return }
                     call.reply([self.statistics()])
                 },
+                "OpenCryptoki": { [weak self] call in
+                    guard let self else { return }
+                    self.withCaller(call) { info in self.openCryptoki(call, info) }
+                },
             ],
             properties: { [weak self] name -> DBusValue? in
                 guard let defaults = self?.configuration.defaults else { return nil }
@@ -518,13 +495,7 @@ public final class PincacheService: @unchecked Sendable {
         }
         withCaller(call) { [weak self] info in
             guard let self else { return }
-            let details = ["operation": "flush", "executable": info.executable ?? ""]
-            self.authorizer.check(.manage, for: call, details: details) { verdict in
-                switch verdict {
-                case .success: flush()
-                case .failure(let e): call.reply(error: e.dbusError)
-                }
-            }
+            self.authorized([.manage], call, info, token: nil, operation: "flush", flush)
         }
     }
 
@@ -532,9 +503,7 @@ public final class PincacheService: @unchecked Sendable {
     private func statistics() -> DBusValue {
         var cached = 0
         var locked = 0
-        var replies = connection.replyStatistics
-        let channelReplies = channelServer.withLock { $0 }?.replyStatistics ?? ReplyStatistics()
-        replies.add(channelReplies)
+        let replies = connection.replyStatistics
         for token in tokens {
             token.policy.withLock { p in
                 cached += p.cachedPINCount
@@ -549,11 +518,9 @@ public final class PincacheService: @unchecked Sendable {
             "Tokens": .uint32(UInt32(tokens.count)),
             "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
             "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
-            "Channels": .uint32(UInt32(channelServer.withLock { $0 }?.count ?? 0)),
             "CallsServed": .uint64(replies.callsServed),
-            "ChannelCalls": .uint64(channelReplies.callsServed),
-            "FastPaths": .uint32(UInt32(fastPaths.count)),
-            "FastPathCalls": .uint64(fastPaths.callsServed),
+            "CryptokiSockets": .uint32(UInt32(cryptokiSockets.count)),
+            "CryptokiCalls": .uint64(cryptokiSockets.callsServed),
             "Errors": .dictionary(
                 keySignature: "s", valueSignature: "u",
                 replies.errors.sorted { $0.key < $1.key }.map {
@@ -613,8 +580,7 @@ public final class PincacheService: @unchecked Sendable {
                     case .failure(let e): call.reply(error: e)
                     case .success(let (keyID, mechanism, data)):
                         self.withCaller(call) { info in
-                            let details = self.details(token, info, "sign-once", keyID: keyID)
-                            self.authorized(.login, call, details) {
+                            self.authorized([.login], call, info, token: token, operation: "sign-once", keyID: keyID) {
                                 self.onWorker(token, call, caller: info.id, {
                                     try token.signOnce(
                                         caller: info.id, keyID: keyID, mechanism: mechanism, data: data, pin: pin)
@@ -684,26 +650,34 @@ public final class PincacheService: @unchecked Sendable {
 
     // MARK: - Sessions
 
-    func openSession(_ call: MethodCall, _ info: CallerInfo, _ token: TokenContext, readWrite: Bool = false) {
+    /// Token1.OpenSession: a session that is also a Session1 object, callable by its owner only.
+    func openSession(_ call: MethodCall, _ info: CallerInfo, _ token: TokenContext) {
+        switch openSessionRecord(info, token, readWrite: false) {
+        case .failure(let e): call.reply(error: e.dbusError)
+        case .success(let record):
+            let owner = info.id.rawValue
+            connection.export(record.path, interfaces: [sessionInterface(record, info)], accessCheck: { $0 == owner })
+            call.reply([.objectPath(record.path)])
+        }
+    }
+
+    /// A new session of `info` on `token`, within the caller's quota (both front ends).
+    func openSessionRecord(_ info: CallerInfo, _ token: TokenContext, readWrite: Bool) -> Result<SessionRecord, ServiceError> {
         guard token.snapshot.recognized else {
-            return call.reply(error: ServiceError(.tokenNotPresent, "no usable token in this slot (CKR_TOKEN_NOT_PRESENT (0xe0))").dbusError)
+            return .failure(ServiceError(.tokenNotPresent, "no usable token in this slot (CKR_TOKEN_NOT_PRESENT (0xe0))"))
         }
         let id = nextSessionID.wrappingAdd(1, ordering: .relaxed).oldValue
         guard registry.reserveSession(info.id.rawValue, id: id, max: configuration.maxSessionsPerClient) else {
-            return call.reply(
-                error: ServiceError(
+            return .failure(
+                ServiceError(
                     .tooManySessions, "at most \(configuration.maxSessionsPerClient) sessions per client (MaxSessionsPerClient; CKR_SESSION_COUNT (0xb1))"
-                ).dbusError)
+                ))
         }
         let path = PincacheBus.sessionPrefix.appending(String(id))!
         let record = SessionRecord(id: id, path: path, owner: info.id, token: token, readWrite: readWrite)
         sessions.withLock { $0[id] = record }
         token.sessionOpened(caller: info.id)
-        let owner = info.id.rawValue
-        connection.export(
-            path, interfaces: [sessionInterface(record, info), cryptokiSessionInterface(record, info)],
-            accessCheck: { $0 == owner })
-        call.reply([.objectPath(path)])
+        return .success(record)
     }
 
     private func sessionInterface(_ record: SessionRecord, _ info: CallerInfo) -> ExportedInterface {
@@ -732,18 +706,8 @@ public final class PincacheService: @unchecked Sendable {
                     }) { [.bytes($0)] }
                 }
                 let opName = use == .sign ? (pin == nil ? "sign" : "sign-with-pin") : "decrypt"
-                let details = self.details(token, info, opName, keyID: keyID)
-                if pin != nil {
-                    // A PIN submitted for one operation is a login as far as polkit is concerned.
-                    return authorized(.login, call, details, run)
-                }
-                let useKey = "\(token.id) \(caller.rawValue)"
-                let usesCache = token.policy.withLock { $0.state(of: caller).cachedPIN }
-                guard usesCache, !cachedUseAllowed.withLock({ $0.contains(useKey) }) else { return run() }
-                authorized(.useCachedPIN, call, details) { [weak self] in
-                    self?.cachedUseAllowed.withLock { _ = $0.insert(useKey) }
-                    run()
-                }
+                // A PIN submitted for one operation is a login as far as polkit is concerned.
+                authorized(pin == nil ? [.cachedPIN] : [.login], call, info, token: token, operation: opName, keyID: keyID, run)
             }
         }
         return ExportedInterface(
@@ -754,13 +718,12 @@ public final class PincacheService: @unchecked Sendable {
                     switch self.readPIN(call, at: 0) {
                     case .failure(let e): call.reply(error: e)
                     case .success(let pin):
-                        let useKey = "\(token.id) \(caller.rawValue)"
-                        self.authorized(.login, call, self.details(token, info, "login", keyID: nil)) { [weak self] in
+                        self.authorized([.login], call, info, token: token, operation: "login") { [weak self] in
                             guard let self else { return }
                             self.onWorker(token, call, caller: caller, {
                                 try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
                                 // A new login asks polkit again before its cached PIN is first used.
-                                self.forgetCachedUse(useKey)
+                                self.forgetCachedUse(token, caller)
                             }) { _ in [] }
                         }
                     }
@@ -783,17 +746,23 @@ public final class PincacheService: @unchecked Sendable {
     }
 
     private func closeSession(_ call: MethodCall, _ record: SessionRecord) {
-        guard sessions.withLock({ $0.removeValue(forKey: record.id) }) != nil else {
+        guard closeSessionRecord(record, then: { call.reply([]) }) else {
             return call.reply(error: .unknownObject("session already closed"))
         }
+    }
+
+    /// Closes a session (both front ends); false if it was closed already.
+    func closeSessionRecord(_ record: SessionRecord, then done: @escaping @Sendable () -> Void) -> Bool {
+        guard sessions.withLock({ $0.removeValue(forKey: record.id) }) != nil else { return false }
         connection.unexport(record.path)
         registry.releaseSession(record.owner.rawValue, id: record.id)
         // Through the worker, so operations queued before Close still see the session's login.
         record.token.worker.submit {
             record.token.sessionClosed(caller: record.owner)
             record.token.closeRawSession(record.id)
-            call.reply([])
+            done()
         }
+        return true
     }
 }
 

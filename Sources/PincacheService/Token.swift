@@ -94,6 +94,8 @@ final class TokenContext: @unchecked Sendable {
     var loginEpoch: UInt64 = 0
     var contextPINs: [UInt64: SecretPIN] = [:]
     var objectTable = ObjectTable()
+    /// Handle → CKA_ID, readable off the worker (TokenCryptoki.knownKeyID).
+    let handleKeyIDs = Mutex<[UInt64: [UInt8]]>([:])
     /// The caller holding an SO login (held like a non-caching login, never cached).
     let soHolder = Mutex<CallerID?>(nil)
 
@@ -148,7 +150,7 @@ final class TokenContext: @unchecked Sendable {
             }
             keys = nil
             mechanisms = nil
-            objectTable = ObjectTable()
+            resetObjects()
             soHolder.withLock { $0 = nil }
         }
         if previous != next { onChange(self, previous, next) }
@@ -166,7 +168,7 @@ final class TokenContext: @unchecked Sendable {
                 "no token in \(snap.slotDescription.isEmpty ? id : snap.slotDescription) (CKR_TOKEN_NOT_PRESENT (0xe0))")
         }
         guard info.tokenInitialized else {
-            throw ServiceError(.tokenNotPresent, "the token in this slot is not initialised (CKR_TOKEN_NOT_RECOGNIZED (0xe1))")
+            throw ServiceError(.tokenNotPresent, "the token in this slot is not initialised (CKR_TOKEN_NOT_RECOGNIZED (0xe1))", rv: 0xe1)
         }
         return info
     }

@@ -81,6 +81,7 @@ extension TokenContext {
             owner: isTokenObject ? nil : caller, creatingSession: isTokenObject ? nil : session,
             checkedEpoch: loginEpoch)
         objectTable.byIdentity[bytes] = handle
+        if let id = a[.id] { handleKeyIDs.withLock { $0[handle] = id } }
         return handle
     }
 
@@ -130,6 +131,26 @@ extension TokenContext {
 
     func forgetObject(_ handle: UInt64) {
         if let loc = objectTable.locators.removeValue(forKey: handle) { objectTable.byIdentity[loc.identity] = nil }
+        handleKeyIDs.withLock { $0[handle] = nil }
+    }
+
+    /// Forgets every handle (the token was swapped or initialised).
+    func resetObjects() {
+        objectTable = ObjectTable()
+        handleKeyIDs.withLock { $0 = [:] }
+    }
+
+    /// The CKA_ID behind a daemon handle as last seen, from any thread (polkit details).
+    func knownKeyID(_ handle: UInt64) -> [UInt8]? { handleKeyIDs.withLock { $0[handle] } }
+
+    /// C_SetAttributeValue; the object keeps its handle, registered afresh since its identity
+    /// (label, id) may have changed.
+    func setAttributes(_ s: SessionHandle, _ handle: UInt64, _ template: [Attribute], caller: CallerID) throws {
+        let backend = try resolve(handle, s, caller: caller, function: "C_SetAttributeValue")
+        let created = objectTable.locators[handle]?.creatingSession
+        try module.setAttributes(s, backend, template)
+        forgetObject(handle)
+        _ = try register(s, backend, caller: caller, createdIn: created)
     }
 
     // MARK: - Sessions of the proxy (worker)
@@ -378,7 +399,7 @@ extension TokenContext {
         dropSession()
         try soPIN.withBytes { try module.initToken(slot, soPIN: $0, label: label) }
         keys = nil
-        objectTable = ObjectTable()
+        resetObjects()
         refresh()
     }
 

@@ -5,7 +5,7 @@ import PinPolicy
 import PincacheService
 
 let usage = """
-    usage: pincached [--bus system|session|ADDRESS] [--config FILE] [--channel ADDRESS|none] [--verbose]
+    usage: pincached [--bus system|session|ADDRESS] [--config FILE] [--verbose]
            pincached --print-introspection DIR
            pincached --print-wire-table
 
@@ -13,16 +13,12 @@ let usage = """
       --bus       the bus to serve (default: system). On any bus but the system bus
                   polkit authorisation is off.
       --config    configuration file (default: /etc/pincache/pincache.cfg)
-      --channel   where proxy clients open their peer channel, a D-Bus server address
-                  (default: unix:path=/run/pincache/channel on the system bus, a fresh
-                  socket in $XDG_RUNTIME_DIR or /tmp otherwise); none: bus only
       --verbose   debug logging (never includes a PIN)
     """
 
 var busArgument = "system"
 var configPath = "/etc/pincache/pincache.cfg"
 var introspectionDir: String?
-var channelArgument: String?
 var arguments = CommandLine.arguments.dropFirst()
 while let arg = arguments.popFirst() {
     switch arg {
@@ -33,7 +29,6 @@ while let arg = arguments.popFirst() {
         // dbus/cryptoki-wire.json: the proxy's call table for clients in other languages.
         print(Calls.json(), terminator: "")
         exit(0)
-    case "--channel": channelArgument = arguments.popFirst() ?? ""
 
     case "--verbose": Log.verbose = true
     case "--help", "-h":
@@ -115,32 +110,11 @@ if bus != .system {
 
 let service = PincacheService(connection: connection, configuration: configuration, onSystemBus: bus == .system)
 let modules = configuration.modules.isEmpty ? p11KitRegisteredModules() : configuration.modules
-// Listening before the name is taken: the first client can open its channel at once.
-switch channelArgument ?? defaultChannelAddress(systemBus: bus == .system) {
-case "none", "": Log.info("peer channels off: clients use the bus")
-case let address:
-    if let path = PincacheService.socketPath(in: address) {
-        // A socket left by a daemon that died; anything else at that path is not ours to remove.
-        var st = stat()
-        if lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFSOCK { unlink(path) }
-    }
-    service.startChannels(listen: address)
-}
 do {
     try service.start(modules: modules)
 } catch {
     Log.error("cannot start: \(error)")
     exit(1)
-}
-
-/// /run/pincache is the unit's RuntimeDirectory; without it (no systemd) channels are off.
-func defaultChannelAddress(systemBus: Bool) -> String {
-    if systemBus {
-        var st = stat()
-        return stat("/run/pincache", &st) == 0 ? "unix:path=/run/pincache/channel" : "none"
-    }
-    let dir = ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
-    return "unix:dir=\(dir)"
 }
 
 let blockedSignals = signals

@@ -1,0 +1,318 @@
+import CryptokiWire
+import DBusKit
+import Glibc
+import PKCS11Kit
+import PinPolicy
+
+/// The proxy's front end: each call of the wire table (CryptokiWire/Calls.swift) decoded into
+/// the token's typed operations, through the same steps as Session1's methods: the caps were
+/// checked by the table's decoder → authorise (Authorisation.swift) → the token's worker, where
+/// the bracket, force-login and the after-rules live (Token.swift) → reply.
+extension PincacheService {
+    // MARK: - Manager1.OpenCryptoki
+
+    func openCryptoki(_ call: MethodCall, _ info: CallerInfo) {
+        let name = call.sender
+        let opened = cryptokiSockets.open(
+            for: name,
+            serve: { [weak self] request in
+                guard let self else { return request.fail(rv: 0x32, "the daemon is shutting down (CKR_DEVICE_REMOVED)") }
+                self.serveCryptoki(request)
+            },
+            closed: { [weak self] name in self?.cryptokiClosed(name) })
+        switch opened {
+        case .success(let fd):
+            // libdbus sends a duplicate; the caller's is the only copy that stays.
+            call.reply([.unixFD(fd)])
+            Glibc.close(fd)
+        case .failure(.alreadyOpen):
+            call.reply(error: ServiceError.limits("this connection has its cryptoki socket already (one per bus connection)").dbusError)
+        case .failure(.tooMany):
+            call.reply(error: ServiceError.limits("too many cryptoki sockets open").dbusError)
+        case .failure(.system(let code)):
+            call.reply(error: .failed("cannot make a socket: \(String(cString: strerror(code)))"))
+        }
+    }
+
+    /// The socket ended (the client closed it, or broke the protocol): so does its environment.
+    private func cryptokiClosed(_ name: String) {
+        endEnvironment(name)
+    }
+
+    // MARK: - Dispatch
+
+    private static let sessionInvalid = ServiceError(
+        .backendError, "no such session for this caller (CKR_SESSION_HANDLE_INVALID (0xb3))", rv: 0xb3)
+
+    func serveCryptoki(_ r: CryptokiRequest) {
+        guard let info = registry.lookup(r.caller) else {
+            return r.fail(rv: 0x32, "this caller's environment has ended (CKR_DEVICE_REMOVED)")
+        }
+        let requester = Requester(info: info, interactive: false)
+        switch r.call.id {
+        case Calls.getSlots.id:
+            r.reply([.array(tokens.filter { $0.published.load(ordering: .acquiring) }.map(Self.slotInfo))])
+        case Calls.getMechanisms.id:
+            guard let token = token(named: r.string("slot")) else { return r.fail(Self.slotInvalid) }
+            onWorker(token, caller: info.id, inline: true, { try token.mechanismTable() }) { result in
+                r.reply(result) { list in [.array(list.map(Self.mechanismInfo))] }
+            }
+        case Calls.openSession.id:
+            guard let token = token(named: r.string("slot")) else { return r.fail(Self.slotInvalid) }
+            let flags = r.ulong("flags")
+            guard flags & 0x4 != 0 else {  // CKF_SERIAL_SESSION
+                return r.fail(rv: 0xb4, "C_OpenSession: CKR_SESSION_PARALLEL_NOT_SUPPORTED")
+            }
+            r.reply(openSessionRecord(info, token, readWrite: flags & 0x2 != 0)) { [.ulong($0.id)] }
+        case Calls.initToken.id:
+            guard let token = token(named: r.string("slot")) else { return r.fail(Self.slotInvalid) }
+            let label = r.string("label")
+            guard case .success(let pin) = readSecret(r, "so_pin") else { return }
+            authorise([.manage], requester, token: token, operation: "init-token", denied: r.fail) { [weak self] in
+                self?.onWorker(token, caller: info.id, inline: false, { try token.initToken(soPIN: pin, label: label) }) {
+                    r.reply($0) { _ in [] }
+                }
+            }
+        default:
+            guard let record = sessions.withLock({ $0[r.ulong("session")] }), record.owner == info.id else {
+                return r.fail(Self.sessionInvalid)
+            }
+            serveSession(r, record, requester)
+        }
+    }
+
+    private static let slotInvalid = ServiceError(.backendError, "no such slot (CKR_SLOT_ID_INVALID (0x3))", rv: 0x3)
+
+    private func token(named id: String) -> TokenContext? {
+        tokens.first { $0.id == id && $0.published.load(ordering: .acquiring) }
+    }
+
+    /// PIN arguments: held in locked memory, or the request is answered with why not.
+    private func readSecret(_ r: CryptokiRequest, _ name: String) -> Result<SecretPIN, ServiceError> {
+        switch r.secret(name) {
+        case .success(let pin):
+            pinMemoryAvailable()
+            return .success(pin)
+        case .failure(let error):
+            let e = pinMemoryError(error)
+            r.fail(e)
+            return .failure(e)
+        }
+    }
+
+    private func serveSession(_ r: CryptokiRequest, _ record: SessionRecord, _ requester: Requester) {
+        let token = record.token
+        let caller = record.owner
+        let id = record.id
+        let rw = record.readWrite
+        let registry = self.registry
+        let info = requester.info
+        @Sendable func settings() -> Settings { registry.lookup(caller.rawValue)?.settings ?? info.settings }
+        /// Authorises, then runs `job` on the token's worker and encodes its result.
+        @Sendable func run<T: Sendable>(
+            _ needs: [Access], _ operation: String, keyID: [UInt8]? = nil, _ job: @escaping @Sendable () throws -> T,
+            _ encode: @escaping @Sendable (T) -> [WireValue]
+        ) {
+            authorise(needs, requester, token: token, operation: operation, keyID: keyID, denied: r.fail) { [weak self] in
+                self?.onWorker(token, caller: caller, inline: true, job) { r.reply($0, encode) }
+            }
+        }
+        func mechanism() -> Mechanism? {
+            let fields = r.argument("mechanism")?.recordFields ?? []
+            let decoded = MechanismParameters.decode(
+                type: fields.first?.ulongValue ?? 0, parameter: fields.last?.bytesValue ?? [])
+            switch decoded {
+            case .success(let m): return m
+            case .failure(let e):
+                r.fail(e)
+                return nil
+            }
+        }
+        let template = { (name: String) in Self.attributes(r.argument(name)) }
+        let handle = r.ulong("handle")
+        // Calls that run in the caller's login when it has one use its cached PIN.
+        let objects: [Access] = [.cachedPIN]
+        let changes: [Access] = [.modifyToken, .cachedPIN]
+
+        switch r.call.id {
+        case Calls.closeSession.id:
+            closeSessionRecord(record) { r.reply([]) }
+        case Calls.getSessionInfo.id:
+            let s = token.sessionState(caller: caller, rw: rw)
+            r.reply([.ulong(UInt64(s.state)), .ulong(UInt64(s.flags)), .ulong(0)])
+        case Calls.login.id:
+            guard case .success(let pin) = readSecret(r, "pin") else { return }
+            switch UserType(rawValue: UInt(r.ulong("user_type"))) {
+            case .user:
+                run([.login], "login", {
+                    try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
+                    self.forgetCachedUse(token, caller)
+                }) { _ in [] }
+            case .so:
+                run([.manage], "so-login", {
+                    try token.loginSO(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
+                }) { _ in [] }
+            case .contextSpecific:
+                run([.login], "context-login", { try token.loginContext(caller: caller, session: id, pin: pin) }) { _ in [] }
+            default:
+                r.fail(rv: 0x103, "C_Login: CKR_USER_TYPE_INVALID")
+            }
+        case Calls.logout.id:
+            run([], "logout", { try token.logoutAll(caller: caller) }) { _ in [] }
+        case Calls.findObjects.id:
+            let attrs = template("template")
+            let max = Int(min(r.ulong("max"), UInt64(Caps.handles)))
+            run(objects, "find-objects", {
+                try token.findObjects(caller: caller, settings: settings(), session: id, rw: rw, template: attrs, max: max)
+            }) { handles in [.array(handles.map { .ulong($0) })] }
+        case Calls.getAttributes.id:
+            let types = (r.argument("types")?.arrayValues ?? []).map { AttributeType(rawValue: UInt($0.ulongValue ?? 0)) }
+            run(objects, "get-attributes", keyID: token.knownKeyID(handle), {
+                try token.getAttributes(caller: caller, settings: settings(), session: id, rw: rw, handle: handle, types: types)
+            }) { results in [.array(results.map(Self.attributeResult))] }
+        case Calls.setAttributes.id:
+            let attrs = template("template")
+            run(changes, "set-attributes", keyID: token.knownKeyID(handle), {
+                try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                    try token.setAttributes(s, handle, attrs, caller: caller)
+                }
+            }) { _ in [] }
+        case Calls.createObject.id:
+            let attrs = template("template")
+            run(changes, "create-object", {
+                try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                    try token.registerCreated(s, try token.module.createObject(s, attrs), caller: caller, session: id)
+                }
+            }) { [.ulong($0)] }
+        case Calls.copyObject.id:
+            let attrs = template("template")
+            run(changes, "copy-object", {
+                try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                    let backend = try token.resolve(handle, s, caller: caller, function: "C_CopyObject")
+                    return try token.registerCreated(s, try token.module.copyObject(s, backend, attrs), caller: caller, session: id)
+                }
+            }) { [.ulong($0)] }
+        case Calls.destroyObject.id:
+            run(changes, "destroy-object", keyID: token.knownKeyID(handle), {
+                try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                    let backend = try token.resolve(handle, s, caller: caller, function: "C_DestroyObject")
+                    try token.module.destroyObject(s, backend)
+                    token.forgetObject(handle)
+                }
+            }) { _ in [] }
+        case Calls.generateKey.id:
+            guard let m = mechanism() else { return }
+            let attrs = template("template")
+            run(changes, "generate-key", {
+                try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                    try token.registerCreated(s, try token.module.generateKey(s, mechanism: m, template: attrs), caller: caller, session: id)
+                }
+            }) { [.ulong($0)] }
+        case Calls.generateKeyPair.id:
+            guard let m = mechanism() else { return }
+            let pub = template("public_template")
+            let priv = template("private_template")
+            run(changes, "generate-key-pair", {
+                try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
+                    let pair = try token.module.generateKeyPair(s, mechanism: m, publicTemplate: pub, privateTemplate: priv)
+                    return (
+                        try token.registerCreated(s, pair.public, caller: caller, session: id),
+                        try token.registerCreated(s, pair.private, caller: caller, session: id)
+                    )
+                }
+            }) { pair in [.ulong(pair.0), .ulong(pair.1)] }
+        case Calls.sign.id, Calls.decrypt.id, Calls.verify.id, Calls.encrypt.id:
+            guard let m = mechanism() else { return }
+            let op: TokenContext.RawOperation
+            let name: String
+            switch r.call.id {
+            case Calls.sign.id: (op, name) = (.sign, "sign")
+            case Calls.decrypt.id: (op, name) = (.decrypt, "decrypt")
+            case Calls.encrypt.id: (op, name) = (.encrypt, "encrypt")
+            default: (op, name) = (.verify(signature: r.bytes("signature")), "verify")
+            }
+            let key = r.ulong("key")
+            let data = r.bytes("data")
+            run(objects, name, keyID: token.knownKeyID(key), {
+                try token.rawOperation(
+                    caller: caller, settings: settings(), session: id, rw: rw, op: op, mechanism: m, key: key, data: data)
+            }) { bytes in r.call.response.isEmpty ? [] : [.bytes(bytes)] }
+        case Calls.digest.id:
+            guard let m = mechanism() else { return }
+            let data = r.bytes("data")
+            run([], "digest", {
+                try token.publicOperation(caller: caller, session: id, rw: rw) { s in try token.module.digest(s, mechanism: m, data: data) }
+            }) { [.bytes($0)] }
+        case Calls.generateRandom.id:
+            let n = r.ulong("length")
+            guard n <= UInt64(Caps.random) else {
+                return r.fail(.arguments("at most \(Caps.random) random bytes per call"))
+            }
+            run([], "random", {
+                try token.publicOperation(caller: caller, session: id, rw: rw) { s in try token.module.generateRandom(s, count: Int(n)) }
+            }) { [.bytes($0)] }
+        case Calls.seedRandom.id:
+            let seed = r.bytes("seed")
+            run([], "random", {
+                try token.publicOperation(caller: caller, session: id, rw: rw) { s in try token.module.seedRandom(s, seed) }
+            }) { _ in [] }
+        case Calls.initPIN.id:
+            guard case .success(let pin) = readSecret(r, "pin") else { return }
+            run([.manage], "init-pin", { try token.initPIN(caller: caller, pin: pin) }) { _ in [] }
+        case Calls.setPIN.id:
+            guard case .success(let old) = readSecret(r, "old_pin"), case .success(let new) = readSecret(r, "new_pin") else {
+                return
+            }
+            run([.modifyToken], "set-pin", {
+                try token.setPIN(caller: caller, settings: settings(), session: id, rw: rw, old: old, new: new)
+            }) { _ in [] }
+        default:
+            r.fail(rv: 0x54, "\(r.call.name): CKR_FUNCTION_NOT_SUPPORTED")
+        }
+    }
+
+    // MARK: - Values
+
+    static func attributes(_ v: WireValue?) -> [Attribute] {
+        (v?.arrayValues ?? []).compactMap { entry in
+            guard let f = entry.recordFields, let t = f.first?.ulongValue, let value = f.last?.bytesValue else { return nil }
+            return Attribute(AttributeType(rawValue: UInt(t)), value)
+        }
+    }
+
+    static func attributeResult(_ r: AttributeResult) -> WireValue {
+        .record([.ulong(UInt64(r.type.rawValue)), .ulong(UInt64(r.status.rawValue)), .bytes(r.value)])
+    }
+
+    static func mechanismInfo(_ m: (MechanismType, MechanismInfo)) -> WireValue {
+        .record([m.0.rawValue, m.1.minKeySize, m.1.maxKeySize, m.1.flags].map { .ulong(UInt64($0)) })
+    }
+
+    static func slotInfo(_ token: TokenContext) -> WireValue {
+        let s = token.snapshot
+        func version(_ v: Version) -> WireValue { .record([.ulong(UInt64(v.major)), .ulong(UInt64(v.minor))]) }
+        func text(_ t: String) -> WireValue {
+            var t = String(t.unicodeScalars.filter { $0 != "\0" })
+            while t.utf8.count > Caps.text { t.removeLast() }
+            return .string(t)
+        }
+        let present = s.present && s.info != nil
+        let i = present ? s.info : nil
+        let numbers: [UInt] = [
+            i?.flags ?? 0, i?.maxSessionCount ?? 0, i?.maxRwSessionCount ?? 0, i?.maxPinLength ?? 0,
+            i?.minPinLength ?? 0, i?.totalPublicMemory ?? 0, i?.freePublicMemory ?? 0, i?.totalPrivateMemory ?? 0,
+            i?.freePrivateMemory ?? 0,
+        ]
+        var utc = i?.utcTime ?? ""
+        while utc.utf8.count > 16 { utc.removeLast() }
+        return .record(
+            [
+                .string(token.id), text(s.slotDescription), text(s.slotManufacturer), .ulong(UInt64(s.slotFlags)),
+                version(s.slotHardwareVersion), version(s.slotFirmwareVersion), .ulong(present ? 1 : 0),
+                text(i?.label ?? ""), text(i?.manufacturer ?? ""), text(i?.model ?? ""), text(i?.serialNumber ?? ""),
+            ] + numbers.map { .ulong(UInt64($0)) } + [
+                version(i?.hardwareVersion ?? Version(major: 0, minor: 0)),
+                version(i?.firmwareVersion ?? Version(major: 0, minor: 0)), text(utc),
+            ])
+    }
+}

@@ -1,0 +1,351 @@
+import CryptokiWire
+import Foundation
+import Glibc
+import PinPolicy
+import Synchronization
+
+/// The proxy's sockets (dbus/README.md, "The Cryptoki wire"). `Manager1.OpenCryptoki` makes a
+/// socket pair and hands one end to its caller over the bus; the daemon serves the other end
+/// here, bound to that caller's bus name and cache environment. Nothing listens in the
+/// filesystem: the bus is the only way in, and the bus tells who the caller is. Closing the
+/// socket ends the environment; the caller leaving the bus closes the socket.
+final class CryptokiSockets: Sendable {
+    /// Sockets open at once, all callers together.
+    static let maxOpen = 512
+
+    private struct State {
+        var open: [String: CryptokiConnection] = [:]
+        var calls: UInt64 = 0
+    }
+    private let state = Mutex(State())
+
+    var count: Int { state.withLock { $0.open.count } }
+    var callsServed: UInt64 { state.withLock { $0.calls } }
+    func counted() { state.withLock { $0.calls &+= 1 } }
+
+    enum OpenError: Error {
+        case alreadyOpen, tooMany, system(Int32)
+    }
+
+    /// A new socket for `name`; returns the caller's end, which the caller of this function
+    /// closes once it has been sent. `serve` gets every request; `closed` runs once when the
+    /// socket ends (on its own thread).
+    func open(
+        for name: String, serve: @escaping @Sendable (CryptokiRequest) -> Void,
+        closed: @escaping @Sendable (String) -> Void
+    ) -> Result<Int32, OpenError> {
+        var fds: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+            return .failure(.system(errno))
+        }
+        let connection: CryptokiConnection
+        do {
+            connection = try CryptokiConnection(fd: fds[0], name: name, owner: self, serve: serve, closed: closed)
+        } catch {
+            Glibc.close(fds[0])
+            Glibc.close(fds[1])
+            return .failure(.system(errno))
+        }
+        let admitted = state.withLock { s -> OpenError? in
+            if s.open[name] != nil { return .alreadyOpen }
+            if s.open.count >= Self.maxOpen { return .tooMany }
+            s.open[name] = connection
+            return nil
+        }
+        if let refused = admitted {
+            connection.discard()
+            Glibc.close(fds[1])
+            return .failure(refused)
+        }
+        connection.start()
+        return .success(fds[1])
+    }
+
+    /// Ends `name`'s socket (its caller left the bus).
+    func close(boundTo name: String) {
+        state.withLock { $0.open[name] }?.shutDown()
+    }
+
+    func closeAll() {
+        state.withLock { Array($0.open.values) }.forEach { $0.shutDown() }
+    }
+
+    fileprivate func finished(_ connection: CryptokiConnection) {
+        state.withLock { s in
+            if s.open[connection.name] === connection { s.open[connection.name] = nil }
+        }
+    }
+}
+
+/// One request as decoded from the socket: the call, its arguments in the table's order,
+/// and the PINs it carried, already in locked memory. Answered exactly once.
+final class CryptokiRequest: @unchecked Sendable {
+    // @unchecked: `answered` is atomic; the rest is immutable.
+    let call: Call
+    let tag: UInt32
+    let arguments: [WireValue]
+    let secrets: [Result<SecretPIN, Error>]
+    let connection: CryptokiConnection
+    private let answered = Atomic<Bool>(false)
+
+    init(call: Call, tag: UInt32, arguments: [WireValue], secrets: [Result<SecretPIN, Error>], connection: CryptokiConnection) {
+        self.call = call
+        self.tag = tag
+        self.arguments = arguments
+        self.secrets = secrets
+        self.connection = connection
+    }
+
+    deinit {
+        // Dropped unanswered (its caller left before the worker reached it): the slot in the
+        // connection's in-flight count is still freed.
+        if !answered.load(ordering: .relaxed) { connection.requestFinished(nil) }
+    }
+
+    var caller: String { connection.name }
+
+    /// The argument named `name` in the table (decoding guaranteed its type).
+    func argument(_ name: String) -> WireValue? {
+        call.request.firstIndex { $0.name == name }.map { arguments[$0] }
+    }
+    func ulong(_ name: String) -> UInt64 { argument(name)?.ulongValue ?? 0 }
+    func bytes(_ name: String) -> [UInt8] { argument(name)?.bytesValue ?? [] }
+    func string(_ name: String) -> String { argument(name)?.stringValue ?? "" }
+
+    /// The PIN argument `name`, or why the daemon could not hold it.
+    func secret(_ name: String) -> Result<SecretPIN, Error> {
+        guard case .secret(let index) = argument(name), secrets.indices.contains(index) else {
+            return .failure(SecretError.tooLong(maximum: Caps.pin))
+        }
+        return secrets[index]
+    }
+
+    func reply(_ values: [WireValue]) {
+        guard !answered.exchange(true, ordering: .relaxed) else { return }
+        let frame: [UInt8]
+        do {
+            frame = try Frames.encode(tag: tag, call: call.id, kind: .reply, values, as: call.response)
+        } catch {
+            // The daemon's own answer broke a cap: a bug, said as one, never sent half-made.
+            Log.error("\(call.name): reply refused by the wire table: \(error)")
+            frame = Frames.error(tag: tag, call: call.id, rv: 0x5, message: "CKR_GENERAL_ERROR: reply over a cap")
+        }
+        connection.requestFinished(frame)
+    }
+
+    func fail(rv: UInt, _ message: String) {
+        guard !answered.exchange(true, ordering: .relaxed) else { return }
+        connection.requestFinished(Frames.error(tag: tag, call: call.id, rv: UInt64(rv), message: message))
+    }
+
+    func fail(_ error: ServiceError) { fail(rv: error.rv, error.message) }
+
+    func reply<T>(_ result: Result<T, ServiceError>, _ encode: (T) -> [WireValue]) {
+        switch result {
+        case .success(let value): reply(encode(value))
+        case .failure(let error): fail(error)
+        }
+    }
+}
+
+/// One socket's thread: reads frames, hands requests to `serve`, and writes replies that any
+/// thread queued. Replies are queued, never written by the worker that made them, so a client
+/// that stops reading can hold up only its own socket. While 64 requests are in flight or
+/// 32 MiB of replies wait, the socket is not read: a client cannot make the daemon buffer
+/// without bound.
+final class CryptokiConnection: @unchecked Sendable {
+    // @unchecked: `outbox` is behind its Mutex; `buffer` and `greeted` belong to the thread.
+    static let maxInFlight = 64
+    static let maxQueuedBytes = 32 << 20
+
+    let fd: Int32
+    let name: String
+    /// A pipe: other threads write a byte to wake the socket's poll.
+    private let wakeRead: Int32
+    private let wakeWrite: Int32
+    private weak let owner: CryptokiSockets?
+    private let serve: @Sendable (CryptokiRequest) -> Void
+    private let closed: @Sendable (String) -> Void
+    private let buffer = FrameBuffer()
+    private var greeted = false
+
+    private struct Outbox {
+        var frames: [[UInt8]] = []
+        var sent = 0
+        var bytes = 0
+        var inFlight = 0
+    }
+    private let outbox = Mutex(Outbox())
+
+    init(
+        fd: Int32, name: String, owner: CryptokiSockets, serve: @escaping @Sendable (CryptokiRequest) -> Void,
+        closed: @escaping @Sendable (String) -> Void
+    ) throws {
+        var pipeFDs: [Int32] = [-1, -1]
+        guard pipe(&pipeFDs) == 0 else { throw SecretError.cannotLockMemory(errno: errno) }
+        for p in pipeFDs {
+            _ = fcntl(p, F_SETFL, fcntl(p, F_GETFL) | O_NONBLOCK)
+            _ = fcntl(p, F_SETFD, FD_CLOEXEC)
+        }
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        self.fd = fd
+        self.wakeRead = pipeFDs[0]
+        self.wakeWrite = pipeFDs[1]
+        self.name = name
+        self.owner = owner
+        self.serve = serve
+        self.closed = closed
+    }
+
+    /// Never started (refused): only the descriptors go.
+    func discard() {
+        Glibc.close(fd)
+        Glibc.close(wakeRead)
+        Glibc.close(wakeWrite)
+    }
+
+    func start() {
+        let thread = Thread { self.run() }
+        thread.name = "pincache-cryptoki"
+        thread.start()
+    }
+
+    /// The thread's next poll sees the socket closed and ends; it closes the descriptors
+    /// (closing them here could close a number another thread has just been given).
+    func shutDown() {
+        Glibc.shutdown(fd, Int32(SHUT_RDWR))
+        signal()
+    }
+
+    private func signal() {
+        var one: UInt8 = 1
+        // A full pipe already holds a wake-up: the write may fail without loss.
+        _ = Glibc.write(wakeWrite, &one, 1)
+    }
+
+    /// A request is done; `frame` is its answer (nil: nobody to answer).
+    fileprivate func requestFinished(_ frame: [UInt8]?) {
+        outbox.withLock { o in
+            o.inFlight -= 1
+            if let frame {
+                o.frames.append(frame)
+                o.bytes += frame.count
+            }
+        }
+        signal()
+    }
+
+    private func send(_ frame: [UInt8]) {
+        outbox.withLock { o in
+            o.frames.append(frame)
+            o.bytes += frame.count
+        }
+    }
+
+    private func run() {
+        defer {
+            Glibc.close(fd)
+            Glibc.close(wakeRead)
+            Glibc.close(wakeWrite)
+            owner?.finished(self)
+            closed(name)
+        }
+        while true {
+            let (wantRead, wantWrite) = outbox.withLock { o in
+                (o.inFlight < Self.maxInFlight && o.bytes < Self.maxQueuedBytes, !o.frames.isEmpty)
+            }
+            var fds = [
+                pollfd(fd: fd, events: Int16((wantRead ? POLLIN : 0) | (wantWrite ? POLLOUT : 0)), revents: 0),
+                pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0),
+            ]
+            let n = poll(&fds, 2, -1)
+            if n < 0 {
+                if errno == EINTR { continue }
+                return
+            }
+            if fds[1].revents != 0 {
+                var drain = [UInt8](repeating: 0, count: 64)
+                _ = Glibc.read(wakeRead, &drain, drain.count)
+            }
+            if fds[0].revents & Int16(POLLERR | POLLNVAL) != 0 { return }
+            // Replies queued while polling are written now, not one wake-up later.
+            guard flush() else { return }
+            if fds[0].revents & Int16(POLLIN | POLLHUP) != 0 {
+                let got = buffer.read(from: fd)
+                if got == 0 { return }
+                if got < 0 && errno != EAGAIN && errno != EINTR { return }
+                guard handleFrames() else { return }
+            }
+        }
+    }
+
+    /// Writes what it can of the queued replies; false when the peer is gone.
+    private func flush() -> Bool {
+        while true {
+            let next = outbox.withLock { o -> ([UInt8], Int)? in o.frames.first.map { ($0, o.sent) } }
+            guard let (frame, offset) = next else { return true }
+            let n = frame.withUnsafeBytes { raw in
+                Glibc.send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
+            }
+            if n < 0 {
+                return errno == EAGAIN || errno == EINTR
+            }
+            outbox.withLock { o in
+                o.sent += n
+                if o.sent == frame.count {
+                    o.frames.removeFirst()
+                    o.bytes -= frame.count
+                    o.sent = 0
+                }
+            }
+            if offset + n < frame.count { return true }
+        }
+    }
+
+    /// Decodes and dispatches every complete frame; false ends the socket (a frame this
+    /// protocol cannot contain: the peer is broken or hostile, and gets no second guess).
+    private func handleFrames() -> Bool {
+        while true {
+            let frame: (FrameHeader, UnsafeRawBufferPointer)?
+            do {
+                frame = try buffer.next()
+            } catch {
+                Log.notice("cryptoki socket of \(name): \(error); closed")
+                return false
+            }
+            guard let (header, body) = frame else { return true }
+            defer { buffer.consume(header) }
+            guard header.kind == .request, let call = Calls.byID(header.call) else {
+                Log.notice("cryptoki socket of \(name): not a request of a known call (\(header.call)); closed")
+                return false
+            }
+            var secrets: [Result<SecretPIN, Error>] = []
+            let arguments: [WireValue]
+            do {
+                var decoder = WireDecoder(body) { raw in
+                    secrets.append(Result { try SecretPIN(copying: raw) })
+                    return secrets.count - 1
+                }
+                arguments = try decoder.decodeAll(call.request)
+            } catch {
+                Log.notice("cryptoki socket of \(name): \(call.name): \(error); closed")
+                return false
+            }
+            if !greeted {
+                guard call == Calls.hello, arguments.first?.ulongValue == Calls.magic else {
+                    Log.notice("cryptoki socket of \(name): no Hello first; closed")
+                    return false
+                }
+                greeted = true
+            }
+            owner?.counted()
+            outbox.withLock { $0.inFlight += 1 }
+            let request = CryptokiRequest(call: call, tag: header.tag, arguments: arguments, secrets: secrets, connection: self)
+            if call == Calls.hello {
+                request.reply([.ulong(Calls.version), .string("pincached \(PincacheBus.version)")])
+            } else {
+                serve(request)
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+import PKCS11Kit
+
+/// The one check of mechanism parameters from clients (both front ends come through here):
+/// only parameters that are pointer-free C structs of an exact size pass as raw bytes, and
+/// OAEP's source data, which the proxy flattens. Any other parameter could carry a pointer
+/// the module would follow into the daemon's memory, so it is refused.
+enum MechanismParameters {
+    static let rawSizes: [UInt: Int] = [
+        0x0D: 24, 0x0E: 24, 0x43: 24, 0x44: 24, 0x45: 24, 0x47: 24,  // *RSA_PKCS_PSS: CK_RSA_PKCS_PSS_PARAMS
+        0x1082: 16, 0x1085: 16,  // AES_CBC(_PAD): the IV
+        0x1086: 24,  // AES_CTR: CK_AES_CTR_PARAMS
+        0x133: 8, 0x136: 8,  // DES3_CBC(_PAD): the IV
+        0x1084: 8, 0x1105: 8, 0x252: 8, 0x262: 8, 0x272: 8, 0x227: 8, 0x256: 8,  // *_MAC_GENERAL: CK_MAC_GENERAL_PARAMS
+    ]
+
+    static func invalid(_ what: String) -> ServiceError {
+        ServiceError(.mechanismInvalid, "\(what) (CKR_MECHANISM_PARAM_INVALID (0x71))", rv: 0x71)
+    }
+
+    /// The mechanism a client named, with its parameter checked (OAEP: hashAlg, mgf, source
+    /// as three little-endian CK_ULONGs, then the source data).
+    static func decode(type raw: UInt64, parameter p: [UInt8]) -> Result<Mechanism, ServiceError> {
+        let type = MechanismType(rawValue: UInt(raw))
+        if p.isEmpty { return .success(Mechanism(type)) }
+        if type == .rsaPKCSOAEP {
+            guard p.count >= 24 else { return .failure(invalid("CK_RSA_PKCS_OAEP_PARAMS: need 24 bytes")) }
+            func ulong(_ at: Int) -> UInt { p[at..<at + 8].reversed().reduce(0) { $0 << 8 | UInt($1) } }
+            guard ulong(16) == 1 else { return .failure(invalid("OAEP source must be CKZ_DATA_SPECIFIED")) }
+            return .success(
+                Mechanism(
+                    type,
+                    parameter: .oaep(
+                        hash: MechanismType(rawValue: ulong(0)), mgf: MGF(rawValue: ulong(8)), sourceData: Array(p[24...]))))
+        }
+        guard let size = rawSizes[type.rawValue] else {
+            return .failure(invalid("\(type.name): parameters of this mechanism are not supported"))
+        }
+        guard p.count == size else {
+            return .failure(invalid("\(type.name): parameter must be \(size) bytes, got \(p.count)"))
+        }
+        return .success(Mechanism(type, parameter: .raw(p)))
+    }
+}
