@@ -1,4 +1,5 @@
 import CPKCS11
+import CryptokiWire
 
 /// A PKCS#11 return value travelling as a Swift error inside the proxy. Entry points
 /// (Entry.swift) catch it and return `rv`; it never crosses `@_cdecl`. The daemon's errors
@@ -16,4 +17,16 @@ struct CKError: Error, Equatable {
     static let operationNotInitialized = CKError(CKR_OPERATION_NOT_INITIALIZED)
     static let operationActive = CKError(CKR_OPERATION_ACTIVE)
     static let bufferTooSmall = CKError(CKR_BUFFER_TOO_SMALL)
+}
+
+extension CKError {
+    /// What a failed exchange on the cryptoki socket means to the application.
+    init(_ failure: WireClient.Failure) {
+        switch failure {
+        case .closed, .timedOut: self = .deviceRemoved
+        case .malformed: self = .deviceError
+        case .unencodable: self = .argumentsBad
+        case .refused(let rv): self.init(CK_RV(truncatingIfNeeded: rv))
+        }
+    }
 }

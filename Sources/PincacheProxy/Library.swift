@@ -12,9 +12,9 @@ import Synchronization
 /// closed them, and their handles answer CKR_SESSION_HANDLE_INVALID.
 final class Link: Sendable {
     let connection: DBusConnection
-    let client: CryptokiClient
+    let client: WireClient
 
-    init(connection: DBusConnection, client: CryptokiClient) {
+    init(connection: DBusConnection, client: WireClient) {
         self.connection = connection
         self.client = client
     }
@@ -174,7 +174,7 @@ final class Library: @unchecked Sendable {
                 connection.startLoopThread()
                 subscribe(connection)
             }
-            let client: CryptokiClient
+            let client: WireClient
             do throws(CKError) {
                 client = try openCryptoki(on: connection)
             } catch {
@@ -195,7 +195,7 @@ final class Library: @unchecked Sendable {
         }
     }
 
-    private func openCryptoki(on connection: DBusConnection) throws(CKError) -> CryptokiClient {
+    private func openCryptoki(on connection: DBusConnection) throws(CKError) -> WireClient {
         let reply: [DBusValue]
         do {
             reply = try connection.callBlocking(
@@ -208,7 +208,11 @@ final class Library: @unchecked Sendable {
             reply.forEach(Wire.closeDescriptors)
             throw .deviceError
         }
-        return try CryptokiClient(fd: fd)
+        do {
+            return try WireClient(fd: fd)
+        } catch {
+            throw CKError(error)
+        }
     }
 
     private func liveLink() -> Link? {
@@ -225,17 +229,24 @@ final class Library: @unchecked Sendable {
         let timeout = (call.slow ? Wire.slowTimeout : Wire.defaultTimeout) * 1000
         if let session {
             guard let link = liveLink(), link === session.link else { throw .sessionHandleInvalid }
-            return try link.client.exchange(call, arguments, timeoutMilliseconds: timeout)
+            do {
+                return try link.client.exchange(call, arguments, timeoutMilliseconds: timeout)
+            } catch {
+                throw CKError(error)
+            }
         }
         var attempt = 0
         while true {
             attempt += 1
             let link = try self.link()
-            do throws(CKError) {
+            do {
                 return try link.client.exchange(call, arguments, timeoutMilliseconds: timeout)
-            } catch where error == .deviceRemoved && attempt < 2 && link.client.isBroken {
-                // The daemon restarted since the last call: a new link, once.
+            } catch .closed where attempt < 2 && (call == Calls.getSlots || call == Calls.getMechanisms) {
+                // The daemon restarted since the last call: a new link, once, for reads only
+                // (a change the old daemon may have made must not be made twice).
                 continue
+            } catch {
+                throw CKError(error)
             }
         }
     }
@@ -308,8 +319,13 @@ final class Library: @unchecked Sendable {
         let name = try slotName(slot)
         // The link is read before the call, so the session is bound to the socket that answers.
         let link = try self.link()
-        let reply = try link.client.exchange(
-            Calls.openSession, [.string(name), .ulong(UInt64(flags))], timeoutMilliseconds: Wire.defaultTimeout * 1000)
+        let reply: [WireValue]
+        do {
+            reply = try link.client.exchange(
+                Calls.openSession, [.string(name), .ulong(UInt64(flags))], timeoutMilliseconds: Wire.defaultTimeout * 1000)
+        } catch {
+            throw CKError(error)
+        }
         guard let number = reply.first?.ulongValue else { throw .deviceError }
         let session = Session(slot: slot, number: number, link: link, flags: flags)
         return state.withLock { s in

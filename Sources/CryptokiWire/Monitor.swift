@@ -2,15 +2,16 @@ import Glibc
 
 /// A pthread mutex with a condition variable, on the heap so their addresses never move.
 ///
-/// Used where the proxy must block and be woken (C_WaitForSlotEvent) and to serialise
-/// the work on one session; Synchronization's Mutex has no condition variable.
-final class Monitor: @unchecked Sendable {
+/// Used where a thread must block and be woken (the wire client's readers, the proxy's
+/// C_WaitForSlotEvent) and to serialise the work on one session; Synchronization's Mutex
+/// has no condition variable.
+public final class Monitor: @unchecked Sendable {
     // @unchecked: the pthread objects are only touched through pthread calls, which are
     // thread-safe by definition.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let condition: UnsafeMutablePointer<pthread_cond_t>
 
-    init() {
+    public init() {
         mutex = .allocate(capacity: 1)
         mutex.initialize(to: pthread_mutex_t())
         pthread_mutex_init(mutex, nil)
@@ -33,14 +34,14 @@ final class Monitor: @unchecked Sendable {
     }
 
     /// Runs `body` with the mutex held.
-    func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+    public func locked<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
 
     /// Waits on the condition (the mutex must be held) for at most `milliseconds`.
-    func wait(milliseconds: Int) {
+    public func wait(milliseconds: Int) {
         var deadline = timespec()
         clock_gettime(CLOCK_MONOTONIC, &deadline)
         let nanos = Int(deadline.tv_nsec) + (milliseconds % 1000) * 1_000_000
@@ -50,5 +51,5 @@ final class Monitor: @unchecked Sendable {
     }
 
     /// Wakes every waiter (call with the mutex held).
-    func broadcast() { pthread_cond_broadcast(condition) }
+    public func broadcast() { pthread_cond_broadcast(condition) }
 }
