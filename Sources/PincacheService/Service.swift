@@ -48,7 +48,7 @@ public final class PincacheService: @unchecked Sendable {
     private var backends: [Backend] = []
     private var readerWatcher: ReaderWatcher?
     let sessions = Mutex<[UInt64: SessionRecord]>([:])
-    private let nextSessionID = Atomic<UInt64>(1)
+    let nextSessionID = Atomic<UInt64>(1)
     /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
     private var pendingCallers: [String: [@Sendable (Result<CallerInfo, DBusError>) -> Void]] = [:]
     private var poller: Thread?
@@ -124,7 +124,7 @@ public final class PincacheService: @unchecked Sendable {
     /// Backend worker: adds slots that appeared (a reader plugged in), removes those that went,
     /// and queues a refresh of the others on their own workers.
     @discardableResult
-    private func rescanSlots(_ backend: Backend, announce: Bool) -> [TokenContext] {
+    func rescanSlots(_ backend: Backend, announce: Bool) -> [TokenContext] {
         let slots: [SlotID]
         do {
             slots = try backend.module.slotList(tokenPresent: false)
@@ -162,7 +162,7 @@ public final class PincacheService: @unchecked Sendable {
     }
 
     /// A slot that vanished (reader unplugged): every PIN and lock on it ends with it.
-    private func removeToken(_ token: TokenContext) {
+    func removeToken(_ token: TokenContext) {
         tokenTable.withLock { $0.removeAll { $0 === token } }
         token.published.store(false, ordering: .releasing)
         token.policy.withLock { $0.tokenRemoved() }
@@ -172,7 +172,7 @@ public final class PincacheService: @unchecked Sendable {
         token.shutdown()
     }
 
-    private func emitPresence(_ token: TokenContext, present: Bool) {
+    func emitPresence(_ token: TokenContext, present: Bool) {
         connection.emitSignal(
             path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name,
             name: present ? "TokenInserted" : "TokenRemoved", arguments: [.objectPath(token.path)])
@@ -194,7 +194,7 @@ public final class PincacheService: @unchecked Sendable {
     }
 
     /// Modules without slot events are polled (DESIGN §5); card events proper come with PC/SC.
-    private func startPoller() {
+    func startPoller() {
         let interval = Double(configuration.slotPollIntervalMilliseconds) / 1000
         let thread = Thread { [weak self] in
             while let self, !self.stopping.load(ordering: .relaxed) {
@@ -208,7 +208,7 @@ public final class PincacheService: @unchecked Sendable {
         thread.start()
     }
 
-    private func expireIdlePINs() {
+    func expireIdlePINs() {
         let now = TokenContext.now()
         for token in tokens {
             let n = token.policy.withLock { $0.expireIdle(now: now) }
@@ -296,7 +296,7 @@ public final class PincacheService: @unchecked Sendable {
         .notAuthorized, "the caller's credentials could not be read (CKR_FUNCTION_REJECTED (0x200))"
     ).dbusError
 
-    private func admit(sender: String, credentials: PeerCredentials) -> Result<CallerInfo, DBusError> {
+    func admit(sender: String, credentials: PeerCredentials) -> Result<CallerInfo, DBusError> {
         let exe = credentials.pid.flatMap { executablePath(pid: $0, uid: credentials.uid) }
         let settings = configuration.settings(forExecutable: exe)
         let info = CallerInfo(
@@ -313,7 +313,7 @@ public final class PincacheService: @unchecked Sendable {
                 message: "uid \(uid) already has \(Limits.environmentsPerUID) cache environments (bus connections) in use; close some (CKR_HOST_MEMORY (0x2))"))
     }
 
-    private func peerDisconnected(_ name: String) {
+    func peerDisconnected(_ name: String) {
         if let waiting = pendingCallers.removeValue(forKey: name) {
             for w in waiting { w(.failure(Self.credentialsUnreadable)) }
         }
@@ -365,7 +365,7 @@ public final class PincacheService: @unchecked Sendable {
             rv: 0x31)
     }
 
-    private static func describe(_ error: Error) -> String {
+    static func describe(_ error: Error) -> String {
         guard case SecretError.cannotLockMemory(let code) = error else { return "\(error)" }
         var limit = rlimit()
         let current = getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit) == 0 ? ", RLIMIT_MEMLOCK \(limit.rlim_cur) bytes" : ""
@@ -376,22 +376,6 @@ public final class PincacheService: @unchecked Sendable {
         guard let bytes = v.bytesValue else { return .failure(.invalidArgs("\(name): expected ay")) }
         guard bytes.count <= max else { return .failure(.invalidArgs("\(name) longer than \(max) bytes")) }
         return .success(bytes)
-    }
-
-    /// Decodes (key_id ay, mechanism s, data ay) starting at `first`.
-    private func operationArguments(_ call: MethodCall, first: Int, use: NamedMechanism.Use)
-        -> Result<([UInt8], Mechanism, [UInt8]), DBusError>
-    {
-        let a = call.arguments
-        guard a.count >= first + 3, let name = a[first + 1].stringValue else {
-            return .failure(.invalidArgs("expected (ay key_id, s mechanism, ay data)"))
-        }
-        return bytesArgument(a[first], name: "key_id", max: Limits.keyIDBytes).flatMap { keyID in
-            guard !keyID.isEmpty else { return .failure(.invalidArgs("key_id is empty")) }
-            return bytesArgument(a[first + 2], name: "data", max: Limits.dataBytes).flatMap { data in
-                NamedMechanism.lookup(name, for: use).mapError(\.dbusError).map { (keyID, $0, data) }
-            }
-        }
     }
 
     /// Runs `job` on the token's worker unless the caller left before it started, then replies.
@@ -449,321 +433,6 @@ public final class PincacheService: @unchecked Sendable {
         return d
     }
 
-    // MARK: - Manager1
-
-    private func managerInterface() -> ExportedInterface {
-        ExportedInterface(
-            PincacheInterfaces.manager,
-            methods: [
-                "GetTokens": { [weak self] call in
-                    guard let self else { return }
-                    let published = self.tokens.filter { $0.published.load(ordering: .acquiring) }
-                    call.reply([.array(elementSignature: "o", published.map { .objectPath($0.path) })])
-                },
-                "FlushCaches": { [weak self] call in self?.flushCaches(call) },
-                "GetCallerState": { [weak self] call in
-                    guard let self else { return }
-                    self.withCaller(call) { info in call.reply([self.callerState(info)]) }
-                },
-                "GetStatistics": { [weak self] call in
-                    guard let self else { return }
-                    call.reply([self.statistics()])
-                },
-                "OpenCryptoki": { [weak self] call in
-                    guard let self else { return }
-                    self.withCaller(call) { info in self.openCryptoki(call, info) }
-                },
-            ],
-            properties: { [weak self] name -> DBusValue? in
-                guard let defaults = self?.configuration.defaults else { return nil }
-                switch name {
-                case "Version": return .string(PincacheBus.version)
-                case "CachingMode": return .boolean(defaults.enableCachePIN)
-                case "LogoutAfterSign": return .boolean(defaults.logoutAfterSign)
-                case "ForceLoginBeforeSignKeyUsage": return .uint32(defaults.forceLoginKeyUsage)
-                default: return nil
-                }
-            })
-    }
-
-    private func flushCaches(_ call: MethodCall) {
-        let flush: @Sendable () -> Void = { [weak self] in
-            guard let self else { return }
-            let n = self.tokens.reduce(0) { sum, t in sum + t.policy.withLock { $0.flushCachedPINs() } }
-            Log.notice("FlushCaches: \(n) cached PIN(s) wiped")
-            call.reply([])
-        }
-        withCaller(call) { [weak self] info in
-            guard let self else { return }
-            self.authorized([.manage], call, info, token: nil, operation: "flush", flush)
-        }
-    }
-
-    /// Counts only, never whose: operators and the reliability tests read these.
-    private func statistics() -> DBusValue {
-        var cached = 0
-        var locked = 0
-        let replies = connection.replyStatistics
-        for token in tokens {
-            token.policy.withLock { p in
-                cached += p.cachedPINCount
-                if p.lockHolder != nil { locked += 1 }
-            }
-        }
-        return .vardict([
-            "Environments": .uint32(UInt32(registry.count)),
-            "Sessions": .uint32(UInt32(sessions.withLock { $0.count })),
-            "CachedPINs": .uint32(UInt32(cached)),
-            "LockedTokens": .uint32(UInt32(locked)),
-            "Tokens": .uint32(UInt32(tokens.count)),
-            "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
-            "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
-            "CallsServed": .uint64(replies.callsServed),
-            "CryptokiSockets": .uint32(UInt32(cryptokiSockets.count)),
-            "CryptokiCalls": .uint64(cryptokiSockets.callsServed),
-            "Errors": .dictionary(
-                keySignature: "s", valueSignature: "u",
-                replies.errors.sorted { $0.key < $1.key }.map {
-                    DBusDictEntry(key: .string($0.key), value: .uint32(UInt32(clamping: $0.value)))
-                }),
-        ])
-    }
-
-    private func callerState(_ info: CallerInfo) -> DBusValue {
-        var loggedIn: [DBusValue] = []
-        var cached: [DBusValue] = []
-        var locked: [DBusValue] = []
-        for token in tokens {
-            let s = token.policy.withLock { $0.state(of: info.id) }
-            if s.loggedIn { loggedIn.append(.objectPath(token.path)) }
-            if s.cachedPIN { cached.append(.objectPath(token.path)) }
-            if s.holdsLogin { locked.append(.objectPath(token.path)) }
-        }
-        let current = registry.lookup(info.id.rawValue) ?? info
-        return .vardict([
-            "LoggedIn": .array(elementSignature: "o", loggedIn),
-            "Cached": .array(elementSignature: "o", cached),
-            "Locked": .array(elementSignature: "o", locked),
-            "Sessions": .uint32(UInt32(current.sessions.count)),
-            "Executable": .string(info.executable ?? ""),
-            "CachingMode": .boolean(info.settings.enableCachePIN),
-        ])
-    }
-
-    // MARK: - Token1
-
-    private func tokenInterface(_ token: TokenContext) -> ExportedInterface {
-        ExportedInterface(
-            PincacheInterfaces.token,
-            methods: [
-                "OpenSession": { [weak self] call in
-                    guard let self else { return }
-                    self.withCaller(call) { info in self.openSession(call, info, token) }
-                },
-                "ListKeys": { [weak self] call in
-                    guard let self else { return }
-                    self.withCaller(call) { info in
-                        self.onWorker(token, call, caller: info.id, { try token.listKeys() }) { keys in
-                            let settings = self.registry.lookup(info.id.rawValue)?.settings ?? info.settings
-                            return [.array(elementSignature: "a{sv}", keys.map { self.encodeKey($0, settings: settings) })]
-                        }
-                    }
-                },
-                "SignOnce": { [weak self] call in
-                    guard let self else { return }
-                    let pin: SecretPIN
-                    switch self.readPIN(call, at: 0) {
-                    case .success(let p): pin = p
-                    case .failure(let e): return call.reply(error: e)
-                    }
-                    switch self.operationArguments(call, first: 1, use: .sign) {
-                    case .failure(let e): call.reply(error: e)
-                    case .success(let (keyID, mechanism, data)):
-                        self.withCaller(call) { info in
-                            self.authorized([.login], call, info, token: token, operation: "sign-once", keyID: keyID) {
-                                self.onWorker(token, call, caller: info.id, {
-                                    try token.signOnce(
-                                        caller: info.id, keyID: keyID, mechanism: mechanism, data: data, pin: pin)
-                                }) { [.bytes($0)] }
-                            }
-                        }
-                    }
-                },
-            ],
-            properties: { name in Self.tokenProperty(name, token.snapshot, token) })
-    }
-
-    /// A Token1 property as seen in `s` (the current snapshot, or an old one for change detection).
-    private static func tokenProperty(_ name: String, _ s: TokenSnapshot, _ token: TokenContext) -> DBusValue? {
-        let info = s.info
-        switch name {
-        case "Label": return .string(info?.label ?? "")
-        case "Manufacturer": return .string(info?.manufacturer ?? "")
-        case "Model": return .string(info?.model ?? "")
-        case "Serial": return .string(info?.serialNumber ?? "")
-        case "SlotDescription": return .string(s.slotDescription)
-        case "Present": return .boolean(s.present)
-        case "Recognized": return .boolean(s.recognized)
-        case "Kind": return .string(s.removable ? "smartcard" : "software")
-        case "Module": return .string(token.backend.path)
-        case "ProtectedAuthenticationPath": return .boolean(info?.protectedAuthenticationPath ?? false)
-        case "PinMinLength": return .uint32(UInt32(clamping: info?.minPinLength ?? 0))
-        case "PinMaxLength": return .uint32(UInt32(clamping: info?.maxPinLength ?? 0))
-        case "UserPinCountLow": return .boolean(info?.userPinCountLow ?? false)
-        case "UserPinFinalTry": return .boolean(info?.userPinFinalTry ?? false)
-        case "UserPinLocked": return .boolean(info?.userPinLocked ?? false)
-        default: return nil
-        }
-    }
-
-    private func encodeKey(_ k: KeyRecord, settings: Settings) -> DBusValue {
-        let always = k.backendAlwaysAuthenticate || (k.canSign && settings.requiresFreshPIN(keyUsage: k.keyUsage))
-        return .vardict([
-            "Id": .bytes(k.id),
-            "Label": .string(k.label),
-            "KeyType": .string(k.keyType),
-            "Bits": .uint32(k.bits),
-            "CanSign": .boolean(k.canSign),
-            "CanDecrypt": .boolean(k.canDecrypt),
-            "KeyUsage": .uint32(k.keyUsage ?? 0),
-            "AlwaysAuthenticate": .boolean(always),
-            "Certificate": .bytes(k.certificate),
-        ])
-    }
-
-    /// Emits what a refresh changed: PropertiesChanged, and Inserted/Removed on presence flips.
-    private func tokenChanged(_ token: TokenContext, _ old: TokenSnapshot, _ new: TokenSnapshot) {
-        var changed: [String: DBusValue] = [:]
-        for property in PincacheInterfaces.token.properties where property.emitsChanged == .emits {
-            let before = Self.tokenProperty(property.name, old, token)
-            let after = Self.tokenProperty(property.name, new, token)
-            if before != after, let after { changed[property.name] = after }
-        }
-        // A slot not yet exported announces itself when it is (rescanSlots).
-        guard !changed.isEmpty, token.published.load(ordering: .acquiring) else { return }
-        connection.emitPropertiesChanged(path: token.path, interface: PincacheInterfaces.token.name, changed: changed)
-        if old.present != new.present {
-            emitPresence(token, present: new.present)
-            Log.info("token \(token.id): card \(new.present ? "inserted" : "removed") (\(new.slotDescription))")
-        }
-    }
-
-    // MARK: - Sessions
-
-    /// Token1.OpenSession: a session that is also a Session1 object, callable by its owner only.
-    func openSession(_ call: MethodCall, _ info: CallerInfo, _ token: TokenContext) {
-        switch openSessionRecord(info, token, readWrite: false) {
-        case .failure(let e): call.reply(error: e.dbusError)
-        case .success(let record):
-            let owner = info.id.rawValue
-            connection.export(record.path, interfaces: [sessionInterface(record, info)], accessCheck: { $0 == owner })
-            call.reply([.objectPath(record.path)])
-        }
-    }
-
-    /// A new session of `info` on `token`, within the caller's quota (both front ends).
-    func openSessionRecord(_ info: CallerInfo, _ token: TokenContext, readWrite: Bool) -> Result<SessionRecord, ServiceError> {
-        guard token.snapshot.recognized else {
-            return .failure(ServiceError(.tokenNotPresent, "no usable token in this slot (CKR_TOKEN_NOT_PRESENT (0xe0))"))
-        }
-        let id = nextSessionID.wrappingAdd(1, ordering: .relaxed).oldValue
-        guard registry.reserveSession(info.id.rawValue, id: id, max: configuration.maxSessionsPerClient) else {
-            return .failure(
-                ServiceError(
-                    .tooManySessions, "at most \(configuration.maxSessionsPerClient) sessions per client (MaxSessionsPerClient; CKR_SESSION_COUNT (0xb1))"
-                ))
-        }
-        let path = PincacheBus.sessionPrefix.appending(String(id))!
-        let record = SessionRecord(id: id, path: path, owner: info.id, token: token, readWrite: readWrite)
-        sessions.withLock { $0[id] = record }
-        token.sessionOpened(caller: info.id)
-        return .success(record)
-    }
-
-    private func sessionInterface(_ record: SessionRecord, _ info: CallerInfo) -> ExportedInterface {
-        let token = record.token
-        let caller = record.owner
-        let registry = self.registry
-        // Read at each call: a reload (SIGHUP) may change the caller's settings.
-        @Sendable func settings() -> Settings { registry.lookup(caller.rawValue)?.settings ?? info.settings }
-        @Sendable func privateOp(_ call: MethodCall, pinIndex: Int?, use: NamedMechanism.Use) {
-            var fresh: SecretPIN?
-            if let pinIndex {
-                switch readPIN(call, at: pinIndex) {
-                case .success(let p): fresh = p
-                case .failure(let e): return call.reply(error: e)
-                }
-            }
-            switch operationArguments(call, first: pinIndex == nil ? 0 : 1, use: use) {
-            case .failure(let e): call.reply(error: e)
-            case .success(let (keyID, mechanism, data)):
-                let operation: PrivateOperation = use == .sign ? .sign(mechanism, data) : .decrypt(mechanism, data)
-                let pin = fresh
-                let run: @Sendable () -> Void = { [weak self] in
-                    self?.onWorker(token, call, caller: caller, {
-                        try token.perform(
-                            caller: caller, settings: settings(), keyID: keyID, operation: operation, freshPIN: pin)
-                    }) { [.bytes($0)] }
-                }
-                let opName = use == .sign ? (pin == nil ? "sign" : "sign-with-pin") : "decrypt"
-                // A PIN submitted for one operation is a login as far as polkit is concerned.
-                authorized(pin == nil ? [.cachedPIN] : [.login], call, info, token: token, operation: opName, keyID: keyID, run)
-            }
-        }
-        return ExportedInterface(
-            PincacheInterfaces.session,
-            methods: [
-                "Login": { [weak self] call in
-                    guard let self else { return }
-                    switch self.readPIN(call, at: 0) {
-                    case .failure(let e): call.reply(error: e)
-                    case .success(let pin):
-                        self.authorized([.login], call, info, token: token, operation: "login") { [weak self] in
-                            guard let self else { return }
-                            self.onWorker(token, call, caller: caller, {
-                                try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
-                                // A new login asks polkit again before its cached PIN is first used.
-                                self.forgetCachedUse(token, caller)
-                            }) { _ in [] }
-                        }
-                    }
-                },
-                "Logout": { [weak self] call in
-                    self?.onWorker(token, call, caller: caller, { try token.logout(caller: caller) }) { _ in [] }
-                },
-                "Sign": { call in privateOp(call, pinIndex: nil, use: .sign) },
-                "SignWithPin": { call in privateOp(call, pinIndex: 0, use: .sign) },
-                "Decrypt": { call in privateOp(call, pinIndex: nil, use: .decrypt) },
-                "Close": { [weak self] call in self?.closeSession(call, record) },
-            ],
-            properties: { name in
-                switch name {
-                case "Token": .objectPath(token.path)
-                case "LoggedIn": .boolean(token.policy.withLock { $0.state(of: caller).loggedIn })
-                default: nil
-                }
-            })
-    }
-
-    private func closeSession(_ call: MethodCall, _ record: SessionRecord) {
-        guard closeSessionRecord(record, then: { call.reply([]) }) else {
-            return call.reply(error: .unknownObject("session already closed"))
-        }
-    }
-
-    /// Closes a session (both front ends); false if it was closed already.
-    func closeSessionRecord(_ record: SessionRecord, then done: @escaping @Sendable () -> Void) -> Bool {
-        guard sessions.withLock({ $0.removeValue(forKey: record.id) }) != nil else { return false }
-        connection.unexport(record.path)
-        registry.releaseSession(record.owner.rawValue, id: record.id)
-        // Through the worker, so operations queued before Close still see the session's login.
-        record.token.worker.submit {
-            record.token.sessionClosed(caller: record.owner)
-            record.token.closeRawSession(record.id)
-            done()
-        }
-        return true
-    }
 }
 
 func isPincacheProxy(_ path: String) -> Bool {

@@ -80,14 +80,14 @@ final class TokenContext: @unchecked Sendable {
     let published = Atomic<Bool>(false)
     private let snapshotState = Mutex(TokenSnapshot())
     /// The last key list read, for readers off the worker (polkit details).
-    private let knownKeys = Mutex<[KeyRecord]>([])
+    let knownKeys = Mutex<[KeyRecord]>([])
     /// Called on the worker after a refresh changed what clients can see.
     let onChange: @Sendable (TokenContext, TokenSnapshot, TokenSnapshot) -> Void
 
     // Worker-only state.
     var opSession: SessionHandle?
     var keys: [KeyRecord]?
-    private var mechanisms: Set<MechanismType>?
+    var mechanisms: Set<MechanismType>?
     // Worker-only state of the proxy's interface (TokenCryptoki.swift).
     var rawSessions: [UInt64: SessionHandle] = [:]
     /// Moves at every backend login, logout or session loss (see logoutBackend).
@@ -219,71 +219,6 @@ final class TokenContext: @unchecked Sendable {
         }
     }
 
-    // MARK: - Keys (worker)
-
-    func listKeys() throws -> [KeyRecord] {
-        _ = try presentTokenInfo()
-        if let keys { return keys }
-        let loaded = try backendCall { try loadKeys() }
-        keys = loaded
-        knownKeys.withLock { $0 = loaded }
-        return loaded
-    }
-
-    func keyRecord(_ id: [UInt8]) throws -> KeyRecord {
-        if let k = keys?.first(where: { $0.id == id }) { return k }
-        keys = nil
-        if let k = try listKeys().first(where: { $0.id == id }) { return k }
-        throw ServiceError(.keyNotFound, "no key with id \(hex(id)) on this token (CKR_KEY_HANDLE_INVALID (0x60))")
-    }
-
-    private func loadKeys() throws -> [KeyRecord] {
-        let s = try session()
-        var records: [[UInt8]: KeyRecord] = [:]
-        var order: [[UInt8]] = []
-        func record(_ id: [UInt8], _ body: (inout KeyRecord) -> Void) {
-            if records[id] == nil {
-                records[id] = KeyRecord(id: id)
-                order.append(id)
-            }
-            body(&records[id]!)
-        }
-        for handle in try module.findObjects(s, matching: [.objectClass(.publicKey)]) {
-            let a = try module.getAttributes(
-                s, handle, [.id, .label, .keyType, .modulusBits, .modulus, .ecParams, .verify, .encrypt])
-            guard let id = a[.id] else { continue }
-            record(id) { r in
-                r.label = a[.label].map { String(decoding: $0, as: UTF8.self) } ?? r.label
-                r.keyType = keyTypeName(a[.keyType])
-                r.bits = keyBits(a)
-                r.canSign = a[.verify]?.pkcs11Bool ?? r.canSign
-                r.canDecrypt = a[.encrypt]?.pkcs11Bool ?? r.canDecrypt
-            }
-        }
-        for handle in try module.findObjects(s, matching: [.objectClass(.privateKey)]) {
-            let a = try module.getAttributes(
-                s, handle, [.id, .label, .keyType, .modulusBits, .modulus, .ecParams, .sign, .decrypt, .alwaysAuthenticate])
-            guard let id = a[.id] else { continue }
-            record(id) { r in
-                if r.label.isEmpty { r.label = a[.label].map { String(decoding: $0, as: UTF8.self) } ?? "" }
-                if r.keyType.isEmpty { r.keyType = keyTypeName(a[.keyType]) }
-                if r.bits == 0 { r.bits = keyBits(a) }
-                if let v = a[.sign]?.pkcs11Bool { r.canSign = v }
-                if let v = a[.decrypt]?.pkcs11Bool { r.canDecrypt = v }
-                r.backendAlwaysAuthenticate = a[.alwaysAuthenticate]?.pkcs11Bool ?? false
-            }
-        }
-        for handle in try module.findObjects(s, matching: [.objectClass(.certificate)]) {
-            let a = try module.getAttributes(s, handle, [.id, .value])
-            guard let id = a[.id], records[id] != nil, let der = a[.value] else { continue }
-            record(id) { r in
-                r.certificate = der
-                r.keyUsage = CertificateKeyUsage.parse(certificateDER: der)
-            }
-        }
-        return order.compactMap { records[$0] }
-    }
-
     // MARK: - Login and logout (worker)
 
     func login(caller: CallerID, settings: Settings, pin: SecretPIN, isAlive: () -> Bool) throws {
@@ -371,185 +306,6 @@ final class TokenContext: @unchecked Sendable {
         }
     }
 
-    // MARK: - Private operations (worker)
-
-    /// Runs a sign or decrypt for a caller according to the policy's plan (DESIGN §1).
-    func perform(
-        caller: CallerID, settings: Settings, keyID: [UInt8], operation: PrivateOperation, freshPIN: SecretPIN?
-    ) throws -> [UInt8] {
-        let key = try keyRecord(keyID)
-        let s = try backendCall { try session() }
-        let requiresFresh =
-            operation.kind == .sign
-            && (settings.requiresFreshPIN(keyUsage: key.keyUsage) || key.backendAlwaysAuthenticate)
-        return try withPrivateAccess(
-            caller: caller, settings: settings, kind: operation.kind, requiresFreshPIN: requiresFresh,
-            freshPIN: freshPIN, alwaysAuthenticate: key.backendAlwaysAuthenticate, session: s
-        ) { contextPIN in
-            try run(s, key, operation, contextPIN: contextPIN)
-        }
-    }
-
-    /// The one place a caller's login state becomes a backend login (DESIGN §1): asks the policy
-    /// for a plan, brackets `body` with the cached PIN (caching), runs it in the held login
-    /// (non-caching), or verifies a PIN typed for this one operation. `body` gets the PIN to use
-    /// as a context-specific login when the backend key needs one. A cached PIN the token rejects
-    /// is purged from every environment before the error goes back.
-    func withPrivateAccess<T>(
-        caller: CallerID, settings: Settings, kind: OperationKind, requiresFreshPIN: Bool, freshPIN: SecretPIN?,
-        alwaysAuthenticate: Bool, session s: SessionHandle, _ body: (SecretPIN?) throws -> T
-    ) throws -> T {
-        // A held login presents no PIN: no need to re-read the token before using it.
-        let holds = policy.withLock { $0.state(of: caller).holdsLogin }
-        let info = try presentTokenInfo(fresh: !holds || freshPIN != nil)
-        let plan = try policy.withLock {
-            try $0.planOperation(
-                for: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFreshPIN,
-                freshPINSupplied: freshPIN != nil, pinStatus: PinStatus(tokenFlags: info.flags), now: Self.now())
-        }
-        var outcome = OperationOutcome.failed
-        defer {
-            let action = policy.withLock {
-                $0.operationFinished(for: caller, settings: settings, kind: kind, outcome: outcome)
-            }
-            if action == .logout { backendLogout() }
-        }
-        let result: T
-        switch plan {
-        case .bracket(let pin):
-            do {
-                try backendCall { try backendLogin(s, .user, pin) }
-            } catch let e as PKCS11Error where e.rv == .pinIncorrect || e.rv == .pinLocked {
-                outcome = .cachedPINRejected
-                Log.notice("token \(id): a cached PIN was rejected (\(e.rv.name)); purged from every environment")
-                throw e
-            }
-            defer { logoutBackend(s) }
-            result = try body(nil)
-        case .heldLogin:
-            do {
-                result = try body(nil)
-            } catch let e as PKCS11Error where e.rv == .userNotLoggedIn {
-                // The token ended the login itself (e.g. an OpenPGP card whose PIN is good for one
-                // signature): the caller no longer holds it, and says so in its state.
-                _ = try? policy.withLock { try $0.logout(for: caller) }
-                backendLogout()
-                throw e
-            }
-        case .freshPIN:
-            guard let fresh = freshPIN else { throw PolicyError.pinRequired }
-            let holds = policy.withLock { $0.state(of: caller).holdsLogin }
-            result = try withFreshPIN(s, caller: caller, holdsLogin: holds, alwaysAuthenticate: alwaysAuthenticate, pin: fresh) {
-                try body(alwaysAuthenticate ? fresh : nil)
-            }
-        }
-        outcome = .success
-        return result
-    }
-
-    /// SignOnce: a PIN for one signature, never cached, no session needed.
-    func signOnce(caller: CallerID, keyID: [UInt8], mechanism: Mechanism, data: [UInt8], pin: SecretPIN) throws
-        -> [UInt8]
-    {
-        _ = try presentTokenInfo()
-        let key = try keyRecord(keyID)
-        try policy.withLock { try $0.checkAvailable(for: caller) }
-        let holds = policy.withLock { $0.state(of: caller).holdsLogin }
-        let s = try backendCall { try session() }
-        let op = PrivateOperation.sign(mechanism, data)
-        return try withFreshPIN(
-            s, caller: caller, holdsLogin: holds, alwaysAuthenticate: key.backendAlwaysAuthenticate, pin: pin
-        ) {
-            try run(s, key, op, contextPIN: key.backendAlwaysAuthenticate ? pin : nil)
-        }
-    }
-
-    /// Verifies a PIN the caller typed for this one operation. Keys the backend marks
-    /// always-authenticate get it as a context-specific login inside `body`; other keys need a
-    /// user login with it, which for a caller holding the login means logging out first.
-    func withFreshPIN<T>(
-        _ s: SessionHandle, caller: CallerID, holdsLogin: Bool, alwaysAuthenticate: Bool, pin: SecretPIN,
-        _ body: () throws -> T
-    ) throws -> T {
-        if holdsLogin {
-            if !alwaysAuthenticate {
-                logoutBackend(s)
-                do {
-                    try backendCall { try backendLogin(s, .user, pin) }
-                } catch {
-                    // The held login is gone with the failed attempt: say so in the policy.
-                    _ = try? policy.withLock { try $0.logout(for: caller) }
-                    throw error
-                }
-            }
-            return try body()
-        }
-        try backendCall { try backendLogin(s, .user, pin) }
-        defer { logoutBackend(s) }
-        return try body()
-    }
-
-    func findPrivateKey(_ s: SessionHandle, _ id: [UInt8]) throws -> ObjectHandle {
-        let found = try module.findObjects(s, matching: [.objectClass(.privateKey), Attribute(.id, id)], limit: 2)
-        guard let handle = found.first else {
-            throw ServiceError(.keyNotFound, "no private key with id \(hex(id)) on this token (CKR_KEY_HANDLE_INVALID (0x60))")
-        }
-        return handle
-    }
-
-    func run(_ s: SessionHandle, _ key: KeyRecord, _ op: PrivateOperation, contextPIN: SecretPIN?) throws
-        -> [UInt8]
-    {
-        try backendCall {
-            let handle = try findPrivateKey(s, key.id)
-            switch try adapted(op, s) {
-            case .sign(let mechanism, let data):
-                if let pin = contextPIN {
-                    try module.signInit(s, mechanism: mechanism, key: handle)
-                    do {
-                        try backendLogin(s, .contextSpecific, pin)
-                        return try module.signAfterInit(s, data: data)
-                    } catch {
-                        resetSession()
-                        throw error
-                    }
-                }
-                if !key.backendAlwaysAuthenticate,
-                    (try? module.getAttributes(s, handle, [.alwaysAuthenticate]))?[.alwaysAuthenticate]?.pkcs11Bool == true
-                {
-                    // Learned only now (private attributes were hidden before login): remember it
-                    // and ask for the PIN rather than fail inside the signature.
-                    markAlwaysAuthenticate(key.id)
-                    throw PolicyError.pinRequired
-                }
-                return try module.sign(s, mechanism: mechanism, key: handle, data: data)
-            case .decrypt(let mechanism, let data):
-                return try module.decrypt(s, mechanism: mechanism, key: handle, data: data)
-            }
-        }
-    }
-
-    /// Hash-and-sign ECDSA on a token that only signs prehashed data (SoftHSM, many cards):
-    /// the token hashes with C_Digest, then signs with CKM_ECDSA. The result is the same signature.
-    func adapted(_ op: PrivateOperation, _ s: SessionHandle) throws -> PrivateOperation {
-        guard case .sign(let mechanism, let data) = op,
-            let hash = Self.ecdsaHashes[mechanism.type]
-        else { return op }
-        if mechanisms == nil { mechanisms = Set((try? module.mechanismList(slot)) ?? []) }
-        guard let mechanisms, !mechanisms.contains(mechanism.type), mechanisms.contains(.ecdsa) else { return op }
-        let digest = try module.digest(s, mechanism: Mechanism(hash), data: data)
-        return .sign(Mechanism(.ecdsa), digest)
-    }
-
-    private static let ecdsaHashes: [MechanismType: MechanismType] = [
-        .ecdsaSHA1: .sha1, .ecdsaSHA256: .sha256, .ecdsaSHA384: .sha384, .ecdsaSHA512: .sha512,
-    ]
-
-    func markAlwaysAuthenticate(_ id: [UInt8]) {
-        guard let i = keys?.firstIndex(where: { $0.id == id }) else { return }
-        keys?[i].backendAlwaysAuthenticate = true
-    }
-
     func shutdown() {
         worker.submit { [self] in dropSession() }
         worker.stop()
@@ -573,30 +329,4 @@ final class TokenContext: @unchecked Sendable {
 
 func hex(_ bytes: [UInt8]) -> String {
     bytes.prefix(64).map { String(format: "%02x", $0) }.joined() + (bytes.count > 64 ? "…" : "")
-}
-
-private func keyTypeName(_ value: [UInt8]?) -> String {
-    guard let raw = value?.pkcs11ULong else { return "" }
-    switch KeyType(rawValue: raw) {
-    case .rsa: return "RSA"
-    case .ec: return "EC"
-    default: return "0x" + String(raw, radix: 16)
-    }
-}
-
-/// Key size from RSA modulus bits or the EC curve's OID.
-private func keyBits(_ a: [AttributeType: [UInt8]]) -> UInt32 {
-    if let bits = a[.modulusBits]?.pkcs11ULong { return UInt32(clamping: bits) }
-    if let modulus = a[.modulus] { return UInt32(clamping: modulus.drop(while: { $0 == 0 }).count * 8) }
-    if let params = a[.ecParams] {
-        let curves: [[UInt8]: UInt32] = [
-            [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07]: 256,
-            [0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x22]: 384,
-            [0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x23]: 521,
-            [0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x0A]: 256,
-            [0x06, 0x09, 0x2B, 0x24, 0x03, 0x03, 0x02, 0x08, 0x01, 0x01, 0x07]: 256,
-        ]
-        return curves[params] ?? 0
-    }
-    return 0
 }

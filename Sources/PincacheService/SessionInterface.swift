@@ -1,0 +1,139 @@
+import DBusKit
+import PKCS11Kit
+import PinPolicy
+import Synchronization
+
+/// Session1, the D-Bus front end of a session: callable by the connection that opened it only.
+/// Its methods go through the same steps as the proxy's calls (CryptokiCalls.swift).
+extension PincacheService {
+    /// Token1.OpenSession: a session that is also a Session1 object, callable by its owner only.
+    func openSession(_ call: MethodCall, _ info: CallerInfo, _ token: TokenContext) {
+        switch openSessionRecord(info, token, readWrite: false) {
+        case .failure(let e): call.reply(error: e.dbusError)
+        case .success(let record):
+            let owner = info.id.rawValue
+            connection.export(record.path, interfaces: [sessionInterface(record, info)], accessCheck: { $0 == owner })
+            call.reply([.objectPath(record.path)])
+        }
+    }
+
+    /// A new session of `info` on `token`, within the caller's quota (both front ends).
+    func openSessionRecord(_ info: CallerInfo, _ token: TokenContext, readWrite: Bool) -> Result<SessionRecord, ServiceError> {
+        guard token.snapshot.recognized else {
+            return .failure(ServiceError(.tokenNotPresent, "no usable token in this slot (CKR_TOKEN_NOT_PRESENT (0xe0))"))
+        }
+        let id = nextSessionID.wrappingAdd(1, ordering: .relaxed).oldValue
+        guard registry.reserveSession(info.id.rawValue, id: id, max: configuration.maxSessionsPerClient) else {
+            return .failure(
+                ServiceError(
+                    .tooManySessions, "at most \(configuration.maxSessionsPerClient) sessions per client (MaxSessionsPerClient; CKR_SESSION_COUNT (0xb1))"
+                ))
+        }
+        let path = PincacheBus.sessionPrefix.appending(String(id))!
+        let record = SessionRecord(id: id, path: path, owner: info.id, token: token, readWrite: readWrite)
+        sessions.withLock { $0[id] = record }
+        token.sessionOpened(caller: info.id)
+        return .success(record)
+    }
+
+    func sessionInterface(_ record: SessionRecord, _ info: CallerInfo) -> ExportedInterface {
+        let token = record.token
+        let caller = record.owner
+        let registry = self.registry
+        // Read at each call: a reload (SIGHUP) may change the caller's settings.
+        @Sendable func settings() -> Settings { registry.lookup(caller.rawValue)?.settings ?? info.settings }
+        @Sendable func privateOp(_ call: MethodCall, pinIndex: Int?, use: NamedMechanism.Use) {
+            var fresh: SecretPIN?
+            if let pinIndex {
+                switch readPIN(call, at: pinIndex) {
+                case .success(let p): fresh = p
+                case .failure(let e): return call.reply(error: e)
+                }
+            }
+            switch operationArguments(call, first: pinIndex == nil ? 0 : 1, use: use) {
+            case .failure(let e): call.reply(error: e)
+            case .success(let (keyID, mechanism, data)):
+                let operation: PrivateOperation = use == .sign ? .sign(mechanism, data) : .decrypt(mechanism, data)
+                let pin = fresh
+                let run: @Sendable () -> Void = { [weak self] in
+                    self?.onWorker(token, call, caller: caller, {
+                        try token.perform(
+                            caller: caller, settings: settings(), keyID: keyID, operation: operation, freshPIN: pin)
+                    }) { [.bytes($0)] }
+                }
+                let opName = use == .sign ? (pin == nil ? "sign" : "sign-with-pin") : "decrypt"
+                // A PIN submitted for one operation is a login as far as polkit is concerned.
+                authorized(pin == nil ? [.cachedPIN] : [.login], call, info, token: token, operation: opName, keyID: keyID, run)
+            }
+        }
+        return ExportedInterface(
+            PincacheInterfaces.session,
+            methods: [
+                "Login": { [weak self] call in
+                    guard let self else { return }
+                    switch self.readPIN(call, at: 0) {
+                    case .failure(let e): call.reply(error: e)
+                    case .success(let pin):
+                        self.authorized([.login], call, info, token: token, operation: "login") { [weak self] in
+                            guard let self else { return }
+                            self.onWorker(token, call, caller: caller, {
+                                try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
+                                // A new login asks polkit again before its cached PIN is first used.
+                                self.forgetCachedUse(token, caller)
+                            }) { _ in [] }
+                        }
+                    }
+                },
+                "Logout": { [weak self] call in
+                    self?.onWorker(token, call, caller: caller, { try token.logout(caller: caller) }) { _ in [] }
+                },
+                "Sign": { call in privateOp(call, pinIndex: nil, use: .sign) },
+                "SignWithPin": { call in privateOp(call, pinIndex: 0, use: .sign) },
+                "Decrypt": { call in privateOp(call, pinIndex: nil, use: .decrypt) },
+                "Close": { [weak self] call in self?.closeSession(call, record) },
+            ],
+            properties: { name in
+                switch name {
+                case "Token": .objectPath(token.path)
+                case "LoggedIn": .boolean(token.policy.withLock { $0.state(of: caller).loggedIn })
+                default: nil
+                }
+            })
+    }
+
+    func closeSession(_ call: MethodCall, _ record: SessionRecord) {
+        guard closeSessionRecord(record, then: { call.reply([]) }) else {
+            return call.reply(error: .unknownObject("session already closed"))
+        }
+    }
+
+    /// Closes a session (both front ends); false if it was closed already.
+    func closeSessionRecord(_ record: SessionRecord, then done: @escaping @Sendable () -> Void) -> Bool {
+        guard sessions.withLock({ $0.removeValue(forKey: record.id) }) != nil else { return false }
+        connection.unexport(record.path)
+        registry.releaseSession(record.owner.rawValue, id: record.id)
+        // Through the worker, so operations queued before Close still see the session's login.
+        record.token.worker.submit {
+            record.token.sessionClosed(caller: record.owner)
+            record.token.closeRawSession(record.id)
+            done()
+        }
+        return true
+    }
+
+    /// Decodes (key_id ay, mechanism s, data ay) starting at `first`.
+    func operationArguments(_ call: MethodCall, first: Int, use: NamedMechanism.Use)
+        -> Result<([UInt8], Mechanism, [UInt8]), DBusError>
+    {
+        let a = call.arguments
+        guard a.count >= first + 3, let name = a[first + 1].stringValue else {
+            return .failure(.invalidArgs("expected (ay key_id, s mechanism, ay data)"))
+        }
+        return bytesArgument(a[first], name: "key_id", max: Limits.keyIDBytes).flatMap { keyID in
+            guard !keyID.isEmpty else { return .failure(.invalidArgs("key_id is empty")) }
+            return bytesArgument(a[first + 2], name: "data", max: Limits.dataBytes).flatMap { data in
+                NamedMechanism.lookup(name, for: use).mapError(\.dbusError).map { (keyID, $0, data) }
+            }
+        }
+    }
+}
