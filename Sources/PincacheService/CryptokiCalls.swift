@@ -221,22 +221,27 @@ extension PincacheService {
                     )
                 }
             }) { pair in [.ulong(pair.0), .ulong(pair.1)] }
-        case Calls.sign.id, Calls.decrypt.id, Calls.verify.id, Calls.encrypt.id:
+        case Calls.sign.id, Calls.decrypt.id:
             guard let m = mechanism() else { return }
-            let op: TokenContext.RawOperation
-            let name: String
-            switch r.call.id {
-            case Calls.sign.id: (op, name) = (.sign, "sign")
-            case Calls.decrypt.id: (op, name) = (.decrypt, "decrypt")
-            case Calls.encrypt.id: (op, name) = (.encrypt, "encrypt")
-            default: (op, name) = (.verify(signature: r.bytes("signature")), "verify")
-            }
             let key = r.ulong("key")
             let data = r.bytes("data")
-            run(objects, name, keyID: token.knownKeyID(key), {
-                try token.rawOperation(
+            let sign = r.call.id == Calls.sign.id
+            let request = KeyOperation(
+                key: .handle(key, session: id, readWrite: rw), operation: sign ? .sign(m, data) : .decrypt(m, data),
+                freshPIN: nil)
+            run(objects, sign ? "sign" : "decrypt", keyID: token.knownKeyID(key), {
+                try token.perform(caller: caller, settings: settings(), request)
+            }) { [.bytes($0)] }
+        case Calls.verify.id, Calls.encrypt.id:
+            guard let m = mechanism() else { return }
+            let verify = r.call.id == Calls.verify.id
+            let op: TokenContext.PublicKeyOperation = verify ? .verify(signature: r.bytes("signature")) : .encrypt
+            let key = r.ulong("key")
+            let data = r.bytes("data")
+            run(objects, verify ? "verify" : "encrypt", keyID: token.knownKeyID(key), {
+                try token.publicKeyOperation(
                     caller: caller, settings: settings(), session: id, rw: rw, op: op, mechanism: m, key: key, data: data)
-            }) { bytes in r.call.response.isEmpty ? [] : [.bytes(bytes)] }
+            }) { bytes in verify ? [] : [.bytes(bytes)] }
         case Calls.digest.id:
             guard let m = mechanism() else { return }
             let data = r.bytes("data")

@@ -58,7 +58,8 @@ extension PincacheService {
                 let run: @Sendable () -> Void = { [weak self] in
                     self?.onWorker(token, call, caller: caller, {
                         try token.perform(
-                            caller: caller, settings: settings(), keyID: keyID, operation: operation, freshPIN: pin)
+                            caller: caller, settings: settings(),
+                            KeyOperation(key: .id(keyID), operation: operation, freshPIN: pin))
                     }) { [.bytes($0)] }
                 }
                 let opName = use == .sign ? (pin == nil ? "sign" : "sign-with-pin") : "decrypt"

@@ -6,20 +6,69 @@ import PinPolicy
 extension TokenContext {
     // MARK: - Private operations (worker)
 
-    /// Runs a sign or decrypt for a caller according to the policy's plan (DESIGN §1).
-    func perform(
-        caller: CallerID, settings: Settings, keyID: [UInt8], operation: PrivateOperation, freshPIN: SecretPIN?
-    ) throws -> [UInt8] {
-        let key = try keyRecord(keyID)
-        let s = try backendCall { try session() }
+    /// Runs a sign or decrypt for a caller according to the policy's plan (DESIGN §1): the one
+    /// path of both front ends, from the key's facts through the bracket to the after-rules.
+    func perform(caller: CallerID, settings: Settings, _ request: KeyOperation) throws -> [UInt8] {
+        let kind = request.operation.kind
+        let function = kind == .sign ? "C_SignInit" : "C_DecryptInit"
+        let s: SessionHandle
+        var fresh = request.freshPIN
+        let record: KeyRecord?
+        var isPrivate = true
+        var isPrivateKey = true
+        switch request.key {
+        case .id(let id):
+            record = try keyRecord(id)
+            s = try backendCall { try session() }
+        case .handle(let handle, let session, let readWrite):
+            s = try rawSession(session, readWrite: readWrite)
+            // A context-specific login of this session is good for its next operation only.
+            if fresh == nil { fresh = contextPINs.removeValue(forKey: session) }
+            let loc = try locator(handle, caller: caller, function: function, invalid: .keyHandleInvalid)
+            isPrivate = loc.isPrivate
+            isPrivateKey = loc.objectClass == ObjectClass.privateKey.rawValue
+            if keys == nil { _ = try? listKeys() }
+            record = loc.keyID.flatMap { id in keys?.first { $0.id == id } }
+            if !isPrivate && !policy.withLock({ $0.state(of: caller).loggedIn }) {
+                // A key object that is not private (a secret key marked so): no login needed.
+                return try withAccess(caller: caller, settings: settings, s) {
+                    try run(s, try resolveKey(request.key, s, caller: caller, function: function), record: nil, request.operation, contextPIN: nil)
+                }
+            }
+        }
+        let alwaysAuthenticate = record?.backendAlwaysAuthenticate ?? false
         let requiresFresh =
-            operation.kind == .sign
-            && (settings.requiresFreshPIN(keyUsage: key.keyUsage) || key.backendAlwaysAuthenticate)
+            kind == .sign && isPrivateKey
+            && (settings.requiresFreshPIN(keyUsage: record?.keyUsage) || alwaysAuthenticate)
         return try withPrivateAccess(
-            caller: caller, settings: settings, kind: operation.kind, requiresFreshPIN: requiresFresh,
-            freshPIN: freshPIN, alwaysAuthenticate: key.backendAlwaysAuthenticate, session: s
+            caller: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh, freshPIN: fresh,
+            alwaysAuthenticate: alwaysAuthenticate, session: s
         ) { contextPIN in
-            try run(s, key, operation, contextPIN: contextPIN)
+            let handle = try resolveKey(request.key, s, caller: caller, function: function)
+            do {
+                return try run(s, handle, record: record, request.operation, contextPIN: contextPIN)
+            } catch {
+                // An operation a failure left active would block the session's next one.
+                if contextPIN != nil || request.key.isHandle { reset(s, request.key) }
+                throw error
+            }
+        }
+    }
+
+    /// The backend object of the key in the current login state.
+    private func resolveKey(_ key: KeyOperation.Key, _ s: SessionHandle, caller: CallerID, function: String) throws
+        -> ObjectHandle
+    {
+        switch key {
+        case .id(let id): return try findPrivateKey(s, id)
+        case .handle(let handle, _, _): return try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
+        }
+    }
+
+    private func reset(_ s: SessionHandle, _ key: KeyOperation.Key) {
+        switch key {
+        case .id: resetSession()
+        case .handle(_, let session, let readWrite): replaceRawSession(session, rw: readWrite)
         }
     }
 
@@ -93,7 +142,7 @@ extension TokenContext {
         return try withFreshPIN(
             s, caller: caller, holdsLogin: holds, alwaysAuthenticate: key.backendAlwaysAuthenticate, pin: pin
         ) {
-            try run(s, key, op, contextPIN: key.backendAlwaysAuthenticate ? pin : nil)
+            try run(s, try findPrivateKey(s, key.id), record: key, op, contextPIN: key.backendAlwaysAuthenticate ? pin : nil)
         }
     }
 
@@ -130,33 +179,33 @@ extension TokenContext {
         return handle
     }
 
-    func run(_ s: SessionHandle, _ key: KeyRecord, _ op: PrivateOperation, contextPIN: SecretPIN?) throws
-        -> [UInt8]
+    /// The operation itself, on a resolved key, inside whatever login the bracket made.
+    /// `contextPIN`: the key needs a context-specific login right after its *Init.
+    func run(_ s: SessionHandle, _ handle: ObjectHandle, record key: KeyRecord?, _ op: PrivateOperation, contextPIN: SecretPIN?)
+        throws -> [UInt8]
     {
         try backendCall {
-            let handle = try findPrivateKey(s, key.id)
             switch try adapted(op, s) {
             case .sign(let mechanism, let data):
                 if let pin = contextPIN {
                     try module.signInit(s, mechanism: mechanism, key: handle)
-                    do {
-                        try backendLogin(s, .contextSpecific, pin)
-                        return try module.signAfterInit(s, data: data)
-                    } catch {
-                        resetSession()
-                        throw error
-                    }
+                    try backendLogin(s, .contextSpecific, pin)
+                    return try module.signAfterInit(s, data: data)
                 }
-                if !key.backendAlwaysAuthenticate,
-                    (try? module.getAttributes(s, handle, [.alwaysAuthenticate]))?[.alwaysAuthenticate]?.pkcs11Bool == true
-                {
-                    // Learned only now (private attributes were hidden before login): remember it
-                    // and ask for the PIN rather than fail inside the signature.
-                    markAlwaysAuthenticate(key.id)
-                    throw PolicyError.pinRequired
+                if let key, !key.backendAlwaysAuthenticate, !key.alwaysAuthenticateChecked {
+                    // Private attributes were hidden when the key list was read: look once, in a
+                    // login, and ask for the PIN rather than fail inside the signature.
+                    let always = (try? module.getAttributes(s, handle, [.alwaysAuthenticate]))?[.alwaysAuthenticate]?.pkcs11Bool
+                    markAlwaysAuthenticate(key.id, always == true)
+                    if always == true { throw PolicyError.pinRequired }
                 }
                 return try module.sign(s, mechanism: mechanism, key: handle, data: data)
             case .decrypt(let mechanism, let data):
+                if let pin = contextPIN {
+                    try module.decryptInit(s, mechanism: mechanism, key: handle)
+                    try backendLogin(s, .contextSpecific, pin)
+                    return try module.decryptAfterInit(s, data: data)
+                }
                 return try module.decrypt(s, mechanism: mechanism, key: handle, data: data)
             }
         }
@@ -178,8 +227,9 @@ extension TokenContext {
         .ecdsaSHA1: .sha1, .ecdsaSHA256: .sha256, .ecdsaSHA384: .sha384, .ecdsaSHA512: .sha512,
     ]
 
-    func markAlwaysAuthenticate(_ id: [UInt8]) {
+    func markAlwaysAuthenticate(_ id: [UInt8], _ value: Bool) {
         guard let i = keys?.firstIndex(where: { $0.id == id }) else { return }
-        keys?[i].backendAlwaysAuthenticate = true
+        keys?[i].alwaysAuthenticateChecked = true
+        if value { keys?[i].backendAlwaysAuthenticate = true }
     }
 }

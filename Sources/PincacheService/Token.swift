@@ -51,7 +51,25 @@ struct KeyRecord: Sendable {
     var canDecrypt = false
     var keyUsage: UInt32?
     var backendAlwaysAuthenticate = false
+    /// CKA_ALWAYS_AUTHENTICATE was read in a login (it is hidden before one).
+    var alwaysAuthenticateChecked = false
     var certificate: [UInt8] = []
+}
+
+/// A private-key operation as either front end asks for it: Session1 names the key by its
+/// CKA_ID, the proxy by the daemon's object handle in one of its sessions. From here on both
+/// take one path (TokenContext.perform).
+struct KeyOperation: Sendable {
+    enum Key: Sendable {
+        case id([UInt8])
+        case handle(UInt64, session: UInt64, readWrite: Bool)
+
+        var isHandle: Bool { if case .handle = self { true } else { false } }
+    }
+    var key: Key
+    var operation: PrivateOperation
+    /// A PIN for this one operation (SignWithPin); the proxy's comes from a context-specific login.
+    var freshPIN: SecretPIN?
 }
 
 enum PrivateOperation: Sendable {

@@ -18,6 +18,9 @@ struct ObjectTable {
         var creatingSession: UInt64?
         /// The login epoch in which `backend` was last seen to be this object.
         var checkedEpoch: UInt64?
+
+        var keyID: [UInt8]? { template.first { $0.type == .id }?.value }
+        var objectClass: UInt? { template.first { $0.type == .class }?.value.pkcs11ULong }
     }
     var locators: [UInt64: Locator] = [:]
     var byIdentity: [[UInt8]: UInt64] = [:]
@@ -258,79 +261,30 @@ extension TokenContext {
 
     // MARK: - Cryptography (worker)
 
-    enum RawOperation {
-        case sign, decrypt, verify(signature: [UInt8]), encrypt
+    enum PublicKeyOperation: Equatable {
+        case verify(signature: [UInt8]), encrypt
     }
 
-    /// One PKCS#11 operation from Init to its final call (the proxy defers Init and Updates).
-    func rawOperation(
-        caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, op: RawOperation, mechanism: Mechanism,
+    /// C_Verify / C_Encrypt from Init to the final call (the proxy defers Init and Updates):
+    /// public-key operations, in the caller's login when it has one.
+    func publicKeyOperation(
+        caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, op: PublicKeyOperation, mechanism: Mechanism,
         key handle: UInt64, data: [UInt8]
     ) throws -> [UInt8] {
         let s = try rawSession(id, readWrite: rw)
-        let function: String
-        switch op {
-        case .sign: function = "C_SignInit"
-        case .decrypt: function = "C_DecryptInit"
-        case .verify: function = "C_VerifyInit"
-        case .encrypt: function = "C_EncryptInit"
-        }
+        let function = op == .encrypt ? "C_EncryptInit" : "C_VerifyInit"
         let loc = try locator(handle, caller: caller, function: function, invalid: .keyHandleInvalid)
-        let kind: OperationKind
-        switch op {
-        case .sign: kind = .sign
-        case .decrypt: kind = .decrypt
-        case .verify, .encrypt:
-            return try withObjectAccess(
-                caller: caller, settings: settings, s, loc, function: function, invalid: .keyHandleInvalid
-            ) {
-                let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
-                if case .verify(let signature) = op {
-                    try module.verifyRaw(s, mechanism: mechanism, key: h, data: data, signature: signature)
-                    return []
-                }
-                return try module.encrypt(s, mechanism: mechanism, key: h, data: data)
-            }
-        }
-        let fresh = contextPINs.removeValue(forKey: id)
-        if !loc.isPrivate && !policy.withLock({ $0.state(of: caller).loggedIn }) {
-            // A public key object (e.g. a secret key marked non-private): no login needed.
-            return try withAccess(caller: caller, settings: settings, s) {
-                let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
-                return try kind == .sign
-                    ? module.sign(s, mechanism: mechanism, key: h, data: data)
-                    : module.decrypt(s, mechanism: mechanism, key: h, data: data)
-            }
-        }
-        let keyID = loc.template.first { $0.type == .id }?.value
-        let record = keyID.flatMap { id in keys?.first { $0.id == id } }
-        let alwaysAuth = record?.backendAlwaysAuthenticate ?? false
-        let requiresFresh = kind == .sign && (requiresFreshPIN(loc, settings: settings) || alwaysAuth)
-        return try withPrivateAccess(
-            caller: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh, freshPIN: fresh,
-            alwaysAuthenticate: alwaysAuth, session: s
-        ) { contextPIN in
+        return try withObjectAccess(caller: caller, settings: settings, s, loc, function: function, invalid: .keyHandleInvalid) {
             let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
-            do {
-                switch kind {
-                case .sign:
-                    try module.signInit(s, mechanism: mechanism, key: h)
-                    if let pin = contextPIN { try backendLogin(s, .contextSpecific, pin) }
-                    return try module.signAfterInit(s, data: data)
-                default:
-                    try module.decryptInit(s, mechanism: mechanism, key: h)
-                    if let pin = contextPIN { try backendLogin(s, .contextSpecific, pin) }
-                    return try module.decryptAfterInit(s, data: data)
-                }
-            } catch {
-                // An operation left active by a failure would block the session's next one.
-                replaceRawSession(id, rw: rw)
-                throw error
+            if case .verify(let signature) = op {
+                try module.verifyRaw(s, mechanism: mechanism, key: h, data: data, signature: signature)
+                return []
             }
+            return try module.encrypt(s, mechanism: mechanism, key: h, data: data)
         }
     }
 
-    private func replaceRawSession(_ id: UInt64, rw: Bool) {
+    func replaceRawSession(_ id: UInt64, rw: Bool) {
         guard let old = rawSessions[id], let fresh = try? module.openSession(slot, readWrite: rw) else { return }
         rawSessions[id] = fresh
         try? module.closeSession(old)
