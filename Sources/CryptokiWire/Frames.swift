@@ -43,13 +43,13 @@ public enum Frames {
         e.put(kind.rawValue)
         e.put(UInt8(0))
         try e.encode(values, as: fields)
-        var bytes = e.bytes
-        let body = bytes.count - FrameHeader.size
+        let body = e.bytes.count - FrameHeader.size
         guard body <= Caps.frameBody else { throw WireError("frame", "\(body) bytes, at most \(Caps.frameBody)") }
+        // In place: a copy of a 16 MiB frame would cost more than the call.
         withUnsafeBytes(of: UInt32(body).littleEndian) { raw in
-            for i in 0..<4 { bytes[i] = raw[i] }
+            for i in 0..<4 { e.bytes[i] = raw[i] }
         }
-        return bytes
+        return e.bytes
     }
 
     /// An error reply; the message is cut to its cap (never refused) at a character boundary.

@@ -136,7 +136,7 @@ extension PincacheService {
 
         switch r.call.id {
         case Calls.closeSession.id:
-            closeSessionRecord(record) { r.reply([]) }
+            _ = closeSessionRecord(record, inline: true) { r.reply([]) }
         case Calls.getSessionInfo.id:
             let s = token.sessionState(caller: caller, rw: rw)
             r.reply([.ulong(UInt64(s.state)), .ulong(UInt64(s.flags)), .ulong(0)])

@@ -168,6 +168,9 @@ final class CryptokiConnection: @unchecked Sendable {
     private let closed: @Sendable (String) -> Void
     private let buffer = FrameBuffer()
     private var greeted = false
+    /// The socket's own thread, set when it starts: replies made on it (an inline job) need no
+    /// wake-up, the loop writes them before it polls again.
+    private let loopThread = Mutex<pthread_t?>(nil)
 
     private struct Outbox {
         var frames: [[UInt8]] = []
@@ -218,6 +221,7 @@ final class CryptokiConnection: @unchecked Sendable {
     }
 
     private func signal() {
+        if let own = loopThread.withLock({ $0 }), pthread_equal(own, pthread_self()) != 0 { return }
         var one: UInt8 = 1
         // A full pipe already holds a wake-up: the write may fail without loss.
         _ = Glibc.write(wakeWrite, &one, 1)
@@ -243,6 +247,7 @@ final class CryptokiConnection: @unchecked Sendable {
     }
 
     private func run() {
+        loopThread.withLock { $0 = pthread_self() }
         defer {
             Glibc.close(fd)
             Glibc.close(wakeRead)

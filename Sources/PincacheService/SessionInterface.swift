@@ -109,16 +109,19 @@ extension PincacheService {
     }
 
     /// Closes a session (both front ends); false if it was closed already.
-    func closeSessionRecord(_ record: SessionRecord, then done: @escaping @Sendable () -> Void) -> Bool {
+    /// `inline`: as for `onWorker`, the caller's own socket thread may run it when the token is idle.
+    func closeSessionRecord(_ record: SessionRecord, inline: Bool = false, then done: @escaping @Sendable () -> Void) -> Bool {
         guard sessions.withLock({ $0.removeValue(forKey: record.id) }) != nil else { return false }
         connection.unexport(record.path)
         registry.releaseSession(record.owner.rawValue, id: record.id)
-        // Through the worker, so operations queued before Close still see the session's login.
-        record.token.worker.submit {
+        // On the worker, so operations queued before Close still see the session's login.
+        let job: @Sendable () -> Void = {
             record.token.sessionClosed(caller: record.owner)
             record.token.closeRawSession(record.id)
             done()
         }
+        if inline, record.token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, job) { return true }
+        record.token.worker.submit(job)
         return true
     }
 

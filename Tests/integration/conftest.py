@@ -297,14 +297,14 @@ def daemon_env(tokens):
 @pytest.fixture
 def start_daemon(request, pincached_bin, bus, tokens, daemon_env, tmp_path):
     """start_daemon(caching=True, logout_after_sign=None, force_login=None,
-    module="softhsm"|"shim"|PATH, extra=[lines], apps={exe: [lines]}, text=None, args=[])
-    -> a ready Daemon. `text` replaces the generated config entirely; `args` are extra
-    command-line arguments."""
+    module="softhsm"|"shim"|PATH, extra=[lines], apps={exe: [lines]}, text=None, args=[],
+    env_extra={}) -> a ready Daemon. `text` replaces the generated config entirely; `args`
+    are extra command-line arguments, `env_extra` extra environment."""
     need(pincached_bin.exists(), f"{pincached_bin} not built (swift build)")
     daemons = []
     request.node._pincache_daemons = daemons
 
-    def start(module="softhsm", text=None, shim=None, args=(), **kw):
+    def start(module="softhsm", text=None, shim=None, args=(), env_extra=None, **kw):
         if module == "softhsm":
             modules = [SOFTHSM_MODULE]
         elif module == "shim":
@@ -318,6 +318,7 @@ def start_daemon(request, pincached_bin, bus, tokens, daemon_env, tmp_path):
         env = dict(daemon_env)
         if shim is not None:
             env.update(shim.env())
+        env.update(env_extra or {})
         d = Daemon(pincached_bin, bus, cfg, env, tmp_path / f"pincached-{n}.stderr", args)
         daemons.append(d)
         d.wait_ready()
