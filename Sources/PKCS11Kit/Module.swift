@@ -105,12 +105,25 @@ public final class PKCS11Module: @unchecked Sendable {
 
     /// PKCS#11's two-call convention: ask for the length, allocate, fetch; if the answer
     /// grew in between (`CKR_BUFFER_TOO_SMALL`), try again with the new length.
+    /// `guess`: for the output of a cryptographic operation, a first buffer of this size
+    /// instead of a length query, as most applications call it; a module that needs more
+    /// answers CKR_BUFFER_TOO_SMALL with the size and keeps the operation (PKCS#11 5.2).
+    /// Room for any signature or block a token usually returns (RSA-8192: 1024 bytes).
+    static let outputGuess = 1024
+
+    /// A cipher's output is about as long as its input (plus a block of padding).
+    static func outputGuess(for input: [UInt8]) -> Int { min(max(outputGuess, input.count + 64), maxLength) }
+
     private func twoCall<F, T>(
-        _ name: String, _ member: KeyPath<CK_FUNCTION_LIST, F?>, zero: T, cap: Int,
+        _ name: String, _ member: KeyPath<CK_FUNCTION_LIST, F?>, zero: T, cap: Int, guess: Int? = nil,
         _ body: (F, UnsafeMutablePointer<T>?, UnsafeMutablePointer<CK_ULONG>) -> CK_RV
     ) throws -> [T] {
         var needed: CK_ULONG = 0
-        try call(name, member) { f in body(f, nil, &needed) }
+        if let guess {
+            needed = CK_ULONG(guess)
+        } else {
+            try call(name, member) { f in body(f, nil, &needed) }
+        }
         for _ in 0..<4 {
             guard needed <= CK_ULONG(cap) else { throw tooLarge(name) }
             // Never pass a NULL buffer here: that would be another length query and, for
@@ -509,7 +522,7 @@ public final class PKCS11Module: @unchecked Sendable {
     /// 64 MiB is refused (the operation then stays active until the session closes).
     public func signAfterInit(_ s: SessionHandle, data: [UInt8]) throws -> [UInt8] {
         try withInput(data) { input, length in
-            try twoCall("C_Sign", \.C_Sign, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+            try twoCall("C_Sign", \.C_Sign, zero: UInt8(0), cap: Self.maxLength, guess: Self.outputGuess) { f, out, outLength in
                 f(s.rawValue, input, length, out, outLength)
             }
         }
@@ -524,7 +537,7 @@ public final class PKCS11Module: @unchecked Sendable {
 
     /// The two-call `C_SignFinal` of a multi-part signature.
     public func signFinal(_ s: SessionHandle) throws -> [UInt8] {
-        try twoCall("C_SignFinal", \.C_SignFinal, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+        try twoCall("C_SignFinal", \.C_SignFinal, zero: UInt8(0), cap: Self.maxLength, guess: Self.outputGuess) { f, out, outLength in
             f(s.rawValue, out, outLength)
         }
     }
@@ -562,7 +575,7 @@ public final class PKCS11Module: @unchecked Sendable {
             try call("C_DigestInit", \.C_DigestInit) { $0(s.rawValue, m) }
         }
         return try withInput(data) { input, length in
-            try twoCall("C_Digest", \.C_Digest, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+            try twoCall("C_Digest", \.C_Digest, zero: UInt8(0), cap: Self.maxLength, guess: Self.outputGuess) { f, out, outLength in
                 f(s.rawValue, input, length, out, outLength)
             }
         }
@@ -574,7 +587,7 @@ public final class PKCS11Module: @unchecked Sendable {
             try call("C_EncryptInit", \.C_EncryptInit) { $0(s.rawValue, m, key.rawValue) }
         }
         return try withInput(data) { input, length in
-            try twoCall("C_Encrypt", \.C_Encrypt, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+            try twoCall("C_Encrypt", \.C_Encrypt, zero: UInt8(0), cap: Self.maxLength, guess: Self.outputGuess(for: data)) { f, out, outLength in
                 f(s.rawValue, input, length, out, outLength)
             }
         }
@@ -596,7 +609,7 @@ public final class PKCS11Module: @unchecked Sendable {
     /// The two-call `C_Decrypt` of an operation started with `decryptInit`.
     public func decryptAfterInit(_ s: SessionHandle, data: [UInt8]) throws -> [UInt8] {
         try withInput(data) { input, length in
-            try twoCall("C_Decrypt", \.C_Decrypt, zero: UInt8(0), cap: Self.maxLength) { f, out, outLength in
+            try twoCall("C_Decrypt", \.C_Decrypt, zero: UInt8(0), cap: Self.maxLength, guess: Self.outputGuess(for: data)) { f, out, outLength in
                 f(s.rawValue, input, length, out, outLength)
             }
         }

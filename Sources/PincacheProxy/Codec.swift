@@ -26,8 +26,29 @@ enum Codec {
         guard length <= CK_ULONG(Caps.pin) else { throw CKError(CKR_PIN_LEN_RANGE) }
         // SAFETY: `length` bytes at `pointer`, as above.
         let raw = UnsafeBufferPointer(start: pointer, count: Int(length))
-        guard !raw.contains(0), String(validating: raw, as: UTF8.self) != nil else { throw CKError(CKR_PIN_INVALID) }
+        guard !raw.contains(0), isUTF8(raw) else { throw CKError(CKR_PIN_INVALID) }
         return Array(raw)
+    }
+
+    /// UTF-8 well-formedness, checked without making a String (which would leave a copy of
+    /// the PIN on the heap, unwiped).
+    static func isUTF8(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        var i = 0
+        while i < bytes.count {
+            let b = bytes[i]
+            let (length, minimum): (Int, UInt32) =
+                b < 0x80 ? (1, 0) : b & 0xE0 == 0xC0 ? (2, 0x80) : b & 0xF0 == 0xE0 ? (3, 0x800) : b & 0xF8 == 0xF0 ? (4, 0x10000) : (0, 0)
+            guard length > 0, i + length <= bytes.count else { return false }
+            var scalar = length == 1 ? UInt32(b) : UInt32(b) & (0xFF >> (length + 1))
+            for j in 1..<max(length, 1) {
+                let c = bytes[i + j]
+                guard c & 0xC0 == 0x80 else { return false }
+                scalar = scalar << 6 | UInt32(c & 0x3F)
+            }
+            guard scalar >= minimum, scalar <= 0x10FFFF, !(0xD800...0xDFFF).contains(scalar) else { return false }
+            i += length
+        }
+        return true
     }
 
     /// Overwrites a PIN copy once it has been sent.

@@ -49,10 +49,9 @@ extension PincacheService {
         case .modifyToken: action = .modifyToken
         case .manage: action = .manage
         case .cachedPIN:
-            guard let token else { return next() }
+            guard let token, token.policy.withLock({ $0.state(of: requester.info.id).cachedPIN }) else { return next() }
             let key = cachedUseKey(token, requester.info.id)
-            let usesCache = token.policy.withLock { $0.state(of: requester.info.id).cachedPIN }
-            guard usesCache, !cachedUseAllowed.withLock({ $0.contains(key) }) else { return next() }
+            guard !cachedUseAllowed.withLock({ $0.contains(key) }) else { return next() }
             authorizer.check(
                 .useCachedPIN, subject: requester.busName, interactive: requester.interactive,
                 details: details(token, requester.info, operation, keyID: keyID)

@@ -292,8 +292,9 @@ import Testing
             let clock = ContinuousClock()
             let start = clock.now
             _ = try m.sign(s, mechanism: Mechanism(.ecdsa), key: key, data: [UInt8](repeating: 1, count: 32))
-            // C_SignInit and both C_Sign calls each sleep.
-            #expect(clock.now - start >= .milliseconds(450))
+            // C_SignInit and C_Sign each sleep (one C_Sign: the first buffer is big enough, so
+            // there is no length query).
+            #expect(clock.now - start >= .milliseconds(300))
         }
     }
 
