@@ -1,0 +1,261 @@
+"""One pipeline: the seed's rules hold alike through both front ends — Session1 on D-Bus and
+the proxy's wire (the socket from Manager1.OpenCryptoki) — because both take one sequence of
+steps in the daemon: validate, authorise, bracket, run on the token's thread, after-rules.
+Every test here runs once per front end with the same expectations; the polkit ones run the
+daemon as it runs on the system bus, against a scripted polkit authority."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cryptoki_wire
+from pincache_client import EC_KEY, PIN, RSA_KEY, CallError, digest, digest_info, verify
+
+HERE = Path(__file__).resolve().parent
+MSG = b"one pipeline"
+# The CK_RV each Session1 error stands for (the wire carries the numbers themselves).
+CKR = {"PinIncorrect": 0xA0, "PinLocked": 0xA4, "NotLoggedIn": 0x101, "PinRequired": 0x101,
+       "TokenBusy": 0x104, "NotAuthorized": 0x200, "AlreadyLoggedIn": 0x100}
+CKF_SERIAL_SESSION, CKF_RW_SESSION = 0x4, 0x2
+CKU_USER, CKU_CONTEXT_SPECIFIC = 1, 2
+CKA_CLASS, CKA_TOKEN, CKA_LABEL, CKA_ID = 0x0, 0x1, 0x3, 0x102
+CKO_DATA, CKO_PRIVATE_KEY = 0, 3
+CKM_RSA_PKCS, CKM_ECDSA = 0x1, 0x1041
+
+
+class Refused(Exception):
+    def __init__(self, rv):
+        super().__init__(f"CK_RV {rv:#x}")
+        self.rv = rv
+
+
+def ulong(v):
+    return int(v).to_bytes(8, "little")
+
+
+class BusFront:
+    """Session1 on D-Bus: keys by CKA_ID, mechanisms by name."""
+
+    def __init__(self, client):
+        self.c = client
+        self.session = client.open_session(client.token())
+
+    def _do(self, fn, *args):
+        try:
+            return fn(*args)
+        except CallError as e:
+            raise Refused(CKR.get(e.name.rsplit(".", 1)[-1], -1)) from None
+
+    def login(self, pin=PIN):
+        self._do(self.c.login, self.session, pin)
+
+    def logout(self):
+        self._do(self.c.logout, self.session)
+
+    def sign(self, key_id, data):
+        return self._do(self.c.sign, self.session, key_id, "ECDSA" if key_id == EC_KEY else "RSA-PKCS", data)
+
+    def sign_with_pin(self, key_id, data, pin=PIN):
+        return self._do(self.c.sign_with_pin, self.session, pin, key_id,
+                        "ECDSA" if key_id == EC_KEY else "RSA-PKCS", data)
+
+
+class WireFront:
+    """The proxy's wire: keys by handle (found by CKA_ID), mechanisms by number."""
+
+    def __init__(self, client):
+        self.w = cryptoki_wire.CryptokiSocket(client)
+        slots = self.w.call("GetSlots")[0]
+        slot = next(s[0] for s in slots if s[7] == "pincache-demo")
+        self.session = self.w.call("OpenSession", slot, CKF_SERIAL_SESSION | CKF_RW_SESSION)[0]
+        self.keys = {}
+
+    def _do(self, name, *args):
+        try:
+            return self.w.call(name, self.session, *args)
+        except cryptoki_wire.WireError as e:
+            raise Refused(e.rv) from None
+
+    def login(self, pin=PIN):
+        self._do("Login", CKU_USER, pin.encode())
+
+    def logout(self):
+        self._do("Logout")
+
+    def key(self, key_id):
+        # Found once and kept, as applications keep handles (they outlive brackets).
+        if key_id not in self.keys:
+            found = self._do("FindObjects", [(CKA_CLASS, ulong(CKO_PRIVATE_KEY)), (CKA_ID, key_id)], 10)[0]
+            if not found:
+                raise Refused(0x101)  # a private key is invisible without the login
+            self.keys[key_id] = found[0]
+        return self.keys[key_id]
+
+    def sign(self, key_id, data):
+        key = self.key(key_id)
+        return self._do("Sign", (CKM_ECDSA if key_id == EC_KEY else CKM_RSA_PKCS, b""), key, data)[0]
+
+    def sign_with_pin(self, key_id, data, pin=PIN):
+        key = self.key(key_id)
+        self._do("Login", CKU_CONTEXT_SPECIFIC, pin.encode())
+        return self._do("Sign", (CKM_ECDSA if key_id == EC_KEY else CKM_RSA_PKCS, b""), key, data)[0]
+
+
+FRONTS = {"session1": BusFront, "wire": WireFront}
+
+
+@pytest.fixture(params=sorted(FRONTS))
+def front(request, make_client):
+    kind = FRONTS[request.param]
+    return lambda name="client": kind(make_client(name))
+
+
+def ec_input(message=MSG):
+    return digest(message)
+
+
+def refused(fn, *args):
+    with pytest.raises(Refused) as e:
+        fn(*args)
+    return e.value.rv
+
+
+# --- the seed's rules --------------------------------------------------------------------------
+
+def test_caching_login_is_per_environment_and_logout_ends_it(start_daemon, front, tokens):
+    start_daemon(caching=True)
+    a, b = front("A"), front("B")
+    a.login()
+    for _ in range(2):
+        verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))
+    assert refused(b.sign, EC_KEY, ec_input()) == 0x101, "B never logged in"
+    a.logout()
+    assert refused(a.sign, EC_KEY, ec_input()) == 0x101
+
+
+def test_noncaching_login_locks_the_token_to_its_caller(start_daemon, front, tokens):
+    start_daemon(caching=False)
+    a, b = front("A"), front("B")
+    a.login()
+    assert refused(b.login) == 0x104  # CKR_USER_ANOTHER_ALREADY_LOGGED_IN
+    verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))
+    a.logout()
+    b.login()
+    verify(tokens.cert("ec"), "ECDSA", MSG, b.sign(EC_KEY, ec_input()))
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_logout_after_sign(start_daemon, front, tokens, caching):
+    start_daemon(caching=caching, logout_after_sign=True)
+    a = front()
+    a.login()
+    verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))
+    assert refused(a.sign, EC_KEY, ec_input()) == 0x101, "logged out after the signature"
+
+
+def test_force_login_key_needs_a_fresh_pin_for_every_signature(start_daemon, front, tokens):
+    start_daemon(caching=True, force_login=0x40)
+    a = front()
+    a.login()
+    data = digest_info(MSG)
+    assert refused(a.sign, RSA_KEY, data) == 0x101, "the cached PIN is never used for it"
+    assert refused(a.sign_with_pin, RSA_KEY, data, "000000") == 0xA0
+    verify(tokens.cert("rsa"), "RSA-PKCS", MSG, a.sign_with_pin(RSA_KEY, data))
+    assert refused(a.sign, RSA_KEY, data) == 0x101, "one PIN, one signature"
+    verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))
+
+
+def test_a_stale_cached_pin_costs_the_token_one_try(start_daemon, front, faultshim, tokens):
+    start_daemon(caching=True, module="shim", shim=faultshim)
+    clients = [front(f"C{i}") for i in range(3)]
+    for c in clients:
+        c.login()
+    before = len(faultshim.logins())
+    faultshim.reject_pin(PIN)  # the PIN was changed elsewhere
+    codes = [refused(c.sign, EC_KEY, ec_input()) for c in clients]
+    assert codes == [0xA0, 0x101, 0x101]
+    assert len(faultshim.logins()) == before + 1
+
+
+# --- one authorisation step ----------------------------------------------------------------------
+
+class Polkit:
+    """The scripted authority: decides from a rules file, logs every check."""
+
+    def __init__(self, bus, tmp):
+        self.rules = tmp / "polkit-rules.json"
+        self.log = tmp / "polkit-log.jsonl"
+        self.allow()
+        self.log.write_text("")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "scripted_polkit.py"), bus.address,
+                                      str(self.rules), str(self.log)], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def allow(self, **denied):
+        self.rules.write_text(json.dumps({f"org.pincache.{k.replace('_', '-')}": False for k in denied}))
+
+    def checks(self, action=None):
+        entries = [json.loads(line) for line in self.log.read_text().splitlines() if line]
+        return [e for e in entries if action is None or e["action"] == "org.pincache." + action]
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def polkit(bus, tmp_path, start_daemon):
+    p = Polkit(bus, tmp_path)
+    # On the system bus pincached asks polkit for every PIN use: here a private bus plays it.
+    start_daemon(caching=True, args=["--bus", "system"], env_extra={"DBUS_SYSTEM_BUS_ADDRESS": bus.address})
+    yield p
+    p.stop()
+
+
+def test_denied_use_of_the_cached_pin_refuses_the_signature(polkit, front, tokens):
+    polkit.allow(use_cached_pin=True)
+    a = front()
+    a.login()
+    assert refused(a.sign, EC_KEY, ec_input()) == 0x200  # CKR_FUNCTION_REJECTED / NotAuthorized
+    checks = polkit.checks("use-cached-pin")
+    assert checks and all(c["kind"] == "system-bus-name" and c["subject"].startswith(":") for c in checks)
+    polkit.allow()
+    verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))
+
+
+def test_the_cached_pin_is_authorised_once_per_login(polkit, front, tokens):
+    a = front()
+    a.login()
+    assert len(polkit.checks("login")) == 1
+    for _ in range(3):
+        verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))
+    assert len(polkit.checks("use-cached-pin")) == 1, polkit.checks()
+    a.logout()
+    a.login()
+    a.sign(EC_KEY, ec_input())
+    assert len(polkit.checks("use-cached-pin")) == 2, "a new login is asked about again"
+
+
+def test_denied_login_submits_no_pin(polkit, front):
+    polkit.allow(login=True)
+    a = front()
+    assert refused(a.login) == 0x200
+    assert [c["operation"] for c in polkit.checks("login")] == ["login"]
+
+
+def test_changing_the_token_needs_its_own_right(polkit, make_client):
+    """Only the wire can change token objects: org.pincache.modify-token guards it."""
+    polkit.allow(modify_token=True)
+    w = WireFront(make_client())
+    w.login()  # SoftHSM makes token objects for a logged-in user only
+    template = [(CKA_CLASS, ulong(CKO_DATA)), (CKA_TOKEN, b"\x01"), (CKA_LABEL, b"not-allowed")]
+    assert refused(w._do, "CreateObject", template) == 0x200
+    assert w._do("FindObjects", [(CKA_LABEL, b"not-allowed")], 10)[0] == []
+    polkit.allow()
+    handle = w._do("CreateObject", template)[0]
+    assert w._do("FindObjects", [(CKA_LABEL, b"not-allowed")], 10)[0] == [handle]
+    w._do("DestroyObject", handle)
+    assert [c["operation"] for c in polkit.checks("modify-token")] == ["create-object", "create-object", "destroy-object"]
