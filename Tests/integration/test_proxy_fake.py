@@ -1,6 +1,7 @@
-"""The proxy's own mechanics against a scripted Cryptoki1 daemon (test_proxy_fakedaemon.py):
-round trips per operation, error codes, restarts and crashes, slot events, hostile
-replies, fork, threads and argument checks. The real daemon is in test_proxy.py."""
+"""The proxy's own mechanics against a scripted daemon that speaks the wire
+(test_proxy_fakedaemon.py): round trips per operation, error codes, restarts and crashes, slot
+events, hostile replies and broken transports, fork, threads and argument checks. The real
+daemon is in test_proxy.py."""
 
 import hashlib
 import os
@@ -160,6 +161,13 @@ def test_daemon_crash_during_sign_is_device_removed(fake, host):
 @pytest.mark.parametrize("mode,command,expected", [
     ("wrong-signature", "slots", "CKR_SLOT_ID_INVALID"),
     ("huge-find", "sign", "CKR_DEVICE_ERROR"),
+    # Broken transports: a frame the table cannot contain is CKR_DEVICE_ERROR, a socket
+    # that ends is CKR_DEVICE_REMOVED; never a crash or a hang.
+    ("short-frame", "sign", "CKR_DEVICE_REMOVED"),
+    ("gone-mid-call", "sign", "CKR_DEVICE_REMOVED"),
+    ("wrong-call", "sign", "CKR_DEVICE_ERROR"),
+    ("oversize", "sign", "CKR_DEVICE_ERROR"),
+    ("wrong-tag", "sign", "CKR_DEVICE_ERROR"),
 ])
 def test_hostile_replies_fail_cleanly(fake, host, mode, command, expected):
     fake(hostile=mode)
@@ -171,7 +179,13 @@ def test_hostile_replies_fail_cleanly(fake, host, mode, command, expected):
     else:
         h("slots")
         _, s = h("open")
+        start = time.monotonic()
         assert h(f"sign {s} 1 ECDSA 00")[0] == expected
+        assert time.monotonic() - start < 10
+        if mode != "huge-find":
+            # The socket is done for: its sessions are gone, a new one works again.
+            assert h(f"state {s}")[0] in ("CKR_SESSION_HANDLE_INVALID", "CKR_DEVICE_REMOVED", "CKR_DEVICE_ERROR")
+            assert h("open")[0] == "CKR_OK"
     assert h("finalize")[0] == "CKR_OK"
     assert h.proc.poll() is None
 
@@ -180,7 +194,7 @@ def test_slot_events(fake, host):
     f = fake()
     h = host()
     h("init")
-    assert h("slots") == ("CKR_OK", "0")  # slot ids are handed out as the slot list shows paths
+    assert h("slots") == ("CKR_OK", "0")  # slot ids are handed out as the slot list shows slots
     assert h("wait nonblock")[0] == "CKR_NO_EVENT"
     f.insert("/org/pincache/token/1")
     deadline = time.monotonic() + 10
