@@ -19,19 +19,12 @@ set -uo pipefail
 cd "$repo"
 
 sanitizers=${SANITIZERS:-"thread address"}
-tests=${SANITIZER_TESTS:-"test_caching.py test_noncaching.py test_stale_pin.py test_cryptoki.py test_proxy.py test_channel.py"}
+tests=${SANITIZER_TESTS:-"test_caching.py test_noncaching.py test_stale_pin.py test_cryptoki.py test_pipeline.py test_proxy.py"}
 # The proxy links the Swift runtime statically, so the Mutex wrapper below cannot reach its
 # copy of Synchronization: under TSan every contended lock in it is a false report. Until a
 # TSan build of the proxy with a shared runtime exists, it runs under ASan only; under TSan
-# the channel and fast-path tests that need no proxy host drive the daemon's channel and
-# fast-path threads from Python.
-channel_tsan="test_channel.py::test_a_ticket_binds_only_its_own_process_and_only_once
- test_channel.py::test_unbound_channel_answers_nothing_and_is_closed
- test_channel.py::test_channel_speaks_for_its_caller_and_refuses_pins
- test_channel.py::test_channel_closes_when_its_caller_leaves_the_bus
- test_channel.py::test_fast_path_serves_only_its_callers_sessions_and_drops_bad_frames"
-tsan_default=${tests/test_proxy.py/}
-tsan_tests=${SANITIZER_TSAN_TESTS:-"${tsan_default/test_channel.py/} $channel_tsan"}
+# the daemon's cryptoki sockets are driven from Python (test_cryptoki.py, test_pipeline.py).
+tsan_tests=${SANITIZER_TSAN_TESTS:-"${tests/test_proxy.py/}"}
 runtime_dir=$(dirname "$(command -v swift)")/../lib/swift/clang/lib/linux
 clang=$(dirname "$(command -v swift)")/clang
 

@@ -25,8 +25,6 @@ MANAGER_PATH = "/org/pincache"
 MANAGER = "org.pincache.Manager1"
 TOKEN = "org.pincache.Token1"
 SESSION = "org.pincache.Session1"
-CSESSION = "org.pincache.CryptokiSession1"
-CSLOT = "org.pincache.CryptokiSlot1"
 PROPS = "org.freedesktop.DBus.Properties"
 TIMEOUT = 30.0
 
@@ -57,14 +55,14 @@ def main():
         lambda: msg(token, TOKEN, "SignOnce", "ssss", "0000", "01", "ECDSA", "data"),
         lambda: msg(session, SESSION, "Sign", "ayay", [1], [2]),
         lambda: msg(session, SESSION, "Login", "ay", [0x31, 0x32]),
-        lambda: msg(session, CSESSION, "FindObjects", "a(ty)", [(1, 2)]),
-        lambda: msg(token, CSLOT, "OpenSession", "s", "rw"),
+        lambda: msg(MANAGER_PATH, MANAGER, "OpenCryptoki", "s", "rw"),
+        lambda: msg(token, TOKEN, "OpenSession", "s", "rw"),
         # right signature, refused values (no PIN reaches a token)
         lambda: msg(token, TOKEN, "SignOnce", "saysay", "0" * 300, [1], "ECDSA", [1]),
         lambda: msg(token, TOKEN, "SignOnce", "saysay", "0000", [], "ECDSA", [1]),
         lambda: msg(token, TOKEN, "SignOnce", "saysay", "0000", [1], "NO-SUCH-MECH", [1]),
         lambda: msg(session, SESSION, "Sign", "aysay", [1] * 300, "ECDSA", [1]),
-        lambda: msg(session, CSESSION, "FindObjects", "a(tay)t", [(0, [1] * 4)] * 300, 10),
+        lambda: msg(session, SESSION, "Decrypt", "aysay", [1] * 300, "RSA-OAEP-SHA1", [1]),
         # unknown paths, interfaces, members
         lambda: msg(f"/org/pincache/nope/{rnd.randrange(1 << 30)}", MANAGER, "GetTokens"),
         lambda: msg(f"/org/pincache/token/{rnd.randrange(1000, 1 << 30)}", TOKEN, "ListKeys"),
@@ -76,7 +74,7 @@ def main():
         lambda: msg(token, PROPS, "Set", "ssv", TOKEN, "Label", dbus.String("x", variant_level=1)),
         # no interface
         lambda: msg(MANAGER_PATH, None, "Bogus"),
-        lambda: msg(session, None, "Login", "s", "0000"),  # ambiguous: Session1 and CryptokiSession1
+        lambda: msg(session, None, "Login", "ay", [0x30]),
         lambda: msg(token, None, "SignOnce", "y", 1),
         lambda: msg(f"/org/pincache/x{rnd.randrange(1000)}", None, "Ping", "s", "x"),
         # attached file descriptors
@@ -89,7 +87,7 @@ def main():
     big_kinds = [
         lambda n: msg(token, TOKEN, "SignOnce", "saysay", "0000", [1], "ECDSA", dbus.ByteArray(b"\x00" * n)),
         lambda n: msg(session, SESSION, "Sign", "aysay", dbus.ByteArray(b"\x01" * n), "ECDSA", [1]),
-        lambda n: msg(session, CSESSION, "Digest", "(tay)ay", (0x250, []), dbus.ByteArray(b"\x02" * n)),
+        lambda n: msg(session, SESSION, "Decrypt", "aysay", [1], "RSA-OAEP-SHA1", dbus.ByteArray(b"\x02" * n)),
     ]
     big_at = set(rnd.sample(range(count), min(big, count)))
     out = {"sent": 0, "errors": {}, "unexpected_success": 0, "no_reply_sent": 0, "big": 0, "send_failures": 0}

@@ -6,7 +6,7 @@ Afterwards the daemon is the same process, its RSS is within baseline + 16 MiB a
 count is back to baseline, every malformed call was refused, and a healthy client signing
 throughout the flood saw p99 <= 50 ms. Two healthy clients sign: a D-Bus client on the bus
 (Python) and a PKCS#11 application through the proxy (bench/p11bench.c), whose signatures take
-its fast path (dbus/README.md); the target is held for the proxy client. The bus client's p99 is printed: its
+its socket (dbus/README.md, "The Cryptoki wire"); the target is held for the proxy client. The bus client's p99 is printed: its
 calls queue in dbus-daemon behind the flood (16 arrays of 32 MiB among it), which no daemon
 can reorder."""
 
@@ -202,11 +202,11 @@ def test_flood(start_daemon, make_client, bus, tokens, p11bench, build_dir, tmp_
     record(ITEM, "healthy bus client p99 during flood (queued in dbus-daemon)", round(p99, 2), "ms")
     record(ITEM, "healthy max during flood", round(max(latencies) * 1000, 2), "ms")
     proxy_p99 = float(proxy_result["p99_us"]) / 1000
-    record(ITEM, "healthy proxy client (fast path) signatures / p50", f"{int(float(proxy_result['n']))} / "
+    record(ITEM, "healthy proxy client (wire) signatures / p50", f"{int(float(proxy_result['n']))} / "
            f"{float(proxy_result['p50_us']) / 1000:.2f}", "ms")
-    record(ITEM, "healthy proxy client (fast path) p99 during flood", round(proxy_p99, 2), "ms",
+    record(ITEM, "healthy proxy client (wire) p99 during flood", round(proxy_p99, 2), "ms",
            limit=P99_LIMIT_MS, ok=proxy_p99 <= P99_LIMIT_MS)
-    record(ITEM, "healthy proxy client (fast path) max", round(float(proxy_result["max_us"]) / 1000, 2), "ms")
+    record(ITEM, "healthy proxy client (wire) max", round(float(proxy_result["max_us"]) / 1000, 2), "ms")
     record(ITEM, "healthy GetCallerState p50 / p99 during flood",
            f"{percentile(cheap, 50) * 1000:.2f} / {percentile(cheap, 99) * 1000:.2f}", "ms")
     record(ITEM, "daemon CPU time (whole test)", round(daemon_cpu_seconds(pid), 1), "s")
@@ -224,5 +224,5 @@ def test_flood(start_daemon, make_client, bus, tokens, p11bench, build_dir, tmp_
     assert not refused, f"the healthy client's calls were refused: {refused}"
     # The p99 target is a figure (printed, marked FAIL in the table when over), not an
     # assertion: latency on a shared 2-core machine is measured, not asserted. It is held for
-    # the proxy client, whose fast path bypasses dbus-daemon; the bus client's p99 is
+    # the proxy client, whose socket bypasses dbus-daemon; the bus client's p99 is
     # printed beside it (docs/reliability.md explains the difference).

@@ -36,20 +36,22 @@ TOKEN_STORE = Path("/var/lib/softhsm/tokens")
 RULES_FILE = Path("/etc/polkit-1/rules.d/10-pincache-systest.rules")
 LABEL = "pincache-systest"
 PIN = "123456"
-U1, U2 = "pctest1", "pctest2"
+U1, U2, U3 = "pctest1", "pctest2", "pctest3"
 DAEMON_USER = "pincache"
 RUN_DIR = "/run/pincache"
 
 # Allows U1 everything but org.pincache.manage (so FlushCaches from U1 is refused: it falls
-# through to auth_admin_keep, and no agent can answer), denies U2 everything.
+# through to auth_admin_keep, and no agent can answer), denies U2 everything, and lets U3 log
+# in but never use its cached PIN (the one authorisation step, on both front ends).
 TEST_RULES = """
 polkit.addRule(function(action, subject) {
     if (action.id.indexOf("org.pincache.") != 0) return undefined;
     if (subject.user == "%s" && action.id != "org.pincache.manage") return polkit.Result.YES;
     if (subject.user == "%s") return polkit.Result.NO;
+    if (subject.user == "%s") return action.id == "org.pincache.login" ? polkit.Result.YES : polkit.Result.NO;
     return undefined;
 });
-""" % (U1, U2)
+""" % (U1, U2, U3)
 
 
 def need(condition, why):
@@ -254,15 +256,6 @@ def system():
         # First thing at teardown: the daemon the tests activated goes, before anything it uses.
         cleanups.append(stop_daemon)
 
-        # What systemd's RuntimeDirectory=pincache (pincached.service) makes; activation here
-        # runs without systemd. The daemon listens for proxy channels in it.
-        made_run_dir = not os.path.isdir(RUN_DIR)
-        if made_run_dir:
-            os.makedirs(RUN_DIR, mode=0o755)
-            pw = pwd.getpwnam(DAEMON_USER)
-            os.chown(RUN_DIR, pw.pw_uid, pw.pw_gid)
-            cleanups.append(lambda: shutil.rmtree(RUN_DIR, ignore_errors=True))
-
         # 3. The test polkit rule, then polkitd (which reads rules at start and on change).
         RULES_FILE.parent.mkdir(parents=True, exist_ok=True)
         RULES_FILE.write_text(TEST_RULES)
@@ -285,8 +278,8 @@ def system():
         else:
             time.sleep(2)  # a running polkitd notices the new rule through inotify
 
-        # 4. Two unprivileged users.
-        for user in (U1, U2):
+        # 4. Three unprivileged users.
+        for user in (U1, U2, U3):
             try:
                 pwd.getpwnam(user)
             except KeyError:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
-from conftest import DAEMON_USER, LABEL, PIN, REPO, U1, U2, run, stop_daemon
+from conftest import DAEMON_USER, LABEL, PIN, REPO, RUN_DIR, U1, U2, U3, run, stop_daemon
 
 MANAGER = "/org/pincache"
 M1 = "org.pincache.Manager1"
@@ -36,6 +36,7 @@ EC_KEY, RSA_KEY = "01", "02"
 ACTIONS = {  # DESIGN §3: id -> implicit any / inactive / active
     "org.pincache.login": ("no", "no", "yes"),
     "org.pincache.use-cached-pin": ("no", "no", "yes"),
+    "org.pincache.modify-token": ("auth_admin_keep", "auth_admin_keep", "yes"),
     "org.pincache.manage": ("auth_admin_keep",) * 3,
 }
 INSTALLED = [
@@ -200,7 +201,7 @@ def test_bus_policy_refuses_other_interfaces(system):
     c.ok(MANAGER, "org.freedesktop.DBus.Peer", "Ping")
     c.ok(MANAGER, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
     assert c.ok(MANAGER, PROPS, "Get", "ss", M1, "Version")
-    assert isinstance(c.ok(MANAGER, "org.pincache.CryptokiManager1", "GetSlots"), list)
+    assert isinstance(c.ok(MANAGER, M1, "GetTokens"), list)
     # Refused by the bus itself, before the daemon sees them.
     for iface, member, sig, args in [
         (PROPS, "Set", "ssv", [M1, "CachingMode", False]),
@@ -329,29 +330,53 @@ def daemon_statistics():
     return {k: v["data"] for k, v in json.loads(r.stdout)["data"][0].items()}
 
 
-def test_proxy_of_another_user_uses_the_peer_channel_and_the_fast_path(system):
-    """A user's PKCS#11 application, through the installed proxy, talks over the daemon's
-    peer channel (/run/pincache/channel: the socket lets any user connect, and the ticket
-    from the bus binds the channel to that user's own process) and signs over its fast path
-    (a socket pair passed over the system bus, through its bus policy)."""
+def proxy_sign(system, user, out_name):
+    """pkcs11-tool as `user` through the installed proxy: login, find the EC key, sign."""
     proxies = glob.glob("/usr/lib/*/pkcs11/libpincache-pkcs11.so")
     assert len(proxies) == 1, proxies
-    system.client(U1).ok(MANAGER, M1, "GetStatistics")  # activates the daemon
-    st = os.stat("/run/pincache/channel")
-    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o666, oct(st.st_mode)
-    assert pwd.getpwuid(st.st_uid).pw_name == DAEMON_USER
-    data = system.workdir / "channel-data.bin"
+    data = system.workdir / f"{out_name}-data.bin"
     data.write_bytes(hashlib.sha256(MSG).digest())
     data.chmod(0o644)
-    out = system.workdir / "channel-sig.bin"
+    out = system.workdir / f"{out_name}-sig.bin"
     out.write_bytes(b"")
     out.chmod(0o666)
-    before = daemon_statistics()
-    r = system.run_as(U1, "pkcs11-tool", "--module", proxies[0], "--token-label", LABEL, "--login",
+    r = system.run_as(user, "pkcs11-tool", "--module", proxies[0], "--token-label", LABEL, "--login",
                       "--pin", PIN, "--sign", "--id", EC_KEY, "--mechanism", "ECDSA",
                       "--input-file", str(data), "--output-file", str(out))
+    return r, out
+
+
+def test_proxy_of_another_user_signs_over_its_socket_and_nothing_listens(system):
+    """A user's PKCS#11 application, through the installed proxy, gets its socket from the
+    system bus (Manager1.OpenCryptoki passes it through the bus policy) and makes every call
+    there; nothing of pincache's listens in the filesystem."""
+    system.client(U1).ok(MANAGER, M1, "GetStatistics")  # activates the daemon
+    before = daemon_statistics()
+    r, out = proxy_sign(system, U1, "wire")
     assert r.returncode == 0, r.stdout + r.stderr
     verify_ec(system, MSG, out.read_bytes())
     after = daemon_statistics()
-    assert after["ChannelCalls"] > before["ChannelCalls"], "the proxy's calls did not go over the channel"
-    assert after["FastPathCalls"] > before["FastPathCalls"], "the signature did not go over the fast path"
+    assert after["CryptokiCalls"] > before["CryptokiCalls"], "the proxy's calls did not go over its socket"
+    assert not os.path.exists(RUN_DIR) or not any(
+        stat.S_ISSOCK(os.stat(os.path.join(RUN_DIR, n)).st_mode) for n in os.listdir(RUN_DIR)), os.listdir(RUN_DIR)
+    # No listening unix socket of pincache's anywhere (flag __SO_ACCEPTCON in /proc/net/unix).
+    listening = [line for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+                 if len(line.split()) > 7 and int(line.split()[3], 16) & 0x10000 and "pincache" in line.split()[7]]
+    assert not listening, listening
+
+
+def test_denied_cached_pin_use_is_denied_on_both_front_ends(system):
+    """U3 may log in but not use its cached PIN (the test rule): through the installed proxy its
+    login succeeds and the private-key work after it is refused with CKR_FUNCTION_REJECTED,
+    exactly as Session1.Sign after Session1.Login is refused with NotAuthorized."""
+    r, out = proxy_sign(system, U3, "denied")
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert "CKR_FUNCTION_REJECTED" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert out.read_bytes() == b""
+    c = system.client(U3)
+    tok = token_path(c)
+    session = c.ok(tok, T1, "OpenSession")
+    c.ok(session, S1, "Login", "s", PIN)
+    digest = hashlib.sha256(MSG).digest()
+    answer = c.call(session, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA", {"hex": digest.hex()})
+    assert answer.get("error") == "org.pincache.Error.NotAuthorized", answer
