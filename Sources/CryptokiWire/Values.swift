@@ -120,10 +120,6 @@ public struct WireEncoder {
         }
     }
 
-    /// Overwrites everything encoded so far (a frame that carried a PIN).
-    public mutating func wipe() {
-        bytes.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0) }
-    }
 }
 
 // MARK: - Decoding
