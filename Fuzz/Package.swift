@@ -22,22 +22,22 @@ let package = Package(
         .target(name: "PKCS11Kit", dependencies: ["CPKCS11"]),
         .target(name: "PCSCKit", dependencies: ["CPCSC"]),
         .target(name: "PinPolicy", dependencies: ["CShims"]),
-        .target(name: "FastPathWire"),
-        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "FastPathWire"]),
+        .target(name: "CryptokiWire"),
+        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "CryptokiWire"]),
         .target(name: "CPincacheProxy", dependencies: ["CPKCS11"]),
-        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "FastPathWire"]),
+        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "CryptokiWire"]),
 
         // libFuzzer's driver for the executables below (see Driver/include/fuzzdriver.h).
         .target(name: "FuzzDriver", path: "Driver"),
         // One executable per fuzz target; Fuzz/corpus/<name>/ holds each one's seeds.
         .target(name: "FuzzSupport", dependencies: ["CDBus"], path: "Support"),
         fuzzer("FuzzDBusMessage", ["DBusKit"]),
-        fuzzer("FuzzServiceArguments", ["DBusKit", "PKCS11Kit", "PinPolicy", "PincacheService", "CPKCS11"]),
+        fuzzer("FuzzServiceArguments", ["CryptokiWire", "PKCS11Kit", "PinPolicy", "PincacheService", "CPKCS11"]),
         fuzzer("FuzzConfiguration", ["PinPolicy"]),
         fuzzer("FuzzKeyUsage", ["PinPolicy"]),
-        fuzzer("FuzzProxyReply", ["DBusKit", "PincacheProxy", "CPKCS11"]),
-        fuzzer("FuzzProxyArguments", ["DBusKit", "PincacheProxy", "CPKCS11"]),
-        fuzzer("FuzzFastPath", ["FastPathWire"]),
+        fuzzer("FuzzProxyReply", ["CryptokiWire", "PincacheProxy", "CPKCS11"]),
+        fuzzer("FuzzProxyArguments", ["CryptokiWire", "PincacheProxy", "CPKCS11"]),
+        fuzzer("FuzzCryptokiWire", ["CryptokiWire"]),
     ],
     swiftLanguageModes: [.v6]
 )

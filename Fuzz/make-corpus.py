@@ -425,36 +425,213 @@ def proxy_argument_seeds():
     }
 
 
-def fast_path_seeds():
-    """The first byte picks the decoder: even = request (daemon side), odd = reply (proxy side)."""
-    def req(op=1, session=1, mech=0x1041, key=1, param=b"", data=b"\x00" * 32, sig=b"", counts=None):
-        p, d, s = counts or (len(param), len(data), len(sig))
-        return b"\x00" + struct.pack("<IIQQQIII", 0x31464350, op, session, mech, key, p, d, s) + param + data + sig
+# --- the Cryptoki wire ------------------------------------------------------------------
+# Frames written byte by byte from the documented layout (dbus/README.md, "The Cryptoki
+# wire"): a 12-byte header (u32 body length, u32 tag, u16 call id, u8 kind, u8 0), then the
+# body. ulong = u64; bytes, secret and string = u32 length + data; array = u32 count +
+# elements; record = its fields in order; all little-endian. The field lists come from
+# dbus/cryptoki-wire.json (generated from the call table); no cap is checked here, so
+# hostile frames are written as easily as good ones.
 
-    def rep(status, first, second, body, counts=None):
-        a, b = counts or (first, second)
-        return b"\x01" + struct.pack("<IIII", 0x31524350, status, a, b) + body
+def _wire_table():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "dbus", "cryptoki-wire.json")
+    with open(path) as f:
+        return __import__("json").load(f)
 
-    return {
-        "request-sign": req(),
-        "request-verify": req(op=3, sig=b"\x01" * 64),
-        "request-oaep-params": req(op=2, mech=9, param=bytes(24)),
-        "request-sign-with-signature": req(sig=b"x"),
-        "request-unknown-op": req(op=9),
-        "request-count-overflow": req(counts=(0, 0xFFFFFFFF, 0xFFFFFFFF)),
-        "request-count-short": req(counts=(0, 33, 0)),
-        "request-param-too-long": req(param=bytes(1025)),
-        "request-data-max": req(data=bytes(64 * 1024)),
-        "request-data-max-plus-1": req(data=bytes(64 * 1024 + 1)),
-        "request-empty": b"\x00",
-        "reply-output": rep(0, 64, 0, bytes(64)),
-        "reply-error": rep(1, 9, 2, b"org.x.Bad" + b"ok"),
-        "reply-error-bad-name": rep(1, 5, 0, b"a/b.c"),
-        "reply-error-bad-utf8": rep(1, 3, 2, b"a.B\xff\xfe"),
-        "reply-output-with-second": rep(0, 1, 1, b"ab"),
-        "reply-count-overflow": rep(0, 0xFFFFFFFF, 0xFFFFFFFF, b""),
-        "reply-status-2": rep(2, 0, 0, b""),
+
+WIRE = _wire_table()
+CALLS = {c["name"]: c for c in WIRE["calls"]}
+REQUEST, REPLY, ERROR = 0, 1, 2
+
+
+def wire_value(value, t):
+    kind = t["kind"]
+    if kind == "ulong":
+        return struct.pack("<Q", value)
+    if kind in ("bytes", "secret", "string"):
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        return struct.pack("<I", len(data)) + data
+    if kind == "array":
+        return struct.pack("<I", len(value)) + b"".join(wire_value(v, t["element"]) for v in value)
+    if kind == "record":
+        assert len(value) == len(t["fields"]), (value, t)
+        return b"".join(wire_value(v, f["type"]) for v, f in zip(value, t["fields"]))
+    raise ValueError(kind)
+
+
+def wire_body(fields, values):
+    assert len(values) == len(fields), (values, [f["name"] for f in fields])
+    return b"".join(wire_value(v, f["type"]) for v, f in zip(values, fields))
+
+
+def wire_frame(call_id, kind, body, tag=1, length=None, reserved=0):
+    return struct.pack("<IIHBB", len(body) if length is None else length, tag, call_id, kind, reserved) + body
+
+
+def request_body(name, *values):
+    return wire_body(CALLS[name]["request"], values)
+
+
+def reply_body(name, *values):
+    return wire_body(CALLS[name]["response"], values)
+
+
+def error_body(rv, message):
+    return wire_body(WIRE["error"], (rv, message))
+
+
+def wire_request(name, *values, tag=1):
+    return wire_frame(CALLS[name]["id"], REQUEST, request_body(name, *values), tag)
+
+
+def wire_reply(name, *values, tag=1):
+    return wire_frame(CALLS[name]["id"], REPLY, reply_body(name, *values), tag)
+
+
+def wire_error(name, rv, message, tag=1):
+    return wire_frame(CALLS[name]["id"], ERROR, error_body(rv, message), tag)
+
+
+CKM_SHA256_RSA_PKCS = 0x40
+PSS_PARAMS = struct.pack("<QQQ", 0x250, 2, 32)           # SHA256, MGF1_SHA256, salt 32
+OAEP_PARAMS = struct.pack("<QQQ", 0x250, 2, 1) + b"label"  # ..., CKZ_DATA_SPECIFIED, label
+SLOT = ("m0_s1", "slot", "maker", 1, (1, 0), (2, 0), 1, "label", "maker", "model", "0001",
+        0x40D, 0, 0, 64, 4, 1, 1, 1, 1, (0, 1), (0, 1), "2024010112000000")
+EMPTY_SLOT = ("m1_s0", "reader", "", 0, (0, 0), (0, 0), 0, "", "", "", "", 0, 0, 0, 0, 0, 0, 0, 0, 0, (0, 0), (0, 0), "")
+TEMPLATE_2 = [(0x0, struct.pack("<Q", 3)), (0x3, b"label")]
+ATTRIBUTE_RESULTS = [(0x0, 0, struct.pack("<Q", 3)), (0x3, 0, b"label"), (0x11, 0x11, b""), (0x12, 0x12, b""),
+                     (0x40000211, 0, struct.pack("<Q", 0xdeadbeef)), (0x100, 0x5, b"")]
+
+
+def wire_request_bodies():
+    """(call name, body) of requests, good and broken, for the stream and service-arguments seeds."""
+    sign = lambda mechanism, data=b"data": request_body("Sign", 7, mechanism, 2, data)
+    good = {
+        "hello": ("Hello", request_body("Hello", WIRE["magic"], WIRE["version"])),
+        "get-slots": ("GetSlots", b""),
+        "get-mechanisms": ("GetMechanisms", request_body("GetMechanisms", "m0_s1")),
+        "open-session": ("OpenSession", request_body("OpenSession", "m0_s1", 0x6)),
+        "init-token": ("InitToken", request_body("InitToken", "m0_s1", b"so-pin", "label")),
+        "login": ("Login", request_body("Login", 7, 1, b"931270486")),
+        "login-empty-pin": ("Login", request_body("Login", 7, 1, b"")),
+        "set-pin": ("SetPIN", request_body("SetPIN", 7, b"123456", b"654321")),
+        "find-objects": ("FindObjects", request_body("FindObjects", 7, TEMPLATE_2, 10)),
+        "find-objects-empty-template": ("FindObjects", request_body("FindObjects", 7, [], 2**64 - 1)),
+        "get-attributes": ("GetAttributes", request_body("GetAttributes", 7, 5, [0x0, 0x3, 0x11, 0x40000211])),
+        "template-2": ("CreateObject", request_body("CreateObject", 7, TEMPLATE_2)),
+        "set-attributes-null-values": ("SetAttributes", request_body("SetAttributes", 7, 5, [(0x0, b""), (0x11, b"")])),
+        "generate-key-pair": ("GenerateKeyPair", request_body("GenerateKeyPair", 7, (0x1040, b""), TEMPLATE_2, TEMPLATE_2)),
+        "sign": ("Sign", sign((CKM_SHA256_RSA_PKCS, b""), bytes(32))),
+        "sign-pss": ("Sign", sign((0x43, PSS_PARAMS))),
+        "decrypt-oaep-label": ("Decrypt", request_body("Decrypt", 7, (0x9, OAEP_PARAMS), 2, bytes(256))),
+        "encrypt-aes-cbc-iv": ("Encrypt", request_body("Encrypt", 7, (0x1082, bytes(16)), 2, bytes(16))),
+        "verify": ("Verify", request_body("Verify", 7, (0x43, PSS_PARAMS), 2, b"data", bytes(256))),
+        "digest": ("Digest", request_body("Digest", 7, (0x250, b""), b"data")),
+        "generate-random": ("GenerateRandom", request_body("GenerateRandom", 7, 32)),
     }
+    # Decode fine on the wire, refused by MechanismParameters (the one check).
+    refused_parameters = {
+        "encrypt-gcm-pointer-param": ("Encrypt", request_body("Encrypt", 7, (0x1087, struct.pack("<QQQQQ", 0xdeadbeef, 12, 0, 0, 128)), 2, b"x")),
+        "sign-pss-wrong-size": ("Sign", sign((0x43, PSS_PARAMS[:8]))),
+        "decrypt-oaep-short": ("Decrypt", request_body("Decrypt", 7, (0x9, struct.pack("<Q", 0x250)), 2, b"x")),
+        "decrypt-oaep-source-zero": ("Decrypt", request_body("Decrypt", 7, (0x9, struct.pack("<QQQ", 0x250, 2, 0)), 2, b"x")),
+    }
+    at_cap = {
+        "decrypt-oaep-label-at-cap": ("Decrypt", request_body("Decrypt", 7, (0x9, OAEP_PARAMS[:24] + bytes(4096 - 24)), 2, b"x")),
+        "login-pin-at-cap": ("Login", request_body("Login", 7, 1, b"1" * 256)),
+        "template-256": ("CreateObject", request_body("CreateObject", 7, [(i, b"") for i in range(256)])),
+    }
+    sign_body = sign((0x43, PSS_PARAMS))
+    broken = {
+        "trailing-byte": ("Sign", sign_body + b"x"),
+        "truncated-body": ("Sign", sign_body[:-3]),
+        "template-count-over-cap": ("CreateObject", request_body("CreateObject", 7, [(i, b"") for i in range(257)])),
+        "template-count-max": ("CreateObject", struct.pack("<Q", 7) + struct.pack("<I", 0xFFFFFFFF) + struct.pack("<Q", 0)),
+        "types-count-past-end": ("GetAttributes", struct.pack("<QQI", 7, 5, 200) + struct.pack("<Q", 0)),
+        "pin-over-cap": ("Login", request_body("Login", 7, 1, b"1" * 257)),
+        "pin-length-max": ("Login", struct.pack("<QQI", 7, 1, 0xFFFFFFFF) + b"1234"),
+        "mechanism-param-over-cap": ("Sign", sign((0x43, bytes(4097)))),
+        "slot-invalid-utf8": ("GetMechanisms", request_body("GetMechanisms", b"m0\xff\xfe")),
+        "slot-nul": ("GetMechanisms", request_body("GetMechanisms", b"m0\x00s1")),
+        "label-over-cap": ("InitToken", request_body("InitToken", "m0_s1", b"so-pin", "x" * 33)),
+        "hello-empty": ("Hello", b""),
+    }
+    return {**good, **refused_parameters, **at_cap, **broken}
+
+
+def wire_reply_bodies():
+    """(call name, kind, body) of replies and errors, good and broken."""
+    slots = lambda *s: reply_body("GetSlots", list(s))
+    good = {
+        "hello": ("Hello", REPLY, reply_body("Hello", 1, "pincached 1.0")),
+        "get-slots": ("GetSlots", REPLY, slots(SLOT, EMPTY_SLOT)),
+        "get-slots-empty": ("GetSlots", REPLY, slots()),
+        "get-slots-long-texts": ("GetSlots", REPLY, slots(SLOT[:7] + ("token label longer than thirty-two bytes", "\u00e9" * 40) + SLOT[9:])),
+        "get-slots-same-name-twice": ("GetSlots", REPLY, slots(SLOT, SLOT)),
+        "get-slots-empty-name": ("GetSlots", REPLY, slots(("",) + SLOT[1:])),
+        "get-mechanisms": ("GetMechanisms", REPLY, reply_body("GetMechanisms", [(1, 1024, 4096, 0x2800), (0x1087, 0, 2**64 - 1, 0)])),
+        "open-session": ("OpenSession", REPLY, reply_body("OpenSession", 7)),
+        "get-session-info": ("GetSessionInfo", REPLY, reply_body("GetSessionInfo", 3, 6, 0)),
+        "find-objects": ("FindObjects", REPLY, reply_body("FindObjects", [1, 2, 3])),
+        "get-attributes": ("GetAttributes", REPLY, reply_body("GetAttributes", ATTRIBUTE_RESULTS)),
+        "get-attributes-empty": ("GetAttributes", REPLY, reply_body("GetAttributes", [])),
+        "generate-key-pair": ("GenerateKeyPair", REPLY, reply_body("GenerateKeyPair", 1, 2)),
+        "sign": ("Sign", REPLY, reply_body("Sign", bytes(256))),
+        "generate-random": ("GenerateRandom", REPLY, reply_body("GenerateRandom", bytes(32))),
+        "close-session": ("CloseSession", REPLY, b""),
+        "error": ("Sign", ERROR, error_body(0xA0, "CKR_PIN_INCORRECT")),
+        "error-ok": ("Login", ERROR, error_body(0, "CKR_OK is no error")),
+    }
+    broken = {
+        "get-slots-over-cap": ("GetSlots", REPLY, slots(*[EMPTY_SLOT] * 1025)),
+        "get-slots-count-max": ("GetSlots", REPLY, struct.pack("<I", 0xFFFFFFFF)),
+        "get-attributes-trailing": ("GetAttributes", REPLY, reply_body("GetAttributes", ATTRIBUTE_RESULTS[:2]) + bytes(4)),
+        "get-attributes-count-past-end": ("GetAttributes", REPLY, struct.pack("<I", 200) + reply_body("GetAttributes", ATTRIBUTE_RESULTS)[4:]),
+        "sign-length-max": ("Sign", REPLY, struct.pack("<I", 0xFFFFFFFF)),
+        "hello-daemon-name-over-cap": ("Hello", REPLY, reply_body("Hello", 1, "d" * 65)),
+        "error-message-invalid-utf8": ("Sign", ERROR, error_body(0x5, b"bad \xc0\x80")),
+        "error-message-over-cap": ("Sign", ERROR, error_body(0x5, "m" * 4097)),
+    }
+    return {**good, **broken}
+
+
+def wire_stream_seeds():
+    """Byte streams for FuzzCryptokiWire: frames as a socket delivers them."""
+    seeds = {}
+    for name, (call, body) in wire_request_bodies().items():
+        seeds["request-" + name] = wire_frame(CALLS[call]["id"], REQUEST, body)
+    for name, (call, kind, body) in wire_reply_bodies().items():
+        seeds[name if kind == ERROR else "reply-" + name] = wire_frame(CALLS[call]["id"], kind, body)
+    hello, sign = seeds["request-hello"], seeds["request-sign-pss"]
+    seeds.update({
+        # A client's first frames back to back, with their tags.
+        "pipeline": hello + wire_request("GetSlots", tag=2) + wire_request("Login", 7, 1, b"1234", tag=3) + sign,
+        "replies-out-of-order": wire_reply("Sign", bytes(64), tag=9) + wire_error("Login", 0xA0, "CKR_PIN_INCORRECT", tag=3)
+                                + wire_reply("GetSlots", [SLOT], tag=2),
+        # A frame big enough to make the buffer grow (64 KiB is its usual size).
+        "request-sign-200KiB": wire_request("Sign", 7, (0x43, PSS_PARAMS), 2, bytes(200 << 10)),
+        # Headers this protocol cannot contain.
+        "oversize-length": struct.pack("<IIHBB", WIRE["max_body"] + 1, 1, CALLS["Sign"]["id"], REQUEST, 0),
+        "length-max": struct.pack("<IIHBB", 0xFFFFFFFF, 1, CALLS["Sign"]["id"], REQUEST, 0) + bytes(8),
+        "length-at-cap-short": struct.pack("<IIHBB", WIRE["max_body"], 1, CALLS["Sign"]["id"], REQUEST, 0) + bytes(8),
+        "unknown-kind": wire_frame(CALLS["Sign"]["id"], 3, b""),
+        "reserved-not-zero": wire_frame(CALLS["Hello"]["id"], REQUEST, wire_request_bodies()["hello"][1], reserved=1),
+        "unknown-call": wire_frame(999, REQUEST, b"") + hello,
+        "header-only-partial": hello[:7],
+        "frame-cut-short": sign[:-5],
+        "good-then-bad-header": hello + struct.pack("<IIHBB", 0, 2, 0, 9, 0) + hello,
+    })
+    return seeds
+
+
+def wire_body_seeds(kind):
+    """A selector byte, then a body. FuzzServiceArguments: byte 0 mod the number of calls is
+    the call, a request body follows. FuzzProxyReply: the same with bit 7 clear for a reply
+    body, set for an error body."""
+    if kind == "request":
+        return {name: bytes([CALLS[call]["id"]]) + body for name, (call, body) in wire_request_bodies().items()}
+    return {name: bytes([CALLS[call]["id"] | (0x80 if k == ERROR else 0)]) + body
+            for name, (call, k, body) in wire_reply_bodies().items()}
 
 
 def write(target, seeds):
@@ -469,15 +646,22 @@ def write(target, seeds):
 
 
 def main():
-    messages = message_seeds()
-    replies = reply_seeds()
-    write("dbus-message", {**messages, **{"reply-" + k: v for k, v in replies.items()}})
-    write("service-arguments", messages)
-    write("proxy-reply", replies)
-    write("configuration", configuration_seeds())
-    write("key-usage", key_usage_seeds())
-    write("proxy-arguments", proxy_argument_seeds())
-    write("fast-path", fast_path_seeds())
+    """Writes every target's seeds, or only those of the targets named on the command line
+    (key-usage's certificates get fresh keys on every run, so its files change each time)."""
+    targets = {
+        "dbus-message": lambda: {**message_seeds(), **{"reply-" + k: v for k, v in reply_seeds().items()}},
+        "service-arguments": lambda: wire_body_seeds("request"),
+        "proxy-reply": lambda: wire_body_seeds("reply"),
+        "configuration": configuration_seeds,
+        "key-usage": key_usage_seeds,
+        "proxy-arguments": proxy_argument_seeds,
+        "cryptoki-wire": wire_stream_seeds,
+    }
+    chosen = sys.argv[1:] or list(targets)
+    for name in chosen:
+        if name not in targets:
+            sys.exit(f"make-corpus.py: unknown target {name!r} (one of: {' '.join(targets)})")
+        write(name, targets[name]())
 
 
 if __name__ == "__main__":

@@ -153,9 +153,7 @@ leak:12DBusKitTests
 leak:libXCTest.so
 leak:FoundationXML
 leak:formWeakReference
-leak:12CryptokiWire5CallsO
-leak:12CryptokiWire6FieldsO
-leak:12CryptokiWire6FramesO
+leak:12CryptokiWire*_WZ
 SUPP
         export LSAN_OPTIONS="suppressions=$shims/lsan.supp:print_suppressions=0"
         export ASAN_OPTIONS="$common:detect_leaks=1:detect_stack_use_after_return=0"

@@ -128,10 +128,15 @@ public final class FrameBuffer {
     }
 
     /// One read(2) from `fd` into the buffer: >0 bytes read, 0 at end of stream, -1 with errno.
-    /// Reads at most what the next frame still needs (so a big frame grows the buffer once).
+    /// Room grows with what arrives, 1 MiB at a time at most: a header that claims 16 MiB and
+    /// then sends nothing costs the reader nothing like 16 MiB.
     public func read(from fd: Int32) -> Int {
         let want: Int
-        if let needed = try? neededForNextFrame(), needed > 0 { want = Swift.max(needed, 4096) } else { want = 64 << 10 }
+        if let needed = try? neededForNextFrame(), needed > 0 {
+            want = Swift.min(Swift.max(needed, 4096), 1 << 20)
+        } else {
+            want = 64 << 10
+        }
         reserve(want)
         let n = Glibc.read(fd, storage.baseAddress! + end, storage.count - end)
         if n > 0 { end += n }

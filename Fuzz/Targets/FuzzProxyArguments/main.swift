@@ -1,5 +1,5 @@
 import CPKCS11
-import DBusKit
+import CryptokiWire
 import FuzzDriver
 import FuzzSupport
 import Glibc
@@ -11,7 +11,15 @@ import Glibc
 // lengths, and for each pointer NULL or a buffer. A buffer always holds as many bytes as
 // its length claims (PKCS#11's contract, which no callee can check), except when the
 // length is beyond the cap Codec applies: then the buffer is short, and ASan reports any
-// read Codec makes before refusing it. Input layout: see Fuzz/README.md.
+// read Codec makes before refusing it. Whatever Codec accepts must be encodable as the call
+// table's field (template, mechanism, data, PIN): the proxy never builds a request the wire
+// refuses. Input layout: see Fuzz/README.md.
+
+/// `value` fits the table's `type` (caps included).
+private func encodes(_ value: WireValue, as type: FieldType) -> Bool {
+    var e = WireEncoder()
+    return (try? e.encode([value], as: [Field("argument", type)])) != nil
+}
 
 private struct Reader {
     let bytes: UnsafeBufferPointer<UInt8>
@@ -78,7 +86,7 @@ private func template(_ r: inout Reader, _ arena: Arena) -> (UnsafeMutablePointe
     while true {
         let claimed = r.length()
         let isNull = r.byte() % 8 == 0
-        let count = claimed > CK_ULONG(Wire.maxTemplate) ? min(Int(r.byte()), 4) : Int(claimed)
+        let count = claimed > CK_ULONG(Caps.templateEntries) ? min(Int(r.byte()), 4) : Int(claimed)
         var entries: [CK_ATTRIBUTE] = []
         var nestedAt: Int?
         for index in 0..<(isNull ? 0 : count) {
@@ -88,13 +96,13 @@ private func template(_ r: inout Reader, _ arena: Arena) -> (UnsafeMutablePointe
                 nestedAt = index
                 entries.append(CK_ATTRIBUTE(type: type, pValue: nil, ulValueLen: 0))
             } else {
-                let (pointer, length) = buffer(&r, arena, cap: Wire.maxAttributeValue)
+                let (pointer, length) = buffer(&r, arena, cap: Caps.attributeValue)
                 entries.append(CK_ATTRIBUTE(type: type, pValue: pointer, ulValueLen: length))
             }
         }
         // A short input ends the template early; the claimed count still counts when it is
         // beyond the cap (Codec must refuse it unread).
-        let honest = claimed > CK_ULONG(Wire.maxTemplate) ? claimed : CK_ULONG(entries.count)
+        let honest = claimed > CK_ULONG(Caps.templateEntries) ? claimed : CK_ULONG(entries.count)
         levels.append((entries, nestedAt, honest, isNull))
         if nestedAt == nil || r.position >= r.bytes.count { break }
     }
@@ -132,14 +140,14 @@ private func mechanism(_ r: inout Reader, _ arena: Arena) -> UnsafeMutablePointe
     if type == CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP) && r.byte() % 2 == 0 {
         // A real CK_RSA_PKCS_OAEP_PARAMS, its label behind pSourceData.
         let (hash, mgf, source) = (r.word(), r.word(), r.word())
-        let (label, labelLength) = buffer(&r, arena, cap: Wire.maxAttributeValue)
+        let (label, labelLength) = buffer(&r, arena, cap: Caps.mechanismParameter - 24)
         let block = arena.bytes([], count: MemoryLayout<CK_RSA_PKCS_OAEP_PARAMS>.size)
         block.storeBytes(of: CK_RSA_PKCS_OAEP_PARAMS(hashAlg: CK_MECHANISM_TYPE(hash), mgf: CK_ULONG(mgf), source: CK_ULONG(source),
                                                      pSourceData: label, ulSourceDataLen: labelLength),
                          as: CK_RSA_PKCS_OAEP_PARAMS.self)
         parameter = (block, CK_ULONG(MemoryLayout<CK_RSA_PKCS_OAEP_PARAMS>.size))
     } else {
-        parameter = buffer(&r, arena, cap: Wire.maxAttributeValue)
+        parameter = buffer(&r, arena, cap: Caps.mechanismParameter)
     }
     let block = arena.bytes([], count: MemoryLayout<CK_MECHANISM>.size)
     let typed = block.bindMemory(to: CK_MECHANISM.self, capacity: 1)
@@ -158,25 +166,34 @@ func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
             let items = value.arrayValues ?? []
             expect(items.count == Int(count), "template of \(count) became \(items.count) entries")
             for (item, attribute) in zip(items, UnsafeBufferPointer(start: pointer, count: items.count)) {
-                expect(item.structFields?[1].bytesValue?.count == Int(attribute.ulValueLen), "attribute length changed")
+                expect(item.recordFields?[1].bytesValue?.count == Int(attribute.ulValueLen), "attribute length changed")
             }
+            expect(encodes(value, as: Fields.template), "a template the wire refuses")
         }
     case 1:
         let (pointer, count) = template(&r, arena)
         if let types = try? Codec.types(pointer, count) { expect(types.count == Int(count), "type list length changed") }
     case 2:
         if let (type, value) = try? Codec.mechanism(mechanism(&r, arena)) {
-            expect(value.structFields?.first?.uint64Value == UInt64(type), "mechanism type changed")
+            expect(value.recordFields?.first?.ulongValue == UInt64(type), "mechanism type changed")
+            expect(encodes(value, as: Fields.mechanism), "a mechanism the wire refuses")
         }
     case 3:
-        let (pointer, length) = buffer(&r, arena, cap: Wire.maxBytes)
+        let (pointer, length) = buffer(&r, arena, cap: Caps.data)
         if let bytes = try? Codec.bytes(pointer?.assumingMemoryBound(to: CK_BYTE.self), length) {
             expect(bytes.count == Int(length), "\(length) bytes became \(bytes.count)")
+            expect(encodes(.bytes(bytes), as: Fields.data), "data the wire refuses")
         }
     default:
-        let (pointer, length) = buffer(&r, arena, cap: Wire.maxPin)
+        let (pointer, length) = buffer(&r, arena, cap: Caps.pin)
         if let pin = try? Codec.pin(pointer?.assumingMemoryBound(to: CK_UTF8CHAR.self), length) {
-            expect(pin.utf8.count == Int(length), "PIN of \(length) bytes became \(pin.utf8.count)")
+            expect(pin.count == Int(length), "PIN of \(length) bytes became \(pin.count)")
+            expect(encodes(.bytes(pin), as: Fields.pin), "a PIN the wire refuses")
+        }
+        // Codec's own UTF-8 check (no String is made of a PIN) agrees with the standard library's.
+        if let pointer, length <= CK_ULONG(Caps.pin) {
+            let raw = UnsafeBufferPointer(start: pointer.assumingMemoryBound(to: UInt8.self), count: Int(length))
+            expect(Codec.isUTF8(raw) == (String(validating: raw, as: UTF8.self) != nil), "isUTF8 disagrees on \(Array(raw))")
         }
     }
     return 0

@@ -1,22 +1,17 @@
-import CDBus
 import CPKCS11
-@testable import DBusKit
+import CryptokiWire
 import FuzzDriver
 import FuzzSupport
 import Glibc
 @testable import PincacheProxy
 
-// The proxy's reply decoding: whatever answers as the daemon (any process that owns the
-// name on a session bus, or a broken daemon) controls these bytes, and the proxy runs
-// inside the application. A reply is decoded as the forwarder does (Marshal.decode, then
-// Replies.check against the method's declared signature and the caps) and, when it
-// passes, decoded further exactly as the entry points do, down to the C structures and
-// the application's attribute buffers.
-
-private let methods: [WireMethod] = [
-    Wire.getSlots, Wire.getMechanisms, Wire.openSession, Wire.getSessionInfo, Wire.findObjects, Wire.getAttributes,
-    Wire.createObject, Wire.generateKeyPair, Wire.sign, Wire.generateRandom, Wire.close,
-]
+// The proxy's reply decoding: whatever answers as the daemon controls these bytes, and the
+// proxy runs inside the application. The first input byte picks a call (bits 0-6, mod the
+// number of calls) and whether the rest is its reply body or an error body (bit 7). A body is
+// decoded as WireClient does (the table's fields and caps; an error's CK_RV must not be
+// CKR_OK) and, when it decodes, further exactly as the entry points do: Replies.slots down to
+// CK_SLOT_INFO and CK_TOKEN_INFO, Replies.mechanisms, Replies.attributes and Replies.deliver
+// into the application's attribute buffers.
 
 /// C_GetAttributeValue's delivery into buffers sized by the input: NULL (length query),
 /// one byte short, exact, and larger, each allocated on its own so ASan sees overflows.
@@ -50,35 +45,49 @@ private func deliverAttributes(_ results: [AttributeResult], sizes seed: UInt8) 
 
 @_cdecl("LLVMFuzzerTestOneInput")
 func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
-    guard let message = demarshal(data, size) else { return 0 }
-    defer { dbus_message_unref(message) }
-    guard case .success(let reply) = Marshal.decode(message) else { return 0 }
-    defer { reply.forEach(Wire.closeDescriptors) }
-
-    for method in methods where Replies.check(reply, method) {
-        switch method.member {
-        case Wire.getSlots.member:
-            guard let slots = try? Replies.slots(reply) else { continue }
-            for slot in slots {
-                let slotInfo = slot.slotInfo
-                expect((slotInfo.flags & CK_FLAGS(CKF_TOKEN_PRESENT) != 0) == slot.tokenPresent, "CKF_TOKEN_PRESENT wrong")
-                _ = slot.tokenInfo
+    guard let data, size > 0 else { return 0 }
+    let call = Calls.all[Int(data[0] & 0x7F) % Calls.all.count]
+    var decoder = WireDecoder(UnsafeRawBufferPointer(start: data + 1, count: size - 1))
+    if data[0] & 0x80 != 0 {
+        guard let error = try? decoder.decodeAll(Frames.errorFields), let rv = error.first?.ulongValue, rv != 0 else { return 0 }
+        expect(CKError(WireClient.Failure.refused(rv: rv)).rv == CK_RV(truncatingIfNeeded: rv), "CK_RV \(rv) changed")
+        return 0
+    }
+    guard let reply = try? decoder.decodeAll(call.response) else { return 0 }
+    switch call.id {
+    case Calls.getSlots.id:
+        guard let slots = try? Replies.slots(reply) else { break }
+        expect(slots.count == reply.first?.arrayValues?.count, "\(slots.count) slots of \(reply.first?.arrayValues?.count ?? -1)")
+        for slot in slots {
+            expect(!slot.name.isEmpty, "a slot without a name")
+            let slotInfo = slot.slotInfo
+            expect((slotInfo.flags & CK_FLAGS(CKF_TOKEN_PRESENT) != 0) == slot.tokenPresent, "CKF_TOKEN_PRESENT wrong")
+            let tokenInfo = slot.tokenInfo
+            // Space-padded text fields: every byte written, never a NUL (the wire has none).
+            for text in [
+                withUnsafeBytes(of: slotInfo.slotDescription, Array.init), withUnsafeBytes(of: slotInfo.manufacturerID, Array.init),
+                withUnsafeBytes(of: tokenInfo.label, Array.init), withUnsafeBytes(of: tokenInfo.manufacturerID, Array.init),
+                withUnsafeBytes(of: tokenInfo.model, Array.init), withUnsafeBytes(of: tokenInfo.serialNumber, Array.init),
+                withUnsafeBytes(of: tokenInfo.utcTime, Array.init),
+            ] {
+                expect(!text.contains(0), "a NUL in a padded text field")
             }
-        case Wire.getMechanisms.member:
-            _ = try? Replies.mechanisms(reply)
-        case Wire.getAttributes.member:
-            // The types the application asked for: the ones answered (the usual case),
-            // and the same list shifted by one (a daemon answering something else).
-            let answered = reply[0].arrayValues?.compactMap { $0.structFields?.first?.uint64Value }.map { CK_ULONG($0) } ?? []
-            for types in [answered, Array(answered.dropFirst()) + [0]] {
-                guard let results = try? Replies.attributes(reply, types: types) else { continue }
-                expect(results.map(\.type) == types, "results for other types than asked")
-                deliverAttributes(results, sizes: UInt8(truncatingIfNeeded: size))
-            }
-        default:
-            // Byte results (Sign, GenerateRandom, ...) and handles are used as they are.
-            _ = reply.first?.bytesValue
         }
+    case Calls.getMechanisms.id:
+        guard let list = try? Replies.mechanisms(reply) else { break }
+        expect(list.count == reply.first?.arrayValues?.count, "mechanism list length changed")
+    case Calls.getAttributes.id:
+        // The types the application asked for: the ones answered (the usual case), and the
+        // same list shifted by one (a daemon answering something else).
+        let answered = reply.first?.arrayValues?.compactMap { $0.recordFields?.first?.ulongValue }.map { CK_ULONG($0) } ?? []
+        for types in [answered, Array(answered.dropFirst()) + [0]] {
+            guard let results = try? Replies.attributes(reply, types: types) else { continue }
+            expect(results.map(\.type) == types, "results for other types than asked")
+            deliverAttributes(results, sizes: UInt8(truncatingIfNeeded: size))
+        }
+    default:
+        // Byte results (Sign, GenerateRandom, ...) and handles are used as they are.
+        _ = reply.first?.bytesValue
     }
     for value in reply { _ = Codec.version(value) }
     return 0

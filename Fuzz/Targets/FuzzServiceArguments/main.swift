@@ -1,6 +1,5 @@
-import CDBus
 import CPKCS11
-@testable import DBusKit
+import CryptokiWire
 import FuzzDriver
 import FuzzSupport
 import Glibc
@@ -8,28 +7,19 @@ import Glibc
 import PinPolicy
 @testable import PincacheService
 
-// The daemon's argument decoding after DBusKit's: for a message whose signature matches
-// a declared method, the arguments are decoded as dispatch does (sensitive ones left in
-// the message) and handed to the service's decoders for their declared types: templates
-// (Wire.template), mechanisms (Wire.mechanism, then the C structures the module would
-// get), data, mechanism names, PINs into locked memory, and a{sv}. Every decoded value
-// also goes through every decoder, whatever its type, to catch type confusion.
+// The daemon's request path after the socket's framing (FuzzCryptokiWire has the framing):
+// the first input byte picks a call of the table (mod the number of calls), the rest is its
+// request body, decoded as CryptokiConnection.handleFrames does, PINs going from the buffer
+// straight into locked memory through the secret sink. What decodes then goes through what the
+// service does with it before any token is involved: templates through
+// PincacheService.attributes, mechanisms through MechanismParameters.decode (the one check)
+// down to the C structures the module would read. Every record and array found is also tried
+// as a template and a mechanism, to catch type confusion.
 
-private let methods: [DBusMethod] = {
-    var seen = Set<String>()
-    return PincacheInterfaces.all.flatMap(\.methods).filter { method in
-        seen.insert(method.inSignature + "/" + method.inArguments.map { $0.sensitive ? "1" : "0" }.joined()).inserted
-    }
-}()
-
-private func checkTemplate(_ value: DBusValue) {
-    guard case .success(let attributes) = Wire.template(value) else { return }
-    expect(attributes.count <= Wire.maxTemplateEntries, "template of \(attributes.count) entries passed")
-    expect(attributes.allSatisfy { $0.value.count <= Wire.maxAttributeBytes }, "oversized attribute passed")
-}
-
-private func checkMechanism(_ value: DBusValue) {
-    guard case .success(let mechanism) = Wire.mechanism(value) else { return }
+private func checkMechanism(_ value: WireValue) {
+    guard let f = value.recordFields, f.count == 2, let type = f[0].ulongValue, let parameter = f[1].bytesValue,
+        case .success(let mechanism) = MechanismParameters.decode(type: type, parameter: parameter)
+    else { return }
     // What the module would read: the parameter, and OAEP's label behind its pointer.
     mechanism.withCMechanism { m in
         let length = Int(m.pointee.ulParameterLen)
@@ -41,7 +31,7 @@ private func checkMechanism(_ value: DBusValue) {
             let oaep = p.load(as: CK_RSA_PKCS_OAEP_PARAMS.self)
             expect(oaep.source == CK_RSA_PKCS_OAEP_SOURCE_TYPE(CKZ_DATA_SPECIFIED), "OAEP source \(oaep.source)")
             _ = touch(UnsafeRawBufferPointer(start: oaep.pSourceData, count: Int(oaep.ulSourceDataLen)))
-        } else if let size = Wire.rawParameterSizes[UInt(m.pointee.mechanism)] {
+        } else if let size = MechanismParameters.rawSizes[UInt(m.pointee.mechanism)] {
             expect(length == size, "raw parameter of \(length) bytes, expected \(size)")
         } else {
             fatalError("mechanism \(m.pointee.mechanism) passed with a parameter of \(length) bytes")
@@ -49,54 +39,62 @@ private func checkMechanism(_ value: DBusValue) {
     }
 }
 
-private func everyDecoder(_ value: DBusValue, depth: Int = 0) {
-    checkTemplate(value)
+private func everyDecoder(_ value: WireValue, depth: Int = 0) {
+    let attributes = PincacheService.attributes(value)
+    expect(attributes.count <= Caps.templateEntries, "template of \(attributes.count) entries passed")
+    expect(attributes.allSatisfy { $0.value.count <= Caps.attributeValue }, "oversized attribute passed")
     checkMechanism(value)
-    if case .success(let bytes) = Wire.data(value) { expect(bytes.count <= Wire.maxDataBytes, "oversized data passed") }
-    if let name = value.stringValue {
-        _ = NamedMechanism.lookup(name, for: .sign)
-        _ = NamedMechanism.lookup(name, for: .decrypt)
-    }
-    if let dictionary = value.vardictValue { dictionary.values.forEach { everyDecoder($0, depth: depth + 1) } }
     guard depth < 4 else { return }
     switch value {
-    case .array(_, let vs), .structure(let vs): vs.prefix(16).forEach { everyDecoder($0, depth: depth + 1) }
-    case .variant(let v): everyDecoder(v, depth: depth + 1)
+    case .array(let items), .record(let items): items.prefix(16).forEach { everyDecoder($0, depth: depth + 1) }
     default: break
+    }
+}
+
+/// A template field as the service reads it: every entry the decoder let through is kept,
+/// with its type and value unchanged.
+private func checkTemplate(_ value: WireValue) {
+    let entries = value.arrayValues ?? []
+    let attributes = PincacheService.attributes(value)
+    expect(attributes.count == entries.count, "template of \(entries.count) entries became \(attributes.count)")
+    for (entry, attribute) in zip(entries, attributes) {
+        let f = entry.recordFields ?? []
+        expect(f.count == 2 && UInt64(attribute.type.rawValue) == f[0].ulongValue && attribute.value == f[1].bytesValue,
+               "attribute changed on its way in")
     }
 }
 
 @_cdecl("LLVMFuzzerTestOneInput")
 func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
-    guard let message = demarshal(data, size) else { return 0 }
-    defer { dbus_message_unref(message) }
-    let signature = bodySignature(message)
-
-    for method in methods where method.inSignature == signature {
-        let sensitive = Set(method.inArguments.indices.filter { method.inArguments[$0].sensitive })
-        guard case .success(let values) = Marshal.decode(message, placeholders: sensitive) else { continue }
-        for (index, (argument, value)) in zip(method.inArguments, values).enumerated() {
-            if argument.sensitive {
-                // readPIN: the bytes go from the message straight into locked memory.
-                Marshal.withArgumentBytes(message, at: index) { bytes in
-                    if let pin = try? SecretPIN(copying: UnsafeRawBufferPointer(bytes)) {
-                        expect(pin.count == bytes.count, "PIN of \(bytes.count) bytes kept as \(pin.count)")
-                    }
-                }
-                continue
-            }
-            switch argument.signature {
-            case "a(tay)": checkTemplate(value)
-            case "(tay)": checkMechanism(value)
-            case "ay": _ = Wire.data(value)
-            case "at": _ = value.arrayValues?.compactMap(\.uint64Value)
-            case "s": if let name = value.stringValue { _ = NamedMechanism.lookup(name, for: .sign) }
-            default: break
-            }
+    guard let data, size > 0 else { return 0 }
+    let call = Calls.all[Int(data[0]) % Calls.all.count]
+    // The daemon's sink: a PIN that cannot be held in locked memory is not a decoding error,
+    // the call is answered with why (CryptokiRequest.secret).
+    var secrets: [Result<SecretPIN, Error>] = []
+    var decoder = WireDecoder(UnsafeRawBufferPointer(start: data + 1, count: size - 1)) { raw in
+        let pin: Result<SecretPIN, Error> = Result { try SecretPIN(copying: raw) }
+        if case .success(let kept) = pin {
+            expect(kept.withBytes { $0.elementsEqual(raw) }, "PIN of \(raw.count) bytes kept as \(kept.count) other bytes")
         }
+        secrets.append(pin)
+        return secrets.count - 1
     }
-    if case .success(let values) = Marshal.decode(message) {
-        values.forEach { everyDecoder($0) }
+    guard let values = try? decoder.decodeAll(call.request) else { return 0 }
+    for (field, value) in zip(call.request, values) {
+        switch field.type {
+        case .secret:
+            guard case .secret(let index) = value else { fatalError("fuzz invariant broken: \(field.name) decoded as \(value)") }
+            expect(secrets.indices.contains(index), "secret index \(index) of \(secrets.count)")
+        case Fields.template:
+            checkTemplate(value)
+        case Fields.mechanism:
+            // Either refused (the call fails with CKR_MECHANISM_PARAM_INVALID) or safe for the
+            // module: checkMechanism traps on anything else.
+            checkMechanism(value)
+        default:
+            break
+        }
+        everyDecoder(value)
     }
     return 0
 }
