@@ -140,7 +140,8 @@ SHIM
         export TSAN_OPTIONS="$common:second_deadlock_stack=1:report_signal_unsafe=0"
     else
         # LeakSanitizer finds pointers by value, and Swift keeps the box of an indirect enum
-        # case (every DBusValue) with tag bits in the pointer's spare bits: values still held
+        # case (every DBusValue, every WireValue and the wire's FieldTypes) with tag bits in
+        # the pointer's spare bits: values still held
         # at exit look unreferenced (RoundTripTests.values, a global, is reported too). Those
         # allocation sites are suppressed; every other leak still fails the run, and the
         # decoders' own leaks are checked per input by the fuzzers (malloc/free balance). The
@@ -154,6 +155,9 @@ leak:libXCTest.so
 leak:FoundationXML
 leak:formWeakReference
 leak:12CryptokiWire*_WZ
+leak:12CryptokiWire0B7DecoderV
+leak:12CryptokiWire0B5ValueO
+leak:17CryptokiWireTests
 SUPP
         export LSAN_OPTIONS="suppressions=$shims/lsan.supp:print_suppressions=0"
         export ASAN_OPTIONS="$common:detect_leaks=1:detect_stack_use_after_return=0"
