@@ -25,7 +25,10 @@ PROCS = sized(8, 16)
 SIGS = sized(200, 1000)
 WATCHDOG_S = 60
 SLOW_MS = 2000
-EXTRA_DELAY_LIMIT_MS = 100.0
+# A token stalled behind the slow one would delay a signature by a whole slow operation
+# (SLOW_MS); anything well under it is scheduling on a shared 2-vCPU machine, where single
+# outliers of 83 ms and 138 ms were seen among p99s of 2-5 ms. The figures are printed.
+EXTRA_DELAY_LIMIT_MS = SLOW_MS / 2
 
 
 @pytest.mark.parametrize("caching", [True, False], ids=["caching", "noncaching"])
