@@ -83,7 +83,7 @@ public enum Fields {
 public enum Calls {
     /// Protocol version: the Hello exchange opens every socket with it.
     public static let version: UInt64 = 1
-    /// "PINCACHE" as a little-endian number: a peer that is not the proxy fails at once.
+    /// the bytes "PPINACHE" as a little-endian number: a peer that is not the proxy fails at once.
     public static let magic: UInt64 = 0x4548_4341_4E49_5050
 
     public static let hello = Call(

@@ -129,6 +129,12 @@ extension PincacheService {
             }
         }
         let template = { (name: String) in Self.attributes(r.argument(name)) }
+        // An array attribute's value holds pointers (to nested templates) the module would
+        // follow inside the daemon: never passed on, whoever sends it.
+        for name in ["template", "public_template", "private_template"]
+        where Self.attributes(r.argument(name)).contains(where: { $0.type.rawValue & 0x4000_0000 != 0 }) {
+            return r.fail(rv: 0x12, "array attributes (CKF_ARRAY_ATTRIBUTE) cannot cross the wire (CKR_ATTRIBUTE_TYPE_INVALID)")
+        }
         let handle = r.ulong("handle")
         // Calls that run in the caller's login when it has one use its cached PIN.
         let objects: [Access] = [.cachedPIN]
@@ -268,7 +274,7 @@ extension PincacheService {
             guard case .success(let old) = readSecret(r, "old_pin"), case .success(let new) = readSecret(r, "new_pin") else {
                 return
             }
-            run([.modifyToken], "set-pin", {
+            run([.modifyToken, .cachedPIN], "set-pin", {
                 try token.setPIN(caller: caller, settings: settings(), session: id, rw: rw, old: old, new: new)
             }) { _ in [] }
         default:

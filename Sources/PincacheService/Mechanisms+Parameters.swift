@@ -10,7 +10,8 @@ enum MechanismParameters {
         0x1082: 16, 0x1085: 16,  // AES_CBC(_PAD): the IV
         0x1086: 24,  // AES_CTR: CK_AES_CTR_PARAMS
         0x133: 8, 0x136: 8,  // DES3_CBC(_PAD): the IV
-        0x1084: 8, 0x1105: 8, 0x252: 8, 0x262: 8, 0x272: 8, 0x227: 8, 0x256: 8,  // *_MAC_GENERAL: CK_MAC_GENERAL_PARAMS
+        // *_MAC_GENERAL and *_HMAC_GENERAL: CK_MAC_GENERAL_PARAMS
+        0x1084: 8, 0x108B: 8, 0x222: 8, 0x252: 8, 0x257: 8, 0x262: 8, 0x272: 8,
     ]
 
     static func invalid(_ what: String) -> ServiceError {

@@ -313,3 +313,16 @@ def test_parameters_that_could_carry_pointers_are_refused(ck, mtype, param):
     assert a.rv(s, "Sign", mech(mtype, param), key, b"x" * 32) == 0x71
     # and the daemon is still there
     assert len(a.sign(s, CKM_ECDSA, key, digest(b"still"))) == 64
+
+
+def test_array_attributes_never_reach_the_module(ck):
+    """CKA_WRAP_TEMPLATE and friends hold pointers to nested templates: sent straight to the
+    socket (the proxy refuses them itself), the daemon refuses them before any module sees them."""
+    a = ck()
+    s = a.open()
+    a.login(s)
+    wrap_template = 0x40000211
+    nested = ulong(0x7FFF_DEAD_BEEF) + ulong(1)  # a pointer and a count, as C would lay them out
+    assert a.rv(s, "CreateObject", [(CKA_CLASS, ulong(CKO_DATA)), (wrap_template, nested)]) == 0x12
+    assert a.rv(s, "FindObjects", [(wrap_template, nested)], 10) == 0x12
+    assert a.state(s) == CKS_RW_USER
