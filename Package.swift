@@ -17,7 +17,7 @@ let package = Package(
         // module and injects faults on command (see Sources/FaultShim/README.md).
         .library(name: "pincache-faultshim", type: .dynamic, targets: ["FaultShim"]),
         // The PKCS#11 proxy applications load (DESIGN §4).
-        .library(name: "pincache-pkcs11", type: .dynamic, targets: ["PincacheProxy"]),
+        .library(name: "pincache-pkcs11", type: .dynamic, targets: ["PincacheProxyLibrary"]),
     ],
     dependencies: [
         // pincachectl's command line: subcommands, help and usage errors people expect.
@@ -59,7 +59,10 @@ let package = Package(
         // modules without C_Finalize (pkcs11-tool on a fatal error), and the loop thread
         // and the Swift runtime must never find their code unmapped.
         .target(name: "CPincacheProxy", dependencies: ["CPKCS11"]),
-        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "CryptokiWire"],
+        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "CryptokiWire"]),
+        // The shared object's link alone: the proxy's code stays a plain target, so
+        // ProxyLoopbackTests can drive its entry points in process against the daemon's.
+        .target(name: "PincacheProxyLibrary", dependencies: ["PincacheProxy"],
                 linkerSettings: [.unsafeFlags([
                     "-static-stdlib",
                     "-Xlinker", "-z", "-Xlinker", "nodelete",
@@ -71,6 +74,9 @@ let package = Package(
         .testTarget(name: "PKCS11KitTests", dependencies: ["PKCS11Kit"]),
         .testTarget(name: "PincacheServiceTests", dependencies: ["PincacheService"]),
         .testTarget(name: "CryptokiWireTests", dependencies: ["CryptokiWire"]),
+        .testTarget(name: "ProxyLoopbackTests", dependencies: [
+            "PincacheProxy", "CPincacheProxy", "PincacheService", "PinPolicy", "DBusKit", "CPKCS11", "CryptokiWire",
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -158,6 +158,13 @@ CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list)
     return CKR_OK;
 }
 
+/* The same table under a name no host resolves by accident: in-process tests link the
+ * proxy beside a module that exports C_GetFunctionList too. */
+unsigned long pincache_get_function_list(void **list)
+{
+    return C_GetFunctionList((CK_FUNCTION_LIST_PTR_PTR)list);
+}
+
 static pthread_mutex_t global_lock = PTHREAD_MUTEX_INITIALIZER;
 static atomic_ulong fork_generation;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;

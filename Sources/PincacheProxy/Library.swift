@@ -208,12 +208,18 @@ final class Library: @unchecked Sendable {
             reply.forEach(Wire.closeDescriptors)
             throw .deviceError
         }
+        // Tests put a relay between the proxy and the daemon here (ProxyLoopbackTests).
+        let socket = Self.interposeSocket?(fd) ?? fd
         do {
-            return try WireClient(fd: fd)
+            return try WireClient(fd: socket)
         } catch {
             throw CKError(error)
         }
     }
+
+    /// For tests only: given the daemon's socket, returns the one the proxy uses instead
+    /// (a relay that can break frames on purpose). Never set in the shipped library.
+    nonisolated(unsafe) static var interposeSocket: (@Sendable (Int32) -> Int32)?
 
     private func liveLink() -> Link? {
         guard let link = state.withLock({ $0.link }), link.isAlive else { return nil }

@@ -20,4 +20,9 @@ unsigned long pincache_fork_generation(void);
  * privileged program's PINs). */
 const char *pincache_bus_address(void);
 
+/* C_GetFunctionList under another name, for in-process tests that link the proxy beside a
+ * module exporting its own (not exported from the shared object). `list` receives a
+ * CK_FUNCTION_LIST pointer; the result is a CK_RV. */
+unsigned long pincache_get_function_list(void **list);
+
 #endif
