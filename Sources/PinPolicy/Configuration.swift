@@ -53,6 +53,9 @@ public struct Configuration: Sendable, Equatable {
     public var maxSessionsPerClient: Int
     /// `SlotPollInterval` in ms for modules without slot events (global only, 50...600000, default 1000).
     public var slotPollIntervalMilliseconds: Int
+    /// `PinFailureFreeTries`, `PinFailureDelay`, `PinFailureMaxDelay` (global only): how fast
+    /// one user may try PINs on one token (issue 12 §3).
+    public var guessRule: GuessThrottle.Rule
     /// Things worth one log line each that do not stop the daemon, as `FILE:LINE: text`.
     public var notices: [String]
 
@@ -63,6 +66,7 @@ public struct Configuration: Sendable, Equatable {
         modules = []
         maxSessionsPerClient = 64
         slotPollIntervalMilliseconds = 1000
+        guessRule = GuessThrottle.Rule()
         notices = []
     }
 
@@ -115,13 +119,18 @@ private enum Key: String, CaseIterable {
     case module = "Module"
     case maxSessionsPerClient = "MaxSessionsPerClient"
     case slotPollInterval = "SlotPollInterval"
+    case pinFailureFreeTries = "PinFailureFreeTries"
+    case pinFailureDelay = "PinFailureDelay"
+    case pinFailureMaxDelay = "PinFailureMaxDelay"
     case mdEnableCachePIN = "MD_EnableCachePIN"
     case cspEnableCachePIN = "CSP_EnableCachePIN"
     case cspLogoutAfterSign = "CSP_LogoutAfterSign"
 
     var isGlobalOnly: Bool {
         switch self {
-        case .module, .maxSessionsPerClient, .slotPollInterval: true
+        case .module, .maxSessionsPerClient, .slotPollInterval, .pinFailureFreeTries, .pinFailureDelay,
+            .pinFailureMaxDelay:
+            true
         default: false
         }
     }
@@ -195,6 +204,9 @@ private struct Parser {
             case .module: configuration.modules.append(value)
             case .maxSessionsPerClient: configuration.maxSessionsPerClient = Int(value)!
             case .slotPollInterval: configuration.slotPollIntervalMilliseconds = Int(value)!
+            case .pinFailureFreeTries: configuration.guessRule.freeTries = Int(value)!
+            case .pinFailureDelay: configuration.guessRule.delay = UInt64(value)! * 1_000_000
+            case .pinFailureMaxDelay: configuration.guessRule.maxDelay = UInt64(value)! * 1_000_000
             default: break
             }
         }
@@ -241,6 +253,12 @@ private struct Parser {
         case .slotPollInterval:
             guard let n = parseUnsigned(value, allowHex: false), (50...600_000).contains(n) else {
                 throw bad("expected milliseconds, 50 to 600000")
+            }
+        case .pinFailureFreeTries:
+            guard let n = parseUnsigned(value, allowHex: false), n <= 100 else { throw bad("expected 0 to 100") }
+        case .pinFailureDelay, .pinFailureMaxDelay:
+            guard let n = parseUnsigned(value, allowHex: false), n <= 3_600_000 else {
+                throw bad("expected milliseconds, 0 to 3600000")
             }
         }
     }

@@ -13,6 +13,10 @@ public struct PinStatus: OptionSet, Sendable, Hashable {
     /// `CKF_USER_PIN_LOCKED`.
     public static let locked = PinStatus(rawValue: 0x0004_0000)
 
+    /// A wrong PIN was entered since the last successful login (count low or final try): a
+    /// cached PIN is held back until a login succeeds and the token clears the flags.
+    public var wrongPINSinceLastLogin: Bool { !intersection([.countLow, .finalTry]).isEmpty }
+
     /// Keeps only the user-PIN bits of a token's `CK_TOKEN_INFO.flags`.
     public init(tokenFlags: UInt) {
         rawValue = tokenFlags & (Self.countLow.rawValue | Self.finalTry.rawValue | Self.locked.rawValue)
@@ -29,6 +33,10 @@ public enum PolicyError: Error, Sendable, Equatable {
     case pinRequired
     /// The caller is already logged in to this token.
     case alreadyLoggedIn
+    /// The caller's cached PIN is kept but not presented: the token reports a wrong PIN since
+    /// its last successful login (someone's typo, or a guess). A successful login, by anyone,
+    /// releases it.
+    case pinHeldBack
 }
 
 /// What a private operation does with the token.
@@ -136,6 +144,10 @@ public struct TokenPolicy: Sendable {
     private var environments: [CallerID: Environment] = [:]
     /// The caller holding the backend login, if any: the token is locked to it.
     private var holder: CallerID?
+    /// When the holder last used its login, and how long it may stay idle (0: forever), from
+    /// its `PinCacheTimeout`: an idle lock ends like an idle cached PIN.
+    private var holderLastUsed: UInt64 = 0
+    private var holderTimeout: UInt64 = 0
 
     /// A token nobody uses yet.
     public init() {}
@@ -165,11 +177,14 @@ public struct TokenPolicy: Sendable {
 
     /// Decides how to log the caller in.
     /// - Throws: `.tokenBusy` if another caller holds the token, `.alreadyLoggedIn` if this
-    ///   caller is logged in (cached or held).
-    public mutating func planLogin(for caller: CallerID, settings: Settings,
-                                   protectedAuthenticationPath: Bool) throws(PolicyError) -> LoginPlan {
+    ///   caller is logged in (cached or held) — except that a caller whose cached PIN is held
+    ///   back (`pinStatus` reports a wrong PIN since the last login) may log in again: the PIN
+    ///   it types replaces the cached one.
+    public mutating func planLogin(for caller: CallerID, settings: Settings, protectedAuthenticationPath: Bool,
+                                   pinStatus: PinStatus = []) throws(PolicyError) -> LoginPlan {
         try checkAvailable(for: caller)
-        if state(of: caller).loggedIn { throw .alreadyLoggedIn }
+        let heldBack = holder != caller && environments[caller]?.cached != nil && pinStatus.wrongPINSinceLastLogin
+        if state(of: caller).loggedIn && !heldBack { throw .alreadyLoggedIn }
         // A PIN pad never gives the daemon a PIN to cache, so its login can only be held.
         return settings.enableCachePIN && !protectedAuthenticationPath ? .verifyThenCache : .holdLogin
     }
@@ -188,6 +203,8 @@ public struct TokenPolicy: Sendable {
         case .holdLogin:
             if environments[caller] == nil { environments[caller] = Environment() }
             holder = caller
+            holderLastUsed = now
+            holderTimeout = UInt64(settings.pinCacheTimeout) * 1_000_000_000
         }
     }
 
@@ -207,8 +224,10 @@ public struct TokenPolicy: Sendable {
     ///
     /// - Throws: `.tokenBusy` if another caller holds the token; `.notLoggedIn` if the caller
     ///   is not logged in, its cached PIN has expired (`PinCacheTimeout`; it is dropped), or the
-    ///   token reports a `pinStatus` flag (then EVERY caller's cached PIN here is dropped: a
-    ///   cached PIN is never presented to a token that counts failures); `.pinRequired` if
+    ///   token reports its PIN locked (then EVERY caller's cached PIN here is dropped);
+    ///   `.pinHeldBack` while the token reports a wrong PIN since its last successful login
+    ///   (count low, final try): a cached PIN is never presented to a token that counts
+    ///   failures, but it is kept, for when a login has reset the counter; `.pinRequired` if
     ///   `requiresFreshPIN` and no PIN was supplied.
     /// - Returns: `.freshPIN` whenever the caller is logged in and supplied a PIN (the cache is
     ///   neither used nor touched), `.heldLogin` for the lock holder, else `.bracket` with the
@@ -218,6 +237,7 @@ public struct TokenPolicy: Sendable {
                                        pinStatus: PinStatus, now: UInt64) throws(PolicyError) -> OperationPlan {
         try checkAvailable(for: caller)
         if holder == caller {
+            holderLastUsed = now
             if freshPINSupplied { return .freshPIN }
             if requiresFreshPIN { throw .pinRequired }
             return .heldLogin
@@ -232,11 +252,12 @@ public struct TokenPolicy: Sendable {
         // presented, so the PIN status flags do not matter here.
         if freshPINSupplied { return .freshPIN }
         if requiresFreshPIN { throw .pinRequired }
-        if !pinStatus.isEmpty {
-            // Every environment holds the same PIN for this token: if one may be stale, all may.
+        if pinStatus.contains(.locked) {
+            // Only the SO can unlock it, by setting a new PIN: every cached one is stale then.
             dropAllCachedPINs()
             throw .notLoggedIn
         }
+        if pinStatus.wrongPINSinceLastLogin { throw .pinHeldBack }
         environment.cached!.lastUsed = now
         environments[caller] = environment
         return .bracket(cached.pin)
@@ -289,11 +310,29 @@ public struct TokenPolicy: Sendable {
         holder = nil
     }
 
-    /// Administrator's `FlushCaches`: drops every cached PIN; held logins are untouched.
+    /// Drops every cached PIN; held logins are untouched (a reload, C_SetPIN).
     /// - Returns: how many were dropped.
     @discardableResult
     public mutating func flushCachedPINs() -> Int {
         dropAllCachedPINs()
+    }
+
+    /// Administrator's `FlushCaches`: every cached PIN and the lock (→ `.logout` if there was
+    /// one). The holder stays with its sessions, logged out.
+    public mutating func flushAll() -> (dropped: Int, action: BackendAction) {
+        let dropped = dropAllCachedPINs()
+        guard let holder else { return (dropped, .none) }
+        return (dropped, releaseLock(of: holder))
+    }
+
+    /// Ends the lock if its holder has not used it for its `PinCacheTimeout` at `now`.
+    /// - Returns: the former holder (the service logs the backend out), or nil.
+    public mutating func expireIdleLock(now: UInt64) -> CallerID? {
+        guard let holder, holderTimeout != 0, now >= holderLastUsed, now - holderLastUsed >= holderTimeout else {
+            return nil
+        }
+        _ = releaseLock(of: holder)
+        return holder
     }
 
     /// Drops cached PINs idle for their `PinCacheTimeout` at `now` (monotonic nanoseconds).
@@ -335,9 +374,10 @@ public struct TokenPolicy: Sendable {
 
     /// The earliest monotonic time at which a cached PIN here expires, for the reaper's timer.
     public var nextExpiry: UInt64? {
-        environments.values.compactMap { entry in
+        let lock: UInt64? = holder != nil && holderTimeout != 0 ? holderLastUsed &+ holderTimeout : nil
+        return (environments.values.compactMap { entry in
             entry.cached.flatMap { $0.timeout == 0 ? nil : $0.lastUsed &+ $0.timeout }
-        }.min()
+        } + [lock].compactMap { $0 }).min()
     }
 
     // MARK: Private

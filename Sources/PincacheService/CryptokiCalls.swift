@@ -68,11 +68,9 @@ extension PincacheService {
             guard let token = token(named: r.string("slot")) else { return r.fail(Self.slotInvalid) }
             let label = r.string("label")
             guard case .success(let pin) = readSecret(r, "so_pin") else { return }
-            authorise([.manage], requester, token: token, operation: "init-token", denied: r.fail) { [weak self] in
-                self?.onWorker(token, caller: info.id, inline: false, { try token.initToken(soPIN: pin, label: label) }) {
-                    r.reply($0) { _ in [] }
-                }
-            }
+            submitPIN([.manage], requester, token, operation: "init-token", inline: false, denied: r.fail, {
+                try token.initToken(soPIN: pin, label: label)
+            }) { r.reply($0) { _ in [] } }
         default:
             guard let record = sessions.withLock({ $0[r.ulong("session")] }), record.owner == info.id else {
                 return r.fail(Self.sessionInvalid)
@@ -117,6 +115,13 @@ extension PincacheService {
                 self?.onWorker(token, caller: caller, inline: true, job) { r.reply($0, encode) }
             }
         }
+        /// The same for a request that carries a typed PIN: PinAttempts.swift.
+        @Sendable func runPIN<T: Sendable>(
+            _ needs: [Access], _ operation: String, _ job: @escaping @Sendable () throws -> T,
+            _ encode: @escaping @Sendable (T) -> [WireValue]
+        ) {
+            submitPIN(needs, requester, token, operation: operation, inline: true, denied: r.fail, job) { r.reply($0, encode) }
+        }
         func mechanism() -> Mechanism? {
             let fields = r.argument("mechanism")?.recordFields ?? []
             let decoded = MechanismParameters.decode(
@@ -150,16 +155,16 @@ extension PincacheService {
             guard case .success(let pin) = readSecret(r, "pin") else { return }
             switch UserType(rawValue: UInt(r.ulong("user_type"))) {
             case .user:
-                run([.login], "login", {
+                runPIN([.login], "login", {
                     try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
                     self.forgetCachedUse(token, caller)
                 }) { _ in [] }
             case .so:
-                run([.manage], "so-login", {
+                runPIN([.manage], "so-login", {
                     try token.loginSO(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
                 }) { _ in [] }
             case .contextSpecific:
-                run([.login], "context-login", { try token.loginContext(caller: caller, session: id, pin: pin) }) { _ in [] }
+                runPIN([.login], "context-login", { try token.loginContext(caller: caller, session: id, pin: pin) }) { _ in [] }
             default:
                 r.fail(rv: 0x103, "C_Login: CKR_USER_TYPE_INVALID")
             }
@@ -274,7 +279,7 @@ extension PincacheService {
             guard case .success(let old) = readSecret(r, "old_pin"), case .success(let new) = readSecret(r, "new_pin") else {
                 return
             }
-            run([.modifyToken, .cachedPIN], "set-pin", {
+            runPIN([.modifyToken, .cachedPIN], "set-pin", {
                 try token.setPIN(caller: caller, settings: settings(), session: id, rw: rw, old: old, new: new)
             }) { _ in [] }
         default:

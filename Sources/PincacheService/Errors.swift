@@ -84,6 +84,13 @@ public struct ServiceError: Error, Sendable, Equatable, CustomStringConvertible 
                 "this key requires the PIN for every signature: use SignWithPin (CKR_USER_NOT_LOGGED_IN (0x101))", rv: 0x101)
         case .alreadyLoggedIn:
             self.init(.alreadyLoggedIn, "already logged in to this token (CKR_USER_ALREADY_LOGGED_IN (0x100))", rv: 0x100)
+        case .pinHeldBack:
+            // Not logged in as far as a PKCS#11 program knows: it logs in again, which is the
+            // way out (its PIN replaces the held one, and a success resets the token's counter).
+            self.init(
+                .notLoggedIn,
+                "the cached PIN is held back: the token reports a wrong PIN since its last successful login; log in again (CKR_USER_NOT_LOGGED_IN (0x101))",
+                rv: 0x101)
         }
     }
 

@@ -43,8 +43,8 @@ extension PincacheService {
     func flushCaches(_ call: MethodCall) {
         let flush: @Sendable () -> Void = { [weak self] in
             guard let self else { return }
-            let n = self.tokens.reduce(0) { sum, t in sum + t.policy.withLock { $0.flushCachedPINs() } }
-            Log.notice("FlushCaches: \(n) cached PIN(s) wiped")
+            let n = self.tokens.reduce(0) { sum, t in sum + t.flushAll(reason: "FlushCaches") }
+            Log.notice("FlushCaches: \(n) cached PIN(s) wiped, exclusive logins ended")
             call.reply([])
         }
         withCaller(call) { [weak self] info in

@@ -41,6 +41,8 @@ public final class PincacheService: @unchecked Sendable {
     /// "token-id caller" pairs whose use of their cached PIN polkit already allowed since their
     /// last login (DESIGN §3: remembered per environment and token, never shared).
     let cachedUseAllowed = Mutex<Set<String>>([])
+    /// PIN attempts per (uid, token): PinAttempts.swift.
+    let guesses: Mutex<GuessThrottle>
     private let tokenTable = Mutex<[TokenContext]>([])
     /// Every slot currently exported; readers come and go (rescan()).
     var tokens: [TokenContext] { tokenTable.withLock { $0 } }
@@ -63,6 +65,7 @@ public final class PincacheService: @unchecked Sendable {
         self.configurationState = Mutex(configuration)
         self.onSystemBus = onSystemBus
         self.authorizer = Authorizer(connection: connection, enabled: onSystemBus)
+        self.guesses = Mutex(GuessThrottle(rule: configuration.guessRule))
     }
 
     // MARK: - Start-up
@@ -211,8 +214,11 @@ public final class PincacheService: @unchecked Sendable {
     func expireIdlePINs() {
         let now = TokenContext.now()
         for token in tokens {
-            let n = token.policy.withLock { $0.expireIdle(now: now) }
+            let (n, lockIdle) = token.policy.withLock { p in
+                (p.expireIdle(now: now), p.lockHolder != nil && p.nextExpiry.map { $0 <= now } == true)
+            }
             if n > 0 { Log.info("token \(token.id): \(n) cached PIN(s) expired (PinCacheTimeout)") }
+            if lockIdle { token.expireIdleLock() }
         }
     }
 
@@ -225,6 +231,7 @@ public final class PincacheService: @unchecked Sendable {
             c = new
             return old
         }
+        guesses.withLock { $0.rule = new.guessRule }
         if old.modules != new.modules || old.slotPollIntervalMilliseconds != new.slotPollIntervalMilliseconds {
             Log.notice("reload: Module= and SlotPollInterval changes take effect at the next restart")
         }

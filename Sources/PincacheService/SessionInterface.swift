@@ -55,16 +55,22 @@ extension PincacheService {
             case .success(let (keyID, mechanism, data)):
                 let operation: PrivateOperation = use == .sign ? .sign(mechanism, data) : .decrypt(mechanism, data)
                 let pin = fresh
-                let run: @Sendable () -> Void = { [weak self] in
-                    self?.onWorker(token, call, caller: caller, {
-                        try token.perform(
-                            caller: caller, settings: settings(),
-                            KeyOperation(key: .id(keyID), operation: operation, freshPIN: pin))
-                    }) { [.bytes($0)] }
+                let job: @Sendable () throws -> [UInt8] = {
+                    try token.perform(
+                        caller: caller, settings: settings(), KeyOperation(key: .id(keyID), operation: operation, freshPIN: pin))
                 }
                 let opName = use == .sign ? (pin == nil ? "sign" : "sign-with-pin") : "decrypt"
-                // A PIN submitted for one operation is a login as far as polkit is concerned.
-                authorized(pin == nil ? [.cachedPIN] : [.login], call, info, token: token, operation: opName, keyID: keyID, run)
+                if pin != nil {
+                    // A PIN submitted for one operation is a login as far as polkit is concerned.
+                    submitPIN(
+                        [.login], Requester(info: info, interactive: call.allowsInteractiveAuthorization), token, operation: opName, keyID: keyID, inline: false,
+                        denied: { call.reply(error: $0.dbusError) }, job
+                    ) { call.reply($0) { [.bytes($0)] } }
+                } else {
+                    authorized([.cachedPIN], call, info, token: token, operation: opName, keyID: keyID) { [weak self] in
+                        self?.onWorker(token, call, caller: caller, job) { [.bytes($0)] }
+                    }
+                }
             }
         }
         return ExportedInterface(
@@ -75,14 +81,15 @@ extension PincacheService {
                     switch self.readPIN(call, at: 0) {
                     case .failure(let e): call.reply(error: e)
                     case .success(let pin):
-                        self.authorized([.login], call, info, token: token, operation: "login") { [weak self] in
-                            guard let self else { return }
-                            self.onWorker(token, call, caller: caller, {
+                        self.submitPIN(
+                            [.login], Requester(info: info, interactive: call.allowsInteractiveAuthorization), token, operation: "login", inline: false,
+                            denied: { call.reply(error: $0.dbusError) },
+                            { [weak self] in
                                 try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
                                 // A new login asks polkit again before its cached PIN is first used.
-                                self.forgetCachedUse(token, caller)
-                            }) { _ in [] }
-                        }
+                                self?.forgetCachedUse(token, caller)
+                            }
+                        ) { call.reply($0) { _ in [] } }
                     }
                 },
                 "Logout": { [weak self] call in

@@ -244,7 +244,8 @@ final class TokenContext: @unchecked Sendable {
             let info = try presentTokenInfo()
             let plan = try policy.withLock {
                 try $0.planLogin(
-                    for: caller, settings: settings, protectedAuthenticationPath: info.protectedAuthenticationPath)
+                    for: caller, settings: settings, protectedAuthenticationPath: info.protectedAuthenticationPath,
+                    pinStatus: PinStatus(tokenFlags: info.flags))
             }
             let s = try backendCall { try session() }
             let usePad = info.protectedAuthenticationPath && pin.count == 0
@@ -318,9 +319,35 @@ final class TokenContext: @unchecked Sendable {
         if policy.withLock({ $0.sessionClosed(by: caller) }) == .logout { backendLogout() }
     }
 
+    /// The lock's release and the backend's logout happen in one job on the worker: released
+    /// earlier, a login queued meanwhile could take the token and then be logged out by us.
     func callerGone(_ caller: CallerID) {
-        if policy.withLock({ $0.callerGone(caller) }) == .logout {
-            worker.submit { [self] in backendLogout() }
+        worker.submit { [self] in
+            if policy.withLock({ $0.callerGone(caller) }) == .logout { backendLogout() }
+        }
+    }
+
+    /// FlushCaches: the cached PINs go at once; the lock (and the backend login) on the worker.
+    /// - Returns: how many cached PINs were dropped.
+    func flushAll(reason: String) -> Int {
+        let dropped = policy.withLock { $0.flushCachedPINs() }
+        worker.submit { [self] in
+            let (_, action) = policy.withLock { $0.flushAll() }
+            if action == .logout {
+                backendLogout()
+                Log.notice("token \(id): the exclusive login was ended (\(reason))")
+            }
+        }
+        return dropped
+    }
+
+    /// An exclusive login idle for its holder's PinCacheTimeout ends (non-caching mode).
+    func expireIdleLock() {
+        worker.submit { [self] in
+            if let holder = policy.withLock({ $0.expireIdleLock(now: Self.now()) }) {
+                backendLogout()
+                Log.notice("token \(id): the exclusive login of \(holder.rawValue) was idle for its PinCacheTimeout and ended")
+            }
         }
     }
 

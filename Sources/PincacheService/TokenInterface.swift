@@ -33,12 +33,11 @@ extension PincacheService {
                     case .failure(let e): call.reply(error: e)
                     case .success(let (keyID, mechanism, data)):
                         self.withCaller(call) { info in
-                            self.authorized([.login], call, info, token: token, operation: "sign-once", keyID: keyID) {
-                                self.onWorker(token, call, caller: info.id, {
-                                    try token.signOnce(
-                                        caller: info.id, keyID: keyID, mechanism: mechanism, data: data, pin: pin)
-                                }) { [.bytes($0)] }
-                            }
+                            self.submitPIN(
+                                [.login], Requester(info: info, interactive: call.allowsInteractiveAuthorization), token,
+                                operation: "sign-once", keyID: keyID, inline: false, denied: { call.reply(error: $0.dbusError) },
+                                { try token.signOnce(caller: info.id, keyID: keyID, mechanism: mechanism, data: data, pin: pin) }
+                            ) { call.reply($0) { [.bytes($0)] } }
                         }
                     }
                 },

@@ -59,6 +59,18 @@ import Testing
         #expect(high.defaults.pinCacheTimeout == UInt32.max)
     }
 
+    @Test func pinFailureKeys() throws {
+        #expect(Configuration().guessRule == GuessThrottle.Rule(freeTries: 3, delay: 1_000_000_000, maxDelay: 30_000_000_000))
+        let c = try Configuration.parse("PinFailureFreeTries=5\nPinFailureDelay=250\nPinFailureMaxDelay=2000", file: "p.cfg")
+        #expect(c.guessRule == GuessThrottle.Rule(freeTries: 5, delay: 250_000_000, maxDelay: 2_000_000_000))
+        let off = try Configuration.parse("PinFailureDelay=0", file: "p.cfg")
+        #expect(off.guessRule.wait(after: 100) == 0)
+        for bad in ["PinFailureFreeTries=101", "PinFailureDelay=-1", "PinFailureMaxDelay=3600001", "PinFailureDelay=1s"] {
+            #expect(throws: ConfigurationError.self) { try Configuration.parse(bad, file: "p.cfg") }
+        }
+        #expect(throws: ConfigurationError.self) { try Configuration.parse("[app /bin/x]\nPinFailureDelay=5", file: "p.cfg") }
+    }
+
     @Test func applicationSectionsOverlayTheDefaults() throws {
         let text = """
             P11_LogoutAfterSign=1

@@ -353,19 +353,94 @@ extension TokenPolicy {
         #expect(!policy.state(of: alice).loggedIn)
     }
 
-    @Test func heldLoginsNeverExpire() throws {
+    @Test func cachedPINExpiryLeavesAHeldLogin() throws {
         var policy = TokenPolicy.withSessions(alice)
         try policy.login(alice, settings(cache: false, timeout: 1))
         #expect(policy.expireIdle(now: UInt64.max) == 0)
         #expect(policy.lockHolder == alice)
     }
 
-    @Test(arguments: [PinStatus.countLow, .finalTry, .locked, [.countLow, .finalTry]])
-    func pinStatusFlagsPurgeEveryEnvironment(status: PinStatus) throws {
+    /// Issue 12 §5: an exclusive login idle for its holder's PinCacheTimeout ends.
+    @Test func idleLockEndsAtItsTimeout() throws {
+        var policy = TokenPolicy.withSessions(alice, bob)
+        try policy.login(alice, settings(cache: false, timeout: 10), now: 0)
+        #expect(policy.nextExpiry == 10 * second)
+        // Use restarts the clock.
+        #expect(try policy.plan(alice, nonCaching, now: 6 * second) == "held")
+        #expect(policy.expireIdleLock(now: 15 * second) == nil)
+        #expect(policy.nextExpiry == 16 * second)
+        #expect(policy.expireIdleLock(now: 16 * second) == alice)
+        #expect(policy.lockHolder == nil)
+        #expect(!policy.state(of: alice).loggedIn)
+        #expect(policy.state(of: alice).sessions == 1)
+        #expect(throws: PolicyError.notLoggedIn) { try policy.plan(alice, nonCaching, now: 16 * second) }
+        // The token is free for another caller.
+        try policy.login(bob, nonCaching, now: 17 * second)
+        #expect(policy.lockHolder == bob)
+    }
+
+    @Test func lockWithoutTimeoutNeverExpires() throws {
+        var policy = TokenPolicy.withSessions(alice)
+        try policy.login(alice, nonCaching)
+        #expect(policy.nextExpiry == nil)
+        #expect(policy.expireIdleLock(now: UInt64.max) == nil)
+        #expect(policy.lockHolder == alice)
+    }
+
+    /// Issue 12 §5: FlushCaches ends the lock as well as every cached PIN.
+    @Test func flushAllEndsTheLockToo() throws {
+        var policy = TokenPolicy.withSessions(alice, bob)
+        let b = try policy.login(bob, caching)
+        try policy.login(alice, nonCaching)
+        let (dropped, action) = policy.flushAll()
+        #expect(dropped == 1 && action == .logout)
+        #expect(b.isDropped)
+        #expect(policy.lockHolder == nil)
+        #expect(policy.state(of: alice).sessions == 1)
+        #expect(policy.flushAll() == (0, .none))
+    }
+
+    /// Issue 12 §4: while the token reports a wrong PIN since its last successful login, no
+    /// cached PIN is presented, and none is destroyed either.
+    @Test(arguments: [PinStatus.countLow, .finalTry, [.countLow, .finalTry]])
+    func wrongPINFlagsHoldCachedPINsBack(status: PinStatus) throws {
+        var policy = TokenPolicy.withSessions(alice, bob, carol)
+        let a = try policy.login(alice, caching, pin: "1111")
+        let b = try policy.login(bob, caching, pin: "1111")
+        #expect(throws: PolicyError.pinHeldBack) { try policy.plan(alice, caching, pinStatus: status) }
+        #expect(throws: PolicyError.pinHeldBack) { try policy.plan(bob, caching, pinStatus: status) }
+        #expect(!a.isDropped && !b.isDropped)
+        #expect(policy.cachedPINCount == 2)
+        #expect(policy.state(of: alice).cachedPIN)
+        // Carol has nothing cached: not logged in, as before.
+        #expect(throws: PolicyError.notLoggedIn) { try policy.plan(carol, caching, pinStatus: status) }
+        // A successful login (anyone's) clears the flags: the same PINs work again, untouched.
+        #expect(try policy.plan(alice, caching) == "bracket:1111")
+        #expect(try policy.plan(bob, caching) == "bracket:1111")
+    }
+
+    @Test func aHeldBackCallerMayLogInAgain() throws {
+        var policy = TokenPolicy.withSessions(alice)
+        let old = try policy.login(alice, caching, pin: "1111")
+        // Logged in, and not held back: a second login is refused as before.
+        #expect(throws: PolicyError.alreadyLoggedIn) {
+            try policy.planLogin(for: alice, settings: caching, protectedAuthenticationPath: false)
+        }
+        #expect(throws: PolicyError.alreadyLoggedIn) {
+            try policy.planLogin(for: alice, settings: caching, protectedAuthenticationPath: false, pinStatus: .locked)
+        }
+        let plan = try policy.planLogin(for: alice, settings: caching, protectedAuthenticationPath: false, pinStatus: .countLow)
+        #expect(plan == .verifyThenCache)
+        policy.loginSucceeded(for: alice, plan: plan, settings: caching, pin: try makePIN("2222"), now: 0)
+        #expect(old.isDropped)
+        #expect(try policy.plan(alice, caching) == "bracket:2222")
+    }
+
+    @Test func lockedPINPurgesEveryEnvironment() throws {
         var policy = TokenPolicy.withSessions(alice, bob, carol)
         let a = try policy.login(alice, caching)
         let b = try policy.login(bob, caching)
-        #expect(throws: PolicyError.notLoggedIn) { try policy.plan(alice, caching, pinStatus: status) }
+        #expect(throws: PolicyError.notLoggedIn) { try policy.plan(alice, caching, pinStatus: .locked) }
         #expect(a.isDropped && b.isDropped)
         #expect(policy.cachedPINCount == 0)
         #expect(throws: PolicyError.notLoggedIn) { try policy.plan(bob, caching) }

@@ -197,6 +197,10 @@ class FaultShim:
     def token_flags_add(self, flags):
         self._write("token_flags_add", hex(flags))
 
+    def token_flags_clear(self):
+        """The token's flags are SoftHSM's own again (a login succeeded elsewhere)."""
+        (self.dir / "token_flags_add").unlink(missing_ok=True)
+
     def delay_ms(self, ms):
         self._write("delay_ms", str(ms))
 

@@ -259,3 +259,43 @@ def test_changing_the_token_needs_its_own_right(polkit, make_client):
     assert w._do("FindObjects", [(CKA_LABEL, b"not-allowed")], 10)[0] == [handle]
     w._do("DestroyObject", handle)
     assert [c["operation"] for c in polkit.checks("modify-token")] == ["create-object", "create-object", "destroy-object"]
+
+
+# --- issue 12: the shared-machine rules, through both front ends ------------------------------
+
+def test_wrong_pins_are_slowed_and_logged(start_daemon, front, tokens):
+    """§3: 2 free tries, then 100 ms doubling to 400 ms: 12 wrong PINs take at least the sum of
+    the delays and leave one log line each; a good PIN resets the count."""
+    import time
+    d = start_daemon(caching=True, extra=["PinFailureFreeTries=2", "PinFailureDelay=100",
+                                          "PinFailureMaxDelay=400"])
+    a = front("A")
+    started = time.monotonic()
+    for _ in range(12):
+        assert refused(a.login, "999999") == CKR["PinIncorrect"]
+    elapsed = time.monotonic() - started
+    delays = [0.1, 0.2] + [0.4] * 8
+    assert elapsed >= sum(delays) - 0.05, (elapsed, sum(delays))
+    log = d.stderr_text()
+    assert log.count("wrong PIN: uid ") == 12, log
+    assert log.count(" delayed ") >= len(delays), log
+    assert "999999" not in log
+    a.login()  # slowed once more, then the count starts afresh
+    verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))
+    a.logout()
+    quick = time.monotonic()
+    assert refused(a.login, "999999") == CKR["PinIncorrect"]
+    assert time.monotonic() - quick < 0.4
+
+
+def test_another_callers_typo_holds_cached_pins_back(start_daemon, front, tokens):
+    """§4: B's wrong PIN sets SoftHSM's count-low; A's cached PIN is held back, not lost, and
+    works again once B's next login succeeds."""
+    start_daemon(caching=True)
+    a, b = front("A"), front("B")
+    a.login()
+    verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))
+    assert refused(b.login, "999999") == CKR["PinIncorrect"]
+    assert refused(a.sign, EC_KEY, ec_input()) == CKR["NotLoggedIn"]
+    b.login()
+    verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))

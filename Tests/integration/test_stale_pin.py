@@ -54,7 +54,8 @@ def test_backend_error_message_carries_ckr(daemon, make_client, faultshim):
     assert "CKR_PIN_INCORRECT (0xa0)" in e.value.message, e.value.message
 
 
-def test_count_low_never_presents_cached_pin(daemon, make_client, faultshim, tokens):
+def test_count_low_holds_cached_pins_back_without_destroying_them(daemon, make_client, faultshim, tokens):
+    """Issue 12 §4: never presented to a counting token, but kept for when it counts no more."""
     a, b = make_client("A"), make_client("B")
     tok = a.token()
     sa, sb = a.open_session(tok), b.open_session(tok)
@@ -64,12 +65,29 @@ def test_count_low_never_presents_cached_pin(daemon, make_client, faultshim, tok
     verify(tokens.cert("ec"), "ECDSA", MSG, sig)
     faultshim.token_flags_add(CKF_USER_PIN_COUNT_LOW)
     before = len(faultshim.logins())
-    assert a.error(a.sign, sa, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
-    assert len(faultshim.logins()) == before, "a cached PIN was presented to a COUNT_LOW token"
-    assert a.cached() == set() and b.cached() == set()
+    with pytest.raises(CallError) as e:
+        a.sign(sa, EC_KEY, "ECDSA", digest(MSG))
+    assert e.value.name == ERR + "NotLoggedIn" and "held back" in e.value.message, e.value.message
     assert b.error(b.sign, sb, EC_KEY, "ECDSA", digest(MSG)) == ERR + "NotLoggedIn"
-    assert len(faultshim.logins()) == before
+    assert len(faultshim.logins()) == before, "a cached PIN was presented to a COUNT_LOW token"
+    assert a.cached() == {tok} and b.cached() == {tok}
     assert a.token_props(tok)["UserPinCountLow"] is True
+    faultshim.token_flags_clear()  # someone logged in successfully: the counter is reset
+    for c, s in ((a, sa), (b, sb)):
+        verify(tokens.cert("ec"), "ECDSA", MSG, c.sign(s, EC_KEY, "ECDSA", digest(MSG)))
+
+
+def test_a_held_back_caller_may_log_in_again(daemon, make_client, faultshim, tokens):
+    a = make_client("A")
+    tok = a.token()
+    sa = a.open_session(tok)
+    a.login(sa, PIN)
+    assert a.error(a.login, sa, PIN) == ERR + "AlreadyLoggedIn"
+    faultshim.token_flags_add(CKF_USER_PIN_COUNT_LOW)
+    a.login(sa, PIN)  # the PIN typed now replaces the held one
+    assert faultshim.logins()[-1] == (CKU_USER, CKR_OK)
+    faultshim.token_flags_clear()
+    verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(sa, EC_KEY, "ECDSA", digest(MSG)))
 
 
 @pytest.mark.parametrize("caching", [True, False])

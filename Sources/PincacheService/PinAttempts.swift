@@ -1,0 +1,47 @@
+import Dispatch
+import PKCS11Kit
+import PinPolicy
+
+/// The pipeline of every request that carries a typed PIN (a login of any user type, a PIN for
+/// one signature, SignOnce, C_InitToken's SO PIN, C_SetPIN's old PIN), for both front ends:
+/// authorise → wait out the user's backoff on this token (GuessThrottle, never on the token's
+/// thread) → the token's worker → record the token's verdict. Each wrong PIN and each delay
+/// is logged, with the uid and the token, never the PIN.
+extension PincacheService {
+    func submitPIN<T: Sendable>(
+        _ needs: [Access], _ requester: Requester, _ token: TokenContext, operation: String, keyID: [UInt8]? = nil,
+        inline: Bool, denied: @escaping @Sendable (ServiceError) -> Void, _ job: @escaping @Sendable () throws -> T,
+        done: @escaping @Sendable (Result<T, ServiceError>) -> Void
+    ) {
+        let info = requester.info
+        authorise(needs, requester, token: token, operation: operation, keyID: keyID, denied: denied) { [weak self] in
+            guard let self else { return }
+            // Without a uid (never on a real bus) the caller's own name keys its attempts.
+            let key = GuessThrottle.Key(uid: info.uid ?? UInt32.max, token: token.id)
+            let now = TokenContext.now()
+            let (at, previous) = self.guesses.withLock { $0.admit(key, now: now) }
+            let run: @Sendable () -> Void = { [weak self] in
+                guard let self else { return }
+                onWorker(token, caller: info.id, inline: inline && at <= now, {
+                    do {
+                        let result = try job()
+                        self.guesses.withLock { $0.accepted(key) }
+                        return result
+                    } catch let e as PKCS11Error where e.rv == .pinIncorrect {
+                        let n = self.guesses.withLock { $0.rejected(key) }
+                        Log.warning(
+                            "wrong PIN: uid \(Self.uidText(info)) (\(info.executable ?? "unknown executable")), token \(token.id) (\(token.snapshot.info?.label ?? "-")), \(operation); \(n) in a row")
+                        throw e
+                    }
+                }, done)
+            }
+            guard at > now else { return run() }
+            let delay = at - now
+            Log.warning(
+                "PIN attempt of uid \(Self.uidText(info)) on token \(token.id) (\(operation)) delayed \(delay / 1_000_000) ms: \(previous) attempts since its last accepted PIN")
+            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(min(delay, UInt64(Int.max)))), execute: run)
+        }
+    }
+
+    static func uidText(_ info: CallerInfo) -> String { info.uid.map(String.init) ?? "?" }
+}
