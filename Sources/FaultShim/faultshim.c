@@ -1,7 +1,8 @@
 /*
  * FaultShim: forwards every PKCS#11 call to a target module, except that C_Login,
  * C_GetTokenInfo, C_SignInit and C_Sign consult a control directory first, so tests can
- * make a token reject a PIN, report PIN-counter flags, or be slow. See README.md.
+ * make a token reject a PIN, report PIN-counter flags, fail to report itself, or be slow.
+ * See README.md.
  *
  * Thread-safe: the only shared state is set once under pthread_once; control files are
  * re-read on every call and the log is written with one O_APPEND write per line.
@@ -104,10 +105,49 @@ static CK_RV shim_C_Initialize(CK_VOID_PTR args)
 	return target->C_Initialize(args);
 }
 
+/* "RV [COUNT]": the next COUNT calls (every call without a count) fail with RV. The file
+ * is rewritten with the count left, and removed at zero. */
+static int token_info_fault(CK_RV *rv)
+{
+	char buf[64], path[sizeof control_dir + 64], *end;
+	unsigned long value, count = 0;
+	int has_count, fd, len;
+
+	if (read_control(FAULTSHIM_FILE_TOKEN_INFO_FAIL, buf, sizeof buf) <= 0)
+		return 0;
+	value = strtoul(buf, &end, 0);
+	if (end == buf)
+		return 0;
+	has_count = sscanf(end, "%lu", &count) == 1;
+	if (has_count && count == 0)
+		return 0;
+	*rv = (CK_RV)value;
+	if (has_count) {
+		snprintf(path, sizeof path, "%s/%s", control_dir, FAULTSHIM_FILE_TOKEN_INFO_FAIL);
+		if (count == 1) {
+			unlink(path);
+		} else {
+			len = snprintf(buf, sizeof buf, "0x%lx %lu\n", value, count - 1);
+			fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
+			if (fd >= 0) {
+				if (write(fd, buf, (size_t)len) < 0) {
+					/* best effort, as the log */
+				}
+				close(fd);
+			}
+		}
+	}
+	return 1;
+}
+
 static CK_RV shim_C_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
 {
 	unsigned long add;
-	CK_RV rv = target->C_GetTokenInfo(slot, info);
+	CK_RV rv;
+
+	if (token_info_fault(&rv))
+		return rv;
+	rv = target->C_GetTokenInfo(slot, info);
 
 	if (rv == CKR_OK && info != NULL && read_control_ulong(FAULTSHIM_FILE_TOKEN_FLAGS_ADD, &add))
 		info->flags |= add;

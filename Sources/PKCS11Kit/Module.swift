@@ -327,6 +327,14 @@ public final class PKCS11Module: @unchecked Sendable {
     {
         guard !types.isEmpty else { return [:] }
         try checkAttributeCount(types.count)
+        // Most attributes fit a small buffer: one call instead of a length query and a fetch
+        // (each costs SoftHSM a look at the object's file). Anything else takes the long way.
+        let guess = try attributeCall(s, object, types, lengths: Array(repeating: Self.firstGuess, count: types.count))
+        if guess.rv == .ok, guess.values.allSatisfy({ $0 != nil }) {
+            var result: [AttributeType: [UInt8]] = [:]
+            for (type, value) in zip(types, guess.values) { result[type] = value }
+            return result
+        }
         for _ in 0..<4 {
             let lengths = try attributeCall(s, object, types, lengths: nil).lengths
             let wanted = types.indices.filter { lengths[$0] != unavailableInformation }
@@ -398,6 +406,9 @@ public final class PKCS11Module: @unchecked Sendable {
     /// type-invalid and buffer-too-small are answers here, anything else throws), the
     /// lengths the module wrote, and for a fetch each value, nil where the module marked
     /// it unavailable.
+    /// The buffer each attribute gets on `getAttributes`' first try.
+    static let firstGuess: CK_ULONG = 256
+
     private func attributeCall(
         _ s: SessionHandle, _ object: ObjectHandle, _ types: [AttributeType], lengths: [CK_ULONG]?
     ) throws -> (rv: ReturnValue, lengths: [CK_ULONG], values: [[UInt8]?]) {

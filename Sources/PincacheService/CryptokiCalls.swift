@@ -106,12 +106,17 @@ extension PincacheService {
         let registry = self.registry
         let info = requester.info
         @Sendable func settings() -> Settings { registry.lookup(caller.rawValue)?.settings ?? info.settings }
-        /// Authorises, then runs `job` on the token's worker and encodes its result.
+        /// Authorises, then runs `job` on the token's worker and encodes its result. A polkit
+        /// refusal is CKR_FUNCTION_REJECTED, or `refusal` where the spec names a better code.
         @Sendable func run<T: Sendable>(
-            _ needs: [Access], _ operation: String, keyID: [UInt8]? = nil, _ job: @escaping @Sendable () throws -> T,
-            _ encode: @escaping @Sendable (T) -> [WireValue]
+            _ needs: [Access], _ operation: String, keyID: [UInt8]? = nil, refusal: UInt? = nil,
+            _ job: @escaping @Sendable () throws -> T, _ encode: @escaping @Sendable (T) -> [WireValue]
         ) {
-            authorise(needs, requester, token: token, operation: operation, keyID: keyID, denied: r.fail) { [weak self] in
+            let denied: @Sendable (ServiceError) -> Void = { e in
+                guard let refusal, e.kind == .notAuthorized else { return r.fail(e) }
+                r.fail(ServiceError(e.kind, e.message, rv: refusal))
+            }
+            authorise(needs, requester, token: token, operation: operation, keyID: keyID, denied: denied) { [weak self] in
                 self?.onWorker(token, caller: caller, inline: true, job) { r.reply($0, encode) }
             }
         }
@@ -144,6 +149,9 @@ extension PincacheService {
         // Calls that run in the caller's login when it has one use its cached PIN.
         let objects: [Access] = [.cachedPIN]
         let changes: [Access] = [.modifyToken, .cachedPIN]
+        // PKCS#11 2.40 gives copying, destroying and changing an object a code for "policy
+        // forbids it" (CKA_COPYABLE, CKA_DESTROYABLE, CKA_MODIFIABLE); other changes have none.
+        let prohibited: UInt = 0x1b  // CKR_ACTION_PROHIBITED
 
         switch r.call.id {
         case Calls.closeSession.id:
@@ -183,7 +191,7 @@ extension PincacheService {
             }) { results in [.array(results.map(Self.attributeResult))] }
         case Calls.setAttributes.id:
             let attrs = template("template")
-            run(changes, "set-attributes", keyID: token.knownKeyID(handle), {
+            run(changes, "set-attributes", keyID: token.knownKeyID(handle), refusal: prohibited, {
                 try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
                     try token.setAttributes(s, handle, attrs, caller: caller)
                 }
@@ -197,14 +205,14 @@ extension PincacheService {
             }) { [.ulong($0)] }
         case Calls.copyObject.id:
             let attrs = template("template")
-            run(changes, "copy-object", {
+            run(changes, "copy-object", refusal: prohibited, {
                 try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
                     let backend = try token.resolve(handle, s, caller: caller, function: "C_CopyObject")
                     return try token.registerCreated(s, try token.module.copyObject(s, backend, attrs), caller: caller, session: id)
                 }
             }) { [.ulong($0)] }
         case Calls.destroyObject.id:
-            run(changes, "destroy-object", keyID: token.knownKeyID(handle), {
+            run(changes, "destroy-object", keyID: token.knownKeyID(handle), refusal: prohibited, {
                 try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
                     let backend = try token.resolve(handle, s, caller: caller, function: "C_DestroyObject")
                     try token.module.destroyObject(s, backend)
@@ -240,7 +248,9 @@ extension PincacheService {
             let request = KeyOperation(
                 key: .handle(key, session: id, readWrite: rw), operation: sign ? .sign(m, data) : .decrypt(m, data),
                 freshPIN: nil)
-            run(objects, sign ? "sign" : "decrypt", keyID: token.knownKeyID(key), {
+            let keyID = token.knownKeyID(key)
+            let operation = sign ? "sign" : "decrypt"
+            run(objects, operation, keyID: keyID, audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false) {
                 try token.perform(caller: caller, settings: settings(), request)
             }) { [.bytes($0)] }
         case Calls.verify.id, Calls.encrypt.id:

@@ -19,10 +19,7 @@ extension PincacheService {
                     guard let self else { return }
                     self.withCaller(call) { info in call.reply([self.callerState(info)]) }
                 },
-                "GetStatistics": { [weak self] call in
-                    guard let self else { return }
-                    call.reply([self.statistics()])
-                },
+                "GetStatistics": { [weak self] call in self?.getStatistics(call) },
                 "OpenCryptoki": { [weak self] call in
                     guard let self else { return }
                     self.withCaller(call) { info in self.openCryptoki(call, info) }
@@ -41,35 +38,73 @@ extension PincacheService {
     }
 
     func flushCaches(_ call: MethodCall) {
-        let flush: @Sendable () -> Void = { [weak self] in
-            guard let self else { return }
-            let n = self.tokens.reduce(0) { sum, t in sum + t.flushAll(reason: "FlushCaches") }
-            Log.notice("FlushCaches: \(n) cached PIN(s) wiped, exclusive logins ended")
-            call.reply([])
-        }
         withCaller(call) { [weak self] info in
             guard let self else { return }
-            self.authorized([.manage], call, info, token: nil, operation: "flush", flush)
+            let flush: @Sendable () -> Void = { [weak self] in
+                guard let self else { return }
+                let n = self.tokens.reduce(0) { sum, t in sum + t.flushAll(reason: "FlushCaches") }
+                Log.notice("FlushCaches: \(n) cached PIN(s) wiped, exclusive logins ended")
+                Audit.record(.flush, caller: info, token: nil, operation: "flush", result: "ok", extra: [("PINCACHE_COUNT", "\(n)")])
+                call.reply([])
+            }
+            self.authorise(
+                [.manage], Requester(info: info, interactive: call.allowsInteractiveAuthorization), token: nil,
+                operation: "flush",
+                denied: { e in
+                    Audit.record(.flush, caller: info, token: nil, operation: "flush", result: e.kind.rawValue)
+                    call.reply(error: e.dbusError)
+                }, flush)
         }
     }
 
-    /// Counts only, never whose: operators and the reliability tests read these.
-    func statistics() -> DBusValue {
-        var cached = 0
-        var locked = 0
-        let replies = connection.replyStatistics
-        for token in tokens {
-            token.policy.withLock { p in
-                cached += p.cachedPINCount
-                if p.lockHolder != nil { locked += 1 }
+    /// Issue 12 §8: on the system bus root and callers polkit grants `manage` (asked without
+    /// interaction) see the daemon's figures; anyone else sees those of their own uid only.
+    /// Asking registers no environment (the reliability tests count them).
+    func getStatistics(_ call: MethodCall) {
+        guard onSystemBus else { return call.reply([statistics(uid: nil)]) }
+        connection.connectionCredentials(of: call.sender) { [weak self] result in
+            guard let self else { return }
+            guard case .success(let credentials) = result, let uid = credentials.uid else {
+                return call.reply(error: ServiceError(.notAuthorized, "the caller's uid could not be read").dbusError)
+            }
+            if uid == 0 { return call.reply([self.statistics(uid: nil)]) }
+            self.authorizer.check(.manage, subject: call.sender, interactive: false, details: ["operation": "statistics"]) {
+                [weak self] verdict in
+                guard let self else { return }
+                call.reply([self.statistics(uid: (try? verdict.get()) != nil ? nil : uid)])
             }
         }
-        return .vardict([
-            "Environments": .uint32(UInt32(registry.count)),
-            "Sessions": .uint32(UInt32(sessions.withLock { $0.count })),
+    }
+
+    /// Counts only, never whose. `uid`: only that user's environments, sessions, cached PINs
+    /// and locks, and none of the daemon-wide figures; nil: everything.
+    func statistics(uid: UInt32?) -> DBusValue {
+        var cached = 0
+        var locked = 0
+        let callers = registry.all.filter { uid == nil || $0.uid == uid }
+        let ids = Set(callers.map(\.id))
+        for token in tokens {
+            token.policy.withLock { p in
+                if uid == nil {
+                    cached += p.cachedPINCount
+                    if p.lockHolder != nil { locked += 1 }
+                } else {
+                    cached += ids.count { p.state(of: $0).cachedPIN }
+                    if let holder = p.lockHolder, ids.contains(holder) { locked += 1 }
+                }
+            }
+        }
+        let mine: [String: DBusValue] = [
+            "Scope": .string(uid.map { "uid \($0)" } ?? "all"),
+            "Environments": .uint32(UInt32(callers.count)),
+            "Sessions": .uint32(UInt32(uid == nil ? sessions.withLock { $0.count } : callers.reduce(0) { $0 + $1.sessions.count })),
             "CachedPINs": .uint32(UInt32(cached)),
             "LockedTokens": .uint32(UInt32(locked)),
             "Tokens": .uint32(UInt32(tokens.count)),
+        ]
+        guard uid == nil else { return .vardict(mine) }
+        let replies = connection.replyStatistics
+        return .vardict(mine.merging([
             "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
             "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
             "CallsServed": .uint64(replies.callsServed),
@@ -80,7 +115,7 @@ extension PincacheService {
                 replies.errors.sorted { $0.key < $1.key }.map {
                     DBusDictEntry(key: .string($0.key), value: .uint32(UInt32(clamping: $0.value)))
                 }),
-        ])
+        ]) { a, _ in a })
     }
 
     func callerState(_ info: CallerInfo) -> DBusValue {

@@ -1,4 +1,5 @@
 import Dispatch
+import Foundation
 import PKCS11Kit
 import PinPolicy
 
@@ -26,12 +27,16 @@ extension PincacheService {
                     do {
                         let result = try job()
                         self.guesses.withLock { $0.accepted(key) }
+                        Audit.record(.pinSubmission, caller: info, token: token, operation: operation, result: "ok")
                         return result
-                    } catch let e as PKCS11Error where e.rv == .pinIncorrect {
-                        let n = self.guesses.withLock { $0.rejected(key) }
-                        Log.warning(
-                            "wrong PIN: uid \(Self.uidText(info)) (\(info.executable ?? "unknown executable")), token \(token.id) (\(token.snapshot.info?.label ?? "-")), \(operation); \(n) in a row")
-                        throw e
+                    } catch {
+                        if let e = error as? PKCS11Error, e.rv == .pinIncorrect {
+                            let n = self.guesses.withLock { $0.rejected(key) }
+                            Log.warning(
+                                "wrong PIN: uid \(Self.uidText(info)) (\(info.executable ?? "unknown executable")), token \(token.id) (\(token.snapshot.info?.label ?? "-")), \(operation); \(n) in a row")
+                        }
+                        Audit.record(.pinSubmission, caller: info, token: token, operation: operation, result: Audit.result(of: error))
+                        throw error
                     }
                 }, done)
             }
@@ -44,4 +49,29 @@ extension PincacheService {
     }
 
     static func uidText(_ info: CallerInfo) -> String { info.uid.map(String.init) ?? "?" }
+
+    /// The audit step around a private-key operation, for both front ends: one record with
+    /// how the key was reached (cached PIN, fresh PIN, held login) and the result.
+    func audited(
+        _ info: CallerInfo, _ token: TokenContext, _ operation: String, keyID: [UInt8]?, mechanism: UInt, freshPIN: Bool,
+        _ job: @escaping @Sendable () throws -> [UInt8]
+    ) -> @Sendable () throws -> [UInt8] {
+        {
+            let state = token.policy.withLock { $0.state(of: info.id) }
+            let how = freshPIN ? "fresh" : state.holdsLogin ? "held-login" : state.cachedPIN ? "cached" : "none"
+            let extra = [
+                ("PINCACHE_KEY_ID", (keyID ?? []).map { String(format: "%02x", $0) }.joined()),
+                ("PINCACHE_MECHANISM", "0x" + String(mechanism, radix: 16)), ("PINCACHE_PIN", how),
+            ]
+            do {
+                let result = try job()
+                Audit.record(.keyOperation, caller: info, token: token, operation: operation, result: "ok", extra: extra)
+                return result
+            } catch {
+                Audit.record(
+                    .keyOperation, caller: info, token: token, operation: operation, result: Audit.result(of: error), extra: extra)
+                throw error
+            }
+        }
+    }
 }

@@ -1,18 +1,50 @@
 import Foundation
 
-/// A dedicated OS thread running jobs in FIFO order. PKCS#11 and PC/SC calls block for as long as
-/// a card takes, so they run here and never on Swift's cooperative pool (2 threads on these
+/// A dedicated OS thread running jobs. PKCS#11 and PC/SC calls block for as long as a card
+/// takes, so they run here and never on Swift's cooperative pool (2 threads on these
 /// machines); one worker per token keeps a slow card from stalling the bus or other tokens.
+///
+/// Jobs are queued per owner (a caller's environment; "" for the daemon's own work), FIFO
+/// within an owner and round-robin between owners (issue 12 §2): an owner whose job just ran
+/// goes behind every owner that is waiting, so one client's stream of long operations (64
+/// 16 MiB digests in flight) delays another client's signature by at most the one operation
+/// that is running.
 final class SerialWorker: @unchecked Sendable {
+    // @unchecked: every field is guarded by `condition`.
     private let condition = NSCondition()
-    private var jobs: [@Sendable () -> Void] = []
-    private var head = 0
+    private var queues: [String: Queue] = [:]
+    /// Owners with jobs waiting, in the order they will be served; the owner whose job is
+    /// running is not in it until that job ends.
+    private var ring: [String] = []
+    private var ringHead = 0
+    private var runningOwner: String?
+    private var pending = 0
     private var stopping = false
     private var thread: Thread?
     /// A job is executing, on the worker thread or inline (`runInline`).
     private var running = false
     /// Moving average of how long jobs take, in nanoseconds (1/8 weight to the newest).
     private var averageNanoseconds: UInt64 = 0
+
+    private struct Queue {
+        var jobs: [@Sendable () -> Void] = []
+        var head = 0
+        var isEmpty: Bool { head == jobs.count }
+
+        mutating func pop() -> @Sendable () -> Void {
+            let job = jobs[head]
+            // A finished job must not stay reachable from the queue: its closure holds what it
+            // captured (a SecretPIN, a MethodCall) until released, and a PIN must be wiped as
+            // soon as its last real user is done with it, not 64 jobs later.
+            jobs[head] = {}
+            head += 1
+            if head > 64 && head * 2 > jobs.count {
+                jobs.removeFirst(head)
+                head = 0
+            }
+            return job
+        }
+    }
 
     init(name: String) {
         // The thread keeps the worker alive until stop() lets it finish.
@@ -22,9 +54,12 @@ final class SerialWorker: @unchecked Sendable {
         thread.start()
     }
 
-    func submit(_ job: @escaping @Sendable () -> Void) {
+    func submit(owner: String = "", _ job: @escaping @Sendable () -> Void) {
         condition.lock()
-        jobs.append(job)
+        let wasIdle = queues[owner]?.isEmpty ?? true
+        queues[owner, default: Queue()].jobs.append(job)
+        pending += 1
+        if wasIdle && runningOwner != owner { ring.append(owner) }
         condition.signal()
         condition.unlock()
     }
@@ -33,7 +68,7 @@ final class SerialWorker: @unchecked Sendable {
     var backlog: Int {
         condition.lock()
         defer { condition.unlock() }
-        return jobs.count - head
+        return pending
     }
 
     /// Runs `job` on the calling thread, now, if nothing is queued or running and jobs have
@@ -44,7 +79,7 @@ final class SerialWorker: @unchecked Sendable {
     /// never holds up the calling thread's other work.
     func runInline(ifFasterThan limit: UInt64, _ job: () -> Void) -> Bool {
         condition.lock()
-        guard head == jobs.count, !running, !stopping, averageNanoseconds <= limit else {
+        guard pending == 0, !running, !stopping, averageNanoseconds <= limit else {
             condition.unlock()
             return false
         }
@@ -60,9 +95,14 @@ final class SerialWorker: @unchecked Sendable {
         let took = DispatchTime.now().uptimeNanoseconds &- started
         condition.lock()
         running = false
+        // The owner that just ran goes behind everyone who waited meanwhile.
+        if let owner = runningOwner {
+            runningOwner = nil
+            if queues[owner]?.isEmpty == false { ring.append(owner) } else { queues[owner] = nil }
+        }
         averageNanoseconds = averageNanoseconds - averageNanoseconds / 8 + took / 8
         // Jobs queued meanwhile waited for this one; with none, the worker sleeps on.
-        if head != jobs.count { condition.signal() }
+        if pending != 0 { condition.signal() }
         condition.unlock()
     }
 
@@ -77,24 +117,23 @@ final class SerialWorker: @unchecked Sendable {
     private func loop() {
         while true {
             condition.lock()
-            while (head == jobs.count && !stopping) || running { condition.wait() }
-            if head == jobs.count {
+            while (pending == 0 && !stopping) || running { condition.wait() }
+            if pending == 0 {
                 // Ends the worker → Thread → closure → worker cycle: once this thread exits,
                 // Foundation releases the Thread and with it the last reference to the worker.
                 thread = nil
                 condition.unlock()
                 return
             }
-            let job = jobs[head]
-            // A finished job must not stay reachable from the queue: its closure holds what it
-            // captured (a SecretPIN, a MethodCall) until released, and a PIN must be wiped as
-            // soon as its last real user is done with it, not 64 jobs later.
-            jobs[head] = {}
-            head += 1
-            if head > 64 && head * 2 > jobs.count {
-                jobs.removeFirst(head)
-                head = 0
+            let owner = ring[ringHead]
+            ringHead += 1
+            if ringHead > 64 && ringHead * 2 > ring.count {
+                ring.removeFirst(ringHead)
+                ringHead = 0
             }
+            let job = queues[owner]!.pop()
+            pending -= 1
+            runningOwner = owner
             running = true
             condition.unlock()
             let started = DispatchTime.now().uptimeNanoseconds

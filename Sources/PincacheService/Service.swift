@@ -66,6 +66,8 @@ public final class PincacheService: @unchecked Sendable {
         self.onSystemBus = onSystemBus
         self.authorizer = Authorizer(connection: connection, enabled: onSystemBus)
         self.guesses = Mutex(GuessThrottle(rule: configuration.guessRule))
+        // Off the system bus nobody reads the journal for us: audit records go to stderr.
+        if !onSystemBus { Audit.forceStderr = true }
     }
 
     // MARK: - Start-up
@@ -409,7 +411,7 @@ public final class PincacheService: @unchecked Sendable {
             done(Result<T, ServiceError>.catching(job))
         }
         if inline, token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, work) { return }
-        token.worker.submit(work)
+        token.worker.submit(owner: caller.rawValue, work)
     }
 
     /// Session1's and Token1's way into the one authorisation step (Authorisation.swift).

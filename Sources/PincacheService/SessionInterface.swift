@@ -55,11 +55,11 @@ extension PincacheService {
             case .success(let (keyID, mechanism, data)):
                 let operation: PrivateOperation = use == .sign ? .sign(mechanism, data) : .decrypt(mechanism, data)
                 let pin = fresh
-                let job: @Sendable () throws -> [UInt8] = {
+                let opName = use == .sign ? (pin == nil ? "sign" : "sign-with-pin") : "decrypt"
+                let job = audited(info, token, opName, keyID: keyID, mechanism: mechanism.type.rawValue, freshPIN: pin != nil) {
                     try token.perform(
                         caller: caller, settings: settings(), KeyOperation(key: .id(keyID), operation: operation, freshPIN: pin))
                 }
-                let opName = use == .sign ? (pin == nil ? "sign" : "sign-with-pin") : "decrypt"
                 if pin != nil {
                     // A PIN submitted for one operation is a login as far as polkit is concerned.
                     submitPIN(
@@ -128,7 +128,7 @@ extension PincacheService {
             done()
         }
         if inline, record.token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, job) { return true }
-        record.token.worker.submit(job)
+        record.token.worker.submit(owner: record.owner.rawValue, job)
         return true
     }
 

@@ -30,8 +30,19 @@ struct TokenSnapshot: Sendable, Equatable {
     var present = false
     var removable = false
     var info: TokenInfo?
+    /// `info` is the last one read: C_GetTokenInfo failed since (not with a removal code)
+    /// while the slot still reported the token. The token keeps its state and caches, but no
+    /// cached PIN is presented on it until the token answers again (its flags are unknown).
+    var infoUnconfirmed: (any Error & Sendable)? = nil
 
     var recognized: Bool { present && (info?.tokenInitialized ?? false) }
+
+    static func == (a: TokenSnapshot, b: TokenSnapshot) -> Bool {
+        a.slotDescription == b.slotDescription && a.slotManufacturer == b.slotManufacturer && a.slotFlags == b.slotFlags
+            && a.slotHardwareVersion == b.slotHardwareVersion && a.slotFirmwareVersion == b.slotFirmwareVersion
+            && a.present == b.present && a.removable == b.removable && a.info == b.info
+            && (a.infoUnconfirmed == nil) == (b.infoUnconfirmed == nil)
+    }
 
     /// Cache entries belong to one physical token: slot plus these (DESIGN §1).
     var identity: [String]? {
@@ -141,12 +152,38 @@ final class TokenContext: @unchecked Sendable {
 
     // MARK: - State refresh (worker)
 
+    /// Waits between C_GetTokenInfo attempts while the slot reports a token (µs).
+    static let tokenInfoRetries: [UInt32] = [2_000, 10_000, 50_000]
+
+    /// The token's info, asked again after a failure: nil with the last error if every try
+    /// failed. Only removal codes on every try confirm a removal (`removed`).
+    private func readTokenInfo() -> (info: TokenInfo?, error: (any Error & Sendable)?, removed: Bool) {
+        var last: (any Error & Sendable)?
+        for wait in [0] + Self.tokenInfoRetries {
+            if wait > 0 { usleep(wait) }
+            do {
+                return (try module.tokenInfo(slot), nil, false)
+            } catch let e as PKCS11Error {
+                last = e
+                if e.rv == .slotIDInvalid { return (nil, e, true) }
+            } catch {
+                last = PKCS11Error(rv: .generalError, function: "C_GetTokenInfo")
+            }
+        }
+        let removal = (last as? PKCS11Error).map { $0.rv == .deviceRemoved || $0.rv == .tokenNotPresent } ?? false
+        return (nil, last, removal)
+    }
+
     /// Re-reads slot and token info. A token that went away or was swapped for another card
-    /// loses every cached PIN and lock before anything else can present them.
+    /// loses every cached PIN and lock before anything else can present them; a token that
+    /// only failed to answer keeps them (`infoUnconfirmed`).
     @discardableResult
     func refresh() -> TokenSnapshot {
         var next = TokenSnapshot()
-        if let slotInfo = try? module.slotInfo(slot) {
+        let before = snapshot
+        var why = "the slot reports no token"
+        do {
+            let slotInfo = try module.slotInfo(slot)
             next.slotDescription = slotInfo.description
             next.slotManufacturer = slotInfo.manufacturer
             next.slotFlags = slotInfo.flags
@@ -154,7 +191,27 @@ final class TokenContext: @unchecked Sendable {
             next.slotFirmwareVersion = slotInfo.firmwareVersion
             next.present = slotInfo.tokenPresent
             next.removable = slotInfo.removableDevice
-            if slotInfo.tokenPresent { next.info = try? module.tokenInfo(slot) }
+            if slotInfo.tokenPresent {
+                let read = readTokenInfo()
+                if let info = read.info {
+                    next.info = info
+                } else if read.removed || before.identity == nil {
+                    why = "C_GetTokenInfo: \(read.error.map { "\($0)" } ?? "failed")"
+                } else {
+                    // Transient is not removal (issue 12 §6): the token keeps its state.
+                    next.info = before.info
+                    next.infoUnconfirmed = read.error
+                    if before.infoUnconfirmed == nil {
+                        Log.warning("token \(id): C_GetTokenInfo failed \(Self.tokenInfoRetries.count + 1) times (\(read.error.map { "\($0)" } ?? "?")) while the slot reports a token; keeping its state and caches, no cached PIN is used until it answers")
+                    }
+                }
+            }
+        } catch let e as PKCS11Error where e.rv != .slotIDInvalid && before.identity != nil {
+            // The slot did not answer: nothing says the token went.
+            next = before
+            next.infoUnconfirmed = e
+        } catch {
+            why = "C_GetSlotInfo: \(error)"
         }
         let previous = snapshotState.withLock { s -> TokenSnapshot in
             let old = s
@@ -163,8 +220,13 @@ final class TokenContext: @unchecked Sendable {
         }
         if previous.identity != next.identity {
             if previous.identity != nil {
-                policy.withLock { $0.tokenRemoved() }
+                let wiped = policy.withLock { p in
+                    defer { p.tokenRemoved() }
+                    return p.cachedPINCount
+                }
                 dropSession()
+                let what = next.identity == nil ? "removed (\(why))" : "replaced by another token"
+                Log.notice("token \(id): \(what); \(wiped) cached PIN(s) wiped, any exclusive login ended")
             }
             keys = nil
             mechanisms = nil
@@ -180,6 +242,12 @@ final class TokenContext: @unchecked Sendable {
     /// no PIN (the poller and PC/SC events keep the snapshot current).
     func presentTokenInfo(fresh: Bool = true) throws -> TokenInfo {
         let snap = fresh ? refresh() : snapshot
+        if fresh, let error = snap.infoUnconfirmed {
+            throw ServiceError(
+                .backendError,
+                "the token did not report its state (\(error)); nothing was sent to it and every cache is kept: try again (CKR_DEVICE_ERROR (0x30))",
+                rv: 0x30)
+        }
         guard snap.present, let info = snap.info else {
             throw ServiceError(
                 .tokenNotPresent,
@@ -322,7 +390,7 @@ final class TokenContext: @unchecked Sendable {
     /// The lock's release and the backend's logout happen in one job on the worker: released
     /// earlier, a login queued meanwhile could take the token and then be logged out by us.
     func callerGone(_ caller: CallerID) {
-        worker.submit { [self] in
+        worker.submit(owner: caller.rawValue) { [self] in
             if policy.withLock({ $0.callerGone(caller) }) == .logout { backendLogout() }
         }
     }

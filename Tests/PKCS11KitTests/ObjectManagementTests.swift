@@ -134,6 +134,16 @@ extension ModuleTests {
             try m.destroyObject(s, copy)
             #expect(try m.findObjects(s, matching: [.string(.application, "pkcs11b")]).isEmpty)
 
+            // Values longer than getAttributes' first guess take the long way, and arrive whole.
+            let long = [UInt8](repeating: 0x5a, count: 3000)
+            let big = try m.createObject(s, [
+                .objectClass(.data), .bool(.token, false), .bool(.private, false), .string(.label, "big"), Attribute(.value, long),
+            ])
+            let read = try m.getAttributes(s, big, [.label, .value, .class])
+            #expect(read[.value] == long && read[.label] == Array("big".utf8))
+            #expect(read[.class]?.pkcs11ULong == ObjectClass.data.rawValue)
+            try m.destroyObject(s, big)
+
             // An incomplete template: the error names C_CreateObject.
             #expect(throws: PKCS11Error(rv: .templateIncomplete, function: "C_CreateObject")) {
                 try m.createObject(s, [.bool(.token, false)])

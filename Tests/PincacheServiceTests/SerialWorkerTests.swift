@@ -75,3 +75,53 @@ import Testing
         #expect(total.load(ordering: .relaxed) == 8_000)
     }
 }
+
+/// Issue 12 §2: jobs of different owners are served round-robin.
+@Suite struct SerialWorkerFairnessTests {
+    @Test func anotherOwnersJobWaitsForAtMostTheRunningOne() {
+        let worker = SerialWorker(name: "fair")
+        defer { worker.stop() }
+        let order = Mutex<[String]>([])
+        let firstRunning = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        worker.submit(owner: "A") {
+            firstRunning.signal()
+            release.wait()
+            order.withLock { $0.append("A0") }
+        }
+        firstRunning.wait()
+        for i in 1..<6 { worker.submit(owner: "A") { order.withLock { $0.append("A\(i)") } } }
+        let done = DispatchSemaphore(value: 0)
+        worker.submit(owner: "B") {
+            order.withLock { $0.append("B") }
+            done.signal()
+        }
+        release.signal()
+        done.wait()
+        while worker.backlog > 0 { usleep(1000) }
+        usleep(10_000)
+        let seen = order.withLock { $0 }
+        #expect(seen.first == "A0")
+        #expect(seen.firstIndex(of: "B") == 1, "\(seen)")
+        // Each owner's own jobs stay in order.
+        #expect(seen.filter { $0.hasPrefix("A") } == (0..<6).map { "A\($0)" })
+    }
+
+    @Test func ownersAlternate() {
+        let worker = SerialWorker(name: "fair")
+        defer { worker.stop() }
+        let order = Mutex<[String]>([])
+        let gate = DispatchSemaphore(value: 0)
+        worker.submit(owner: "") { gate.wait() }
+        for i in 0..<3 {
+            worker.submit(owner: "A") { order.withLock { $0.append("A\(i)") } }
+        }
+        for i in 0..<3 {
+            worker.submit(owner: "B") { order.withLock { $0.append("B\(i)") } }
+        }
+        gate.signal()
+        while worker.backlog > 0 { usleep(1000) }
+        usleep(10_000)
+        #expect(order.withLock { $0 } == ["A0", "B0", "A1", "B1", "A2", "B2"])
+    }
+}

@@ -201,6 +201,13 @@ class FaultShim:
         """The token's flags are SoftHSM's own again (a login succeeded elsewhere)."""
         (self.dir / "token_flags_add").unlink(missing_ok=True)
 
+    def token_info_fail(self, rv, count=None):
+        """The next `count` C_GetTokenInfo calls (all, if None) fail with `rv`."""
+        self._write("token_info_fail", f"{rv:#x}" + ("" if count is None else f" {count}"))
+
+    def token_info_ok(self):
+        (self.dir / "token_info_fail").unlink(missing_ok=True)
+
     def delay_ms(self, ms):
         self._write("delay_ms", str(ms))
 

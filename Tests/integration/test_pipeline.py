@@ -299,3 +299,29 @@ def test_another_callers_typo_holds_cached_pins_back(start_daemon, front, tokens
     assert refused(a.sign, EC_KEY, ec_input()) == CKR["NotLoggedIn"]
     b.login()
     verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(EC_KEY, ec_input()))
+
+
+def test_audit_records_pin_submissions_key_operations_and_flushes(start_daemon, front, tokens, make_client):
+    """§7: one record per PIN submission, private-key operation and flush, with the caller,
+    the token, the key and the result; never the PIN or the data (stderr off the system bus)."""
+    import os
+    import re
+    d = start_daemon(caching=True)
+    a = front("A")
+    assert refused(a.login, "999999") == CKR["PinIncorrect"]
+    a.login()
+    data = ec_input(b"audit me")
+    verify(tokens.cert("ec"), "ECDSA", b"audit me", a.sign(EC_KEY, data))
+    make_client("admin").flush()
+    log = d.stderr_text()
+    records = [dict(kv.split("=", 1) for kv in re.findall(r"PINCACHE_\w+=\S*", line))
+               for line in log.splitlines() if "pincached[" in line and " audit MESSAGE_ID=" in line]
+    pins = [r for r in records if r["PINCACHE_EVENT"] == "pin-submission"]
+    assert [r["PINCACHE_RESULT"] for r in pins] == ["CKR_PIN_INCORRECT", "ok"], pins
+    assert all(r["PINCACHE_UID"] == str(os.getuid()) and r["PINCACHE_OPERATION"] == "login" for r in pins), pins
+    ops = [r for r in records if r["PINCACHE_EVENT"] == "key-operation"]
+    assert len(ops) == 1 and ops[0]["PINCACHE_RESULT"] == "ok" and ops[0]["PINCACHE_PIN"] == "cached", ops
+    assert ops[0]["PINCACHE_KEY_ID"] == EC_KEY.hex() and ops[0]["PINCACHE_MECHANISM"] == "0x1041", ops
+    flushes = [r for r in records if r["PINCACHE_EVENT"] == "flush"]
+    assert len(flushes) == 1 and flushes[0]["PINCACHE_COUNT"] == "1", flushes
+    assert PIN not in log and "999999" not in log and data.hex() not in log

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pincache_client import digest, EC_KEY, ERR, PIN, CallError, verify
+from pincache_client import digest, EC_KEY, ERR, PIN, CallError, verify, wait_until
 
 MSG = b"pincache stale-pin message"
 CKU_USER = 1
@@ -103,3 +103,47 @@ def test_login_on_a_stale_backend_session_is_retried_once(start_daemon, make_cli
     assert faultshim.logins() == [(CKU_USER, CKR_SESSION_HANDLE_INVALID), (CKU_USER, CKR_OK)]
     assert not (faultshim.dir / "stale_session_once").exists()
     verify(tokens.cert("ec"), "ECDSA", MSG, c.sign(s, EC_KEY, "ECDSA", digest(MSG)))
+
+
+CKR_GENERAL_ERROR = 0x5
+CKR_DEVICE_REMOVED = 0x32
+
+
+def test_a_failing_token_info_is_not_a_removal(daemon, make_client, faultshim, tokens):
+    """Issue 12 §6: C_GetTokenInfo failing (SoftHSM racing on its files) while the slot still
+    reports the token: the token stays present, every cache is kept, no cached PIN is sent
+    while the token's flags are unknown, and all works again once it answers."""
+    a, b = make_client("A"), make_client("B")
+    tok = a.token()
+    sa, sb = a.open_session(tok), b.open_session(tok)
+    a.login(sa, PIN)
+    b.login(sb, PIN)
+    faultshim.token_info_fail(CKR_GENERAL_ERROR, count=4)  # every try of one refresh
+    before = len(faultshim.logins())
+    with pytest.raises(CallError) as e:
+        a.sign(sa, EC_KEY, "ECDSA", digest(MSG))
+    assert "did not report its state" in e.value.message, e.value.message
+    assert len(faultshim.logins()) == before, "a cached PIN was sent while the flags were unknown"
+    assert a.cached() == {tok} and b.cached() == {tok}
+    assert a.token_props(tok)["Present"] is True
+    # The fault is over: both sign with the PINs they cached, nothing re-entered.
+    for c, s in ((a, sa), (b, sb)):
+        verify(tokens.cert("ec"), "ECDSA", MSG, c.sign(s, EC_KEY, "ECDSA", digest(MSG)))
+    faultshim.token_info_fail(CKR_GENERAL_ERROR, count=2)  # a blip the retries absorb
+    verify(tokens.cert("ec"), "ECDSA", MSG, a.sign(sa, EC_KEY, "ECDSA", digest(MSG)))
+    assert not (faultshim.dir / "token_info_fail").exists()
+
+
+def test_repeated_device_removed_is_a_removal(daemon, make_client, faultshim, tokens):
+    """Only a confirmed removal clears the caches, and it says so in the log."""
+    a = make_client("A")
+    tok = a.token()
+    s = a.open_session(tok)
+    a.login(s, PIN)
+    faultshim.token_info_fail(CKR_DEVICE_REMOVED)
+    with pytest.raises(CallError):
+        a.sign(s, EC_KEY, "ECDSA", digest(MSG))
+    assert a.cached() == set()
+    faultshim.token_info_ok()
+    wait_until(lambda: "cached PIN(s) wiped" in daemon.stderr_text(), what="the removal in the log")
+    assert "removed (C_GetTokenInfo" in daemon.stderr_text()

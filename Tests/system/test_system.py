@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -380,3 +381,79 @@ def test_denied_cached_pin_use_is_denied_on_both_front_ends(system):
     digest = hashlib.sha256(MSG).digest()
     answer = c.call(session, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA", {"hex": digest.hex()})
     assert answer.get("error") == "org.pincache.Error.NotAuthorized", answer
+
+
+# --- issue 12: the shared machine ------------------------------------------------------------
+
+def test_statistics_of_a_non_admin_are_their_own(system):
+    """§8: U2 sees the figures of its own uid only; root sees the daemon's."""
+    a = system.client(U1)
+    tok = token_path(a)
+    s = a.ok(tok, T1, "OpenSession")
+    a.ok(s, S1, "Login", "s", PIN)
+    assert tok in a.ok(MANAGER, M1, "GetCallerState")["Cached"]
+    b = system.client(U2)
+    b.ok(tok, T1, "OpenSession")
+    mine = b.ok(MANAGER, M1, "GetStatistics")
+    uid = pwd.getpwnam(U2).pw_uid
+    assert mine["Scope"] == f"uid {uid}", mine
+    # U2 may not log in: none of the cached PINs are its own, whatever other tests left.
+    assert mine["CachedPINs"] == 0 and mine["Sessions"] >= 1 and mine["Environments"] >= 1, mine
+    for daemon_wide in ("CallsServed", "CryptokiCalls", "Errors", "PendingAuthorizations", "LockedMemoryBytes"):
+        assert daemon_wide not in mine, mine
+    everything = daemon_statistics()
+    assert everything["Scope"] == "all" and everything["CachedPINs"] >= 1, everything
+    assert everything["Environments"] > mine["Environments"] and "CallsServed" in everything, everything
+
+
+def test_wrong_pins_of_one_user_are_slowed_but_not_anothers(system):
+    """§3 on the installed service: U1's wrong PINs are spaced out per the installed defaults
+    (3 free, then 1 s, 2 s, …); U1's delay is not U3's."""
+    a = system.client(U1)
+    tok = token_path(a)
+    s = a.ok(tok, T1, "OpenSession")
+    started = time.monotonic()
+    for _ in range(5):
+        assert a.call(s, S1, "Login", "s", "999999").get("error") == ERR + "PinIncorrect"
+    assert time.monotonic() - started >= 3.0 - 0.1  # the 4th waited 1 s, the 5th 2 s
+    other = system.client(U3)
+    t = other.ok(tok, T1, "OpenSession")
+    quick = time.monotonic()
+    assert other.call(t, S1, "Login", "s", "999999").get("error") in (ERR + "PinIncorrect", ERR + "NotAuthorized")
+    assert time.monotonic() - quick < 0.9
+    a.ok(s, S1, "Login", "s", PIN)  # waits once more, then resets the count and the token's flags
+    # (The log lines are checked by Tests/integration/test_pipeline.py: an activated daemon's
+    # stderr has no reader here.)
+
+
+def token_objects_directly():
+    """Every object on the test token, read by root straight from SoftHSM (not through pincache)."""
+    r = run(["pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so", "--token-label", LABEL, "--login",
+             "--pin", PIN, "--list-objects"])
+    return r.stdout
+
+
+def test_token_changes_need_modify_token_on_the_proxy(system):
+    """§1: U3 (modify-token refused) can neither write nor delete public objects through the
+    installed proxy, and the token is unchanged; U1 (allowed) can. U3 does not log in: with a
+    cached PIN its refusal of use-cached-pin would answer first."""
+    proxies = glob.glob("/usr/lib/*/pkcs11/libpincache-pkcs11.so")
+    assert len(proxies) == 1, proxies
+    payload = system.workdir / "data-object.bin"
+    payload.write_bytes(b"pincache shared-machine data object")
+    payload.chmod(0o644)
+    public = ["pkcs11-tool", "--module", proxies[0], "--token-label", LABEL]
+    tool = public + ["--login", "--pin", PIN]
+    before = token_objects_directly()
+    r = system.run_as(U3, *public, "--write-object", str(payload), "--type", "data", "--label", "u3-data")
+    # pkcs11-tool names the code, or prints it as a number where its table lacks the name.
+    assert r.returncode != 0 and re.search(r"CKR_FUNCTION_REJECTED|\(0x200\)", r.stdout + r.stderr), r.stdout + r.stderr
+    r = system.run_as(U3, *public, "--delete-object", "--type", "cert", "--id", EC_KEY)
+    assert r.returncode != 0 and re.search(r"CKR_ACTION_PROHIBITED|\(0x1b\)", r.stdout + r.stderr), r.stdout + r.stderr
+    assert token_objects_directly() == before
+    r = system.run_as(U1, *tool, "--write-object", str(payload), "--type", "data", "--label", "u1-data")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "u1-data" in token_objects_directly()
+    r = system.run_as(U1, *tool, "--delete-object", "--type", "data", "--label", "u1-data")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert token_objects_directly() == before
