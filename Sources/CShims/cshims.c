@@ -1,6 +1,7 @@
 #include "cshims.h"
 #include <malloc.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -40,4 +41,9 @@ int pincache_wipe_freed_memory(void) {
        kept in the per-thread cache (at most 1032 bytes). mallopt returns 1 on success. */
     return mallopt(M_PERTURB, 0xff) == 1 ? 0 : -1;
 #endif
+}
+
+int pincache_wake_eventfd(void)
+{
+    return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 }

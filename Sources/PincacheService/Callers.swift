@@ -73,12 +73,20 @@ final class CallerRegistry: Sendable {
     }
 
     /// Reserves a session slot if the caller is under its quota.
-    func reserveSession(_ name: String, id: UInt64, max: Int) -> Bool {
+    enum SessionRefusal: Error { case perClient, perUID }
+
+    /// Reserves a session id for `name`: at most `max` for this client and `maxPerUID` for
+    /// all of its uid's clients together.
+    func reserveSession(_ name: String, id: UInt64, max: Int, maxPerUID: Int) -> Result<Void, SessionRefusal> {
         state.withLock { s in
-            guard var info = s.callers[name], info.sessions.count < max else { return false }
+            guard var info = s.callers[name], info.sessions.count < max else { return .failure(.perClient) }
+            if let uid = info.uid {
+                let total = s.callers.values.reduce(0) { $0 + ($1.uid == uid ? $1.sessions.count : 0) }
+                guard total < maxPerUID else { return .failure(.perUID) }
+            }
             info.sessions.insert(id)
             s.callers[name] = info
-            return true
+            return .success(())
         }
     }
 

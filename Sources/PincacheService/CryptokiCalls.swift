@@ -14,7 +14,7 @@ extension PincacheService {
     func openCryptoki(_ call: MethodCall, _ info: CallerInfo) {
         let name = call.sender
         let opened = cryptokiSockets.open(
-            for: name,
+            for: name, uid: info.uid,
             serve: { [weak self] request in
                 guard let self else { return request.fail(rv: 0x32, "the daemon is shutting down (CKR_DEVICE_REMOVED)") }
                 self.serveCryptoki(request)
@@ -28,7 +28,16 @@ extension PincacheService {
         case .failure(.alreadyOpen):
             call.reply(error: ServiceError.limits("this connection has its cryptoki socket already (one per bus connection)").dbusError)
         case .failure(.tooMany):
-            call.reply(error: ServiceError.limits("too many cryptoki sockets open").dbusError)
+            call.reply(error: ServiceError.limits("too many cryptoki sockets open (\(CryptokiSockets.maxOpen) in all)").dbusError)
+        case .failure(.tooManyForUID):
+            Log.warning("uid \(Self.uidText(info)) reached \(CryptokiSockets.maxPerUID) cryptoki sockets; \(name) refused")
+            call.reply(
+                error: ServiceError.limits(
+                    "uid \(Self.uidText(info)) has \(CryptokiSockets.maxPerUID) cryptoki sockets open already; close some programs").dbusError)
+        case .failure(.descriptors(let inUse, let limit)):
+            Log.warning("short of file descriptors (\(inUse) of \(limit) in use): a cryptoki socket for \(name) refused")
+            call.reply(
+                error: ServiceError.limits("the daemon is short of file descriptors (\(inUse) of \(limit) in use); try again later").dbusError)
         case .failure(.system(let code)):
             call.reply(error: .failed("cannot make a socket: \(String(cString: strerror(code)))"))
         }

@@ -1,3 +1,4 @@
+import CShims
 import CryptokiWire
 import Foundation
 import Glibc
@@ -10,13 +11,47 @@ import Synchronization
 /// filesystem: the bus is the only way in, and the bus tells who the caller is. Closing the
 /// socket ends the environment; the caller leaving the bus closes the socket.
 final class CryptokiSockets: Sendable {
-    /// Sockets open at once, all callers together.
+    /// Sockets open at once, all callers together, and per uid (issue 12 §2: four users at
+    /// their cap still leave room). Each costs a thread and two descriptors (socket, eventfd).
     static let maxOpen = 512
+    static let maxPerUID = 128
+    /// Descriptors kept free for everything else (modules' files, the bus, PC/SC): a socket
+    /// that would eat into them is refused, never an EMFILE somewhere that cannot cope.
+    static let descriptorReserve = 128
+
+    /// Bytes the daemon holds for sockets — read and not yet answered (a frame still arriving
+    /// included), replies not yet sent — per uid and in all. Over either, that uid's sockets (or all) are not read
+    /// until some is answered or sent: memory stays bounded, nobody is cut off.
+    static let bytesPerUID = 128 << 20
+    static let bytesInAll = 512 << 20
 
     private struct State {
         var open: [String: CryptokiConnection] = [:]
+        var perUID: [UInt32: Int] = [:]
         var calls: UInt64 = 0
     }
+    private struct Budget {
+        var perUID: [UInt32: Int] = [:]
+        var total = 0
+    }
+    private let budget = Mutex(Budget())
+
+    fileprivate func account(uid: UInt32?, _ delta: Int) {
+        guard delta != 0 else { return }
+        budget.withLock { b in
+            b.total += delta
+            guard let uid else { return }
+            b.perUID[uid, default: 0] += delta
+            if b.perUID[uid] == 0 { b.perUID[uid] = nil }
+        }
+    }
+
+    fileprivate func mayRead(uid: UInt32?) -> Bool {
+        budget.withLock { b in b.total < Self.bytesInAll && (uid.map { b.perUID[$0, default: 0] < Self.bytesPerUID } ?? true) }
+    }
+
+    /// Bytes held for sockets in all (statistics, tests).
+    var heldBytes: Int { budget.withLock { $0.total } }
     private let state = Mutex(State())
 
     var count: Int { state.withLock { $0.open.count } }
@@ -24,16 +59,20 @@ final class CryptokiSockets: Sendable {
     func counted() { state.withLock { $0.calls &+= 1 } }
 
     enum OpenError: Error {
-        case alreadyOpen, tooMany, system(Int32)
+        case alreadyOpen, tooMany, tooManyForUID, descriptors(inUse: Int, limit: Int), system(Int32)
     }
 
     /// A new socket for `name`; returns the caller's end, which the caller of this function
     /// closes once it has been sent. `serve` gets every request; `closed` runs once when the
     /// socket ends (on its own thread).
     func open(
-        for name: String, serve: @escaping @Sendable (CryptokiRequest) -> Void,
+        for name: String, uid: UInt32?, serve: @escaping @Sendable (CryptokiRequest) -> Void,
         closed: @escaping @Sendable (String) -> Void
     ) -> Result<Int32, OpenError> {
+        let (inUse, limit) = DescriptorBudget.usage()
+        guard inUse + 4 + Self.descriptorReserve <= limit else {
+            return .failure(.descriptors(inUse: inUse, limit: limit))
+        }
         var fds: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
             return .failure(.system(errno))
@@ -49,7 +88,10 @@ final class CryptokiSockets: Sendable {
         let admitted = state.withLock { s -> OpenError? in
             if s.open[name] != nil { return .alreadyOpen }
             if s.open.count >= Self.maxOpen { return .tooMany }
+            if let uid, s.perUID[uid, default: 0] >= Self.maxPerUID { return .tooManyForUID }
             s.open[name] = connection
+            if let uid { s.perUID[uid, default: 0] += 1 }
+            connection.uid = uid
             return nil
         }
         if let refused = admitted {
@@ -72,8 +114,43 @@ final class CryptokiSockets: Sendable {
 
     fileprivate func finished(_ connection: CryptokiConnection) {
         state.withLock { s in
-            if s.open[connection.name] === connection { s.open[connection.name] = nil }
+            guard s.open[connection.name] === connection else { return }
+            s.open[connection.name] = nil
+            if let uid = connection.uid {
+                s.perUID[uid, default: 1] -= 1
+                if s.perUID[uid] == 0 { s.perUID[uid] = nil }
+            }
         }
+    }
+}
+
+/// How many descriptors the process has open, against its RLIMIT_NOFILE.
+enum DescriptorBudget {
+    static func usage() -> (inUse: Int, limit: Int) {
+        var limit = rlimit()
+        getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        var count = 0
+        if let dir = opendir("/proc/self/fd") {
+            while readdir(dir) != nil { count += 1 }
+            closedir(dir)
+            count -= 3  // ".", ".." and the directory's own descriptor
+        }
+        let soft = limit.rlim_cur >= rlim_t(Int.max) ? Int.max : Int(limit.rlim_cur)
+        return (max(count, 0), soft)
+    }
+
+    /// Raises the soft RLIMIT_NOFILE to the hard one (at most 65536): the unit's LimitNOFILE=
+    /// or a shell's ulimit then decides, not the 1024 that select() users need.
+    static func raiseSoftLimit() -> Int {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return -1 }
+        let wanted = min(limit.rlim_max, 65536)
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+            getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        }
+        return limit.rlim_cur >= rlim_t(Int.max) ? Int.max : Int(limit.rlim_cur)
     }
 }
 
@@ -88,9 +165,16 @@ final class CryptokiRequest: @unchecked Sendable {
     let connection: CryptokiConnection
     private let answered = Atomic<Bool>(false)
 
-    init(call: Call, tag: UInt32, arguments: [WireValue], secrets: [Result<SecretPIN, Error>], connection: CryptokiConnection) {
+    /// The request's body: held (in `arguments`) until it is answered.
+    let size: Int
+
+    init(
+        call: Call, tag: UInt32, size: Int, arguments: [WireValue], secrets: [Result<SecretPIN, Error>],
+        connection: CryptokiConnection
+    ) {
         self.call = call
         self.tag = tag
+        self.size = size
         self.arguments = arguments
         self.secrets = secrets
         self.connection = connection
@@ -99,7 +183,7 @@ final class CryptokiRequest: @unchecked Sendable {
     deinit {
         // Dropped unanswered (its caller left before the worker reached it): the slot in the
         // connection's in-flight count is still freed.
-        if !answered.load(ordering: .relaxed) { connection.requestFinished(nil) }
+        if !answered.load(ordering: .relaxed) { connection.requestFinished(nil, size: size) }
     }
 
     var caller: String { connection.name }
@@ -130,12 +214,12 @@ final class CryptokiRequest: @unchecked Sendable {
             Log.error("\(call.name): reply refused by the wire table: \(error)")
             frame = Frames.error(tag: tag, call: call.id, rv: 0x5, message: "CKR_GENERAL_ERROR: reply over a cap")
         }
-        connection.requestFinished(frame)
+        connection.requestFinished(frame, size: size)
     }
 
     func fail(rv: UInt, _ message: String) {
         guard !answered.exchange(true, ordering: .relaxed) else { return }
-        connection.requestFinished(Frames.error(tag: tag, call: call.id, rv: UInt64(rv), message: message))
+        connection.requestFinished(Frames.error(tag: tag, call: call.id, rv: UInt64(rv), message: message), size: size)
     }
 
     func fail(_ error: ServiceError) { fail(rv: error.rv, error.message) }
@@ -160,9 +244,10 @@ final class CryptokiConnection: @unchecked Sendable {
 
     let fd: Int32
     let name: String
-    /// A pipe: other threads write a byte to wake the socket's poll.
-    private let wakeRead: Int32
-    private let wakeWrite: Int32
+    /// An eventfd: other threads add to it to wake the socket's poll.
+    private let wake: Int32
+    /// Its owner's uid, for the per-uid count (set under the sockets' lock).
+    nonisolated(unsafe) var uid: UInt32?
     private weak let owner: CryptokiSockets?
     private let serve: @Sendable (CryptokiRequest) -> Void
     private let closed: @Sendable (String) -> Void
@@ -177,6 +262,9 @@ final class CryptokiConnection: @unchecked Sendable {
         var sent = 0
         var bytes = 0
         var inFlight = 0
+        /// Bytes this socket has in the sockets' budget.
+        var held = 0
+        var ended = false
     }
     private let outbox = Mutex(Outbox())
 
@@ -184,16 +272,11 @@ final class CryptokiConnection: @unchecked Sendable {
         fd: Int32, name: String, owner: CryptokiSockets, serve: @escaping @Sendable (CryptokiRequest) -> Void,
         closed: @escaping @Sendable (String) -> Void
     ) throws {
-        var pipeFDs: [Int32] = [-1, -1]
-        guard pipe(&pipeFDs) == 0 else { throw SecretError.cannotLockMemory(errno: errno) }
-        for p in pipeFDs {
-            _ = fcntl(p, F_SETFL, fcntl(p, F_GETFL) | O_NONBLOCK)
-            _ = fcntl(p, F_SETFD, FD_CLOEXEC)
-        }
+        let wake = pincache_wake_eventfd()
+        guard wake >= 0 else { throw SecretError.cannotLockMemory(errno: errno) }
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
         self.fd = fd
-        self.wakeRead = pipeFDs[0]
-        self.wakeWrite = pipeFDs[1]
+        self.wake = wake
         self.name = name
         self.owner = owner
         self.serve = serve
@@ -203,8 +286,7 @@ final class CryptokiConnection: @unchecked Sendable {
     /// Never started (refused): only the descriptors go.
     func discard() {
         Glibc.close(fd)
-        Glibc.close(wakeRead)
-        Glibc.close(wakeWrite)
+        Glibc.close(wake)
     }
 
     func start() {
@@ -222,21 +304,30 @@ final class CryptokiConnection: @unchecked Sendable {
 
     private func signal() {
         if let own = loopThread.withLock({ $0 }), pthread_equal(own, pthread_self()) != 0 { return }
-        var one: UInt8 = 1
-        // A full pipe already holds a wake-up: the write may fail without loss.
-        _ = Glibc.write(wakeWrite, &one, 1)
+        var one: UInt64 = 1
+        // A counter at its maximum already holds a wake-up: the write may fail without loss.
+        _ = Glibc.write(wake, &one, 8)
     }
 
-    /// A request is done; `frame` is its answer (nil: nobody to answer).
-    fileprivate func requestFinished(_ frame: [UInt8]?) {
+    /// A request of `size` bytes is done; `frame` is its answer (nil: nobody to answer).
+    fileprivate func requestFinished(_ frame: [UInt8]?, size: Int) {
         outbox.withLock { o in
             o.inFlight -= 1
             if let frame {
                 o.frames.append(frame)
                 o.bytes += frame.count
             }
+            account(&o, (frame?.count ?? 0) - size)
         }
         signal()
+    }
+
+    /// Moves `delta` bytes into (or out of) what the daemon holds for this socket, under the
+    /// outbox's lock; once the socket has ended everything it held was given back already.
+    private func account(_ o: inout Outbox, _ delta: Int) {
+        guard !o.ended else { return }
+        o.held += delta
+        owner?.account(uid: uid, delta)
     }
 
     private func send(_ frame: [UInt8]) {
@@ -250,38 +341,49 @@ final class CryptokiConnection: @unchecked Sendable {
         loopThread.withLock { $0 = pthread_self() }
         defer {
             Glibc.close(fd)
-            Glibc.close(wakeRead)
-            Glibc.close(wakeWrite)
+            Glibc.close(wake)
+            // What it still held goes back to the budget now; requests finishing later and
+            // replies never sent count no more.
+            outbox.withLock { o in
+                owner?.account(uid: uid, -o.held)
+                o.held = 0
+                o.ended = true
+            }
             owner?.finished(self)
             closed(name)
         }
         while true {
-            let (wantRead, wantWrite) = outbox.withLock { o in
+            let (ownRoom, wantWrite) = outbox.withLock { o in
                 (o.inFlight < Self.maxInFlight && o.bytes < Self.maxQueuedBytes, !o.frames.isEmpty)
             }
+            // Over the uid's (or everyone's) byte budget: not read, and polled again in a while,
+            // since what frees the budget may be another socket's reply.
+            let budgetRoom = owner?.mayRead(uid: uid) ?? true
+            let wantRead = ownRoom && budgetRoom
             var fds = [
                 pollfd(fd: fd, events: Int16((wantRead ? POLLIN : 0) | (wantWrite ? POLLOUT : 0)), revents: 0),
-                pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0),
+                pollfd(fd: wake, events: Int16(POLLIN), revents: 0),
             ]
             var n: Int32 = 0
             if wantRead && !wantWrite, let spin = spinBudget() {
                 n = Self.spinPoll(&fds, spin)
                 Self.spinners.wrappingSubtract(1, ordering: .relaxed)
             }
-            if n == 0 { n = poll(&fds, 2, -1) }
+            if n == 0 { n = poll(&fds, 2, ownRoom && !budgetRoom ? 20 : -1) }
             if n < 0 {
                 if errno == EINTR { continue }
                 return
             }
             if fds[1].revents != 0 {
-                var drain = [UInt8](repeating: 0, count: 64)
-                _ = Glibc.read(wakeRead, &drain, drain.count)
+                var drain: UInt64 = 0
+                _ = Glibc.read(wake, &drain, 8)
             }
             if fds[0].revents & Int16(POLLERR | POLLNVAL) != 0 { return }
             // Replies queued while polling are written now, not one wake-up later.
             guard flush() else { return }
             if fds[0].revents & Int16(POLLIN | POLLHUP) != 0 {
                 let got = buffer.read(from: fd)
+                if got > 0 { outbox.withLock { account(&$0, got) } }
                 let now = Self.now()
                 requestGap = now &- lastRequest
                 lastRequest = now
@@ -344,6 +446,7 @@ final class CryptokiConnection: @unchecked Sendable {
                     o.frames.removeFirst()
                     o.bytes -= frame.count
                     o.sent = 0
+                    account(&o, -frame.count)
                 }
             }
             if offset + n < frame.count { return true }
@@ -387,8 +490,14 @@ final class CryptokiConnection: @unchecked Sendable {
                 greeted = true
             }
             owner?.counted()
-            outbox.withLock { $0.inFlight += 1 }
-            let request = CryptokiRequest(call: call, tag: header.tag, arguments: arguments, secrets: secrets, connection: self)
+            // The body's bytes, counted when they were read, move into the request (held until
+            // it is answered); only the header leaves the budget here.
+            outbox.withLock { o in
+                o.inFlight += 1
+                account(&o, -FrameHeader.size)
+            }
+            let request = CryptokiRequest(
+                call: call, tag: header.tag, size: body.count, arguments: arguments, secrets: secrets, connection: self)
             if call == Calls.hello {
                 request.reply([.ulong(Calls.version), .string("pincached \(PincacheBus.version)")])
             } else {

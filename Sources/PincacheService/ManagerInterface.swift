@@ -110,6 +110,7 @@ extension PincacheService {
             "CallsServed": .uint64(replies.callsServed),
             "CryptokiSockets": .uint32(UInt32(cryptokiSockets.count)),
             "CryptokiCalls": .uint64(cryptokiSockets.callsServed),
+            "CryptokiHeldBytes": .uint64(UInt64(max(cryptokiSockets.heldBytes, 0))),
             "Errors": .dictionary(
                 keySignature: "s", valueSignature: "u",
                 replies.errors.sorted { $0.key < $1.key }.map {

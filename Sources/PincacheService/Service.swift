@@ -11,6 +11,8 @@ enum Limits {
     static let dataBytes = 1 << 20
     static let pendingCallsPerUnidentifiedCaller = 64
     static let environmentsPerUID = 256
+    /// Sessions of all of one uid's environments together (each may hold a backend session).
+    static let sessionsPerUID = 1024
     /// Tokens whose operations average longer than this are never run inline (smart cards).
     static let inlineJobNanoseconds: UInt64 = 5_000_000
 }
@@ -74,6 +76,8 @@ public final class PincacheService: @unchecked Sendable {
 
     /// Loads the backends, exports every object, then takes the well-known name.
     public func start(modules: [String]) throws {
+        let descriptors = DescriptorBudget.raiseSoftLimit()
+        Log.info("file descriptor limit: \(descriptors)")
         for path in modules {
             if isPincacheProxy(path) {
                 Log.error("refusing to load \(path) as a backend: it is pincache's own PKCS#11 proxy and would call this daemon")

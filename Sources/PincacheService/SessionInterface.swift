@@ -23,11 +23,19 @@ extension PincacheService {
             return .failure(ServiceError(.tokenNotPresent, "no usable token in this slot (CKR_TOKEN_NOT_PRESENT (0xe0))"))
         }
         let id = nextSessionID.wrappingAdd(1, ordering: .relaxed).oldValue
-        guard registry.reserveSession(info.id.rawValue, id: id, max: configuration.maxSessionsPerClient) else {
+        switch registry.reserveSession(
+            info.id.rawValue, id: id, max: configuration.maxSessionsPerClient, maxPerUID: Limits.sessionsPerUID)
+        {
+        case .success: break
+        case .failure(.perClient):
             return .failure(
                 ServiceError(
                     .tooManySessions, "at most \(configuration.maxSessionsPerClient) sessions per client (MaxSessionsPerClient; CKR_SESSION_COUNT (0xb1))"
                 ))
+        case .failure(.perUID):
+            return .failure(
+                ServiceError(
+                    .tooManySessions, "uid \(Self.uidText(info)) has \(Limits.sessionsPerUID) sessions open already (CKR_SESSION_COUNT (0xb1))"))
         }
         let path = PincacheBus.sessionPrefix.appending(String(id))!
         let record = SessionRecord(id: id, path: path, owner: info.id, token: token, readWrite: readWrite)

@@ -16,4 +16,8 @@ int pincache_default_crash_signals(void);
 /* Makes glibc's free() overwrite what it frees (mallopt M_PERTURB). Returns 0 or -1. */
 int pincache_wipe_freed_memory(void);
 
+/* eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC): a wake-up counter in one descriptor (a pipe takes
+   two). Returns the descriptor or -1 with errno. */
+int pincache_wake_eventfd(void);
+
 #endif
