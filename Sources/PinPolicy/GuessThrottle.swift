@@ -1,12 +1,14 @@
-/// How fast one user may try PINs on one token (issue 12 §3): a few attempts at once, then
-/// each further attempt waits a delay that doubles up to a ceiling, until a PIN is accepted.
-/// Keyed by (uid, token) across all of that user's environments, so opening more
+/// How fast one user may try PINs on one token (issue 12 §3): after `freeTries` wrong PINs in
+/// a row, each further attempt waits a delay that doubles up to a ceiling, until a PIN is
+/// accepted. Keyed by (uid, token) across all of that user's environments, so opening more
 /// connections buys no speed.
 ///
 /// Pure bookkeeping with a caller-supplied monotonic clock. The service admits an attempt
 /// (learning when it may run), runs it off the token's thread once that time has come, and
-/// reports the verdict. Attempts are counted when admitted, not when they fail, so a burst of
-/// parallel guesses is spaced out like a sequence of them.
+/// reports every admitted attempt's verdict exactly once. At most `freeTries` (at least one)
+/// attempts are unanswered at a time: a burst of parallel guesses is answered a few at a
+/// time and so meets the delays their failures earn, while a burst of correct logins (a
+/// session starting several programs) only queues, without any delay.
 public struct GuessThrottle: Sendable {
     public struct Key: Hashable, Sendable {
         public let uid: UInt32
@@ -43,11 +45,11 @@ public struct GuessThrottle: Sendable {
     }
 
     private struct Entry: Sendable {
-        /// Attempts admitted since the last accepted PIN.
-        var attempts = 0
         /// Consecutive wrong PINs reported since the last accepted PIN.
         var failures = 0
-        /// When the last admitted attempt was allowed to run.
+        /// Attempts admitted and not yet reported.
+        var pending = 0
+        /// When the last admitted attempt was allowed to run: the next waits from there.
         var lastSlot: UInt64 = 0
     }
 
@@ -56,33 +58,36 @@ public struct GuessThrottle: Sendable {
 
     public init(rule: Rule = Rule()) { self.rule = rule }
 
-    /// Admits one attempt arriving at `now`.
-    /// - Returns: when it may run (`now` or later), and how many attempts came before it
-    ///   since the last accepted PIN.
-    public mutating func admit(_ key: Key, now: UInt64) -> (at: UInt64, previous: Int) {
+    /// Admits one attempt arriving at `now`: when it may run (`now` or later), or nil when as
+    /// many attempts as `freeTries` are still unanswered (ask again once one is reported).
+    public mutating func admit(_ key: Key, now: UInt64) -> UInt64? {
         var e = entries[key, default: Entry()]
-        let wait = rule.wait(after: e.attempts)
-        // The first attempt has nothing to be spaced from.
-        let at = wait == 0 || e.attempts == 0 ? now : max(now, e.lastSlot &+ wait)
-        let previous = e.attempts
-        e.attempts += 1
+        guard e.pending < max(rule.freeTries, 1) else { return nil }
+        let wait = rule.wait(after: e.failures)
+        let at = wait == 0 ? now : max(now, e.lastSlot &+ wait)
         e.lastSlot = at
+        e.pending += 1
         entries[key] = e
-        return (at, previous)
+        return at
     }
 
-    /// The token accepted the PIN: this user starts afresh on this token.
-    public mutating func accepted(_ key: Key) {
-        entries[key] = nil
-    }
+    /// How an admitted attempt ended.
+    public enum Verdict: Sendable { case accepted, rejected, other }
 
-    /// The token rejected the PIN.
+    /// Reports an admitted attempt.
     /// - Returns: consecutive wrong PINs of this user on this token, this one included.
     @discardableResult
-    public mutating func rejected(_ key: Key) -> Int {
+    public mutating func report(_ key: Key, _ verdict: Verdict) -> Int {
         var e = entries[key, default: Entry()]
-        e.failures += 1
-        entries[key] = e
+        e.pending = max(e.pending - 1, 0)
+        switch verdict {
+        case .accepted:
+            e.failures = 0
+            e.lastSlot = 0
+        case .rejected: e.failures += 1
+        case .other: break
+        }
+        entries[key] = e.failures == 0 && e.pending == 0 ? nil : e
         return e.failures
     }
 

@@ -16,36 +16,51 @@ extension PincacheService {
     ) {
         let info = requester.info
         authorise(needs, requester, token: token, operation: operation, keyID: keyID, denied: denied) { [weak self] in
-            guard let self else { return }
-            // Without a uid (never on a real bus) the caller's own name keys its attempts.
+            // Without a uid (never on a real bus) one key serves all such callers.
             let key = GuessThrottle.Key(uid: info.uid ?? UInt32.max, token: token.id)
-            let now = TokenContext.now()
-            let (at, previous) = self.guesses.withLock { $0.admit(key, now: now) }
-            let run: @Sendable () -> Void = { [weak self] in
-                guard let self else { return }
-                onWorker(token, caller: info.id, inline: inline && at <= now, {
-                    do {
-                        let result = try job()
-                        self.guesses.withLock { $0.accepted(key) }
-                        Audit.record(.pinSubmission, caller: info, token: token, operation: operation, result: "ok")
-                        return result
-                    } catch {
-                        if let e = error as? PKCS11Error, e.rv == .pinIncorrect {
-                            let n = self.guesses.withLock { $0.rejected(key) }
-                            Log.warning(
-                                "wrong PIN: uid \(Self.uidText(info)) (\(info.executable ?? "unknown executable")), token \(token.id) (\(token.snapshot.info?.label ?? "-")), \(operation); \(n) in a row")
-                        }
-                        Audit.record(.pinSubmission, caller: info, token: token, operation: operation, result: Audit.result(of: error))
-                        throw error
-                    }
-                }, done)
-            }
-            guard at > now else { return run() }
-            let delay = at - now
-            Log.warning(
-                "PIN attempt of uid \(Self.uidText(info)) on token \(token.id) (\(operation)) delayed \(delay / 1_000_000) ms: \(previous) attempts since its last accepted PIN")
-            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(min(delay, UInt64(Int.max)))), execute: run)
+            self?.admitPIN(key, info, token, operation, inline: inline, job, done: done)
         }
+    }
+
+    /// Admits one PIN attempt to the token (waiting, off the token's thread, while the
+    /// throttle says so), runs it, and reports its verdict exactly once, whatever happens.
+    private func admitPIN<T: Sendable>(
+        _ key: GuessThrottle.Key, _ info: CallerInfo, _ token: TokenContext, _ operation: String, inline: Bool,
+        _ job: @escaping @Sendable () throws -> T, done: @escaping @Sendable (Result<T, ServiceError>) -> Void
+    ) {
+        let now = TokenContext.now()
+        guard let at = guesses.withLock({ $0.admit(key, now: now) }) else {
+            // As many of this user's attempts are unanswered as it may have: ask again shortly.
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(5)) { [weak self] in
+                self?.admitPIN(key, info, token, operation, inline: inline, job, done: done)
+            }
+            return
+        }
+        let reported: @Sendable (Result<T, ServiceError>) -> Void = { [weak self] result in
+            let verdict: GuessThrottle.Verdict
+            switch result {
+            case .success: verdict = .accepted
+            case .failure(let e): verdict = e.rv == 0xa0 ? .rejected : .other  // CKR_PIN_INCORRECT
+            }
+            let n = self?.guesses.withLock { $0.report(key, verdict) } ?? 0
+            if verdict == .rejected {
+                Log.warning(
+                    "wrong PIN: uid \(Self.uidText(info)) (\(info.executable ?? "unknown executable")), token \(token.id) (\(token.snapshot.info?.label ?? "-")), \(operation); \(n) in a row")
+            }
+            Audit.record(
+                .pinSubmission, caller: info, token: token, operation: operation,
+                result: { if case .failure(let e) = result { return Audit.result(of: e) } else { return "ok" } }())
+            done(result)
+        }
+        let run: @Sendable () -> Void = { [weak self] in
+            guard let self else { return reported(.failure(ServiceError(.backendError, "the daemon is shutting down", rv: 0x32))) }
+            self.onWorker(token, caller: info.id, inline: inline && at <= now, job, reported)
+        }
+        guard at > now else { return run() }
+        let delay = at - now
+        Log.warning(
+            "PIN attempt of uid \(Self.uidText(info)) on token \(token.id) (\(operation)) delayed \(delay / 1_000_000) ms after \(guesses.withLock { $0.failures(key) }) wrong PINs in a row")
+        DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(min(delay, UInt64(Int.max)))), execute: run)
     }
 
     static func uidText(_ info: CallerInfo) -> String { info.uid.map(String.init) ?? "?" }

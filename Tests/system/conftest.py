@@ -302,6 +302,7 @@ def system():
         for f in certdir.iterdir():
             os.chmod(f, 0o644)
         shutil.copy(Path(__file__).with_name("sysclient.py"), workdir / "sysclient.py")
+        shutil.copy(Path(__file__).with_name("flood.py"), workdir / "flood.py")
         os.chmod(workdir / "sysclient.py", 0o755)
         # SoftHSM reads its token store when the daemon starts: no daemon from before the token.
         stop_daemon()

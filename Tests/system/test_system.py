@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
-from conftest import DAEMON_USER, LABEL, PIN, REPO, RUN_DIR, U1, U2, U3, run, stop_daemon
+from conftest import DAEMON_USER, LABEL, PIN, REPO, RUN_DIR, U1, U2, U3, client_env, run, stop_daemon
 
 MANAGER = "/org/pincache"
 M1 = "org.pincache.Manager1"
@@ -457,3 +458,38 @@ def test_token_changes_need_modify_token_on_the_proxy(system):
     r = system.run_as(U1, *tool, "--delete-object", "--type", "data", "--label", "u1-data")
     assert r.returncode == 0, r.stdout + r.stderr
     assert token_objects_directly() == before
+
+
+def test_a_flood_from_one_user_hits_a_clear_limit_while_another_signs(system):
+    """§2 on the installed service: U3 makes 5000 attempts at a bus connection plus a cryptoki
+    socket; they stop at clear limits (the bus's connections per user, the daemon's sockets
+    per uid); meanwhile U1 signs with its cached PIN at p99 ≤ 50 ms, and the daemon keeps its
+    PID."""
+    a = system.client(U1)
+    tok = token_path(a)
+    s = a.ok(tok, T1, "OpenSession")
+    a.ok(s, S1, "Login", "s", PIN)
+    pid = int(bus_call_root("GetConnectionUnixProcessID", "s", "org.pincache.Daemon")[1])
+    flood = subprocess.Popen(["runuser", "-u", U3, "--", "/usr/bin/python3", str(system.workdir / "flood.py"), "5000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env(),
+                             cwd=str(system.workdir))
+    digest = hashlib.sha256(MSG).digest()
+    latencies = []
+    while flood.poll() is None or len(latencies) < 100:
+        started = time.monotonic()
+        sig = a.ok(s, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA", {"hex": digest.hex()})
+        latencies.append(time.monotonic() - started)
+        if len(latencies) > 5000:
+            break
+    out, err = flood.communicate(timeout=120)
+    verify_ec(system, MSG, bytes.fromhex(sig["hex"]))
+    results = json.loads(out.strip().splitlines()[-1])
+    assert sum(results.values()) == 5000, (results, err)
+    refused = {k: v for k, v in results.items() if k != "socket"}
+    assert refused and all(k.endswith("LimitsExceeded") for k in refused), results
+    assert results.get("socket", 0) <= 128, results
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    print(f"FIGURE system flood: {results}; U1 signature p99 {p99 * 1000:.1f} ms over {len(latencies)}")
+    assert p99 <= 0.05, p99
+    assert int(bus_call_root("GetConnectionUnixProcessID", "s", "org.pincache.Daemon")[1]) == pid
