@@ -493,3 +493,23 @@ def test_a_flood_from_one_user_hits_a_clear_limit_while_another_signs(system):
     print(f"FIGURE system flood: {results}; U1 signature p99 {p99 * 1000:.1f} ms over {len(latencies)}")
     assert p99 <= 0.05, p99
     assert int(bus_call_root("GetConnectionUnixProcessID", "s", "org.pincache.Daemon")[1]) == pid
+
+
+def test_another_users_typo_leaves_my_cache_usable_after_a_good_login(system):
+    """§4 on the installed service: U3's wrong PIN makes the token count; U1's cached PIN is
+    held back, not lost, and signs again once U3 logs in correctly."""
+    a = system.client(U1)
+    tok = token_path(a)
+    s = a.ok(tok, T1, "OpenSession")
+    a.ok(s, S1, "Login", "s", PIN)
+    digest = hashlib.sha256(MSG).digest()
+    a.ok(s, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA", {"hex": digest.hex()})
+    c = system.client(U3)
+    t = c.ok(tok, T1, "OpenSession")
+    assert c.call(t, S1, "Login", "s", "999999").get("error") == ERR + "PinIncorrect"
+    answer = a.call(s, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA", {"hex": digest.hex()})
+    assert answer.get("error") == ERR + "NotLoggedIn" and "held back" in answer.get("message", ""), answer
+    assert tok in a.ok(MANAGER, M1, "GetCallerState")["Cached"]
+    c.ok(t, S1, "Login", "s", PIN)
+    sig = a.ok(s, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA", {"hex": digest.hex()})
+    verify_ec(system, MSG, bytes.fromhex(sig["hex"]))
