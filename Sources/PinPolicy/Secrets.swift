@@ -147,7 +147,9 @@ public enum ProcessHardening {
 /// fragmentation and make a slot's page a matter of arithmetic.
 final class LockedArena: Sendable {
     static let slotSize = 256
-    static let shared = LockedArena()
+    /// Keeps one empty page: a daemon whose only PIN comes and goes (a login, a bracket)
+    /// would otherwise map, lock, unlock and unmap a page each time (10–18 µs on a VM).
+    static let shared = LockedArena(keepsOneEmptyPage: true)
 
     private struct Page {
         // Addresses as integers keep the state Sendable; they are only ever turned back into
@@ -166,9 +168,12 @@ final class LockedArena: Sendable {
     private let pageLimit: Int?
     /// Tests keep empty pages mapped so they can read a freed slot.
     private let releasesEmptyPages: Bool
+    /// The last empty page stays mapped (wiped: every slot was wiped by its owner).
+    private let keepsOneEmptyPage: Bool
     private let state = Mutex(State())
 
-    init(pageLimit: Int? = nil, releasesEmptyPages: Bool = true) {
+    init(pageLimit: Int? = nil, releasesEmptyPages: Bool = true, keepsOneEmptyPage: Bool = false) {
+        self.keepsOneEmptyPage = keepsOneEmptyPage
         let reported = sysconf(Int32(_SC_PAGESIZE))
         // A page smaller than one slot does not exist on Linux; the max keeps the arithmetic sane anyway.
         pageSize = max(reported > 0 ? reported : 4096, Self.slotSize)
@@ -213,7 +218,10 @@ final class LockedArena: Sendable {
         state.withLock { state in
             guard let index = state.pages.firstIndex(where: { $0.base == pageBase }) else { return }
             state.pages[index].freeSlots.append(Int(address - pageBase) / Self.slotSize)
-            if releasesEmptyPages, state.pages[index].freeSlots.count == slotsPerPage {
+            let emptyPages = state.pages.count { $0.freeSlots.count == slotsPerPage }
+            if releasesEmptyPages, state.pages[index].freeSlots.count == slotsPerPage,
+                !(keepsOneEmptyPage && emptyPages == 1)
+            {
                 let page = state.pages.remove(at: index)
                 // SAFETY: every slot of this page is free and was wiped by its owner's deinit.
                 let pointer = UnsafeMutableRawPointer(bitPattern: page.base)!

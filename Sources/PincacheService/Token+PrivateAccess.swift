@@ -40,19 +40,31 @@ extension TokenContext {
         let requiresFresh =
             kind == .sign && isPrivateKey
             && (settings.requiresFreshPIN(keyUsage: record?.keyUsage) || alwaysAuthenticate)
-        return try withPrivateAccess(
-            caller: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh, freshPIN: fresh,
-            alwaysAuthenticate: alwaysAuthenticate, session: s
-        ) { contextPIN in
-            let handle = try resolveKey(request.key, s, caller: caller, function: function)
-            do {
-                return try run(s, handle, record: record, request.operation, contextPIN: contextPIN)
-            } catch {
-                // An operation a failure left active would block the session's next one.
-                if contextPIN != nil || request.key.isHandle { reset(s, request.key) }
-                throw error
+        do {
+            return try withPrivateAccess(
+                caller: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh, freshPIN: fresh,
+                alwaysAuthenticate: alwaysAuthenticate, session: s
+            ) { contextPIN in
+                let handle = try resolveKey(request.key, s, caller: caller, function: function)
+                do {
+                    return try run(s, handle, record: record, request.operation, contextPIN: contextPIN)
+                } catch {
+                    // An operation a failure left active would block the session's next one.
+                    if contextPIN != nil || request.key.isHandle { reset(s, request.key) }
+                    throw error
+                }
             }
+        } catch let e as PKCS11Error where Self.leavesSessionSuspect(e.rv) {
+            // A card reset by another program can leave this backend session answering
+            // CKR_GENERAL_ERROR to everything (OpenSC): the next operation gets a fresh one.
+            // The token itself is fine, so no cache goes (that is for removals only).
+            reset(s, request.key)
+            throw e
         }
+    }
+
+    static func leavesSessionSuspect(_ rv: ReturnValue) -> Bool {
+        rv == .generalError || rv == .deviceError || rv == .functionFailed
     }
 
     /// The backend object of the key in the current login state.
@@ -104,6 +116,11 @@ extension TokenContext {
             } catch let e as PKCS11Error where e.rv == .pinIncorrect || e.rv == .pinLocked {
                 outcome = .cachedPINRejected
                 Log.notice("token \(id): a cached PIN was rejected (\(e.rv.name)); purged from every environment")
+                throw e
+            } catch let e as PKCS11Error where Self.leavesSessionSuspect(e.rv) {
+                // A login that failed half-way may leave the module holding the card (OpenSC
+                // locks it for a login): give it back, as the bracket's end would have.
+                logoutBackend(s)
                 throw e
             }
             defer { logoutBackend(s) }

@@ -328,6 +328,11 @@ final class TokenContext: @unchecked Sendable {
             // opened): the PIN never reached a card, so one more try, on a fresh session and a
             // fresh look at the token, costs no PIN attempt. backendCall has dropped it.
             (plan, s) = try attempt()
+        } catch let e as PKCS11Error where Self.leavesSessionSuspect(e.rv) {
+            // Not retried (the PIN may have reached the card), but the next login or
+            // operation gets a fresh session.
+            resetSession()
+            throw e
         }
         switch plan {
         case .verifyThenCache:

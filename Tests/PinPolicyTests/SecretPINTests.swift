@@ -116,6 +116,18 @@ func vmFlags(containing address: UnsafeRawPointer) throws -> Set<String> {
         #expect(arena.lockedBytes == 0)
     }
 
+    @Test func theSharedArenaKeepsOneEmptyPage() throws {
+        let arena = LockedArena(keepsOneEmptyPage: true)
+        let slotsPerPage = arena.pageSize / SecretPIN.maximumLength
+        var pins = try (0...slotsPerPage).map { _ in try makePIN("5", arena: arena) }
+        #expect(arena.lockedBytes == 2 * arena.pageSize)
+        pins.removeAll()
+        #expect(arena.lockedBytes == arena.pageSize, "one empty page kept, the other returned")
+        let again = try makePIN("6", arena: arena)
+        #expect(arena.lockedBytes == arena.pageSize, "the kept page is reused")
+        _ = again
+    }
+
     @Test func sharedArenaCountsLivePINs() throws {
         let pin = try makePIN("0000")
         #expect(SecretArena.lockedBytes >= SecretArena.slotSize)
