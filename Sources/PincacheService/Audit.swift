@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import PKCS11Kit
 
@@ -58,13 +59,7 @@ enum Audit {
         fields.append(("PINCACHE_OPERATION", operation))
         fields += extra
         fields.append(("PINCACHE_RESULT", result))
-        let ok = result == "ok"
-        let message =
-            "\(event.rawValue) \(operation) by uid \(caller?.uid.map(String.init) ?? "?") (\(caller?.executable ?? "?"))"
-            + (token.map { " on token \($0.id)" } ?? "") + ": \(result)"
-        if !forceStderr, sendToJournal(fields, event: event, message: message, priority: ok ? 6 : 4) { return }
-        let line = fields.map { "\($0.0)=\(clean($0.1))" }.joined(separator: " ")
-        Log.write(ok ? .info : .warning, "audit MESSAGE_ID=\(event.messageID) \(line)")
+        writer.enqueue(Record(event: event, fields: fields, ok: result == "ok"))
     }
 
     /// Result text for a failed job.
@@ -76,31 +71,116 @@ enum Audit {
         }
     }
 
-    private static func clean(_ value: String) -> String {
-        String(value.map { $0 == "\n" || $0 == "\r" ? " " : $0 }.prefix(512))
+    static func hex(_ bytes: [UInt8]) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        var out = [UInt8]()
+        out.reserveCapacity(bytes.count * 2)
+        for b in bytes {
+            out.append(digits[Int(b >> 4)])
+            out.append(digits[Int(b & 15)])
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 
-    /// journald's native protocol: `KEY=value` lines in one datagram (values cleaned of
-    /// newlines, so no binary form is needed). False if there is no journal to talk to.
-    private static func sendToJournal(_ fields: [(String, String)], event: Event, message: String, priority: Int) -> Bool {
-        var text = "MESSAGE_ID=\(event.messageID)\nPRIORITY=\(priority)\nSYSLOG_IDENTIFIER=pincached\nMESSAGE=\(clean(message))\n"
-        for (k, v) in fields { text += "\(k)=\(clean(v))\n" }
-        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let path = Array(journalSocket.utf8)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, b) in path.enumerated() where i < raw.count - 1 { raw[i] = b }
+    struct Record: Sendable {
+        let event: Event
+        let fields: [(String, String)]
+        let ok: Bool
+    }
+
+    /// Records are formatted and written by a thread of their own: a signature does not wait
+    /// for a write(2) to the journal. The queue is bounded; a full queue makes the recording
+    /// thread wait (nothing is dropped).
+    static let writer = Writer()
+
+    final class Writer: @unchecked Sendable {
+        // @unchecked: `queue` is guarded by `condition`; `journal` belongs to the thread.
+        private let condition = NSCondition()
+        private var queue: [Record] = []
+        private var started = false
+        private var writing = false
+        private var journal: Int32 = -1
+        static let capacity = 4096
+
+        func enqueue(_ record: Record) {
+            condition.lock()
+            if !started {
+                started = true
+                let thread = Thread { [self] in run() }
+                thread.name = "pincache-audit"
+                thread.start()
+            }
+            while queue.count >= Self.capacity { condition.wait() }
+            queue.append(record)
+            condition.broadcast()
+            condition.unlock()
         }
-        let sent = text.utf8CString.withUnsafeBufferPointer { buffer in
-            withUnsafePointer(to: &address) { pointer in
-                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(fd, buffer.baseAddress, buffer.count - 1, Int32(MSG_NOSIGNAL), $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-                }
+
+        /// Waits until every record queued so far is written (tests, shutdown).
+        func drain() {
+            condition.lock()
+            while !queue.isEmpty || writing { condition.wait() }
+            condition.unlock()
+        }
+
+        private func run() {
+            while true {
+                condition.lock()
+                while queue.isEmpty { condition.wait() }
+                let batch = queue
+                queue.removeAll(keepingCapacity: true)
+                writing = true
+                condition.broadcast()
+                condition.unlock()
+                for record in batch { write(record) }
+                condition.lock()
+                writing = false
+                condition.broadcast()
+                condition.unlock()
             }
         }
-        return sent >= 0
+
+        private func write(_ r: Record) {
+            let message =
+                "\(r.event.rawValue) \(value(r, "PINCACHE_OPERATION")) by uid \(value(r, "PINCACHE_UID")) (\(value(r, "PINCACHE_EXE")))"
+                + (r.fields.contains { $0.0 == "PINCACHE_TOKEN" } ? " on token \(value(r, "PINCACHE_TOKEN"))" : "")
+                + ": \(value(r, "PINCACHE_RESULT"))"
+            if !Audit.forceStderr, sendToJournal(r, message: message) { return }
+            let line = r.fields.map { "\($0.0)=\(Audit.clean($0.1))" }.joined(separator: " ")
+            Log.write(r.ok ? .info : .warning, "audit MESSAGE_ID=\(r.event.messageID) \(line)")
+        }
+
+        private func value(_ r: Record, _ key: String) -> String { r.fields.first { $0.0 == key }?.1 ?? "?" }
+
+        /// journald's native protocol: `KEY=value` lines in one datagram (values cleaned of
+        /// newlines, so no binary form is needed). False if there is no journal to talk to.
+        private func sendToJournal(_ r: Record, message: String) -> Bool {
+            var text =
+                "MESSAGE_ID=\(r.event.messageID)\nPRIORITY=\(r.ok ? 6 : 4)\nSYSLOG_IDENTIFIER=pincached\nMESSAGE=\(Audit.clean(message))\n"
+            for (k, v) in r.fields { text += "\(k)=\(Audit.clean(v))\n" }
+            if journal < 0 {
+                journal = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
+                guard journal >= 0 else { return false }
+            }
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            let path = Array(Audit.journalSocket.utf8)
+            withUnsafeMutableBytes(of: &address.sun_path) { raw in
+                for (i, b) in path.enumerated() where i < raw.count - 1 { raw[i] = b }
+            }
+            let sent = text.utf8CString.withUnsafeBufferPointer { buffer in
+                withUnsafePointer(to: &address) { pointer in
+                    pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        sendto(journal, buffer.baseAddress, buffer.count - 1, Int32(MSG_NOSIGNAL), $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                    }
+                }
+            }
+            return sent >= 0
+        }
+    }
+
+    static func clean(_ value: String) -> String {
+        guard value.utf8.contains(where: { $0 == 10 || $0 == 13 }) || value.utf8.count > 512 else { return value }
+        return String(value.map { $0 == "\n" || $0 == "\r" ? " " : $0 }.prefix(512))
     }
 }

@@ -75,7 +75,7 @@ extension PincacheService {
             let state = token.policy.withLock { $0.state(of: info.id) }
             let how = freshPIN ? "fresh" : state.holdsLogin ? "held-login" : state.cachedPIN ? "cached" : "none"
             let extra = [
-                ("PINCACHE_KEY_ID", (keyID ?? []).map { String(format: "%02x", $0) }.joined()),
+                ("PINCACHE_KEY_ID", Audit.hex(keyID ?? [])),
                 ("PINCACHE_MECHANISM", "0x" + String(mechanism, radix: 16)), ("PINCACHE_PIN", how),
             ]
             do {

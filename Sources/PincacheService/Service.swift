@@ -200,6 +200,7 @@ public final class PincacheService: @unchecked Sendable {
                 Log.warning("slot \(token.id): the module did not finish in time; exiting anyway")
             }
         }
+        Audit.writer.drain()
     }
 
     /// Modules without slot events are polled (DESIGN §5); card events proper come with PC/SC.

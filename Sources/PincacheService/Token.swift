@@ -37,6 +37,18 @@ struct TokenSnapshot: Sendable, Equatable {
 
     var recognized: Bool { present && (info?.tokenInitialized ?? false) }
 
+    /// The snapshot without what moves with every session and every second (session counts,
+    /// free memory, the token's clock): what Token1's listeners are told about.
+    var withoutCounters: TokenSnapshot {
+        var s = self
+        s.info?.sessionCount = 0
+        s.info?.rwSessionCount = 0
+        s.info?.freePublicMemory = 0
+        s.info?.freePrivateMemory = 0
+        s.info?.utcTime = ""
+        return s
+    }
+
     static func == (a: TokenSnapshot, b: TokenSnapshot) -> Bool {
         a.slotDescription == b.slotDescription && a.slotManufacturer == b.slotManufacturer && a.slotFlags == b.slotFlags
             && a.slotHardwareVersion == b.slotHardwareVersion && a.slotFirmwareVersion == b.slotFirmwareVersion
@@ -233,7 +245,8 @@ final class TokenContext: @unchecked Sendable {
             resetObjects()
             soHolder.withLock { $0 = nil }
         }
-        if previous != next { onChange(self, previous, next) }
+        // Sessions opened and closed change the counts at every login: no listener cares.
+        if previous.withoutCounters != next.withoutCounters { onChange(self, previous, next) }
         return next
     }
 

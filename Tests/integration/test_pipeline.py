@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import cryptoki_wire
-from pincache_client import EC_KEY, PIN, RSA_KEY, CallError, digest, digest_info, verify
+from pincache_client import EC_KEY, PIN, RSA_KEY, CallError, digest, digest_info, verify, wait_until
 
 HERE = Path(__file__).resolve().parent
 MSG = b"one pipeline"
@@ -313,9 +313,14 @@ def test_audit_records_pin_submissions_key_operations_and_flushes(start_daemon, 
     data = ec_input(b"audit me")
     verify(tokens.cert("ec"), "ECDSA", b"audit me", a.sign(EC_KEY, data))
     make_client("admin").flush()
+
+    def records():
+        return [dict(kv.split("=", 1) for kv in re.findall(r"PINCACHE_\w+=\S*", line))
+                for line in d.stderr_text().splitlines() if "pincached[" in line and " audit MESSAGE_ID=" in line]
+    # Records are written by a thread of their own, a moment after the calls.
+    wait_until(lambda: len(records()) >= 4, what="four audit records")
     log = d.stderr_text()
-    records = [dict(kv.split("=", 1) for kv in re.findall(r"PINCACHE_\w+=\S*", line))
-               for line in log.splitlines() if "pincached[" in line and " audit MESSAGE_ID=" in line]
+    records = records()
     pins = [r for r in records if r["PINCACHE_EVENT"] == "pin-submission"]
     assert [r["PINCACHE_RESULT"] for r in pins] == ["CKR_PIN_INCORRECT", "ok"], pins
     assert all(r["PINCACHE_UID"] == str(os.getuid()) and r["PINCACHE_OPERATION"] == "login" for r in pins), pins
