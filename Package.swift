@@ -44,7 +44,9 @@ let package = Package(
         // The proxy's RPC: the one call table, its encoder and decoder, and framing. Pure Swift,
         // shared by the daemon and the proxy.
         .target(name: "CryptokiWire"),
-        .executableTarget(name: "pincached", dependencies: ["PincacheService", "CryptokiWire"]),
+        .executableTarget(name: "pincached", dependencies: [
+            "PincacheService", "CryptokiWire", "PKCS11Kit", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         // The command-line front. CDBus only for SignOnce, whose PIN goes from a wiped
         // buffer straight into the message instead of through a Swift String.
         .executableTarget(name: "pincachectl", dependencies: [

@@ -36,6 +36,18 @@ public final class PKCS11Module: @unchecked Sendable {
     ///
     /// - Throws: `ModuleLoadError` when the file cannot be loaded or lacks
     ///   `C_GetFunctionList`; `PKCS11Error` when the module refuses.
+    /// Whether `path` would load as a module (dlopen and C_GetFunctionList), without
+    /// initialising it: `pincached --check-config`.
+    public static func probe(path: String) throws {
+        guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
+            throw ModuleLoadError(path: path, reason: dlerror().map { String(cString: $0) } ?? "dlopen failed")
+        }
+        defer { dlclose(handle) }
+        guard dlsym(handle, "C_GetFunctionList") != nil else {
+            throw ModuleLoadError(path: path, reason: "no C_GetFunctionList symbol")
+        }
+    }
+
     public init(path: String) throws {
         guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL) else {
             throw ModuleLoadError(path: path, reason: dlerror().map { String(cString: $0) } ?? "dlopen failed")

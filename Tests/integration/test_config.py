@@ -122,3 +122,55 @@ def test_daemon_refuses_its_own_proxy_as_a_backend(start_daemon, make_client, bu
     a = make_client()
     assert all("pincache" not in a.token_props(t)["Module"] for t in a.tokens())
     assert a.token()  # SoftHSM's token is still served
+
+
+def _check(pincached_bin, *args):
+    return subprocess.run([str(pincached_bin), *args], capture_output=True, text=True, timeout=20)
+
+
+def test_check_config_accepts_a_valid_file(pincached_bin, tmp_path):
+    """Issue 16 §4: `pincached --check-config FILE` checks without starting; exit 0."""
+    need(pincached_bin.exists(), f"{pincached_bin} not built (swift build)")
+    cfg = tmp_path / "ok.cfg"
+    cfg.write_text(f"Module={SOFTHSM_MODULE}\nPinCacheTimeout=60\n[app /usr/bin/ssh]\nP11_EnableCachePIN=0\n")
+    r = _check(pincached_bin, "--bus", "session", "--check-config", str(cfg))
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert f"{cfg}: valid (1 module(s), 1 [app] section(s))" in r.stdout
+    # Without FILE it checks --config.
+    r = _check(pincached_bin, "--bus", "session", "--config", str(cfg), "--check-config")
+    assert r.returncode == 0, (r.returncode, r.stderr)
+
+
+def test_check_config_refuses_with_file_and_line(pincached_bin, tmp_path):
+    need(pincached_bin.exists(), f"{pincached_bin} not built (swift build)")
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text(f"Module={SOFTHSM_MODULE}\n\nP11_EnableCachePIN=maybe\n")
+    r = _check(pincached_bin, "--bus", "session", "--check-config", str(cfg))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert f"{cfg}:3:" in r.stderr, r.stderr
+
+
+def test_check_config_names_a_module_that_does_not_load(pincached_bin, tmp_path):
+    need(pincached_bin.exists(), f"{pincached_bin} not built (swift build)")
+    fake = tmp_path / "not-a-module.so"
+    fake.write_text("not an ELF file\n")
+    cfg = tmp_path / "module.cfg"
+    cfg.write_text(f"Module={fake}\n")
+    r = _check(pincached_bin, "--bus", "session", "--check-config", str(cfg))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert f"Module={fake}" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--config"], ["--bus"], ["--print-introspection"], ["--bogus"],
+                                  ["stray-file"], ["--bus", ""], ["--config", ""]])
+def test_bad_arguments_are_usage_errors_not_crashes(pincached_bin, args):
+    need(pincached_bin.exists(), f"{pincached_bin} not built (swift build)")
+    r = _check(pincached_bin, *args)
+    assert r.returncode == 64, (args, r.returncode, r.stderr)
+    assert "Usage: pincached" in r.stderr or "Error:" in r.stderr, r.stderr
+
+
+def test_print_introspection_to_a_missing_directory_fails_cleanly(pincached_bin, tmp_path):
+    need(pincached_bin.exists(), f"{pincached_bin} not built (swift build)")
+    r = _check(pincached_bin, "--print-introspection", str(tmp_path / "nonexistent"))
+    assert r.returncode == 1 and "cannot write" in r.stderr, (r.returncode, r.stderr)

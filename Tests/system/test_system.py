@@ -275,6 +275,22 @@ def test_sample_config_documents_and_accepts_every_key(system, tmp_path):
     cfg.write_text(enabled)
     r = run(["/usr/sbin/pincached", "--config", str(cfg), "--bus", "unix:path=/nonexistent"], check=False)
     assert r.returncode == 1 and "cannot connect" in r.stderr, (r.returncode, r.stderr)
+    for key in ("PinFailureFreeTries", "PinFailureDelay", "PinFailureMaxDelay"):
+        assert key in sample, f"sample config does not mention {key}"
+
+
+def test_check_config_on_the_installed_files(system, tmp_path):
+    """Issue 16 §4: the installed configuration checks valid as the unit's ExecReload runs
+    it; a file an ordinary user owns is refused as at startup, naming the file."""
+    r = run(["/usr/sbin/pincached", "--check-config"], check=False)
+    assert r.returncode == 0 and "/etc/pincache/pincache.cfg: valid" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    unit = Path("/lib/systemd/system/pincached.service").read_text()
+    assert "ExecReload=/usr/sbin/pincached --check-config" in unit
+    cfg = tmp_path / "user.cfg"
+    cfg.write_text("P11_EnableCachePIN=1\n")
+    os.chown(cfg, pwd.getpwnam(U1).pw_uid, -1)
+    r = run(["/usr/sbin/pincached", "--check-config", str(cfg)], check=False)
+    assert r.returncode == 2 and str(cfg) in r.stderr and "not trusted" in r.stderr, (r.returncode, r.stderr)
 
 
 # --- pincachectl --------------------------------------------------------------------------
