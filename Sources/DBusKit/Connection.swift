@@ -344,7 +344,9 @@ public final class DBusConnection: @unchecked Sendable {
     }
 
     /// Emits a signal. Invalid names or arguments are logged, never sent.
-    public func emitSignal(path: ObjectPath, interface: String, name: String, arguments: [DBusValue]) {
+    /// `destination`: a unicast signal, delivered to that connection only (a Session1's
+    /// state is its owner's business); nil broadcasts.
+    public func emitSignal(path: ObjectPath, interface: String, name: String, arguments: [DBusValue], destination: String? = nil) {
         guard DBusNames.isValidInterface(interface), DBusNames.isValidMember(name) else {
             DBusLog.log("not emitting signal with invalid name '\(interface)'.'\(name)'")
             return
@@ -354,6 +356,10 @@ public final class DBusConnection: @unchecked Sendable {
         }
         guard let message else { return }
         defer { dbus_message_unref(message) }
+        if let destination {
+            guard DBusNames.isValidBusName(destination) else { return }
+            _ = destination.withCString { dbus_message_set_destination(message, $0) }
+        }
         if let problem = Marshal.append(arguments, to: message) {
             DBusLog.log("not emitting \(interface).\(name): \(problem.message)")
             return
@@ -363,10 +369,11 @@ public final class DBusConnection: @unchecked Sendable {
 
     /// Emits `org.freedesktop.DBus.Properties.PropertiesChanged`.
     public func emitPropertiesChanged(path: ObjectPath, interface: String, changed: [String: DBusValue],
-                                      invalidated: [String] = []) {
+                                      invalidated: [String] = [], destination: String? = nil) {
         emitSignal(path: path, interface: StandardInterfaces.properties.name, name: "PropertiesChanged",
                    arguments: [.string(interface), .vardict(changed),
-                               .array(elementSignature: "s", invalidated.sorted().map { .string($0) })])
+                               .array(elementSignature: "s", invalidated.sorted().map { .string($0) })],
+                   destination: destination)
     }
 
     // MARK: calls

@@ -43,6 +43,8 @@ public final class PincacheService: @unchecked Sendable {
     /// "token-id caller" pairs whose use of their cached PIN polkit already allowed since their
     /// last login (DESIGN §3: remembered per environment and token, never shared).
     let cachedUseAllowed = Mutex<Set<String>>([])
+    /// Exported Session1 objects and the LoggedIn value last announced for each.
+    let busSessions = Mutex<[UInt64: (record: SessionRecord, last: Bool)]>([:])
     /// PIN attempts per (uid, token): PinAttempts.swift.
     let guesses: Mutex<GuessThrottle>
     private let tokenTable = Mutex<[TokenContext]>([])
@@ -226,6 +228,7 @@ public final class PincacheService: @unchecked Sendable {
             }
             if n > 0 { Log.info("token \(token.id): \(n) cached PIN(s) expired (PinCacheTimeout)") }
             if lockIdle { token.expireIdleLock() }
+            announceLoggedIn(token)
         }
     }
 
@@ -344,6 +347,7 @@ public final class PincacheService: @unchecked Sendable {
         guard let info = registry.depart(name) else { return }
         let dropped = sessions.withLock { s in info.sessions.compactMap { s.removeValue(forKey: $0) } }
         for record in dropped {
+            _ = busSessions.withLock { $0.removeValue(forKey: record.id) }
             connection.unexport(record.path)
             record.token.worker.submit { record.token.closeRawSession(record.id) }
         }
@@ -409,11 +413,13 @@ public final class PincacheService: @unchecked Sendable {
         _ token: TokenContext, caller: CallerID, inline: Bool, _ job: @escaping @Sendable () throws -> T,
         _ done: @escaping @Sendable (Result<T, ServiceError>) -> Void
     ) {
-        let work: @Sendable () -> Void = { [registry] in
+        let work: @Sendable () -> Void = { [registry, weak self] in
             guard registry.isAlive(caller) else {
                 return done(.failure(ServiceError(.backendError, "the caller has left (CKR_DEVICE_REMOVED (0x32))", rv: 0x32)))
             }
             done(Result<T, ServiceError>.catching(job))
+            // A job may have logged the caller in or out (Login, Logout, logout-after-sign).
+            if let self, self.busSessions.withLock({ !$0.isEmpty }) { self.announceLoggedIn(token, caller: caller) }
         }
         if inline, token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, work) { return }
         token.worker.submit(owner: caller.rawValue, work)

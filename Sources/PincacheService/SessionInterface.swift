@@ -12,6 +12,7 @@ extension PincacheService {
         case .failure(let e): call.reply(error: e.dbusError)
         case .success(let record):
             let owner = info.id.rawValue
+            busSessions.withLock { $0[record.id] = (record, false) }
             connection.export(record.path, interfaces: [sessionInterface(record, info)], accessCheck: { $0 == owner })
             call.reply([.objectPath(record.path)])
         }
@@ -127,6 +128,7 @@ extension PincacheService {
     /// `inline`: as for `onWorker`, the caller's own socket thread may run it when the token is idle.
     func closeSessionRecord(_ record: SessionRecord, inline: Bool = false, then done: @escaping @Sendable () -> Void) -> Bool {
         guard sessions.withLock({ $0.removeValue(forKey: record.id) }) != nil else { return false }
+        _ = busSessions.withLock { $0.removeValue(forKey: record.id) }
         connection.unexport(record.path)
         registry.releaseSession(record.owner.rawValue, id: record.id)
         // On the worker, so operations queued before Close still see the session's login.
@@ -153,6 +155,29 @@ extension PincacheService {
             return bytesArgument(a[first + 2], name: "data", max: Limits.dataBytes).flatMap { data in
                 NamedMechanism.lookup(name, for: use).mapError(\.dbusError).map { (keyID, $0, data) }
             }
+        }
+    }
+
+    /// Session1.LoggedIn as PropertiesChanged (issue 16 §6): every Session1 object of `caller`
+    /// (of everyone, when nil) on `token` whose caller's login state moved since it was last
+    /// told. Called after each job for a caller, after a flush and at each poll (expiry,
+    /// removal).
+    func announceLoggedIn(_ token: TokenContext, caller: CallerID? = nil) {
+        let changed = busSessions.withLock { table -> [(ObjectPath, Bool, String)] in
+            var out: [(ObjectPath, Bool, String)] = []
+            for (id, entry) in table where entry.record.token === token && (caller == nil || entry.record.owner == caller) {
+                let now = token.policy.withLock { $0.state(of: entry.record.owner).loggedIn }
+                if now != entry.last {
+                    table[id] = (entry.record, now)
+                    out.append((entry.record.path, now, entry.record.owner.rawValue))
+                }
+            }
+            return out
+        }
+        for (path, value, owner) in changed {
+            // Unicast: whether a session is logged in is its owner's business.
+            connection.emitPropertiesChanged(
+                path: path, interface: PincacheInterfaces.session.name, changed: ["LoggedIn": .boolean(value)], destination: owner)
         }
     }
 }
