@@ -4,6 +4,8 @@ import Foundation
 
 /// Names on the bus, as DESIGN §2 fixes them.
 enum Pincache {
+    /// The same as pincached's (PincacheBus.version); the system tests compare both.
+    static let version = "0.1.0"
     static let busName = "org.pincache.Daemon"
     static let managerPath = ObjectPath("/org/pincache")!
     static let tokenPrefix = "/org/pincache/token/"
@@ -67,6 +69,16 @@ struct GlobalOptions: ParsableArguments {
 
     @Flag(name: .long, help: "Print JSON instead of tables.")
     var json = false
+
+    /// A --bus that is neither a name nor a D-Bus address (`transport:key=value,…`) is a
+    /// usage error, not an absent daemon.
+    func validate() throws {
+        guard let bus, bus != "system", bus != "session" else { return }
+        let transport = bus.prefix { $0 != ":" }
+        guard transport.count < bus.count, !transport.isEmpty, transport.allSatisfy({ $0.isLetter || $0 == "-" }) else {
+            throw ValidationError("--bus takes system, session or a D-Bus address such as unix:path=/run/dbus/system_bus_socket, not '\(bus)'")
+        }
+    }
 
     /// These options given after the subcommand, completed by those given before it.
     func merged(over parent: GlobalOptions) -> GlobalOptions {

@@ -14,7 +14,8 @@ struct Pincachectl: ParsableCommand {
             Exit codes: 0 success, 1 a call failed, 3 pincached (or the bus) is not \
             available, 4 refused by polkit or the bus policy, 64 usage error.
             """,
-        subcommands: [Status.self, Tokens.self, Keys.self, Watch.self, Sign.self, Flush.self])
+        version: "pincachectl \(Pincache.version)",
+        subcommands: [Status.self, Tokens.self, Keys.self, Watch.self, Sign.self, Stats.self, Flush.self])
 
     /// `pincachectl --bus X status` as well as `pincachectl status --bus X`.
     @OptionGroup var options: GlobalOptions
@@ -210,7 +211,8 @@ extension Pincachectl {
             discussion: """
                 The PIN is read from the terminal without echo, or as one line from standard input \
                 with --pin-stdin; never from the command line. Without --out the signature goes to \
-                standard output: raw bytes, or hex when standard output is a terminal.
+                standard output: raw bytes, or hex when standard output is a terminal, or a JSON \
+                object with the hex signature with --json.
                 """)
 
         @OptionGroup var local: GlobalOptions
@@ -281,10 +283,44 @@ extension Pincachectl {
                 defer { close(fd) }
                 let written = signature.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
                 guard written == signature.count else { throw CLIError(.failure, "cannot write \(output)") }
+            } else if global.json {
+                printJSON(["Signature": hex(signature), "Mechanism": mechanism, "KeyId": keyID.lowercased()])
             } else if isatty(STDOUT_FILENO) != 0 {
                 print(hex(signature))
             } else {
                 FileHandle.standardOutput.write(Data(signature))
+            }
+        }
+    }
+
+    struct Stats: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Show pincached's figures (Manager1.GetStatistics): yours, or the daemon's for root and admins.")
+
+        @OptionGroup var local: GlobalOptions
+        @ParentCommand var parent: Pincachectl
+        var global: GlobalOptions { local.merged(over: parent.options) }
+
+        func run() throws {
+            try Pincachectl.guarded { () throws(CLIError) in
+                let reply = try Client(global).call(Pincache.managerPath, Pincache.manager, "GetStatistics")
+                guard let stats = reply.first?.vardictValue else { throw CLIError(.failure, "malformed GetStatistics reply") }
+                if global.json {
+                    printJSON(jsonDict(stats))
+                    return
+                }
+                let width = stats.keys.map(\.count).max() ?? 0
+                for key in stats.keys.sorted() {
+                    let name = key.padding(toLength: width, withPad: " ", startingAt: 0)
+                    var value = stats[key]!
+                    if case .variant(let inner) = value { value = inner }
+                    if case .dictionary(_, _, let entries) = value {
+                        print(name + "  " + (entries.isEmpty ? "none" : ""))
+                        for e in entries { print("  \(display(e.key))  \(display(e.value))") }
+                    } else {
+                        print(name + "  " + display(value))
+                    }
+                }
             }
         }
     }

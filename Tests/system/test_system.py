@@ -341,6 +341,31 @@ def test_pincachectl_exit_codes(system):
     assert r.returncode == 1 and "no token" in r.stderr, (r.returncode, r.stderr)
     r = system.run_as(U1, ctl, "sign", LABEL, "not-hex", "--mechanism", "ECDSA")
     assert r.returncode == 64, (r.returncode, r.stderr)
+    # Issue 16 §5: a --bus that is no address is a usage error, not an absent daemon.
+    r = system.run_as(U1, ctl, "--bus", "garbage", "status")
+    assert r.returncode == 64 and "D-Bus address" in r.stderr, (r.returncode, r.stderr)
+
+
+def test_pincachectl_version_stats_and_json_signature(system):
+    """Issue 16 §5: --version matches the daemon's; `stats` shows a user their own figures;
+    `sign --json` prints the signature as hex in a JSON object, not raw bytes."""
+    ctl = "/usr/bin/pincachectl"
+    ours = system.run_as(U1, ctl, "--version").stdout.split()[-1]
+    daemon = run(["/usr/sbin/pincached", "--version"]).stdout.split()[-1]
+    assert ours == daemon, (ours, daemon)
+    r = system.run_as(U1, ctl, "stats")
+    assert r.returncode == 0 and f"uid {pwd.getpwnam(U1).pw_uid}" in r.stdout, (r.returncode, r.stdout, r.stderr)
+    assert "CallsServed" not in r.stdout
+    r = system.run_as(U1, ctl, "--json", "stats")
+    assert json.loads(r.stdout)["Scope"] == f"uid {pwd.getpwnam(U1).pw_uid}", r.stdout
+    data = system.workdir / "data-json.bin"
+    data.write_bytes(MSG)
+    data.chmod(0o644)
+    r = system.run_as(U1, ctl, "--json", "sign", LABEL, EC_KEY, "--mechanism", "ECDSA-SHA256", "--in", str(data),
+                      "--pin-stdin", input=PIN + "\n")
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    verify_ec(system, MSG, bytes.fromhex(answer["Signature"]))
 
 
 def daemon_statistics():
