@@ -1,6 +1,9 @@
+#define _GNU_SOURCE
 #include "cshims.h"
 #include <malloc.h>
+#include <pthread.h>
 #include <signal.h>
+#include <time.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -46,4 +49,22 @@ int pincache_wipe_freed_memory(void) {
 int pincache_wake_eventfd(void)
 {
     return eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+}
+
+int pincache_join_within(unsigned long thread, unsigned int milliseconds)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += milliseconds / 1000;
+    deadline.tv_nsec += (long)(milliseconds % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec += 1;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    return pthread_timedjoin_np((pthread_t)thread, NULL, &deadline);
+}
+
+void pincache_name_this_thread(const char *name)
+{
+    pthread_setname_np(pthread_self(), name);
 }

@@ -29,6 +29,8 @@ final class CryptokiSockets: Sendable {
         var open: [String: CryptokiConnection] = [:]
         var perUID: [UInt32: Int] = [:]
         var calls: UInt64 = 0
+        /// Threads of sockets that ended, not yet joined.
+        var ended: [pthread_t] = []
     }
     private struct Budget {
         var perUID: [UInt32: Int] = [:]
@@ -69,6 +71,7 @@ final class CryptokiSockets: Sendable {
         for name: String, uid: UInt32?, serve: @escaping @Sendable (CryptokiRequest) -> Void,
         closed: @escaping @Sendable (String) -> Void
     ) -> Result<Int32, OpenError> {
+        reapEnded()
         let (inUse, limit) = DescriptorBudget.usage()
         guard inUse + 4 + Self.descriptorReserve <= limit else {
             return .failure(.descriptors(inUse: inUse, limit: limit))
@@ -108,14 +111,41 @@ final class CryptokiSockets: Sendable {
         state.withLock { $0.open[name] }?.shutDown()
     }
 
-    func closeAll() {
+    /// Ends every socket and waits (until `deadline`) for their threads to be gone, thread-
+    /// local destructors included: a socket thread runs module code inline (SoftHSM, hence
+    /// OpenSSL), and one still exiting while exit() runs OpenSSL's cleanup frees its
+    /// thread state twice.
+    func closeAll(deadline: DispatchTime = .now() + .seconds(3)) {
         state.withLock { Array($0.open.values) }.forEach { $0.shutDown() }
+        let (threads, _) = threadsToJoin(all: true)
+        for thread in threads {
+            let now = DispatchTime.now().uptimeNanoseconds
+            let left = deadline.uptimeNanoseconds > now ? (deadline.uptimeNanoseconds - now) / 1_000_000 : 0
+            _ = pincache_join_within(UInt(thread), UInt32(clamping: left))
+        }
+    }
+
+    /// Threads of ended sockets, joined when the next socket opens (instantly: they have
+    /// returned) so none is left unjoined; `all` also takes those of open sockets.
+    private func threadsToJoin(all: Bool) -> ([pthread_t], Int) {
+        state.withLock { s in
+            var out = s.ended
+            s.ended.removeAll()
+            if all { out += s.open.values.compactMap { $0.thread } }
+            return (out, s.open.count)
+        }
+    }
+
+    func reapEnded() {
+        let (threads, _) = threadsToJoin(all: false)
+        for thread in threads { pthread_join(thread, nil) }
     }
 
     fileprivate func finished(_ connection: CryptokiConnection) {
         state.withLock { s in
             guard s.open[connection.name] === connection else { return }
             s.open[connection.name] = nil
+            if let thread = connection.thread { s.ended.append(thread) }
             if let uid = connection.uid {
                 s.perUID[uid, default: 1] -= 1
                 if s.perUID[uid] == 0 { s.perUID[uid] = nil }
@@ -289,11 +319,27 @@ final class CryptokiConnection: @unchecked Sendable {
         Glibc.close(wake)
     }
 
+    /// A joinable POSIX thread (not a Foundation Thread): CryptokiSockets joins it once it
+    /// has ended, so the daemon can wait for every socket thread to be gone before exit.
     func start() {
-        let thread = Thread { self.run() }
-        thread.name = "pincache-cryptoki"
-        thread.start()
+        let context = Unmanaged.passRetained(self).toOpaque()
+        var id = pthread_t()
+        let created = pthread_create(&id, nil, { raw in
+            let connection = Unmanaged<CryptokiConnection>.fromOpaque(raw!).takeRetainedValue()
+            pincache_name_this_thread("pincache-cryptok")
+            connection.run()
+            return nil
+        }, context)
+        if created != 0 {
+            Unmanaged<CryptokiConnection>.fromOpaque(context).release()
+            discard()
+            owner?.finished(self)
+            closed(name)
+        }
     }
+
+    /// The socket's thread, once it runs (it records itself first thing).
+    var thread: pthread_t? { loopThread.withLock { $0 } }
 
     /// The thread's next poll sees the socket closed and ends; it closes the descriptors
     /// (closing them here could close a number another thread has just been given).

@@ -213,6 +213,7 @@ public final class PincacheService: @unchecked Sendable {
                 Thread.sleep(forTimeInterval: interval)
                 self.rescan()
                 self.expireIdlePINs()
+                self.cryptokiSockets.reapEnded()
             }
         }
         thread.name = "pincache-poller"

@@ -20,4 +20,11 @@ int pincache_wipe_freed_memory(void);
    two). Returns the descriptor or -1 with errno. */
 int pincache_wake_eventfd(void);
 
+/* pthread_timedjoin_np with a relative timeout in milliseconds: 0 when the thread was
+   joined, an errno value (ETIMEDOUT, ...) otherwise. `thread` is a pthread_t. */
+int pincache_join_within(unsigned long thread, unsigned int milliseconds);
+
+/* Names the calling thread (at most 15 bytes shown in ps/top). */
+void pincache_name_this_thread(const char *name);
+
 #endif
