@@ -31,6 +31,9 @@ final class CryptokiSockets: Sendable {
         var calls: UInt64 = 0
         /// Threads of sockets that ended, not yet joined.
         var ended: [pthread_t] = []
+        /// closeAll has taken every thread to join: an ending socket adds its own no more
+        /// (it would be joined twice).
+        var closingAll = false
     }
     private struct Budget {
         var perUID: [UInt32: Int] = [:]
@@ -131,7 +134,10 @@ final class CryptokiSockets: Sendable {
         state.withLock { s in
             var out = s.ended
             s.ended.removeAll()
-            if all { out += s.open.values.compactMap { $0.thread } }
+            if all {
+                s.closingAll = true
+                out += s.open.values.compactMap { $0.thread }
+            }
             return (out, s.open.count)
         }
     }
@@ -145,7 +151,7 @@ final class CryptokiSockets: Sendable {
         state.withLock { s in
             guard s.open[connection.name] === connection else { return }
             s.open[connection.name] = nil
-            if let thread = connection.thread { s.ended.append(thread) }
+            if !s.closingAll, let thread = connection.thread { s.ended.append(thread) }
             if let uid = connection.uid {
                 s.perUID[uid, default: 1] -= 1
                 if s.perUID[uid] == 0 { s.perUID[uid] = nil }
