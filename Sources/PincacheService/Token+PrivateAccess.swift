@@ -57,8 +57,14 @@ extension TokenContext {
         } catch let e as PKCS11Error where Self.leavesSessionSuspect(e.rv) {
             // A card reset by another program can leave this backend session answering
             // CKR_GENERAL_ERROR to everything (OpenSC): the next operation gets a fresh one.
+            // With nobody holding a login, the shared session is closed outright, not
+            // replaced: OpenSC lets go of the card only when its last session closes.
             // The token itself is fine, so no cache goes (that is for removals only).
-            reset(s, request.key)
+            if case .id = request.key, policy.withLock({ $0.lockHolder == nil }) {
+                dropSession()
+            } else {
+                reset(s, request.key)
+            }
             throw e
         }
     }

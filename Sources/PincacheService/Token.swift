@@ -343,8 +343,9 @@ final class TokenContext: @unchecked Sendable {
             (plan, s) = try attempt()
         } catch let e as PKCS11Error where Self.leavesSessionSuspect(e.rv) {
             // Not retried (the PIN may have reached the card), but the next login or
-            // operation gets a fresh session.
-            resetSession()
+            // operation gets a fresh session (closed outright when no login is held, so
+            // that OpenSC lets go of the card).
+            if policy.withLock({ $0.lockHolder == nil }) { dropSession() } else { resetSession() }
             throw e
         }
         switch plan {
