@@ -30,27 +30,30 @@ let package = Package(
         .systemLibrary(name: "CPCSC", pkgConfig: "libpcsclite", providers: [.apt(["libpcsclite-dev"])]),
         // The few libc calls Swift cannot make (variadic prctl, ...).
         .target(name: "CShims"),
+        // Threads, a condition variable, whole-file reads, descriptor writes: what the programs
+        // took from Foundation, whose ICU made each static binary 45 MB larger.
+        .target(name: "SystemKit", dependencies: ["CShims"]),
 
         // libdbus binding: connections, marshalling, declared interfaces. Knows nothing of PINs.
-        .target(name: "DBusKit", dependencies: ["CDBus"]),
+        .target(name: "DBusKit", dependencies: ["CDBus", "SystemKit"]),
         // PKCS#11 module binding: dlopen, typed handles, CK_RV errors.
         .target(name: "PKCS11Kit", dependencies: ["CPKCS11"]),
         // PC/SC binding: a watcher for readers and cards coming and going.
-        .target(name: "PCSCKit", dependencies: ["CPCSC"]),
+        .target(name: "PCSCKit", dependencies: ["CPCSC", "SystemKit"]),
         // The caching policy core: pure Swift, no D-Bus, no PKCS#11 calls.
         .target(name: "PinPolicy", dependencies: ["CShims"]),
         // The D-Bus service: objects, token workers, glue between the three above.
-        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "CryptokiWire"]),
+        .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "CryptokiWire", "SystemKit"]),
         // The proxy's RPC: the one call table, its encoder and decoder, and framing. Pure Swift,
         // shared by the daemon and the proxy.
         .target(name: "CryptokiWire"),
         .executableTarget(name: "pincached", dependencies: [
-            "PincacheService", "CryptokiWire", "PKCS11Kit", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "PincacheService", "CryptokiWire", "PKCS11Kit", "SystemKit", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // The command-line front. CDBus only for SignOnce, whose PIN goes from a wiped
         // buffer straight into the message instead of through a Swift String.
         .executableTarget(name: "pincachectl", dependencies: [
-            "DBusKit", "CDBus", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "DBusKit", "CDBus", "SystemKit", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
         .target(name: "FaultShim", dependencies: ["CPKCS11"]),

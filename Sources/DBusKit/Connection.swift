@@ -2,6 +2,7 @@ import CDBus
 import Dispatch
 import Glibc
 import Synchronization
+import SystemKit
 
 /// Which bus to connect to.
 public enum BusAddress: Sendable, Equatable {
@@ -194,7 +195,7 @@ public final class DBusConnection: @unchecked Sendable {
             // takes over that reference.
             guard let context else { return nil }
             let body = Unmanaged<LoopThreadBody>.fromOpaque(context).takeRetainedValue()
-            nameLoopThread()
+            setThreadName("DBusKit loop")
             body.run()
             return nil
         }, context)
@@ -592,16 +593,6 @@ public final class DBusConnection: @unchecked Sendable {
         let signal = DBusSignalMessage(sender: sender, path: path, interface: interface, member: member, arguments: arguments)
         for handler in handlers { handler(signal) }
     }
-}
-
-/// Names the calling thread "DBusKit loop" (what Foundation's Thread.name did). Glibc's
-/// Swift module lacks pthread_setname_np, so it is looked up by name, as eventfd is.
-private func nameLoopThread() {
-    typealias SetName = @convention(c) (pthread_t, UnsafePointer<CChar>) -> Int32
-    guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "pthread_setname_np") else { return }
-    // SAFETY: glibc's pthread_setname_np has exactly this C signature.
-    let setName = unsafeBitCast(symbol, to: SetName.self)
-    _ = "DBusKit loop".withCString { setName(pthread_self(), $0) }
 }
 
 /// The closure a loop thread runs, boxed to cross pthread_create's `void *`.

@@ -1,5 +1,6 @@
 import CPCSC
-import Foundation
+import Glibc
+import SystemKit
 import Synchronization
 
 /// Watches PC/SC (pcscd) for card insertion and removal and for readers coming and going,
@@ -10,7 +11,7 @@ import Synchronization
 public final class ReaderWatcher: Sendable {
     /// The pseudo-reader whose state changes when readers are added or removed.
     private static let pnpReader = "\\\\?PnP?\\Notification"
-    private static let retryInterval: TimeInterval = 2
+    private static let retryInterval: Double = 2
     // pcsclite's error values; its macros are casts Swift does not import.
     private static let success = 0
     private static let timeout = 0x8010_000A
@@ -35,9 +36,7 @@ public final class ReaderWatcher: Sendable {
     }
 
     public func start() {
-        let thread = Thread { [self] in run() }
-        thread.name = "pincache-pcsc"
-        thread.start()
+        startThread(name: "pincache-pcsc") { [self] in run() }
     }
 
     /// Ends the watcher: SCardCancel wakes a blocked SCardGetStatusChange.
@@ -61,7 +60,7 @@ public final class ReaderWatcher: Sendable {
                     log("PC/SC unavailable (\(Self.describe(rv))); smart-card events will resume when pcscd is back")
                     outage = true
                 }
-                Thread.sleep(forTimeInterval: Self.retryInterval)
+                sleep(seconds: Self.retryInterval)
                 continue
             }
             state.withLock { $0.context = context }
@@ -78,7 +77,7 @@ public final class ReaderWatcher: Sendable {
             outage = true
             // pcscd going away can mean every reader went with it.
             onChange()
-            Thread.sleep(forTimeInterval: Self.retryInterval)
+            sleep(seconds: Self.retryInterval)
         }
     }
 
@@ -143,8 +142,8 @@ public final class ReaderWatcher: Sendable {
     }
 
     static func describe(_ rv: Int) -> String {
-        if let s = pcsc_stringify_error(LONG(rv)) { return String(cString: s) + String(format: " (0x%08lx)", rv) }
-        return String(format: "0x%08lx", rv)
+        if let s = pcsc_stringify_error(LONG(rv)) { return String(cString: s) + " (\(hexNumber(UInt(bitPattern: rv))))" }
+        return hexNumber(UInt(bitPattern: rv))
     }
 }
 

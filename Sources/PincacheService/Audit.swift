@@ -1,4 +1,5 @@
-import Foundation
+import Dispatch
+import SystemKit
 import Glibc
 import PKCS11Kit
 
@@ -17,9 +18,8 @@ import PKCS11Kit
 /// | `PINCACHE_RESULT` | `ok`, or the CK_RV name (`CKR_PIN_INCORRECT`, …) or D-Bus error |
 /// | `PINCACHE_COUNT` | flush: cached PINs wiped |
 ///
-/// Where journald listens (`/run/systemd/journal/socket`) the records go there in its native
-/// protocol; elsewhere (tests, a private bus, no systemd) the same fields go to stderr as one
-/// `pincached[audit]:` line each.
+/// Where the daemon's log goes to journald (Log.journal), the records go there as fields of
+/// their own; elsewhere (a terminal, tests) the same fields go to stderr as one line each.
 enum Audit {
     enum Event: String {
         case pinSubmission = "pin-submission"
@@ -35,9 +35,6 @@ enum Audit {
         }
     }
 
-    static let journalSocket = "/run/systemd/journal/socket"
-    /// Set by tests and the private bus: records go to stderr even where journald listens.
-    nonisolated(unsafe) static var forceStderr = false
 
     static func record(
         _ event: Event, caller: CallerInfo?, token: TokenContext?, operation: String, result: String,
@@ -71,17 +68,6 @@ enum Audit {
         }
     }
 
-    static func hex(_ bytes: [UInt8]) -> String {
-        let digits = Array("0123456789abcdef".utf8)
-        var out = [UInt8]()
-        out.reserveCapacity(bytes.count * 2)
-        for b in bytes {
-            out.append(digits[Int(b >> 4)])
-            out.append(digits[Int(b & 15)])
-        }
-        return String(decoding: out, as: UTF8.self)
-    }
-
     struct Record: Sendable {
         let event: Event
         let fields: [(String, String)]
@@ -94,21 +80,18 @@ enum Audit {
     static let writer = Writer()
 
     final class Writer: @unchecked Sendable {
-        // @unchecked: `queue` is guarded by `condition`; `journal` belongs to the thread.
-        private let condition = NSCondition()
+        // @unchecked: `queue`, `started` and `writing` are guarded by `condition`.
+        private let condition = ConditionLock()
         private var queue: [Record] = []
         private var started = false
         private var writing = false
-        private var journal: Int32 = -1
         static let capacity = 4096
 
         func enqueue(_ record: Record) {
             condition.lock()
             if !started {
                 started = true
-                let thread = Thread { [self] in run() }
-                thread.name = "pincache-audit"
-                thread.start()
+                startThread(name: "pincache-audit") { [self] in run() }
             }
             while queue.count >= Self.capacity { condition.wait() }
             queue.append(record)
@@ -145,42 +128,17 @@ enum Audit {
                 "\(r.event.rawValue) \(value(r, "PINCACHE_OPERATION")) by uid \(value(r, "PINCACHE_UID")) (\(value(r, "PINCACHE_EXE")))"
                 + (r.fields.contains { $0.0 == "PINCACHE_TOKEN" } ? " on token \(value(r, "PINCACHE_TOKEN"))" : "")
                 + ": \(value(r, "PINCACHE_RESULT"))"
-            if !Audit.forceStderr, sendToJournal(r, message: message) { return }
+            if let journal = Log.journal,
+                journal.send(priority: r.ok ? 6 : 4, message: message, fields: [("MESSAGE_ID", r.event.messageID)] + r.fields)
+            {
+                return
+            }
             let line = r.fields.map { "\($0.0)=\(Audit.clean($0.1))" }.joined(separator: " ")
             Log.write(r.ok ? .info : .warning, "audit MESSAGE_ID=\(r.event.messageID) \(line)")
         }
 
         private func value(_ r: Record, _ key: String) -> String { r.fields.first { $0.0 == key }?.1 ?? "?" }
-
-        /// journald's native protocol: `KEY=value` lines in one datagram (values cleaned of
-        /// newlines, so no binary form is needed). False if there is no journal to talk to.
-        private func sendToJournal(_ r: Record, message: String) -> Bool {
-            var text =
-                "MESSAGE_ID=\(r.event.messageID)\nPRIORITY=\(r.ok ? 6 : 4)\nSYSLOG_IDENTIFIER=pincached\nMESSAGE=\(Audit.clean(message))\n"
-            for (k, v) in r.fields { text += "\(k)=\(Audit.clean(v))\n" }
-            if journal < 0 {
-                journal = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-                guard journal >= 0 else { return false }
-            }
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            let path = Array(Audit.journalSocket.utf8)
-            withUnsafeMutableBytes(of: &address.sun_path) { raw in
-                for (i, b) in path.enumerated() where i < raw.count - 1 { raw[i] = b }
-            }
-            let sent = text.utf8CString.withUnsafeBufferPointer { buffer in
-                withUnsafePointer(to: &address) { pointer in
-                    pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        sendto(journal, buffer.baseAddress, buffer.count - 1, Int32(MSG_NOSIGNAL), $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-                    }
-                }
-            }
-            return sent >= 0
-        }
     }
 
-    static func clean(_ value: String) -> String {
-        guard value.utf8.contains(where: { $0 == 10 || $0 == 13 }) || value.utf8.count > 512 else { return value }
-        return String(value.map { $0 == "\n" || $0 == "\r" ? " " : $0 }.prefix(512))
-    }
+    static func clean(_ value: String) -> String { Journal.clean(value) }
 }

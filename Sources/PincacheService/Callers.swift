@@ -1,5 +1,7 @@
+import Glibc
+import Dispatch
 import DBusKit
-import Foundation
+import SystemKit
 import PinPolicy
 import Synchronization
 
@@ -100,7 +102,7 @@ final class CallerRegistry: Sendable {
 /// by checking that the process still belongs to the uid the bus reported.
 func executablePath(pid: UInt32, uid: UInt32?) -> String? {
     let proc = "/proc/\(pid)"
-    guard let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: proc + "/exe") else {
+    guard let exe = readLink(proc + "/exe") else {
         return nil
     }
     if let uid {

@@ -30,12 +30,12 @@ extension PincacheService {
         case .failure(.tooMany):
             call.reply(error: ServiceError.limits("too many cryptoki sockets open (\(CryptokiSockets.maxOpen) in all)").dbusError)
         case .failure(.tooManyForUID):
-            Log.warning("uid \(Self.uidText(info)) reached \(CryptokiSockets.maxPerUID) cryptoki sockets; \(name) refused")
+            Log.warning("uid \(Self.uidText(info)) reached \(CryptokiSockets.maxPerUID) cryptoki sockets; \(name) refused", event: .limitReached)
             call.reply(
                 error: ServiceError.limits(
                     "uid \(Self.uidText(info)) has \(CryptokiSockets.maxPerUID) cryptoki sockets open already; close some programs").dbusError)
         case .failure(.descriptors(let inUse, let limit)):
-            Log.warning("short of file descriptors (\(inUse) of \(limit) in use): a cryptoki socket for \(name) refused")
+            Log.warning("short of file descriptors (\(inUse) of \(limit) in use): a cryptoki socket for \(name) refused", event: .limitReached)
             call.reply(
                 error: ServiceError.limits("the daemon is short of file descriptors (\(inUse) of \(limit) in use); try again later").dbusError)
         case .failure(.system(let code)):

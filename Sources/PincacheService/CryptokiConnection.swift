@@ -1,6 +1,6 @@
+import Dispatch
 import CShims
 import CryptokiWire
-import Foundation
 import Glibc
 import PinPolicy
 import Synchronization
@@ -328,13 +328,13 @@ final class CryptokiConnection: @unchecked Sendable {
             do {
                 frame = try buffer.next()
             } catch {
-                Log.notice("cryptoki socket of \(name): \(error); closed")
+                Log.notice("cryptoki socket of \(name): \(error); closed", event: .protocolViolation)
                 return false
             }
             guard let (header, body) = frame else { return true }
             defer { buffer.consume(header) }
             guard header.kind == .request, let call = Calls.byID(header.call) else {
-                Log.notice("cryptoki socket of \(name): not a request of a known call (\(header.call)); closed")
+                Log.notice("cryptoki socket of \(name): not a request of a known call (\(header.call)); closed", event: .protocolViolation)
                 return false
             }
             var secrets: [Result<SecretPIN, Error>] = []
@@ -346,12 +346,12 @@ final class CryptokiConnection: @unchecked Sendable {
                 }
                 arguments = try decoder.decodeAll(call.request)
             } catch {
-                Log.notice("cryptoki socket of \(name): \(call.name): \(error); closed")
+                Log.notice("cryptoki socket of \(name): \(call.name): \(error); closed", event: .protocolViolation)
                 return false
             }
             if !greeted {
                 guard call == Calls.hello, arguments.first?.ulongValue == Calls.magic else {
-                    Log.notice("cryptoki socket of \(name): no Hello first; closed")
+                    Log.notice("cryptoki socket of \(name): no Hello first; closed", event: .protocolViolation)
                     return false
                 }
                 greeted = true

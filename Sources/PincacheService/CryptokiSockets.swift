@@ -1,6 +1,6 @@
+import Dispatch
 import CShims
 import CryptokiWire
-import Foundation
 import Glibc
 import PinPolicy
 import Synchronization

@@ -44,7 +44,7 @@ extension PincacheService {
                 guard let self else { return }
                 let n = self.tokens.reduce(0) { sum, t in sum + t.flushAll(reason: "FlushCaches") }
                 for token in self.tokens { self.announceLoggedIn(token) }
-                Log.notice("FlushCaches: \(n) cached PIN(s) wiped, exclusive logins ended")
+                Log.notice("FlushCaches: \(n) cached PIN(s) wiped, exclusive logins ended", event: .pinsWiped)
                 Audit.record(.flush, caller: info, token: nil, operation: "flush", result: "ok", extra: [("PINCACHE_COUNT", "\(n)")])
                 call.reply([])
             }

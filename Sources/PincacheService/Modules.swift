@@ -1,40 +1,32 @@
-import Foundation
+import CPKCS11
+import Glibc
 
-/// Backends when the configuration names none (DESIGN §5): p11-kit's registered modules, minus
-/// its trust module and pincache's own proxy (which would call this daemon).
+/// Backends when the configuration names none (DESIGN §5): the modules p11-kit's own loader
+/// gives this program, so its rules hold as for any p11-kit-aware program — its configuration
+/// directories with /etc over /usr/share, `enable-in`/`disable-in` matched against
+/// "pincached", `priority`, relative `module:` paths in its module directory. Left out:
+/// trust-policy modules (certificate anchors, no keys) and pincache's own proxy (it would call
+/// this daemon; packaging/pincache.module says `disable-in: pincached` as well).
+///
+/// p11-kit dlopens each module to list it (never C_Initialize: the modules are loaded
+/// unmanaged); the service then opens the same files by path.
 public func p11KitRegisteredModules() -> [String] {
-    let configDirs = ["/etc/pkcs11/modules", "/usr/share/p11-kit/modules"]
-    let moduleDirs = ["/usr/lib/x86_64-linux-gnu/pkcs11", "/usr/lib/aarch64-linux-gnu/pkcs11", "/usr/lib/pkcs11"]
-    var seenNames = Set<String>()
+    guard let list = p11_kit_modules_load(nil, Int32(P11_KIT_MODULE_UNMANAGED)) else {
+        if let message = p11_kit_message() { Log.warning("p11-kit: \(String(cString: message))") }
+        return []
+    }
+    defer { p11_kit_modules_release(list) }
     var modules: [String] = []
-    for dir in configDirs {
-        let files = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted()
-        for file in files where file.hasSuffix(".module") {
-            // A file in /etc overrides the same name in /usr/share.
-            guard seenNames.insert(file).inserted,
-                let text = try? String(contentsOfFile: dir + "/" + file, encoding: .utf8)
-            else { continue }
-            var path: String?
-            var enabled = true
-            for raw in text.split(separator: "\n") {
-                let line = raw.trimmingCharacters(in: .whitespaces)
-                guard !line.hasPrefix("#"), let colon = line.firstIndex(of: ":") else { continue }
-                let key = line[..<colon].trimmingCharacters(in: .whitespaces)
-                let value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
-                if key == "module" { path = value }
-                if key == "enable-in" || key == "disable-in" {
-                    let names = value.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
-                    if key == "enable-in" && !names.contains("pincached") { enabled = false }
-                    if key == "disable-in" && names.contains("pincached") { enabled = false }
-                }
-            }
-            guard enabled, var module = path else { continue }
-            if !module.hasPrefix("/") {
-                module = moduleDirs.map { $0 + "/" + module }.first { FileManager.default.fileExists(atPath: $0) } ?? module
-            }
-            if module.contains("p11-kit-trust") || isPincacheProxy(module) { continue }
-            modules.append(module)
+    var index = 0
+    while let module = list[index] {
+        index += 1
+        guard let raw = p11_kit_module_get_filename(module) else { continue }
+        let path = String(cString: raw)
+        free(raw)
+        if p11_kit_module_get_flags(module) & Int32(P11_KIT_MODULE_TRUSTED) != 0 || isPincacheProxy(path) {
+            continue
         }
+        modules.append(path)
     }
     return modules
 }

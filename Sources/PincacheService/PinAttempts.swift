@@ -1,5 +1,6 @@
+import Glibc
 import Dispatch
-import Foundation
+import SystemKit
 import PKCS11Kit
 import PinPolicy
 
@@ -59,7 +60,7 @@ extension PincacheService {
         guard at > now else { return run() }
         let delay = at - now
         Log.warning(
-            "PIN attempt of uid \(Self.uidText(info)) on token \(token.id) (\(operation)) delayed \(delay / 1_000_000) ms after \(guesses.withLock { $0.failures(key) }) wrong PINs in a row")
+            "PIN attempt of uid \(Self.uidText(info)) on token \(token.id) (\(operation)) delayed \(delay / 1_000_000) ms after \(guesses.withLock { $0.failures(key) }) wrong PINs in a row", event: .guessesThrottled)
         DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(min(delay, UInt64(Int.max)))), execute: run)
     }
 
@@ -75,7 +76,7 @@ extension PincacheService {
             let state = token.policy.withLock { $0.state(of: info.id) }
             let how = freshPIN ? "fresh" : state.holdsLogin ? "held-login" : state.cachedPIN ? "cached" : "none"
             let extra = [
-                ("PINCACHE_KEY_ID", Audit.hex(keyID ?? [])),
+                ("PINCACHE_KEY_ID", hexString(keyID ?? [])),
                 ("PINCACHE_MECHANISM", "0x" + String(mechanism, radix: 16)), ("PINCACHE_PIN", how),
             ]
             do {

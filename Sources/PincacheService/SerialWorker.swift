@@ -1,4 +1,6 @@
-import Foundation
+import Glibc
+import Dispatch
+import SystemKit
 
 /// A dedicated OS thread running jobs. PKCS#11 and PC/SC calls block for as long as a card
 /// takes, so they run here and never on Swift's cooperative pool (2 threads on these
@@ -11,7 +13,7 @@ import Foundation
 /// that is running.
 final class SerialWorker: @unchecked Sendable {
     // @unchecked: every field is guarded by `condition`.
-    private let condition = NSCondition()
+    private let condition = ConditionLock()
     private var queues: [String: Queue] = [:]
     /// Owners with jobs waiting, in the order they will be served; the owner whose job is
     /// running is not in it until that job ends.
@@ -20,7 +22,6 @@ final class SerialWorker: @unchecked Sendable {
     private var runningOwner: String?
     private var pending = 0
     private var stopping = false
-    private var thread: Thread?
     /// A job is executing, on the worker thread or inline (`runInline`).
     private var running = false
     /// Moving average of how long jobs take, in nanoseconds (1/8 weight to the newest).
@@ -48,10 +49,7 @@ final class SerialWorker: @unchecked Sendable {
 
     init(name: String) {
         // The thread keeps the worker alive until stop() lets it finish.
-        let thread = Thread { self.loop() }
-        thread.name = name
-        self.thread = thread
-        thread.start()
+        startThread(name: name) { self.loop() }
     }
 
     func submit(owner: String = "", _ job: @escaping @Sendable () -> Void) {
@@ -119,9 +117,7 @@ final class SerialWorker: @unchecked Sendable {
             condition.lock()
             while (pending == 0 && !stopping) || running { condition.wait() }
             if pending == 0 {
-                // Ends the worker → Thread → closure → worker cycle: once this thread exits,
-                // Foundation releases the Thread and with it the last reference to the worker.
-                thread = nil
+                // The thread's closure holds the worker; returning releases it.
                 condition.unlock()
                 return
             }

@@ -1,5 +1,7 @@
+import Glibc
+import Dispatch
 import DBusKit
-import Foundation
+import SystemKit
 import PCSCKit
 import PKCS11Kit
 import PinPolicy
@@ -57,7 +59,6 @@ public final class PincacheService: @unchecked Sendable {
     let nextSessionID = Atomic<UInt64>(1)
     /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
     private var pendingCallers: [String: [@Sendable (Result<CallerInfo, DBusError>) -> Void]] = [:]
-    private var poller: Thread?
     /// The proxy's sockets (CryptokiSockets.swift).
     let cryptokiSockets = CryptokiSockets()
     private let stopping = Atomic<Bool>(false)
@@ -71,7 +72,6 @@ public final class PincacheService: @unchecked Sendable {
         self.authorizer = Authorizer(connection: connection, enabled: onSystemBus)
         self.guesses = Mutex(GuessThrottle(rule: configuration.guessRule))
         // Off the system bus nobody reads the journal for us: audit records go to stderr.
-        if !onSystemBus { Audit.forceStderr = true }
     }
 
     // MARK: - Start-up
@@ -82,14 +82,14 @@ public final class PincacheService: @unchecked Sendable {
         Log.info("file descriptor limit: \(descriptors)")
         for path in modules {
             if isPincacheProxy(path) {
-                Log.error("refusing to load \(path) as a backend: it is pincache's own PKCS#11 proxy and would call this daemon")
+                Log.error("refusing to load \(path) as a backend: it is pincache's own PKCS#11 proxy and would call this daemon", event: .moduleFailed)
                 continue
             }
             do {
                 backends.append(Backend(index: backends.count, path: path, module: try PKCS11Module(path: path)))
-                Log.info("loaded PKCS#11 module \(path)")
+                Log.info("loaded PKCS#11 module \(path)", event: .moduleLoaded)
             } catch {
-                Log.error("cannot load PKCS#11 module \(path): \(error)")
+                Log.error("cannot load PKCS#11 module \(path): \(error)", event: .moduleFailed)
             }
         }
         connection.setObjectManager(at: PincacheBus.managerPath)
@@ -119,10 +119,10 @@ public final class PincacheService: @unchecked Sendable {
         }
         try connection.requestName(PincacheBus.serviceName)
         startPoller()
-        let watcher = ReaderWatcher(onChange: { [weak self] in self?.rescan() }, log: { Log.notice($0) })
+        let watcher = ReaderWatcher(onChange: { [weak self] in self?.rescan() }, log: { Log.notice($0, event: .pcscUnavailable) })
         watcher.start()
         readerWatcher = watcher
-        Log.info("ready on the bus as \(PincacheBus.serviceName) (\(connection.uniqueName)); \(tokens.count) slot(s)")
+        Log.info("ready on the bus as \(PincacheBus.serviceName) (\(connection.uniqueName)); \(tokens.count) slot(s)", event: .started)
     }
 
     /// Re-reads every module's slot list and every token's state (PC/SC event, poll tick).
@@ -163,7 +163,7 @@ public final class PincacheService: @unchecked Sendable {
                 self.connection.export(token.path, interfaces: [self.tokenInterface(token)])
                 token.published.store(true, ordering: .releasing)
                 if announce {
-                    Log.info("slot \(token.id) appeared: \(token.snapshot.slotDescription)")
+                    Log.info("slot \(token.id) appeared: \(token.snapshot.slotDescription)", event: .slotAdded)
                     if token.snapshot.present { self.emitPresence(token, present: true) }
                 }
             }
@@ -179,7 +179,7 @@ public final class PincacheService: @unchecked Sendable {
         token.policy.withLock { $0.tokenRemoved() }
         connection.unexport(token.path)
         if token.snapshot.present { emitPresence(token, present: false) }
-        Log.info("slot \(token.id) went away")
+        Log.info("slot \(token.id) went away", event: .slotRemoved)
         token.shutdown()
     }
 
@@ -208,17 +208,14 @@ public final class PincacheService: @unchecked Sendable {
     /// Modules without slot events are polled (DESIGN §5); card events proper come with PC/SC.
     func startPoller() {
         let interval = Double(configuration.slotPollIntervalMilliseconds) / 1000
-        let thread = Thread { [weak self] in
+        startThread(name: "pincache-poller") { [weak self] in
             while let self, !self.stopping.load(ordering: .relaxed) {
-                Thread.sleep(forTimeInterval: interval)
+                sleep(seconds: interval)
                 self.rescan()
                 self.expireIdlePINs()
                 self.cryptokiSockets.reapEnded()
             }
         }
-        thread.name = "pincache-poller"
-        poller = thread
-        thread.start()
     }
 
     func expireIdlePINs() {
@@ -227,7 +224,7 @@ public final class PincacheService: @unchecked Sendable {
             let (n, lockIdle) = token.policy.withLock { p in
                 (p.expireIdle(now: now), p.lockHolder != nil && p.nextExpiry.map { $0 <= now } == true)
             }
-            if n > 0 { Log.info("token \(token.id): \(n) cached PIN(s) expired (PinCacheTimeout)") }
+            if n > 0 { Log.info("token \(token.id): \(n) cached PIN(s) expired (PinCacheTimeout)", event: .pinsWiped) }
             if lockIdle { token.expireIdleLock() }
             announceLoggedIn(token)
         }
@@ -254,7 +251,7 @@ public final class PincacheService: @unchecked Sendable {
         }
         if modeChanged {
             let n = tokens.reduce(0) { sum, t in sum + t.policy.withLock { $0.flushCachedPINs() } }
-            Log.notice("reload: caching mode changed; \(n) cached PIN(s) wiped")
+            Log.notice("reload: caching mode changed; \(n) cached PIN(s) wiped", event: .pinsWiped)
         }
         var changed: [String: DBusValue] = [:]
         if old.defaults.enableCachePIN != new.defaults.enableCachePIN {
@@ -270,7 +267,7 @@ public final class PincacheService: @unchecked Sendable {
             connection.emitPropertiesChanged(
                 path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name, changed: changed)
         }
-        Log.notice("configuration reloaded")
+        Log.notice("configuration reloaded", event: .reloaded)
     }
 
     // MARK: - Callers
@@ -324,7 +321,7 @@ public final class PincacheService: @unchecked Sendable {
         // words that do not send its user looking for a polkit or credentials problem.
         guard !registry.hasDeparted(sender) else { return .failure(Self.credentialsUnreadable) }
         let uid = credentials.uid.map(String.init) ?? "?"
-        Log.warning("uid \(uid) reached \(Limits.environmentsPerUID) environments; \(sender) refused")
+        Log.warning("uid \(uid) reached \(Limits.environmentsPerUID) environments; \(sender) refused", event: .limitReached)
         return .failure(
             DBusError(
                 name: "org.freedesktop.DBus.Error.LimitsExceeded",
@@ -377,7 +374,7 @@ public final class PincacheService: @unchecked Sendable {
         }
         // One line per episode: every refused login logging again would bury the cause.
         if !memoryLockFailureLogged.exchange(true, ordering: .relaxed) {
-            Log.error("cannot lock memory for PINs (\(Self.describe(error))); PIN logins are refused until it can. Raise RLIMIT_MEMLOCK (LimitMEMLOCK= in the systemd unit).")
+            Log.error("cannot lock memory for PINs (\(Self.describe(error))); PIN logins are refused until it can. Raise RLIMIT_MEMLOCK (LimitMEMLOCK= in the systemd unit).", event: .memoryLockFailed)
         }
         return ServiceError(
             .secureMemoryUnavailable, "the daemon cannot lock memory for PINs; caching refused (CKR_DEVICE_MEMORY (0x31))",
@@ -457,7 +454,7 @@ public final class PincacheService: @unchecked Sendable {
 }
 
 func isPincacheProxy(_ path: String) -> Bool {
-    let base = (path as NSString).lastPathComponent
-    let resolved = ((try? FileManager.default.destinationOfSymbolicLink(atPath: path)) as NSString?)?.lastPathComponent
+    let base = lastPathComponent(path)
+    let resolved = readLink(path).map(lastPathComponent)
     return base.hasPrefix("libpincache-pkcs11") || resolved?.hasPrefix("libpincache-pkcs11") == true
 }

@@ -121,7 +121,7 @@ extension TokenContext {
                 try backendCall { try backendLogin(s, .user, pin) }
             } catch let e as PKCS11Error where e.rv == .pinIncorrect || e.rv == .pinLocked {
                 outcome = .cachedPINRejected
-                Log.notice("token \(id): a cached PIN was rejected (\(e.rv.name)); purged from every environment")
+                Log.notice("token \(id): a cached PIN was rejected (\(e.rv.name)); purged from every environment", event: .pinsWiped)
                 throw e
             } catch let e as PKCS11Error where Self.leavesSessionSuspect(e.rv) {
                 // A login that failed half-way may leave the module holding the card (OpenSC

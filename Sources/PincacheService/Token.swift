@@ -1,5 +1,7 @@
+import Glibc
+import Dispatch
 import DBusKit
-import Foundation
+import SystemKit
 import PKCS11Kit
 import PinPolicy
 import Synchronization
@@ -238,7 +240,7 @@ final class TokenContext: @unchecked Sendable {
                 }
                 dropSession()
                 let what = next.identity == nil ? "removed (\(why))" : "replaced by another token"
-                Log.notice("token \(id): \(what); \(wiped) cached PIN(s) wiped, any exclusive login ended")
+                Log.notice("token \(id): \(what); \(wiped) cached PIN(s) wiped, any exclusive login ended", event: .pinsWiped)
             }
             keys = nil
             mechanisms = nil
@@ -460,5 +462,5 @@ final class TokenContext: @unchecked Sendable {
 }
 
 func hex(_ bytes: [UInt8]) -> String {
-    bytes.prefix(64).map { String(format: "%02x", $0) }.joined() + (bytes.count > 64 ? "…" : "")
+    hexString(bytes.prefix(64)) + (bytes.count > 64 ? "…" : "")
 }

@@ -96,7 +96,7 @@ extension PincacheService {
         connection.emitPropertiesChanged(path: token.path, interface: PincacheInterfaces.token.name, changed: changed)
         if old.present != new.present {
             emitPresence(token, present: new.present)
-            Log.info("token \(token.id): card \(new.present ? "inserted" : "removed") (\(new.slotDescription))")
+            Log.info("token \(token.id): card \(new.present ? "inserted" : "removed") (\(new.slotDescription))", event: new.present ? .cardInserted : .cardRemoved)
         }
     }
 }

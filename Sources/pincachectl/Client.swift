@@ -1,6 +1,6 @@
 import ArgumentParser
 import DBusKit
-import Foundation
+import Glibc
 
 /// Names on the bus, as DESIGN §2 fixes them.
 enum Pincache {
@@ -91,7 +91,7 @@ struct GlobalOptions: ParsableArguments {
     /// An explicit --bus wins, then the environment (as for the proxy library), then the system bus.
     var busAddress: BusAddress {
         if let bus { return BusAddress(parsing: bus) }
-        if let env = ProcessInfo.processInfo.environment["PINCACHE_BUS_ADDRESS"], !env.isEmpty {
+        if let env = getenv("PINCACHE_BUS_ADDRESS").map({ String(cString: $0) }), !env.isEmpty {
             return .address(env)
         }
         return .system

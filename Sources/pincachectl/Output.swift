@@ -1,9 +1,64 @@
 import DBusKit
-import Foundation
+import Glibc
+import SystemKit
 
 /// Lower-case hex, the form key ids take on the command line too.
-func hex(_ bytes: [UInt8]) -> String {
-    bytes.map { String(format: "%02x", $0) }.joined()
+func hex(_ bytes: [UInt8]) -> String { hexString(bytes) }
+
+/// A JSON value, written with sorted keys (stable output for scripts and diffs).
+enum JSON: Sendable {
+    case null
+    case bool(Bool)
+    case int(Int64)
+    case uint(UInt64)
+    case double(Double)
+    case string(String)
+    case array([JSON])
+    case object([String: JSON])
+
+    func rendered(pretty: Bool, indent: String = "") -> String {
+        switch self {
+        case .null: return "null"
+        case .bool(let b): return b ? "true" : "false"
+        case .int(let n): return String(n)
+        case .uint(let n): return String(n)
+        case .double(let d): return d.isFinite ? "\(d)" : "null"
+        case .string(let s): return Self.quoted(s)
+        case .array(let items):
+            if items.isEmpty { return "[]" }
+            let inner = indent + "  "
+            let parts = items.map { $0.rendered(pretty: pretty, indent: inner) }
+            return pretty ? "[\n" + parts.map { inner + $0 }.joined(separator: ",\n") + "\n" + indent + "]"
+                : "[" + parts.joined(separator: ",") + "]"
+        case .object(let members):
+            if members.isEmpty { return "{}" }
+            let inner = indent + "  "
+            let parts = members.sorted { $0.key < $1.key }.map {
+                Self.quoted($0.key) + (pretty ? " : " : ":") + $0.value.rendered(pretty: pretty, indent: inner)
+            }
+            return pretty ? "{\n" + parts.map { inner + $0 }.joined(separator: ",\n") + "\n" + indent + "}"
+                : "{" + parts.joined(separator: ",") + "}"
+        }
+    }
+
+    /// RFC 8259 string: quote, backslash and control characters escaped, the rest as UTF-8.
+    static func quoted(_ s: String) -> String {
+        var out = "\""
+        for scalar in s.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where scalar.value < 0x20:
+                let digits = String(scalar.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - digits.count) + digits
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
 }
 
 /// Parses hex with optional ':' or ' ' separators and an optional 0x prefix; nil when malformed.
@@ -24,27 +79,27 @@ func parseHex(_ text: String) -> [UInt8]? {
 }
 
 /// A D-Bus value as JSON: variants unwrapped, `ay` as hex, object paths as strings.
-func jsonObject(_ value: DBusValue) -> Any {
+func jsonObject(_ value: DBusValue) -> JSON {
     switch value {
-    case .byte(let v): return Int(v)
-    case .boolean(let v): return v
-    case .int16(let v): return Int(v)
-    case .uint16(let v): return Int(v)
-    case .int32(let v): return Int(v)
-    case .uint32(let v): return Int(v)
-    case .int64(let v): return v
-    case .uint64(let v): return v
-    case .double(let v): return v
-    case .string(let v), .signature(let v): return v
-    case .objectPath(let v): return v.rawValue
-    case .unixFD(let v): return Int(v)
-    case .bytes(let v): return hex(v)
-    case .array(_, let values): return values.map(jsonObject)
+    case .byte(let v): return .int(Int64(v))
+    case .boolean(let v): return .bool(v)
+    case .int16(let v): return .int(Int64(v))
+    case .uint16(let v): return .int(Int64(v))
+    case .int32(let v): return .int(Int64(v))
+    case .uint32(let v): return .int(Int64(v))
+    case .int64(let v): return .int(v)
+    case .uint64(let v): return .uint(v)
+    case .double(let v): return .double(v)
+    case .string(let v), .signature(let v): return .string(v)
+    case .objectPath(let v): return .string(v.rawValue)
+    case .unixFD(let v): return .int(Int64(v))
+    case .bytes(let v): return .string(hex(v))
+    case .array(_, let values): return .array(values.map(jsonObject))
     case .dictionary(_, _, let entries):
-        var dict: [String: Any] = [:]
+        var dict: [String: JSON] = [:]
         for entry in entries { dict[jsonKey(entry.key)] = jsonObject(entry.value) }
-        return dict
-    case .structure(let fields): return fields.map(jsonObject)
+        return .object(dict)
+    case .structure(let fields): return .array(fields.map(jsonObject))
     case .variant(let inner): return jsonObject(inner)
     }
 }
@@ -53,28 +108,21 @@ private func jsonKey(_ value: DBusValue) -> String {
     switch value {
     case .string(let s), .signature(let s): s
     case .objectPath(let p): p.rawValue
-    default: "\(jsonObject(value))"
+    default: jsonObject(value).rendered(pretty: false)
     }
 }
 
-func jsonDict(_ dict: [String: DBusValue]) -> [String: Any] {
-    dict.mapValues(jsonObject)
+func jsonDict(_ dict: [String: DBusValue]) -> JSON {
+    .object(dict.mapValues(jsonObject))
 }
 
 /// Writes `object` as JSON on stdout; `pretty` for listings, one line per event for `watch`.
-func printJSON(_ object: Any, pretty: Bool = true) {
-    var options: JSONSerialization.WritingOptions = [.sortedKeys, .withoutEscapingSlashes]
-    if pretty { options.insert(.prettyPrinted) }
-    guard let data = try? JSONSerialization.data(withJSONObject: object, options: options) else {
-        writeStderr("pincachectl: cannot encode JSON")
-        return
-    }
-    FileHandle.standardOutput.write(data)
-    FileHandle.standardOutput.write(Data("\n".utf8))
+func printJSON(_ object: JSON, pretty: Bool = true) {
+    writeAll(STDOUT_FILENO, object.rendered(pretty: pretty) + "\n")
 }
 
 func writeStderr(_ line: String) {
-    FileHandle.standardError.write(Data((line + "\n").utf8))
+    writeAll(STDERR_FILENO, line + "\n")
 }
 
 /// Left-aligned columns separated by two spaces; a header row and no trailing blanks.
@@ -86,9 +134,14 @@ func table(_ header: [String], _ rows: [[String]]) -> String {
     }
     return all.map { row in
         row.enumerated().map { i, cell in
-            i == row.count - 1 ? cell : cell.padding(toLength: widths[i], withPad: " ", startingAt: 0)
+            i == row.count - 1 ? cell : padded(cell, widths[i])
         }.joined(separator: "  ")
     }.joined(separator: "\n")
+}
+
+/// `text` with spaces added up to `width` characters.
+func padded(_ text: String, _ width: Int) -> String {
+    text.count >= width ? text : text + String(repeating: " ", count: width - text.count)
 }
 
 func yesNo(_ value: DBusValue?) -> String {
@@ -110,15 +163,14 @@ func display(_ value: DBusValue?) -> String {
     case .variant(let v): return display(v)
     case .array(_, let values): return "[" + values.map { display($0) }.joined(separator: ", ") + "]"
     default:
-        if let n = jsonObject(value) as? Int { return String(n) }
-        return "\(jsonObject(value))"
+        return jsonObject(value).rendered(pretty: false)
     }
 }
 
 func tokenTable(_ tokens: [TokenInfo]) -> String {
     let rows = tokens.map { t -> [String] in
         let p = t.properties
-        let module = (p["Module"]?.stringValue).map { ($0 as NSString).lastPathComponent } ?? "-"
+        let module = (p["Module"]?.stringValue).map(lastPathComponent) ?? "-"
         return [t.id, display(p["Label"]), display(p["Serial"]), display(p["Kind"]), yesNo(p["Present"]),
                 yesNo(p["Recognized"]), module]
     }
@@ -126,13 +178,13 @@ func tokenTable(_ tokens: [TokenInfo]) -> String {
 }
 
 /// Tokens for `--json`: their properties plus `Path` and `Id`.
-func tokenJSON(_ tokens: [TokenInfo]) -> [[String: Any]] {
-    tokens.map { t in
-        var d = jsonDict(t.properties)
-        d["Path"] = t.path.rawValue
-        d["Id"] = t.id
-        return d
-    }
+func tokenJSON(_ tokens: [TokenInfo]) -> JSON {
+    .array(tokens.map { t in
+        var d = t.properties.mapValues(jsonObject)
+        d["Path"] = .string(t.path.rawValue)
+        d["Id"] = .string(t.id)
+        return .object(d)
+    })
 }
 
 func keyTable(_ keys: [[String: DBusValue]]) -> String {

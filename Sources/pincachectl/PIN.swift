@@ -1,4 +1,3 @@
-import Foundation
 import Glibc
 
 /// A PIN in a fixed, NUL-terminated C buffer that is locked in memory where possible and

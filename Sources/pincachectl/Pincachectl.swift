@@ -1,7 +1,7 @@
 import ArgumentParser
 import DBusKit
 import Dispatch
-import Foundation
+import SystemKit
 import Glibc
 
 /// `pincachectl`: the command-line front of pincached for people and scripts.
@@ -47,13 +47,13 @@ extension Pincachectl {
                 let tokens = try client.tokens()
                 let caller = try client.callerState()
                 if global.json {
-                    printJSON([
-                        "Daemon": Pincache.busName,
-                        "Bus": global.busDescription,
+                    printJSON(.object([
+                        "Daemon": .string(Pincache.busName),
+                        "Bus": .string(global.busDescription),
                         "Manager": jsonDict(manager),
                         "Tokens": tokenJSON(tokens),
                         "Caller": jsonDict(caller),
-                    ])
+                    ]))
                     return
                 }
                 let forceMask = manager["ForceLoginBeforeSignKeyUsage"]?.uint32Value ?? 0
@@ -122,7 +122,7 @@ extension Pincachectl {
                 let info = try client.resolveToken(token)
                 let keys = try client.keys(of: info)
                 if global.json {
-                    printJSON(keys.map(jsonDict))
+                    printJSON(.array(keys.map(jsonDict)))
                 } else if keys.isEmpty {
                     print("no keys on \(info.id) (\(info.label))")
                 } else {
@@ -144,15 +144,13 @@ extension Pincachectl {
             try Pincachectl.guarded { () throws(CLIError) in
                 let client = try Client(global)
                 let json = global.json
-                let emit: @Sendable (String, String, [String: Any]) -> Void = { event, text, fields in
+                let emit: @Sendable (String, String, [String: JSON]) -> Void = { event, text, fields in
                     if json {
                         var object = fields
-                        object["Event"] = event
-                        printJSON(object, pretty: false)
+                        object["Event"] = .string(event)
+                        printJSON(.object(object), pretty: false)
                     } else {
-                        let time = ISO8601DateFormatter.string(from: Date(), timeZone: .current,
-                                                               formatOptions: [.withFullTime, .withColonSeparatorInTime])
-                        print("\(time)  \(text)")
+                        print("\(localTime())  \(text)")
                     }
                     // Flushed per event, so a reader at the end of a pipe sees each one at once.
                     fflush(nil)
@@ -163,7 +161,7 @@ extension Pincachectl {
                         try client.connection.addSignalHandler(sender: Pincache.busName, path: Pincache.managerPath,
                                                                interface: Pincache.manager, member: member) { signal in
                             let path = signal.arguments.first?.objectPathValue?.rawValue ?? "?"
-                            emit(member, "\(member) \(path)", ["Token": path])
+                            emit(member, "\(member) \(path)", ["Token": .string(path)])
                         }
                     }
                     try client.connection.addSignalHandler(sender: Pincache.busName, interface: Pincache.properties,
@@ -175,8 +173,8 @@ extension Pincachectl {
                         let pairs = changed.sorted { $0.key < $1.key }.map { "\($0.key)=\(display($0.value))" }
                         emit("PropertiesChanged",
                              "PropertiesChanged \(signal.path.rawValue) \((pairs + invalidated).joined(separator: " "))",
-                             ["Token": signal.path.rawValue, "Interface": signal.arguments[0].stringValue ?? "",
-                              "Changed": jsonDict(changed), "Invalidated": invalidated])
+                             ["Token": .string(signal.path.rawValue), "Interface": .string(signal.arguments[0].stringValue ?? ""),
+                              "Changed": jsonDict(changed), "Invalidated": .array(invalidated.map { .string($0) })])
                     }
                     // The daemon stopping or being (re)started explains a burst of removals/insertions.
                     try client.connection.addSignalHandler(sender: "org.freedesktop.DBus", interface: "org.freedesktop.DBus",
@@ -185,7 +183,7 @@ extension Pincachectl {
                         let owner = signal.arguments[2].stringValue ?? ""
                         emit(owner.isEmpty ? "DaemonStopped" : "DaemonStarted",
                              owner.isEmpty ? "pincached left the bus" : "pincached is on the bus as \(owner)",
-                             ["Owner": owner])
+                             ["Owner": .string(owner)])
                     }
                 } catch {
                     throw CLIError(error, doing: "subscribing to signals")
@@ -249,10 +247,9 @@ extension Pincachectl {
                 let id = parseHex(keyID) ?? []
                 let data: [UInt8]
                 do {
-                    data = input == "-" ? Array(FileHandle.standardInput.readDataToEndOfFile())
-                        : Array(try Data(contentsOf: URL(fileURLWithPath: input)))
+                    data = input == "-" ? try readAll(STDIN_FILENO) : try readFile(input)
                 } catch {
-                    throw CLIError(.failure, "cannot read \(input): \(error.localizedDescription)")
+                    throw CLIError(.failure, "cannot read \(input): \(error)")
                 }
                 let info = try Client(global).resolveToken(token)
                 let pin: PINBuffer
@@ -284,11 +281,11 @@ extension Pincachectl {
                 let written = signature.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
                 guard written == signature.count else { throw CLIError(.failure, "cannot write \(output)") }
             } else if global.json {
-                printJSON(["Signature": hex(signature), "Mechanism": mechanism, "KeyId": keyID.lowercased()])
+                printJSON(.object(["Signature": .string(hex(signature)), "Mechanism": .string(mechanism), "KeyId": .string(hex(parseHex(keyID) ?? []))]))
             } else if isatty(STDOUT_FILENO) != 0 {
                 print(hex(signature))
             } else {
-                FileHandle.standardOutput.write(Data(signature))
+                writeAll(STDOUT_FILENO, signature)
             }
         }
     }
@@ -311,7 +308,7 @@ extension Pincachectl {
                 }
                 let width = stats.keys.map(\.count).max() ?? 0
                 for key in stats.keys.sorted() {
-                    let name = key.padding(toLength: width, withPad: " ", startingAt: 0)
+                    let name = padded(key, width)
                     var value = stats[key]!
                     if case .variant(let inner) = value { value = inner }
                     if case .dictionary(_, _, let entries) = value {
@@ -341,11 +338,24 @@ extension Pincachectl {
                                         path: Pincache.managerPath.rawValue, interface: Pincache.manager,
                                         member: "FlushCaches", timeoutMilliseconds: 300_000) { _ in true }
                 if global.json {
-                    printJSON(["Flushed": true])
+                    printJSON(.object(["Flushed": .bool(true)]))
                 } else {
                     print("all cached PINs wiped")
                 }
             }
         }
     }
+}
+
+/// The local time of day with its UTC offset, as `watch` stamps events ("14:03:27+01:00").
+func localTime() -> String {
+    var now = time(nil)
+    var parts = tm()
+    localtime_r(&now, &parts)
+    var buffer = [CChar](repeating: 0, count: 32)
+    let n = strftime(&buffer, buffer.count, "%H:%M:%S%z", &parts)
+    var text = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    // strftime's %z is +0100; ISO 8601 extended form wants +01:00.
+    if text.count >= 5 { text.insert(":", at: text.index(text.endIndex, offsetBy: -2)) }
+    return text
 }

@@ -1,7 +1,8 @@
 import DBusKit
-import Foundation
+import Glibc
 import PinPolicy
 import PincacheService
+import SystemKit
 
 /// The daemon proper, once the arguments are parsed: hardening, the configuration's trust
 /// and syntax, the bus, the modules, then the main loop until SIGTERM/SIGINT.
@@ -22,7 +23,7 @@ enum Daemon {
             do {
                 try ConfigurationTrust.check(path: configPath)
             } catch {
-                FileHandle.standardError.write(Data("pincached: refusing to start: \(error)\n".utf8))
+                Log.stderrLine(.error, "pincached: refusing to start: \(error)")
                 exit(2)
             }
         }
@@ -32,10 +33,10 @@ enum Daemon {
             configuration = try Configuration.load(path: configPath)
             if onSystemBus { try ConfigurationTrust.check(configuration: configuration, loadedFrom: configPath) }
         } catch let error as TrustError {
-            FileHandle.standardError.write(Data("pincached: refusing to start: \(error)\n".utf8))
+            Log.stderrLine(.error, "pincached: refusing to start: \(error)")
             exit(2)
         } catch {
-            FileHandle.standardError.write(Data("pincached: \(error)\n".utf8))
+            Log.stderrLine(.error, "pincached: \(error)")
             exit(2)
         }
         for notice in configuration.notices { Log.notice(notice) }
@@ -73,7 +74,7 @@ enum Daemon {
 
         let blockedSignals = signals
         let reloadPath = configPath
-        let signalThread = Thread {
+        startThread(name: "pincache-signal") {
             var set = blockedSignals
             while true {
                 var received: Int32 = 0
@@ -85,16 +86,15 @@ enum Daemon {
                         if onSystemBus { try ConfigurationTrust.check(configuration: reloaded, loadedFrom: reloadPath) }
                         service.reload(reloaded)
                     } catch {
-                        Log.error("reload refused, keeping the running configuration: \(error)")
+                        Log.error("reload refused, keeping the running configuration: \(error)", event: .reloadRefused)
                     }
                     continue
                 }
-                Log.info("signal \(received): shutting down")
+                Log.info("signal \(received): shutting down", event: .stopping)
                 connection.stop()
                 return
             }
         }
-        signalThread.start()
 
         connection.run()
         service.shutdown()

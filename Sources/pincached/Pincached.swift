@@ -1,10 +1,11 @@
 import ArgumentParser
 import CryptokiWire
 import DBusKit
-import Foundation
+import Glibc
 import PKCS11Kit
 import PinPolicy
 import PincacheService
+import SystemKit
 
 /// `pincached`: shares PKCS#11 tokens on D-Bus while each client connection keeps its own
 /// PIN cache. Arguments are parsed by swift-argument-parser, as pincachectl's: a wrong or
@@ -63,14 +64,15 @@ struct Pincached: ParsableCommand {
             for iface in PincacheInterfaces.all {
                 let xml = introspectionDocument(interfaces: [iface], children: [])
                 do {
-                    try xml.write(toFile: "\(dir)/\(iface.name).xml", atomically: true, encoding: .utf8)
+                    try writeFile("\(dir)/\(iface.name).xml", Array(xml.utf8))
                 } catch {
-                    Self.fail("cannot write \(dir)/\(iface.name).xml: \(error.localizedDescription)", code: 1)
+                    Self.fail("cannot write \(dir)/\(iface.name).xml: \(error)", code: 1)
                 }
             }
             return
         }
         Log.verbose = verbose
+        Log.takeDBusKitReports()
         let onSystemBus = BusAddress(parsing: bus) == .system
         if checkConfig {
             throw ExitCode(Self.check(path: file ?? config, onSystemBus: onSystemBus))
@@ -79,8 +81,8 @@ struct Pincached: ParsableCommand {
     }
 
     static func fail(_ message: String, code: Int32) -> Never {
-        FileHandle.standardError.write(Data("pincached: \(message)\n".utf8))
-        Foundation.exit(code)
+        writeAll(STDERR_FILENO, "pincached: \(message)\n")
+        Glibc.exit(code)
     }
 
     /// `--check-config`: what the daemon checks before it touches a bus, then a dlopen of
@@ -91,21 +93,23 @@ struct Pincached: ParsableCommand {
             if onSystemBus { try ConfigurationTrust.check(path: path) }
             let configuration = try Configuration.load(path: path)
             if onSystemBus { try ConfigurationTrust.check(configuration: configuration, loadedFrom: path) }
-            for notice in configuration.notices { FileHandle.standardError.write(Data("pincached: \(notice)\n".utf8)) }
+            for notice in configuration.notices { writeAll(STDERR_FILENO, "pincached: \(notice)\n") }
             for module in configuration.modules {
                 do {
                     try PKCS11Module.probe(path: module)
                 } catch {
-                    FileHandle.standardError.write(Data("pincached: \(path): Module=\(module): \(error)\n".utf8))
+                    writeAll(STDERR_FILENO, "pincached: \(path): Module=\(module): \(error)\n")
                     return 2
                 }
             }
-            let modules = configuration.modules.isEmpty ? "p11-kit's modules" : "\(configuration.modules.count) module(s)"
-            print("\(path): valid (\(modules), \(configuration.applications.count) [app] section(s))")
+            let modules = configuration.modules.isEmpty ? p11KitRegisteredModules() : configuration.modules
+            let source = configuration.modules.isEmpty ? "from p11-kit's registrations" : "from Module="
+            print("\(path): valid (\(modules.count) module(s) \(source), \(configuration.applications.count) [app] section(s))")
+            for module in modules { print("  module \(module)") }
             return 0
         } catch {
             // The errors name the file (and line) themselves.
-            FileHandle.standardError.write(Data("pincached: \(error)\n".utf8))
+            writeAll(STDERR_FILENO, "pincached: \(error)\n")
             return 2
         }
     }

@@ -3,6 +3,7 @@
 import re
 import signal
 import subprocess
+from pathlib import Path
 import time
 
 import pytest
@@ -135,10 +136,34 @@ def test_check_config_accepts_a_valid_file(pincached_bin, tmp_path):
     cfg.write_text(f"Module={SOFTHSM_MODULE}\nPinCacheTimeout=60\n[app /usr/bin/ssh]\nP11_EnableCachePIN=0\n")
     r = _check(pincached_bin, "--bus", "session", "--check-config", str(cfg))
     assert r.returncode == 0, (r.returncode, r.stderr)
-    assert f"{cfg}: valid (1 module(s), 1 [app] section(s))" in r.stdout
+    assert f"{cfg}: valid (1 module(s) from Module=, 1 [app] section(s))" in r.stdout
+    assert f"  module {SOFTHSM_MODULE}" in r.stdout
     # Without FILE it checks --config.
     r = _check(pincached_bin, "--bus", "session", "--config", str(cfg), "--check-config")
     assert r.returncode == 0, (r.returncode, r.stderr)
+
+
+def test_without_module_lines_the_backends_are_p11_kits(pincached_bin, tmp_path):
+    """Issue 16 §7: with no Module= line the daemon takes the modules libp11-kit's own loader
+    gives a program called pincached: the registered SoftHSM and OpenSC, never p11-kit's
+    trust module, never pincache's proxy (packaging/pincache.module says disable-in)."""
+    need(pincached_bin.exists(), f"{pincached_bin} not built (swift build)")
+    registrations = Path("/usr/share/p11-kit/modules")
+    need((registrations / "softhsm2.module").exists(), "softhsm2 registers no p11-kit module here")
+    cfg = tmp_path / "p11kit.cfg"
+    cfg.write_text("PinCacheTimeout=60\n")
+    r = _check(pincached_bin, "--bus", "session", "--check-config", str(cfg))
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert "from p11-kit's registrations" in r.stdout, r.stdout
+    listed = [line.split("module ", 1)[1] for line in r.stdout.splitlines() if line.startswith("  module ")]
+    assert any(m.endswith("libsofthsm2.so") for m in listed), r.stdout
+    assert not any("p11-kit-trust" in m for m in listed), r.stdout
+    assert not any("pincache" in m for m in listed), r.stdout
+    # A relative `module:` is resolved by p11-kit in its own module directory, whatever the
+    # architecture: OpenSC's registration says only "opensc-pkcs11.so".
+    if (registrations / "opensc-pkcs11.module").exists():
+        opensc = [m for m in listed if m.endswith("opensc-pkcs11.so")]
+        assert opensc and opensc[0].startswith("/") and Path(opensc[0]).exists(), r.stdout
 
 
 def test_check_config_refuses_with_file_and_line(pincached_bin, tmp_path):
