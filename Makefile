@@ -5,7 +5,7 @@ SCRATCH ?= $(or $(PINCACHE_SCRATCH),$(CURDIR)/.build)
 export PINCACHE_SCRATCH := $(SCRATCH)
 export PATH := $(PATH):/opt/swift/usr/bin
 
-.PHONY: all deps build test integration demo bench clean install uninstall deb reliability
+.PHONY: all deps build test integration demo bench clean install uninstall deb lintian reliability
 
 all: build
 
@@ -53,36 +53,49 @@ UNITDIR ?= $(if $(filter /usr,$(PREFIX)),/lib/systemd/system,$(PREFIX)/lib/syste
 RELEASE_DIR = $(SCRATCH)/release
 PROXY = $(RELEASE_DIR)/libpincache-pkcs11.so
 INSTALL ?= install
+# `make install` strips; `make deb` splits the debug symbols off into pincache-dbgsym instead.
+INSTALL_STRIP ?= -s
 
-# Swift's runtime and Foundation linked in, so the installed programs need no toolchain.
-# The proxy (issue 3) is built when Package.swift has its product.
+# Swift's runtime linked in, so the installed programs need no toolchain. Hardened as
+# Debian's build flags would (lintian checks them): full RELRO, immediate binding, and the C
+# shims with _FORTIFY_SOURCE and a stack protector.
+HARDENING = -Xlinker -z -Xlinker relro -Xlinker -z -Xlinker now \
+	-Xcc -D_FORTIFY_SOURCE=2 -Xcc -fstack-protector-strong
 define build-release
-	swift build -c release --static-swift-stdlib --scratch-path "$(SCRATCH)" --product pincached
-	swift build -c release --static-swift-stdlib --scratch-path "$(SCRATCH)" --product pincachectl
-	if grep -q '"pincache-pkcs11"' Package.swift; then \
-		swift build -c release --scratch-path "$(SCRATCH)" --product pincache-pkcs11; fi
+	swift build -c release --static-swift-stdlib $(HARDENING) --scratch-path "$(SCRATCH)" --product pincached
+	swift build -c release --static-swift-stdlib $(HARDENING) --scratch-path "$(SCRATCH)" --product pincachectl
+	swift build -c release $(HARDENING) --scratch-path "$(SCRATCH)" --product pincache-pkcs11
 endef
 
 # Copies a release build into $(DESTDIR)$(PREFIX) (shared by install and deb).
 define install-files
 	$(INSTALL) -d "$(DESTDIR)$(PREFIX)/sbin" "$(DESTDIR)$(PREFIX)/bin"
-	$(INSTALL) -s -m 755 "$(RELEASE_DIR)/pincached" "$(DESTDIR)$(PREFIX)/sbin/pincached"
-	$(INSTALL) -s -m 755 "$(RELEASE_DIR)/pincachectl" "$(DESTDIR)$(PREFIX)/bin/pincachectl"
+	$(INSTALL) $(INSTALL_STRIP) -m 755 "$(RELEASE_DIR)/pincached" "$(DESTDIR)$(PREFIX)/sbin/pincached"
+	$(INSTALL) $(INSTALL_STRIP) -m 755 "$(RELEASE_DIR)/pincachectl" "$(DESTDIR)$(PREFIX)/bin/pincachectl"
+	$(INSTALL) -d "$(DESTDIR)$(PREFIX)/share/bash-completion/completions" \
+		"$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions" "$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d"
+	@# bash-completion sources the file: no #! line (lintian: bash-completion-with-hashbang).
+	"$(RELEASE_DIR)/pincachectl" --generate-completion-script bash | sed '1{/^#!/d}' \
+		> "$(DESTDIR)$(PREFIX)/share/bash-completion/completions/pincachectl"
+	"$(RELEASE_DIR)/pincachectl" --generate-completion-script zsh \
+		> "$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_pincachectl"
+	"$(RELEASE_DIR)/pincachectl" --generate-completion-script fish \
+		> "$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/pincachectl.fish"
+	chmod 644 "$(DESTDIR)$(PREFIX)/share/bash-completion/completions/pincachectl" \
+		"$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_pincachectl" \
+		"$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/pincachectl.fish"
 	$(INSTALL) -D -m 644 dbus/org.pincache.conf "$(DESTDIR)$(PREFIX)/share/dbus-1/system.d/org.pincache.conf"
 	$(INSTALL) -D -m 644 dbus/org.pincache.Daemon.service \
 		"$(DESTDIR)$(PREFIX)/share/dbus-1/system-services/org.pincache.Daemon.service"
 	$(INSTALL) -d "$(DESTDIR)$(PREFIX)/share/dbus-1/interfaces"
 	$(INSTALL) -m 644 dbus/org.pincache.*.xml "$(DESTDIR)$(PREFIX)/share/dbus-1/interfaces/"
 	$(INSTALL) -D -m 644 polkit/org.pincache.policy "$(DESTDIR)$(PREFIX)/share/polkit-1/actions/org.pincache.policy"
+	$(INSTALL) -D -m 644 docs/logging.md "$(DESTDIR)$(PREFIX)/share/doc/pincache/logging.md"
 	$(INSTALL) -D -m 644 polkit/rules.d/50-pincache.rules \
 		"$(DESTDIR)$(PREFIX)/share/doc/pincache/examples/50-pincache.rules"
 	$(INSTALL) -D -m 644 packaging/pincached.service "$(DESTDIR)$(UNITDIR)/pincached.service"
-	@# The proxy (issue 3) and its p11-kit registration only once it has been built.
-	@if [ -f "$(PROXY)" ]; then \
-		echo "installing the PKCS#11 proxy"; \
-		$(INSTALL) -D -m 644 "$(PROXY)" "$(DESTDIR)$(PREFIX)/lib/$(MULTIARCH)/pkcs11/libpincache-pkcs11.so" && \
-		$(INSTALL) -D -m 644 packaging/pincache.module "$(DESTDIR)$(PREFIX)/share/p11-kit/modules/pincache.module"; \
-	else echo "no $(PROXY): PKCS#11 proxy and pincache.module not installed"; fi
+	$(INSTALL) -D $(INSTALL_STRIP) -m 644 "$(PROXY)" "$(DESTDIR)$(PREFIX)/lib/$(MULTIARCH)/pkcs11/libpincache-pkcs11.so"
+	$(INSTALL) -D -m 644 packaging/pincache.module "$(DESTDIR)$(PREFIX)/share/p11-kit/modules/pincache.module"
 	$(INSTALL) -d "$(DESTDIR)/etc/pincache"
 	@if [ -e "$(DESTDIR)/etc/pincache/pincache.cfg" ]; then \
 		echo "keeping existing $(DESTDIR)/etc/pincache/pincache.cfg"; \
@@ -111,25 +124,59 @@ uninstall:
 		"$(DESTDIR)$(PREFIX)/share/p11-kit/modules/pincache.module" \
 		"$(DESTDIR)$(PREFIX)/share/man/man1/pincachectl.1.gz" \
 		"$(DESTDIR)$(PREFIX)/share/man/man5/pincache.cfg.5.gz" \
-		"$(DESTDIR)$(PREFIX)/share/man/man8/pincached.8.gz"
+		"$(DESTDIR)$(PREFIX)/share/man/man8/pincached.8.gz" \
+		"$(DESTDIR)$(PREFIX)/share/bash-completion/completions/pincachectl" \
+		"$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_pincachectl" \
+		"$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/pincachectl.fish"
 	rm -rf "$(DESTDIR)$(PREFIX)/share/doc/pincache"
 
-# build/pincache_<version>_<arch>.deb from a release build, staged with install-files;
-# plain dpkg-deb, no debhelper. The package's postinst creates the system user.
+# build/pincache_<version>_<arch>.deb and its pincache-dbgsym from a release build, staged
+# with install-files and assembled as debhelper would (no debian/rules: SwiftPM builds):
+# debug symbols split off by build id, Depends from dpkg-shlibdeps, md5sums, the changelog.
+# `make lintian` checks both packages (0 errors; warnings only those in
+# packaging/debian/lintian-overrides, each with its reason).
 DEB_STAGE = build/deb
+DBGSYM_STAGE = build/deb-dbgsym
 DEB_FILE = build/pincache_$(VERSION)_$(DEB_ARCH).deb
+DBGSYM_FILE = build/pincache-dbgsym_$(VERSION)_$(DEB_ARCH).deb
+DEB_MAINTAINER ?= pincache developers <pincache@example.org>
 deb: override DESTDIR = $(CURDIR)/$(DEB_STAGE)
 deb: override PREFIX = /usr
+deb: INSTALL_STRIP =
 deb:
+	@changelog=$$(sed -n '1s/^pincache (\([^)]*\)).*/\1/p' packaging/debian/changelog); \
+	if [ "$$changelog" != "$(VERSION)" ]; then \
+		echo "packaging/debian/changelog is at $$changelog, the sources at $(VERSION): add an entry" >&2; exit 1; fi
 	$(build-release)
-	rm -rf "$(DEB_STAGE)"
+	rm -rf "$(DEB_STAGE)" "$(DBGSYM_STAGE)"
 	$(install-files)
 	$(INSTALL) -D -m 644 packaging/debian/copyright "$(DEB_STAGE)/usr/share/doc/pincache/copyright"
-	$(INSTALL) -d "$(DEB_STAGE)/DEBIAN"
+	gzip -9n < packaging/debian/changelog > "$(DEB_STAGE)/usr/share/doc/pincache/changelog.gz"
+	chmod 644 "$(DEB_STAGE)/usr/share/doc/pincache/changelog.gz"
+	$(INSTALL) -D -m 644 packaging/debian/lintian-overrides "$(DEB_STAGE)/usr/share/lintian/overrides/pincache"
+	scripts/split-debug.sh "$(DEB_STAGE)" "$(DBGSYM_STAGE)" \
+		usr/sbin/pincached usr/bin/pincachectl usr/lib/$(MULTIARCH)/pkcs11/libpincache-pkcs11.so
+	$(INSTALL) -d "$(DEB_STAGE)/DEBIAN" "$(DBGSYM_STAGE)/DEBIAN"
 	$(INSTALL) -m 644 packaging/debian/conffiles "$(DEB_STAGE)/DEBIAN/conffiles"
 	$(INSTALL) -m 755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm "$(DEB_STAGE)/DEBIAN/"
-	sed -e 's/@VERSION@/$(VERSION)/' -e 's/@ARCH@/$(DEB_ARCH)/' \
+	shlibs=$$(scripts/shlibdeps.sh "$(DEB_STAGE)" usr/sbin/pincached usr/bin/pincachectl \
+		usr/lib/$(MULTIARCH)/pkcs11/libpincache-pkcs11.so) && \
+	sed -e 's/@VERSION@/$(VERSION)/' -e 's/@ARCH@/$(DEB_ARCH)/' -e "s/@SHLIBS@/$$shlibs/" \
+		-e "s/@MAINTAINER@/$(DEB_MAINTAINER)/" \
 		-e "s/@SIZE@/$$(du -sk --exclude=DEBIAN "$(DEB_STAGE)" | cut -f1)/" \
 		packaging/debian/control > "$(DEB_STAGE)/DEBIAN/control"
+	sed -e 's/@VERSION@/$(VERSION)/' -e 's/@ARCH@/$(DEB_ARCH)/' -e "s/@MAINTAINER@/$(DEB_MAINTAINER)/" \
+		-e "s/@BUILDIDS@/$$(cat "$(DBGSYM_STAGE)/build-ids")/" \
+		-e "s/@SIZE@/$$(du -sk --exclude=DEBIAN --exclude=build-ids "$(DBGSYM_STAGE)" | cut -f1)/" \
+		packaging/debian/control.dbgsym > "$(DBGSYM_STAGE)/DEBIAN/control"
+	rm "$(DBGSYM_STAGE)/build-ids"
+	for stage in "$(DEB_STAGE)" "$(DBGSYM_STAGE)"; do \
+		(cd "$$stage" && find . -type f ! -path './DEBIAN/*' -printf '%P\0' | LC_ALL=C sort -z \
+			| xargs -0 md5sum > DEBIAN/md5sums) && chmod 644 "$$stage/DEBIAN/md5sums" || exit 1; \
+	done
 	dpkg-deb --root-owner-group -Zxz --build "$(DEB_STAGE)" "$(DEB_FILE)"
-	@echo "built $(DEB_FILE)"
+	dpkg-deb --root-owner-group -Zxz --build "$(DBGSYM_STAGE)" "$(DBGSYM_FILE)"
+	@echo "built $(DEB_FILE) and $(DBGSYM_FILE)"
+
+lintian:
+	lintian --fail-on error,warning --display-info "$(DEB_FILE)" "$(DBGSYM_FILE)"

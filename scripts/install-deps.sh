@@ -11,6 +11,8 @@ packages=(
     pkg-config libdbus-1-dev libp11-kit-dev libpcsclite-dev
     binutils gcc libc6-dev libstdc++-12-dev libgcc-12-dev libedit2 libsqlite3-0 libxml2 zlib1g
     tzdata git ca-certificates make
+    # packaging: dpkg-shlibdeps for Depends, lintian for the package check (make deb, make lintian)
+    dpkg-dev lintian
     # runtime and tests: bus, tokens, PKCS#11 tools, clients
     dbus dbus-daemon dbus-bin p11-kit softhsm2 opensc gnutls-bin openssl pcscd procps
     python3 python3-dbus python3-pytest python3-cryptography

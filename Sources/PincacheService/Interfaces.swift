@@ -6,7 +6,7 @@ public enum PincacheBus {
     public static let managerPath = ObjectPath("/org/pincache")!
     public static let tokenPrefix = ObjectPath("/org/pincache/token")!
     public static let sessionPrefix = ObjectPath("/org/pincache/session")!
-    public static let version = "0.1.0"
+    public static let version = "0.2.0"
 }
 
 /// One declaration per interface: introspection, dispatch and signature checks all read these

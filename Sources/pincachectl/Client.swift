@@ -5,7 +5,7 @@ import Glibc
 /// Names on the bus, as DESIGN §2 fixes them.
 enum Pincache {
     /// The same as pincached's (PincacheBus.version); the system tests compare both.
-    static let version = "0.1.0"
+    static let version = "0.2.0"
     static let busName = "org.pincache.Daemon"
     static let managerPath = ObjectPath("/org/pincache")!
     static let tokenPrefix = "/org/pincache/token/"

@@ -98,3 +98,16 @@ def test_without_journal_stream_the_log_stays_on_stderr(start_daemon, make_clien
     time.sleep(0.2)
     assert journal.poll() == []
     assert "pincached[warning]: wrong PIN" in d.stderr_text()
+
+
+def test_every_message_id_is_documented():
+    """docs/logging.md (installed in the package's doc dir) lists exactly the daemon's IDs."""
+    import re
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[2]
+    ids = set()
+    for source in ("Log.swift", "Audit.swift"):
+        text = (repo / "Sources" / "PincacheService" / source).read_text()
+        ids |= set(re.findall(r'"([0-9a-f]{32})"', text))
+    documented = set(re.findall(r"`([0-9a-f]{32})`", (repo / "docs" / "logging.md").read_text()))
+    assert len(ids) == 19 and ids == documented, (ids - documented, documented - ids)

@@ -308,6 +308,7 @@ def system():
         stop_daemon()
 
         system = System(workdir, certdir)
+        system.deb = os.path.abspath(deb)
         yield system
         for c in system.clients:
             c.close()

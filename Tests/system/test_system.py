@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
 
-from conftest import DAEMON_USER, LABEL, PIN, REPO, RUN_DIR, U1, U2, U3, client_env, run, stop_daemon
+from conftest import (DAEMON_USER, LABEL, PIN, REPO, RUN_DIR, U1, U2, U3, client_env, daemon_pids, run, stop_daemon,
+                      wait_for)
 
 MANAGER = "/org/pincache"
 M1 = "org.pincache.Manager1"
@@ -53,6 +54,9 @@ INSTALLED = [
     "/etc/pincache/pincache.cfg",
     "/usr/share/man/man8/pincached.8.gz", "/usr/share/man/man5/pincache.cfg.5.gz",
     "/usr/share/man/man1/pincachectl.1.gz",
+    "/usr/share/doc/pincache/copyright", "/usr/share/doc/pincache/changelog.gz",
+    "/usr/share/bash-completion/completions/pincachectl", "/usr/share/zsh/vendor-completions/_pincachectl",
+    "/usr/share/p11-kit/modules/pincache.module",
 ]
 
 
@@ -91,6 +95,36 @@ def test_package_installs_files_and_system_user(system):
     user = pwd.getpwnam(DAEMON_USER)
     assert user.pw_uid != 0 and user.pw_shell.endswith("nologin")
     assert DAEMON_USER in grp.getgrnam("softhsm").gr_mem, "postinst did not add pincache to group softhsm"
+    # Every file as shipped (md5sums), and Depends as dpkg-shlibdeps computed it: the libraries
+    # the binaries link, with versions, and no obsolete policykit-1.
+    r = run(["dpkg", "--verify", "pincache"], check=False)
+    assert r.returncode == 0 and not [l for l in r.stdout.splitlines() if "/etc/" not in l], r.stdout
+    depends = run(["dpkg-query", "-W", "-f=${Depends}", "pincache"]).stdout
+    for library in ("libc6 (>=", "libdbus-1-3 (>=", "libpcsclite1 (>=", "libp11-kit0 (>="):
+        assert library in depends, depends
+    assert "policykit-1" not in depends and "polkitd" in depends, depends
+    # Stripped, with the debug symbols in pincache-dbgsym (by build id).
+    for binary in ("/usr/sbin/pincached", "/usr/bin/pincachectl"):
+        sections = run(["readelf", "-S", "-W", binary]).stdout
+        assert ".debug_info" not in sections and ".gnu_debuglink" in sections, binary
+        assert "BIND_NOW" in run(["readelf", "-d", binary]).stdout or "NOW" in run(["readelf", "-d", binary]).stdout
+
+
+def test_lintian_finds_no_errors_and_no_unexplained_warnings(system):
+    """Issue 16 §1: 0 errors, and every warning is in the package's override file with a reason."""
+    dbgsym = system.deb.replace("/pincache_", "/pincache-dbgsym_")
+    debs = [system.deb] + ([dbgsym] if os.path.exists(dbgsym) else [])
+    r = run(["lintian", "--fail-on", "error,warning", *debs], check=False)
+    tags = [l for l in r.stdout.splitlines() if l[:2] in ("E:", "W:")]
+    assert r.returncode == 0 and not tags, r.stdout + r.stderr
+
+
+def test_bash_completion_knows_the_subcommands(system):
+    script = ("source /usr/share/bash-completion/completions/pincachectl; "
+              "COMP_WORDS=(pincachectl st); COMP_CWORD=1; COMP_LINE='pincachectl st'; COMP_POINT=${#COMP_LINE}; "
+              "_pincachectl; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    r = run(["bash", "-c", script], check=False)
+    assert {"status", "stats"} <= set(r.stdout.split()), (r.stdout, r.stderr)
 
 
 def test_call_from_user_activates_daemon_as_pincache(system):
@@ -554,3 +588,53 @@ def test_another_users_typo_leaves_my_cache_usable_after_a_good_login(system):
     c.ok(t, S1, "Login", "s", PIN)
     sig = a.ok(s, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA", {"hex": digest.hex()})
     verify_ec(system, MSG, bytes.fromhex(sig["hex"]))
+
+
+# --- the package's life: upgrade, remove, purge (last: it takes the package away) ----------
+
+def test_zz_upgrade_remove_and_purge(system, tmp_path):
+    """Issue 16 §1: an upgrade keeps the admin's configuration and leaves a working daemon;
+    remove stops the daemon (its cached PINs die with it) and keeps configuration and user;
+    purge takes both. The package is reinstalled afterwards for whatever runs next."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    version = run(["dpkg-query", "-W", "-f=${Version}", "pincache"]).stdout
+    tree = tmp_path / "upgrade"
+    run(["dpkg-deb", "-R", system.deb, str(tree)])
+    control = tree / "DEBIAN" / "control"
+    control.write_text(re.sub(r"^Version: .*$", f"Version: {version}+systest1", control.read_text(), flags=re.M))
+    upgrade = tmp_path / "pincache_upgrade.deb"
+    run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(upgrade)])
+    cfg = Path("/etc/pincache/pincache.cfg")
+    original = cfg.read_text()
+    try:
+        cfg.write_text(original + "\n# the admin's line, kept across upgrades\n")
+        a = system.client(U1)
+        assert token_path(a)
+        assert daemon_pids()
+        run(["apt-get", "install", "-y", "--no-install-recommends", str(upgrade)], env=env)
+        assert run(["dpkg-query", "-W", "-f=${Version}", "pincache"]).stdout == f"{version}+systest1"
+        assert "the admin's line" in cfg.read_text()
+        b = system.client(U1)
+        s = b.ok(token_path(b), T1, "OpenSession")
+        b.ok(s, S1, "Login", "s", PIN)
+        digest = hashlib.sha256(MSG).digest()
+        verify_ec(system, MSG, bytes.fromhex(b.ok(s, S1, "Sign", "aysay", {"hex": EC_KEY}, "ECDSA",
+                                                   {"hex": digest.hex()})["hex"]))
+
+        run(["apt-get", "remove", "-y", "pincache"], env=env)
+        wait_for(lambda: not daemon_pids(), 10, "prerm to stop the daemon")
+        assert not Path("/usr/sbin/pincached").exists()
+        assert cfg.exists() and "the admin's line" in cfg.read_text()
+        assert pwd.getpwnam(DAEMON_USER)
+        assert '"org.pincache.Daemon"' not in " ".join(bus_call_root("ListActivatableNames"))
+
+        run(["apt-get", "purge", "-y", "pincache"], env=env)
+        assert not Path("/etc/pincache").exists()
+        with pytest.raises(KeyError):
+            pwd.getpwnam(DAEMON_USER)
+        assert run(["dpkg-query", "-W", "-f=${db:Status-Status}", "pincache"], check=False).stdout in ("", "not-installed")
+    finally:
+        run(["apt-get", "install", "-y", "--no-install-recommends", "--allow-downgrades", system.deb], env=env)
+        cfg.write_text(original)
+        # The new system user gets a new uid; SoftHSM's store is group softhsm's, which postinst restored.
+        assert DAEMON_USER in grp.getgrnam("softhsm").gr_mem
