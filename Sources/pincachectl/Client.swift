@@ -70,6 +70,12 @@ struct GlobalOptions: ParsableArguments {
     @Flag(name: .long, help: "Print JSON instead of tables.")
     var json = false
 
+    @Flag(name: .long, help: "Tables without their header line, hints without their legend (for scripts).")
+    var noLegend = false
+
+    @Flag(name: .long, help: "Never ask for a password: no polkit agent, and polkit is told not to prompt.")
+    var noAskPassword = false
+
     /// A --bus that is neither a name nor a D-Bus address (`transport:key=value,…`) is a
     /// usage error, not an absent daemon.
     func validate() throws {
@@ -85,6 +91,8 @@ struct GlobalOptions: ParsableArguments {
         var result = self
         if result.bus == nil { result.bus = parent.bus }
         result.json = json || parent.json
+        result.noLegend = noLegend || parent.noLegend
+        result.noAskPassword = noAskPassword || parent.noAskPassword
         return result
     }
 
@@ -173,9 +181,18 @@ final class Client {
         return result
     }
 
-    /// TOKEN as the user wrote it: an object path, the id after /org/pincache/token/, or a label.
+    /// TOKEN as the user wrote it: an object path, the id after /org/pincache/token/, a label,
+    /// or a pkcs11: URI whose token attributes name exactly one token.
     func resolveToken(_ spec: String) throws(CLIError) -> TokenInfo {
         let all = try tokens()
+        if PKCS11URI.looksLikeOne(spec) {
+            let uri = try PKCS11URI(parsing: spec)
+            let matching = all.filter(uri.matches)
+            if matching.count == 1 { return matching[0] }
+            if matching.isEmpty { throw CLIError(.failure, "no token matches \(spec) (try `pincachectl tokens --json`)") }
+            let paths = matching.map(\.path.rawValue).joined(separator: ", ")
+            throw CLIError(.usage, "\(spec) matches \(matching.count) tokens (\(paths)): add serial= or token=")
+        }
         if spec.hasPrefix("/") {
             if let t = all.first(where: { $0.path.rawValue == spec }) { return t }
             throw CLIError(.failure, "no token at \(spec)")

@@ -125,9 +125,10 @@ func writeStderr(_ line: String) {
     writeAll(STDERR_FILENO, line + "\n")
 }
 
-/// Left-aligned columns separated by two spaces; a header row and no trailing blanks.
-func table(_ header: [String], _ rows: [[String]]) -> String {
-    let all = [header] + rows
+/// Left-aligned columns separated by two spaces; a header row (unless --no-legend) and no
+/// trailing blanks.
+func table(_ header: [String], _ rows: [[String]], legend: Bool = true) -> String {
+    let all = (legend ? [header] : []) + rows
     var widths = [Int](repeating: 0, count: header.count)
     for row in all {
         for (i, cell) in row.enumerated() where i < widths.count { widths[i] = max(widths[i], cell.count) }
@@ -167,14 +168,14 @@ func display(_ value: DBusValue?) -> String {
     }
 }
 
-func tokenTable(_ tokens: [TokenInfo]) -> String {
+func tokenTable(_ tokens: [TokenInfo], legend: Bool = true) -> String {
     let rows = tokens.map { t -> [String] in
         let p = t.properties
         let module = (p["Module"]?.stringValue).map(lastPathComponent) ?? "-"
         return [t.id, display(p["Label"]), display(p["Serial"]), display(p["Kind"]), yesNo(p["Present"]),
                 yesNo(p["Recognized"]), module]
     }
-    return table(["ID", "LABEL", "SERIAL", "KIND", "PRESENT", "RECOGNIZED", "MODULE"], rows)
+    return table(["ID", "LABEL", "SERIAL", "KIND", "PRESENT", "RECOGNIZED", "MODULE"], rows, legend: legend)
 }
 
 /// Tokens for `--json`: their properties plus `Path` and `Id`.
@@ -183,16 +184,26 @@ func tokenJSON(_ tokens: [TokenInfo]) -> JSON {
         var d = t.properties.mapValues(jsonObject)
         d["Path"] = .string(t.path.rawValue)
         d["Id"] = .string(t.id)
+        d["Uri"] = .string(PKCS11URI.of(token: t))
         return .object(d)
     })
 }
 
-func keyTable(_ keys: [[String: DBusValue]]) -> String {
+/// Keys for `--json`: their ListKeys fields plus `Uri`.
+func keyJSON(_ keys: [[String: DBusValue]], on token: TokenInfo) -> JSON {
+    .array(keys.map { k in
+        var d = k.mapValues(jsonObject)
+        d["Uri"] = .string(PKCS11URI.of(key: k, on: token))
+        return .object(d)
+    })
+}
+
+func keyTable(_ keys: [[String: DBusValue]], legend: Bool = true) -> String {
     let rows = keys.map { k -> [String] in
         let usage = k["KeyUsage"]?.uint32Value.map { "0x" + String($0, radix: 16) } ?? "-"
         let certificate = (k["Certificate"]?.bytesValue?.isEmpty == false) ? "yes" : "no"
         return [k["Id"]?.bytesValue.map(hex) ?? "-", display(k["Label"]), display(k["KeyType"]), display(k["Bits"]),
                 yesNo(k["CanSign"]), yesNo(k["CanDecrypt"]), usage, yesNo(k["AlwaysAuthenticate"]), certificate]
     }
-    return table(["ID", "LABEL", "TYPE", "BITS", "SIGN", "DECRYPT", "KEYUSAGE", "ALWAYSAUTH", "CERT"], rows)
+    return table(["ID", "LABEL", "TYPE", "BITS", "SIGN", "DECRYPT", "KEYUSAGE", "ALWAYSAUTH", "CERT"], rows, legend: legend)
 }

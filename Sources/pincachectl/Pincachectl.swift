@@ -64,7 +64,7 @@ extension Pincachectl {
                     Force login mask:  0x\(String(forceMask, radix: 16))
                     Tokens:            \(tokens.count)
                     """)
-                if !tokens.isEmpty { print("\n" + tokenTable(tokens)) }
+                if !tokens.isEmpty { print("\n" + tokenTable(tokens, legend: !global.noLegend)) }
                 let name: (DBusValue?) -> String = { value in
                     let paths = value?.arrayValues?.compactMap(\.objectPathValue) ?? []
                     return paths.isEmpty ? "none" : paths.map { p in
@@ -98,9 +98,9 @@ extension Pincachectl {
                 if global.json {
                     printJSON(tokenJSON(tokens))
                 } else if tokens.isEmpty {
-                    print("no tokens")
+                    if !global.noLegend { print("no tokens") }
                 } else {
-                    print(tokenTable(tokens))
+                    print(tokenTable(tokens, legend: !global.noLegend))
                 }
             }
         }
@@ -113,20 +113,26 @@ extension Pincachectl {
         @ParentCommand var parent: Pincachectl
         var global: GlobalOptions { local.merged(over: parent.options) }
 
-        @Argument(help: "Object path, id (the part after /org/pincache/token/) or label of the token.")
+        @Argument(help: ArgumentHelp(
+            "Object path, id (the part after /org/pincache/token/), label or pkcs11: URI of the token; a URI's id= or object= selects keys.",
+            valueName: "token"))
         var token: String
 
         func run() throws {
             try Pincachectl.guarded { () throws(CLIError) in
                 let client = try Client(global)
                 let info = try client.resolveToken(token)
-                let keys = try client.keys(of: info)
+                var keys = try client.keys(of: info)
+                if PKCS11URI.looksLikeOne(token) {
+                    let uri = try PKCS11URI(parsing: token)
+                    keys = keys.filter(uri.matches(key:))
+                }
                 if global.json {
-                    printJSON(.array(keys.map(jsonDict)))
+                    printJSON(keyJSON(keys, on: info))
                 } else if keys.isEmpty {
-                    print("no keys on \(info.id) (\(info.label))")
+                    if !global.noLegend { print("no keys on \(info.id) (\(info.label))") }
                 } else {
-                    print(keyTable(keys))
+                    print(keyTable(keys, legend: !global.noLegend))
                 }
             }
         }
@@ -192,7 +198,9 @@ extension Pincachectl {
                     writeStderr("pincachectl: the bus connection was lost")
                     Glibc.exit(ExitStatus.daemonAbsent.rawValue)
                 }
-                if !json { writeStderr("watching \(Pincache.busName) on \(global.busDescription); Ctrl-C to stop") }
+                if !json && !global.noLegend {
+                    writeStderr("watching \(Pincache.busName) on \(global.busDescription); Ctrl-C to stop")
+                }
                 // Ctrl-C is the normal way out: exit 0, not the shell's 130.
                 signal(SIGINT, SIG_IGN)
                 let interrupt = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
@@ -217,11 +225,14 @@ extension Pincachectl {
         @ParentCommand var parent: Pincachectl
         var global: GlobalOptions { local.merged(over: parent.options) }
 
-        @Argument(help: "Object path, id or label of the token.")
+        @Argument(help: ArgumentHelp(
+            "Object path, id, label or pkcs11: URI of the token; a URI with id= or object= also names the key.",
+            valueName: "token"))
         var token: String
 
-        @Argument(help: ArgumentHelp("Key id (CKA_ID) in hex, as `keys` shows it.", valueName: "key-id-hex"))
-        var keyID: String
+        @Argument(help: ArgumentHelp("Key id (CKA_ID) in hex, as `keys` shows it; optional when TOKEN is a key's URI.",
+                                     valueName: "key-id-hex"))
+        var keyID: String?
 
         @Option(name: .long, help: "Mechanism name, e.g. ECDSA, ECDSA-SHA256, SHA256-RSA-PKCS, RSA-PSS-SHA256.")
         var mechanism: String
@@ -236,7 +247,10 @@ extension Pincachectl {
         var pinStdin = false
 
         func validate() throws {
-            if parseHex(keyID) == nil { throw ValidationError("'\(keyID)' is not a hex key id") }
+            if let keyID, parseHex(keyID) == nil { throw ValidationError("'\(keyID)' is not a hex key id") }
+            if keyID == nil && !PKCS11URI.looksLikeOne(token) {
+                throw ValidationError("give the key id, or a pkcs11: URI with id= or object= as TOKEN")
+            }
             if pinStdin && input == "-" {
                 throw ValidationError("--pin-stdin takes standard input: give the data with --in FILE")
             }
@@ -244,14 +258,15 @@ extension Pincachectl {
 
         func run() throws {
             try Pincachectl.guarded { () throws(CLIError) in
-                let id = parseHex(keyID) ?? []
                 let data: [UInt8]
                 do {
                     data = input == "-" ? try readAll(STDIN_FILENO) : try readFile(input)
                 } catch {
                     throw CLIError(.failure, "cannot read \(input): \(error)")
                 }
-                let info = try Client(global).resolveToken(token)
+                let client = try Client(global)
+                let info = try client.resolveToken(token)
+                let id = try keyID(on: info, client: client)
                 let pin: PINBuffer
                 do throws(PINError) {
                     pin = pinStdin ? try readPINFromStdin()
@@ -264,16 +279,38 @@ extension Pincachectl {
                     // Long enough for a polkit agent's prompt and a slow card.
                     return try interactiveCall(
                         bus: global.busAddress, busDescription: global.busDescription, path: info.path.rawValue,
-                        interface: Pincache.token, member: "SignOnce", timeoutMilliseconds: 120_000) { iter in
+                        interface: Pincache.token, member: "SignOnce", timeoutMilliseconds: 120_000,
+                        askPassword: !global.noAskPassword) { iter in
                             appendCString(iter, pin.pointer) && appendBytes(iter, id)
                                 && appendString(iter, mechanism) && appendBytes(iter, data)
                         }
                 }
-                try writeSignature(signature)
+                try writeSignature(signature, keyID: id)
             }
         }
 
-        private func writeSignature(_ signature: [UInt8]) throws(CLIError) {
+        /// The key: KEY-ID, else the URI's id= (or its object= label, which must name one key).
+        private func keyID(on info: TokenInfo, client: Client) throws(CLIError) -> [UInt8] {
+            guard PKCS11URI.looksLikeOne(token) else { return parseHex(keyID ?? "") ?? [] }
+            let uri = try PKCS11URI(parsing: token)
+            if let keyID {
+                let given = parseHex(keyID) ?? []
+                if let fromURI = uri.keyID, fromURI != given {
+                    throw CLIError(.usage, "the key id \(keyID) and the URI's id= name different keys")
+                }
+                return given
+            }
+            guard uri.namesAKey else { throw CLIError(.usage, "\(token) names no key: add id= or object=, or give the key id") }
+            if let id = uri.keyID, uri.objectLabel == nil { return id }
+            let keys = try client.keys(of: info).filter(uri.matches(key:))
+            guard keys.count == 1, let id = keys[0]["Id"]?.bytesValue else {
+                throw CLIError(keys.isEmpty ? .failure : .usage,
+                               keys.isEmpty ? "no private key matches \(token)" : "\(token) matches \(keys.count) keys: add id=")
+            }
+            return id
+        }
+
+        private func writeSignature(_ signature: [UInt8], keyID: [UInt8]) throws(CLIError) {
             if let output {
                 let fd = open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
                 guard fd >= 0 else { throw CLIError(.failure, "cannot write \(output): \(String(cString: strerror(errno)))") }
@@ -281,7 +318,7 @@ extension Pincachectl {
                 let written = signature.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
                 guard written == signature.count else { throw CLIError(.failure, "cannot write \(output)") }
             } else if global.json {
-                printJSON(.object(["Signature": .string(hex(signature)), "Mechanism": .string(mechanism), "KeyId": .string(hex(parseHex(keyID) ?? []))]))
+                printJSON(.object(["Signature": .string(hex(signature)), "Mechanism": .string(mechanism), "KeyId": .string(hex(keyID))]))
             } else if isatty(STDOUT_FILENO) != 0 {
                 print(hex(signature))
             } else {
@@ -336,7 +373,8 @@ extension Pincachectl {
                 // interactive authorisation and wait for a person to type it.
                 _ = try interactiveCall(bus: global.busAddress, busDescription: global.busDescription,
                                         path: Pincache.managerPath.rawValue, interface: Pincache.manager,
-                                        member: "FlushCaches", timeoutMilliseconds: 300_000) { _ in true }
+                                        member: "FlushCaches", timeoutMilliseconds: 300_000,
+                                        askPassword: !global.noAskPassword) { _ in true }
                 if global.json {
                     printJSON(.object(["Flushed": .bool(true)]))
                 } else {

@@ -18,8 +18,10 @@ typealias ArgumentWriter = (UnsafeMutablePointer<DBusMessageIter>) -> Bool
 /// A blocking method call on a private connection of its own, with
 /// `dbus_message_set_allow_interactive_authorization` set so polkit may ask the user.
 /// Returns the reply's first argument when it is `ay`, else an empty array.
+/// With `askPassword` false (--no-ask-password) polkit is told not to ask, and no agent starts.
 func interactiveCall(bus: BusAddress, busDescription: String, path: String, interface: String, member: String,
-                     timeoutMilliseconds: Int32, arguments: ArgumentWriter) throws(CLIError) -> [UInt8] {
+                     timeoutMilliseconds: Int32, askPassword: Bool = true,
+                     arguments: ArgumentWriter) throws(CLIError) -> [UInt8] {
     var error = CDBus.DBusError()
     dbus_error_init(&error)
     defer { dbus_error_free(&error) }
@@ -63,7 +65,9 @@ func interactiveCall(bus: BusAddress, busDescription: String, path: String, inte
     // libdbus frees its copy of the arguments (the PIN too) with the message, without
     // wiping it: the client-side exposure left is that heap block until it is reused.
     defer { dbus_message_unref(message) }
-    dbus_message_set_allow_interactive_authorization(message, 1)
+    dbus_message_set_allow_interactive_authorization(message, askPassword ? 1 : 0)
+    let agent = PolkitAgent.start(askPassword: askPassword)
+    defer { agent?.stop() }
 
     var iter = DBusMessageIter()
     dbus_message_iter_init_append(message, &iter)

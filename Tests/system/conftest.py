@@ -51,7 +51,13 @@ polkit.addRule(function(action, subject) {
     if (subject.user == "%s") return action.id == "org.pincache.login" ? polkit.Result.YES : polkit.Result.NO;
     return undefined;
 });
-""" % (U1, U2, U3)
+// An administrator for org.pincache.manage whose password nobody knows (U3's account is
+// locked): pincachectl's text agent must ask for it, and a wrong one is refused.
+polkit.addAdminRule(function(action, subject) {
+    if (action.id == "org.pincache.manage") return ["unix-user:%s"];
+    return undefined;
+});
+""" % (U1, U2, U3, U3)
 
 
 def need(condition, why):

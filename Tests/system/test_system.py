@@ -590,6 +590,52 @@ def test_another_users_typo_leaves_my_cache_usable_after_a_good_login(system):
     verify_ec(system, MSG, bytes.fromhex(sig["hex"]))
 
 
+def test_flush_on_a_terminal_asks_for_the_admin_password_through_pkttyagent(system):
+    """Issue 16 §5: as systemctl does, pincachectl starts polkit's text agent when standard
+    input is a terminal, so auth_admin_keep can prompt; a wrong password is refused (exit 4).
+    With --no-ask-password nothing prompts and the refusal is immediate."""
+    import fcntl
+    import select
+    import termios
+    master, slave = os.openpty()
+
+    def controlling_tty():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(["runuser", "-u", U1, "--", "/usr/bin/pincachectl", "flush"], stdin=slave,
+                            stdout=slave, stderr=slave, env=client_env(), start_new_session=True,
+                            preexec_fn=controlling_tty)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 30
+    try:
+        while b"Password:" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert b"AUTHENTICATING FOR org.pincache.manage" in seen and b"Password:" in seen, seen
+        os.write(master, b"not-the-password\n")
+        while proc.poll() is None and time.monotonic() < deadline + 30:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert proc.wait(timeout=30) == 4, seen
+        assert b"refused (FlushCaches)" in seen, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    r = run(["runuser", "-u", U1, "--", "/usr/bin/pincachectl", "--no-ask-password", "flush"],
+            check=False, env=client_env(), stdin=subprocess.DEVNULL, timeout=30)
+    assert r.returncode == 4 and "Password" not in r.stdout + r.stderr, (r.stdout, r.stderr)
+
+
 # --- the package's life: upgrade, remove, purge (last: it takes the package away) ----------
 
 def test_zz_upgrade_remove_and_purge(system, tmp_path):
