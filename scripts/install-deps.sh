@@ -13,6 +13,8 @@ packages=(
     tzdata git ca-certificates make
     # packaging: dpkg-shlibdeps for Depends, lintian for the package check (make deb, make lintian)
     dpkg-dev lintian
+    # the GDBus example in docs/examples (built and run by the integration tests)
+    libglib2.0-dev
     # runtime and tests: bus, tokens, PKCS#11 tools, clients
     dbus dbus-daemon dbus-bin p11-kit softhsm2 opensc gnutls-bin openssl pcscd procps
     python3 python3-dbus python3-pytest python3-cryptography

@@ -17,16 +17,23 @@ public struct DBusArgument: Sendable {
     }
 }
 
+/// The annotation introspection carries documentation in: gdbus-codegen, D-Feet and
+/// d-spy show it, and `busctl introspect` prints it.
+public let docAnnotation = "org.gtk.GDBus.DocString"
+
 /// A method: name, in and out arguments.
 public struct DBusMethod: Sendable {
     public var name: String
     public var inArguments: [DBusArgument]
     public var outArguments: [DBusArgument]
+    /// What the method does, for people (introspection's DocString annotation).
+    public var doc: String
 
-    public init(_ name: String, in: [DBusArgument] = [], out: [DBusArgument] = []) {
+    public init(_ name: String, in: [DBusArgument] = [], out: [DBusArgument] = [], doc: String = "") {
         self.name = name
         self.inArguments = `in`
         self.outArguments = out
+        self.doc = doc
     }
 
     /// The signature a call must carry, e.g. `sayay`.
@@ -39,10 +46,12 @@ public struct DBusMethod: Sendable {
 public struct DBusSignal: Sendable {
     public var name: String
     public var arguments: [DBusArgument]
+    public var doc: String
 
-    public init(_ name: String, _ arguments: [DBusArgument] = []) {
+    public init(_ name: String, _ arguments: [DBusArgument] = [], doc: String = "") {
         self.name = name
         self.arguments = arguments
+        self.doc = doc
     }
 
     public var signature: String { arguments.map(\.signature).joined() }
@@ -59,12 +68,16 @@ public struct DBusProperty: Sendable {
     public var signature: String
     public var access: Access
     public var emitsChanged: ChangeEmission
+    public var doc: String
 
-    public init(_ name: String, _ signature: String, access: Access = .read, emitsChanged: ChangeEmission = .emits) {
+    public init(
+        _ name: String, _ signature: String, access: Access = .read, emitsChanged: ChangeEmission = .emits, doc: String = ""
+    ) {
         self.name = name
         self.signature = signature
         self.access = access
         self.emitsChanged = emitsChanged
+        self.doc = doc
     }
 
     var annotationValue: String? {
@@ -83,12 +96,24 @@ public struct DBusInterface: Sendable {
     public var methods: [DBusMethod]
     public var signals: [DBusSignal]
     public var properties: [DBusProperty]
+    public var doc: String
 
-    public init(_ name: String, methods: [DBusMethod] = [], signals: [DBusSignal] = [], properties: [DBusProperty] = []) {
+    public init(
+        _ name: String, methods: [DBusMethod] = [], signals: [DBusSignal] = [], properties: [DBusProperty] = [],
+        doc: String = ""
+    ) {
         self.name = name
         self.methods = methods
         self.signals = signals
         self.properties = properties
+        self.doc = doc
+    }
+
+    /// Members without documentation ("method Foo", ...), empty when every one has some.
+    public var undocumented: [String] {
+        (doc.isEmpty ? ["interface \(name)"] : []) + methods.filter { $0.doc.isEmpty }.map { "method \($0.name)" }
+            + signals.filter { $0.doc.isEmpty }.map { "signal \($0.name)" }
+            + properties.filter { $0.doc.isEmpty }.map { "property \($0.name)" }
     }
 
     public func method(named name: String) -> DBusMethod? { methods.first { $0.name == name } }
@@ -119,39 +144,35 @@ public struct DBusInterface: Sendable {
     public func introspectionXML(indent: Int = 2) -> String {
         let i0 = String(repeating: " ", count: indent)
         let i1 = i0 + "  ", i2 = i1 + "  "
-        var xml = "\(i0)<interface name=\"\(xmlEscape(name))\">\n"
+        func docLine(_ doc: String, _ indent: String) -> String {
+            doc.isEmpty ? "" : "\(indent)<annotation name=\"\(docAnnotation)\" value=\"\(xmlEscape(doc))\"/>\n"
+        }
+        /// `<tag …/>`, or `<tag …>` with `body` and `</tag>` when there is a body.
+        func element(_ tag: String, _ attributes: String, _ body: String) -> String {
+            body.isEmpty ? "\(i1)<\(tag) \(attributes)/>\n" : "\(i1)<\(tag) \(attributes)>\n\(body)\(i1)</\(tag)>\n"
+        }
+        var xml = "\(i0)<interface name=\"\(xmlEscape(name))\">\n" + docLine(doc, i1)
         for m in methods {
             let args = m.inArguments.map { ($0, "in") } + m.outArguments.map { ($0, "out") }
-            if args.isEmpty {
-                xml += "\(i1)<method name=\"\(xmlEscape(m.name))\"/>\n"
-                continue
-            }
-            xml += "\(i1)<method name=\"\(xmlEscape(m.name))\">\n"
-            for (a, direction) in args {
-                xml += "\(i2)<arg name=\"\(xmlEscape(a.name))\" type=\"\(xmlEscape(a.signature))\" direction=\"\(direction)\"/>\n"
-            }
-            xml += "\(i1)</method>\n"
+            let body = docLine(m.doc, i2) + args.map { a, direction in
+                "\(i2)<arg name=\"\(xmlEscape(a.name))\" type=\"\(xmlEscape(a.signature))\" direction=\"\(direction)\"/>\n"
+            }.joined()
+            xml += element("method", "name=\"\(xmlEscape(m.name))\"", body)
         }
         for s in signals {
-            if s.arguments.isEmpty {
-                xml += "\(i1)<signal name=\"\(xmlEscape(s.name))\"/>\n"
-                continue
-            }
-            xml += "\(i1)<signal name=\"\(xmlEscape(s.name))\">\n"
-            for a in s.arguments {
-                xml += "\(i2)<arg name=\"\(xmlEscape(a.name))\" type=\"\(xmlEscape(a.signature))\"/>\n"
-            }
-            xml += "\(i1)</signal>\n"
+            let body = docLine(s.doc, i2) + s.arguments.map { a in
+                "\(i2)<arg name=\"\(xmlEscape(a.name))\" type=\"\(xmlEscape(a.signature))\"/>\n"
+            }.joined()
+            xml += element("signal", "name=\"\(xmlEscape(s.name))\"", body)
         }
         for p in properties {
-            let head = "\(i1)<property name=\"\(xmlEscape(p.name))\" type=\"\(xmlEscape(p.signature))\" access=\"\(p.access == .read ? "read" : "readwrite")\""
-            if let annotation = p.annotationValue {
-                xml += head + ">\n"
-                xml += "\(i2)<annotation name=\"org.freedesktop.DBus.Property.EmitsChangedSignal\" value=\"\(annotation)\"/>\n"
-                xml += "\(i1)</property>\n"
-            } else {
-                xml += head + "/>\n"
+            let emits = p.annotationValue.map {
+                "\(i2)<annotation name=\"org.freedesktop.DBus.Property.EmitsChangedSignal\" value=\"\($0)\"/>\n"
             }
+            let access = p.access == .read ? "read" : "readwrite"
+            xml += element(
+                "property", "name=\"\(xmlEscape(p.name))\" type=\"\(xmlEscape(p.signature))\" access=\"\(access)\"",
+                docLine(p.doc, i2) + (emits ?? ""))
         }
         xml += "\(i0)</interface>\n"
         return xml

@@ -22,6 +22,19 @@ import Testing
             "regenerate with: .build/debug/pincached --print-introspection dbus")
     }
 
+    /// Issue 16 §6: introspection documents every member (org.gtk.GDBus.DocString), so
+    /// busctl, d-spy and gdbus-codegen users read the contract where they look.
+    @Test(arguments: PincacheInterfaces.all.map(\.name))
+    func everyMemberIsDocumented(_ name: String) throws {
+        let iface = try #require(PincacheInterfaces.all.first { $0.name == name })
+        #expect(iface.undocumented.isEmpty, "\(name): \(iface.undocumented)")
+        let xml = introspectionDocument(interfaces: [iface], children: [])
+        let members = iface.methods.count + iface.signals.count + iface.properties.count + 1
+        #expect(xml.components(separatedBy: "name=\"\(docAnnotation)\"").count - 1 == members)
+        // One line per annotation: a newline inside an attribute value would be normalised away.
+        #expect(!(iface.methods.map(\.doc) + iface.signals.map(\.doc) + iface.properties.map(\.doc)).contains { $0.contains("\n") })
+    }
+
     @Test func sensitiveArgumentsAreThePINs() {
         for iface in PincacheInterfaces.all {
             for method in iface.methods {
