@@ -50,7 +50,16 @@ struct CLIError: Error {
             "org.pincache.Error.NotAuthorized", "org.freedesktop.DBus.Error.AccessDenied",
             "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired",
         ]
-        if absentNames.contains(name) || name.hasPrefix("org.freedesktop.DBus.Error.Spawn.") {
+        let launcherFailed = name == "org.freedesktop.DBus.Error.NoMemory" && error.message.hasPrefix("Launch")
+        if name.hasPrefix("org.freedesktop.DBus.Error.Spawn.") || launcherFailed {
+            // Activation ran pincached and it stopped. Without systemd the bus reads its exit
+            // status as dbus-daemon-launch-helper's (a refused configuration, 2, reads as
+            // "Launcher could not run (out of memory)"), so say what to check instead.
+            self.init(
+                .daemonAbsent,
+                "pincached could not be started by D-Bus activation (\(what)) [\(name)]: check its configuration with "
+                    + "`pincached --check-config` and its log (`journalctl -u pincached`)")
+        } else if absentNames.contains(name) {
             self.init(.daemonAbsent, "pincached is not available (\(what)): \(error.message) [\(name)]")
         } else if refusedNames.contains(name) {
             self.init(.refused, "refused (\(what)): \(error.message) [\(name)]")

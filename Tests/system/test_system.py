@@ -590,6 +590,24 @@ def test_another_users_typo_leaves_my_cache_usable_after_a_good_login(system):
     verify_ec(system, MSG, bytes.fromhex(sig["hex"]))
 
 
+def test_a_refused_configuration_is_named_when_activation_fails(system):
+    """Issue 16 §4: activation with a bad configuration tells the user what to check, not the
+    launch helper's "out of memory" (its reading of the daemon's exit status)."""
+    cfg = Path("/etc/pincache/pincache.cfg")
+    original = cfg.read_text()
+    stop_daemon()
+    try:
+        cfg.write_text(original + "\nP11_EnableCachePIN=maybe\n")
+        r = run(["runuser", "-u", U1, "--", "/usr/bin/pincachectl", "status"], check=False, env=client_env(),
+                stdin=subprocess.DEVNULL, timeout=60)
+        assert r.returncode == 3, (r.returncode, r.stderr)
+        assert "pincached --check-config" in r.stderr and "out of memory" not in r.stderr, r.stderr
+        r = run(["/usr/sbin/pincached", "--check-config"], check=False)
+        assert r.returncode == 2 and "/etc/pincache/pincache.cfg:" in r.stderr, r.stderr
+    finally:
+        cfg.write_text(original)
+    assert token_path(system.client(U1))
+
 def test_flush_on_a_terminal_asks_for_the_admin_password_through_pkttyagent(system):
     """Issue 16 §5: as systemctl does, pincachectl starts polkit's text agent when standard
     input is a terminal, so auth_admin_keep can prompt; a wrong password is refused (exit 4).
