@@ -17,7 +17,7 @@ packages=(
     libglib2.0-dev
     # runtime and tests: bus, tokens, PKCS#11 tools, clients
     dbus dbus-daemon dbus-bin p11-kit softhsm2 opensc gnutls-bin openssl pcscd procps
-    python3 python3-dbus python3-pytest python3-cryptography
+    python3 python3-dbus python3-gi python3-pytest python3-cryptography
     # virtual smart card for insertion/removal tests (DESIGN §6)
     vsmartcard-vpcd vsmartcard-vpicc python3-pycryptodome
 )

@@ -68,3 +68,38 @@ void pincache_name_this_thread(const char *name)
 {
     pthread_setname_np(pthread_self(), name);
 }
+
+/* Capabilities by raw system call: libcap is not worth a dependency for two calls. */
+#include <linux/capability.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int pincache_capabilities(struct __user_cap_data_struct data[2])
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    return (int)syscall(SYS_capget, &header, data);
+}
+
+int pincache_has_capability(int capability)
+{
+    struct __user_cap_data_struct data[2] = {{0}};
+    if (capability < 0 || capability > 63 || pincache_capabilities(data) != 0) return 0;
+    return (data[capability / 32].effective & (1u << (capability % 32))) != 0;
+}
+
+int pincache_keep_only_capability(int capability)
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2] = {{0}};
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0) return -1;
+    if (capability >= 0 && capability <= 63) {
+        data[capability / 32].effective = 1u << (capability % 32);
+        data[capability / 32].permitted = 1u << (capability % 32);
+    }
+    return (int)syscall(SYS_capset, &header, data);
+}
+
+int pincache_die_with_parent(void)
+{
+    return prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+}

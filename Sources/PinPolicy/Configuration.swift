@@ -11,6 +11,9 @@ public struct Settings: Sendable, Equatable {
     public var forceLoginKeyUsage: UInt32 = 0
     /// `PinCacheTimeout`: idle seconds after which a cached PIN is wiped; 0 = never.
     public var pinCacheTimeout: UInt32 = 0
+    /// `PinCacheMaxUses` and `PinCacheMaxUses<KeyUsage>` (issue 15 §4): how many private-key
+    /// operations a cached PIN serves before it is wiped.
+    public var useLimits = UseLimits()
 
     /// The seed's defaults: caching on, no logout after sign, no forced login, no time-out.
     public init() {}
@@ -56,6 +59,10 @@ public struct Configuration: Sendable, Equatable {
     /// `PinFailureFreeTries`, `PinFailureDelay`, `PinFailureMaxDelay` (global only): how fast
     /// one user may try PINs on one token (issue 12 §3).
     public var guessRule: GuessThrottle.Rule
+    /// `FlushCacheOnLock`, `FlushCacheOnSuspend` (global only, default 1): logind's Lock of a
+    /// desktop session ends the logins of that session's callers; PrepareForSleep ends all.
+    public var flushOnLock: Bool
+    public var flushOnSuspend: Bool
     /// Things worth one log line each that do not stop the daemon, as `FILE:LINE: text`.
     public var notices: [String]
 
@@ -67,6 +74,8 @@ public struct Configuration: Sendable, Equatable {
         maxSessionsPerClient = 64
         slotPollIntervalMilliseconds = 1000
         guessRule = GuessThrottle.Rule()
+        flushOnLock = true
+        flushOnSuspend = true
         notices = []
     }
 
@@ -116,12 +125,18 @@ private enum Key: String, CaseIterable {
     case logoutAfterSign = "P11_LogoutAfterSign"
     case forceLoginKeyUsage = "ForceLoginBeforeSignKeyUsage"
     case pinCacheTimeout = "PinCacheTimeout"
+    case pinCacheMaxUses = "PinCacheMaxUses"
+    case pinCacheMaxUsesDigitalSignature = "PinCacheMaxUsesDigitalSignature"
+    case pinCacheMaxUsesNonRepudiation = "PinCacheMaxUsesNonRepudiation"
+    case pinCacheMaxUsesKeyEncipherment = "PinCacheMaxUsesKeyEncipherment"
     case module = "Module"
     case maxSessionsPerClient = "MaxSessionsPerClient"
     case slotPollInterval = "SlotPollInterval"
     case pinFailureFreeTries = "PinFailureFreeTries"
     case pinFailureDelay = "PinFailureDelay"
     case pinFailureMaxDelay = "PinFailureMaxDelay"
+    case flushCacheOnLock = "FlushCacheOnLock"
+    case flushCacheOnSuspend = "FlushCacheOnSuspend"
     case mdEnableCachePIN = "MD_EnableCachePIN"
     case cspEnableCachePIN = "CSP_EnableCachePIN"
     case cspLogoutAfterSign = "CSP_LogoutAfterSign"
@@ -129,7 +144,7 @@ private enum Key: String, CaseIterable {
     var isGlobalOnly: Bool {
         switch self {
         case .module, .maxSessionsPerClient, .slotPollInterval, .pinFailureFreeTries, .pinFailureDelay,
-            .pinFailureMaxDelay:
+            .pinFailureMaxDelay, .flushCacheOnLock, .flushCacheOnSuspend:
             true
         default: false
         }
@@ -143,6 +158,16 @@ private enum Key: String, CaseIterable {
     }
 
     var isRepeatable: Bool { self == .module }
+
+    /// The X.509 key usage bit a per-class use limit counts (CertificateKeyUsage's names).
+    var keyUsageBit: UInt32? {
+        switch self {
+        case .pinCacheMaxUsesDigitalSignature: CertificateKeyUsage.digitalSignature
+        case .pinCacheMaxUsesNonRepudiation: CertificateKeyUsage.nonRepudiation
+        case .pinCacheMaxUsesKeyEncipherment: CertificateKeyUsage.keyEncipherment
+        default: nil
+        }
+    }
 }
 
 private struct Parser {
@@ -207,6 +232,8 @@ private struct Parser {
             case .pinFailureFreeTries: configuration.guessRule.freeTries = Int(value)!
             case .pinFailureDelay: configuration.guessRule.delay = UInt64(value)! * 1_000_000
             case .pinFailureMaxDelay: configuration.guessRule.maxDelay = UInt64(value)! * 1_000_000
+            case .flushCacheOnLock: configuration.flushOnLock = value == "1"
+            case .flushCacheOnSuspend: configuration.flushOnSuspend = value == "1"
             default: break
             }
         }
@@ -234,7 +261,8 @@ private struct Parser {
             error(number, "bad value '\(value)' for \(key.rawValue): \(expectation)")
         }
         switch key {
-        case .enableCachePIN, .logoutAfterSign, .mdEnableCachePIN, .cspEnableCachePIN, .cspLogoutAfterSign:
+        case .enableCachePIN, .logoutAfterSign, .mdEnableCachePIN, .cspEnableCachePIN, .cspLogoutAfterSign,
+            .flushCacheOnLock, .flushCacheOnSuspend:
             guard value == "0" || value == "1" else { throw bad("expected 0 or 1") }
         case .forceLoginKeyUsage:
             guard let mask = parseUnsigned(value, allowHex: true) else {
@@ -246,6 +274,11 @@ private struct Parser {
             }
         case .pinCacheTimeout:
             guard parseUnsigned(value, allowHex: false) != nil else { throw bad("expected seconds, 0 to 4294967295 (0 = no time-out)") }
+        case .pinCacheMaxUses, .pinCacheMaxUsesDigitalSignature, .pinCacheMaxUsesNonRepudiation,
+            .pinCacheMaxUsesKeyEncipherment:
+            guard let n = parseUnsigned(value, allowHex: false), n <= 1_000_000 else {
+                throw bad("expected a number of uses, 0 to 1000000 (0 = no limit)")
+            }
         case .module:
             guard value.hasPrefix("/") else { throw bad("expected an absolute path to a PKCS#11 module") }
         case .maxSessionsPerClient:
@@ -269,6 +302,10 @@ private struct Parser {
         case .logoutAfterSign: settings.logoutAfterSign = value == "1"
         case .forceLoginKeyUsage: settings.forceLoginKeyUsage = parseUnsigned(value, allowHex: true)!
         case .pinCacheTimeout: settings.pinCacheTimeout = parseUnsigned(value, allowHex: false)!
+        case .pinCacheMaxUses: settings.useLimits.maxUses = parseUnsigned(value, allowHex: false)!
+        case .pinCacheMaxUsesDigitalSignature, .pinCacheMaxUsesNonRepudiation, .pinCacheMaxUsesKeyEncipherment:
+            let n = parseUnsigned(value, allowHex: false)!
+            settings.useLimits.maxUsesByKeyUsage[key.keyUsageBit!] = n == 0 ? nil : n
         default: break
         }
     }

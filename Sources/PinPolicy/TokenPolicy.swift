@@ -92,6 +92,55 @@ public enum BackendAction: Sendable, Equatable {
     case logout
 }
 
+/// Why a caller's login on a token ended (its cached PIN wiped, or its held login released),
+/// as `Manager1.CacheCleared` tells the caller (issue 15 §3).
+public enum ClearReason: String, Sendable, Equatable, CaseIterable {
+    /// The caller logged out, or closed its last session on the token.
+    case logout
+    /// Idle for its `PinCacheTimeout`.
+    case timeout
+    /// Used as many times as `PinCacheMaxUses` (or a key usage class's limit) allows.
+    case uses
+    /// The card left its reader.
+    case removal
+    /// The caller's desktop session was locked (logind).
+    case lock
+    /// The machine is going to sleep (logind).
+    case suspend
+    /// An administrator's `FlushCaches`.
+    case flush
+    /// The token rejected a cached PIN, or reports its PIN locked or changed.
+    case stale
+    /// A rule ended it: `P11_LogoutAfterSign`, or a reload that changed the caller's mode.
+    case policy
+}
+
+/// One caller whose login on a token ended, and why.
+public struct CacheClear: Sendable, Equatable {
+    public let caller: CallerID
+    public let reason: ClearReason
+
+    public init(_ caller: CallerID, _ reason: ClearReason) {
+        self.caller = caller
+        self.reason = reason
+    }
+}
+
+/// Limits on how often a cached PIN may be used (issue 15 §4): after `maxUses` private-key
+/// operations in all, or `maxUsesByKeyUsage[bit]` operations with keys whose certificate has
+/// that key usage bit, the PIN is wiped. 0 or absent: no limit.
+public struct UseLimits: Sendable, Equatable {
+    public var maxUses: UInt32 = 0
+    public var maxUsesByKeyUsage: [UInt32: UInt32] = [:]
+
+    public init(maxUses: UInt32 = 0, maxUsesByKeyUsage: [UInt32: UInt32] = [:]) {
+        self.maxUses = maxUses
+        self.maxUsesByKeyUsage = maxUsesByKeyUsage.filter { $0.value != 0 }
+    }
+
+    public var isUnlimited: Bool { maxUses == 0 && maxUsesByKeyUsage.isEmpty }
+}
+
 /// One caller's view of one token.
 public struct CallerTokenState: Sendable, Equatable {
     /// Open sessions of the caller on this token.
@@ -102,12 +151,20 @@ public struct CallerTokenState: Sendable, Equatable {
     public var holdsLogin: Bool
     /// What `C_GetSessionInfo` and `Session1.LoggedIn` report.
     public var loggedIn: Bool { cachedPIN || holdsLogin }
+    /// When the cached PIN (or held login) expires if left idle (monotonic nanoseconds); nil
+    /// without a `PinCacheTimeout` or a login.
+    public var expiresAt: UInt64?
+    /// Uses the cached PIN has left before the tightest limit that applies to any key wipes
+    /// it; nil without a limit or a cached PIN.
+    public var usesLeft: UInt32?
 
     /// Creates a state value (mostly for comparisons in tests).
-    public init(sessions: Int, cachedPIN: Bool, holdsLogin: Bool) {
+    public init(sessions: Int, cachedPIN: Bool, holdsLogin: Bool, expiresAt: UInt64? = nil, usesLeft: UInt32? = nil) {
         self.sessions = sessions
         self.cachedPIN = cachedPIN
         self.holdsLogin = holdsLogin
+        self.expiresAt = expiresAt
+        self.usesLeft = usesLeft
     }
 }
 
@@ -128,6 +185,30 @@ public struct TokenPolicy: Sendable {
         var lastUsed: UInt64
         /// Nanoseconds of idleness allowed; 0 = forever. Taken from the settings at login.
         let timeout: UInt64
+        /// Taken from the settings at login, as the timeout.
+        let limits: UseLimits
+        var uses: UInt32 = 0
+        var usesByKeyUsage: [UInt32: UInt32] = [:]
+
+        /// Counts one use of a key with `keyUsage`; true when a limit is reached.
+        mutating func count(keyUsage: UInt32) -> Bool {
+            uses += 1
+            var reached = limits.maxUses != 0 && uses >= limits.maxUses
+            for (bit, limit) in limits.maxUsesByKeyUsage where keyUsage & bit != 0 {
+                usesByKeyUsage[bit, default: 0] += 1
+                if usesByKeyUsage[bit]! >= limit { reached = true }
+            }
+            return reached
+        }
+
+        /// The fewest uses left under any limit.
+        var usesLeft: UInt32? {
+            var left: [UInt32] = limits.maxUses != 0 ? [limits.maxUses - min(uses, limits.maxUses)] : []
+            for (bit, limit) in limits.maxUsesByKeyUsage {
+                left.append(limit - min(usesByKeyUsage[bit] ?? 0, limit))
+            }
+            return left.min()
+        }
 
         func isExpired(at now: UInt64) -> Bool {
             // `now < lastUsed` cannot happen with a monotonic clock; treat it as not idle.
@@ -148,6 +229,8 @@ public struct TokenPolicy: Sendable {
     /// its `PinCacheTimeout`: an idle lock ends like an idle cached PIN.
     private var holderLastUsed: UInt64 = 0
     private var holderTimeout: UInt64 = 0
+    /// Logins ended since the service last asked (`takeCleared`), for `CacheCleared`.
+    private var cleared: [CacheClear] = []
 
     /// A token nobody uses yet.
     public init() {}
@@ -168,9 +251,10 @@ public struct TokenPolicy: Sendable {
             environments[caller] = environment
             return .none
         }
+        if environment.cached != nil { cleared.append(CacheClear(caller, .logout)) }
         environment.cached = nil
         store(environment, for: caller)
-        return releaseLock(of: caller)
+        return releaseLock(of: caller, reason: .logout)
     }
 
     // MARK: Login and logout
@@ -199,7 +283,8 @@ public struct TokenPolicy: Sendable {
         case .verifyThenCache:
             guard let pin else { return }
             let timeout = UInt64(settings.pinCacheTimeout) * 1_000_000_000
-            environments[caller, default: Environment()].cached = CachedPIN(pin: pin, lastUsed: now, timeout: timeout)
+            environments[caller, default: Environment()].cached = CachedPIN(
+                pin: pin, lastUsed: now, timeout: timeout, limits: settings.useLimits)
         case .holdLogin:
             if environments[caller] == nil { environments[caller] = Environment() }
             holder = caller
@@ -211,10 +296,11 @@ public struct TokenPolicy: Sendable {
     /// The caller logs out: its cached PIN is dropped, or its held login released (→ `.logout`).
     /// - Throws: `.notLoggedIn` if it was neither.
     public mutating func logout(for caller: CallerID) throws(PolicyError) -> BackendAction {
-        if holder == caller { return releaseLock(of: caller) }
+        if holder == caller { return releaseLock(of: caller, reason: .logout) }
         guard var environment = environments[caller], environment.cached != nil else { throw .notLoggedIn }
         environment.cached = nil
         store(environment, for: caller)
+        cleared.append(CacheClear(caller, .logout))
         return .none
     }
 
@@ -246,6 +332,7 @@ public struct TokenPolicy: Sendable {
         if cached.isExpired(at: now) {
             environment.cached = nil
             store(environment, for: caller)
+            cleared.append(CacheClear(caller, .timeout))
             throw .notLoggedIn
         }
         // The PIN the user just typed is verified by the backend itself: no cached PIN is
@@ -254,7 +341,7 @@ public struct TokenPolicy: Sendable {
         if requiresFreshPIN { throw .pinRequired }
         if pinStatus.contains(.locked) {
             // Only the SO can unlock it, by setting a new PIN: every cached one is stale then.
-            dropAllCachedPINs()
+            dropAllCachedPINs(reason: .stale)
             throw .notLoggedIn
         }
         if pinStatus.wrongPINSinceLastLogin { throw .pinHeldBack }
@@ -267,22 +354,35 @@ public struct TokenPolicy: Sendable {
     ///
     /// `.cachedPINRejected` drops every environment's cached PIN for this token (a wrong PIN is
     /// never replayed). A successful `.sign` with `settings.logoutAfterSign` drops the caller's
-    /// cached PIN, or releases its held login (→ `.logout`).
+    /// cached PIN, or releases its held login (→ `.logout`). A successful signature or
+    /// decryption counts against the cached PIN's use limits (`keyUsage`: the key's
+    /// certificate key usage bits, 0 when unknown); the use that reaches one wipes it.
     public mutating func operationFinished(for caller: CallerID, settings: Settings, kind: OperationKind,
-                                           outcome: OperationOutcome) -> BackendAction {
+                                           outcome: OperationOutcome, keyUsage: UInt32 = 0) -> BackendAction {
         switch outcome {
         case .cachedPINRejected:
-            dropAllCachedPINs()
+            dropAllCachedPINs(reason: .stale)
             return .none
         case .failed:
             return .none
         case .success:
-            guard kind == .sign, settings.logoutAfterSign else { return .none }
-            if holder == caller { return releaseLock(of: caller) }
-            if var environment = environments[caller] {
-                environment.cached = nil
-                store(environment, for: caller)
+            if kind == .sign, settings.logoutAfterSign {
+                if holder == caller { return releaseLock(of: caller, reason: .policy) }
+                if var environment = environments[caller], environment.cached != nil {
+                    environment.cached = nil
+                    store(environment, for: caller)
+                    cleared.append(CacheClear(caller, .policy))
+                }
+                return .none
             }
+            guard kind != .readPrivate, holder != caller, var environment = environments[caller],
+                environment.cached != nil
+            else { return .none }
+            if environment.cached!.count(keyUsage: keyUsage) {
+                environment.cached = nil
+                cleared.append(CacheClear(caller, .uses))
+            }
+            store(environment, for: caller)
             return .none
         }
     }
@@ -306,23 +406,46 @@ public struct TokenPolicy: Sendable {
     /// action: the token is gone). Session counts are kept: the sessions still exist until
     /// their owners close them.
     public mutating func tokenRemoved() {
-        dropAllCachedPINs()
-        holder = nil
+        dropAllCachedPINs(reason: .removal)
+        if let holder {
+            cleared.append(CacheClear(holder, .removal))
+            self.holder = nil
+        }
     }
 
-    /// Drops every cached PIN; held logins are untouched (a reload, C_SetPIN).
+    /// Drops every cached PIN; held logins are untouched (a reload that changed caching
+    /// modes: `.policy`; C_SetPIN: `.stale`).
     /// - Returns: how many were dropped.
     @discardableResult
-    public mutating func flushCachedPINs() -> Int {
-        dropAllCachedPINs()
+    public mutating func flushCachedPINs(reason: ClearReason = .policy) -> Int {
+        dropAllCachedPINs(reason: reason)
     }
 
     /// Administrator's `FlushCaches`: every cached PIN and the lock (→ `.logout` if there was
     /// one). The holder stays with its sessions, logged out.
     public mutating func flushAll() -> (dropped: Int, action: BackendAction) {
-        let dropped = dropAllCachedPINs()
+        let dropped = dropAllCachedPINs(reason: .flush)
         guard let holder else { return (dropped, .none) }
-        return (dropped, releaseLock(of: holder))
+        return (dropped, releaseLock(of: holder, reason: .flush))
+    }
+
+    /// Ends the logins of `callers` here: their cached PINs, and (`endingLock`) the lock if one
+    /// of them holds it (→ `.logout`). Sessions stay. For a locked or suspending desktop
+    /// session (logind). The service ends a lock on the token's worker, with its C_Logout.
+    /// - Returns: how many logins ended, and the backend action.
+    public mutating func flush(callers: Set<CallerID>, reason: ClearReason, endingLock: Bool = true)
+        -> (ended: Int, action: BackendAction)
+    {
+        var ended = 0
+        for caller in callers {
+            guard var environment = environments[caller], environment.cached != nil else { continue }
+            environment.cached = nil
+            store(environment, for: caller)
+            cleared.append(CacheClear(caller, reason))
+            ended += 1
+        }
+        guard endingLock, let holder, callers.contains(holder) else { return (ended, .none) }
+        return (ended + 1, releaseLock(of: holder, reason: reason))
     }
 
     /// Ends the lock if its holder has not used it for its `PinCacheTimeout` at `now`.
@@ -331,7 +454,7 @@ public struct TokenPolicy: Sendable {
         guard let holder, holderTimeout != 0, now >= holderLastUsed, now - holderLastUsed >= holderTimeout else {
             return nil
         }
-        _ = releaseLock(of: holder)
+        _ = releaseLock(of: holder, reason: .timeout)
         return holder
     }
 
@@ -344,6 +467,7 @@ public struct TokenPolicy: Sendable {
             guard let cached = environment.cached, cached.isExpired(at: now) else { continue }
             environment.cached = nil
             store(environment, for: caller)
+            cleared.append(CacheClear(caller, .timeout))
             dropped += 1
         }
         return dropped
@@ -354,9 +478,22 @@ public struct TokenPolicy: Sendable {
     /// The caller's sessions and login state on this token.
     public func state(of caller: CallerID) -> CallerTokenState {
         let environment = environments[caller]
+        let cached = environment?.cached
+        var expiresAt: UInt64?
+        if let cached, cached.timeout != 0 { expiresAt = cached.lastUsed &+ cached.timeout }
+        if holder == caller, holderTimeout != 0 { expiresAt = holderLastUsed &+ holderTimeout }
         return CallerTokenState(sessions: environment?.sessions ?? 0,
-                                cachedPIN: environment?.cached != nil,
-                                holdsLogin: holder == caller)
+                                cachedPIN: cached != nil,
+                                holdsLogin: holder == caller,
+                                expiresAt: expiresAt,
+                                usesLeft: cached?.usesLeft)
+    }
+
+    /// The logins ended since the last call, oldest first; the list is emptied.
+    public mutating func takeCleared() -> [CacheClear] {
+        guard !cleared.isEmpty else { return [] }
+        defer { cleared.removeAll() }
+        return cleared
     }
 
     /// The caller the token is locked to, if any.
@@ -383,19 +520,22 @@ public struct TokenPolicy: Sendable {
     // MARK: Private
 
     @discardableResult
-    private mutating func dropAllCachedPINs() -> Int {
+    private mutating func dropAllCachedPINs(reason: ClearReason) -> Int {
         var dropped = 0
         for (caller, var environment) in environments where environment.cached != nil {
             environment.cached = nil
             store(environment, for: caller)
+            cleared.append(CacheClear(caller, reason))
             dropped += 1
         }
         return dropped
     }
 
-    private mutating func releaseLock(of caller: CallerID) -> BackendAction {
+    /// Ends `caller`'s lock; `reason` nil when nobody is to be told (the caller left).
+    private mutating func releaseLock(of caller: CallerID, reason: ClearReason? = nil) -> BackendAction {
         guard holder == caller else { return .none }
         holder = nil
+        if let reason { cleared.append(CacheClear(caller, reason)) }
         if environments[caller]?.isEmpty == true { environments[caller] = nil }
         return .logout
     }

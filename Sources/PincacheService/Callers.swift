@@ -97,17 +97,36 @@ final class CallerRegistry: Sendable {
     }
 }
 
-/// The executable of a process, read as the kernel reports it. The pid comes from the bus
-/// daemon (GetConnectionCredentials); a pid recycled between that reply and this read is caught
-/// by checking that the process still belongs to the uid the bus reported.
+/// The executable of a process, read as the kernel reports it (issue 15 §5). The pid comes
+/// from the bus daemon (GetConnectionCredentials; dbus-daemon 1.14 gives no ProcessFD). Two
+/// checks keep a recycled pid from lending its executable: the process's start time (field 22
+/// of /proc/PID/stat) is the same before and after the link is read, so one process answered
+/// both; and the process belongs to the uid the bus reported.
+///
+/// On the installed service the daemon runs as its own user: reading another user's
+/// /proc/PID/exe needs CAP_SYS_PTRACE (a ptrace read-access check), which only the
+/// ExecutableHelper process keeps. Without it (activation without systemd) the link of
+/// another user's process cannot be read and the caller gets the defaults.
 func executablePath(pid: UInt32, uid: UInt32?) -> String? {
     let proc = "/proc/\(pid)"
-    guard let exe = readLink(proc + "/exe") else {
-        return nil
-    }
+    guard let before = processStartTime(pid) else { return nil }
+    guard let exe = ExecutableHelper.executable(pid: pid) ?? readLink(proc + "/exe") else { return nil }
+    guard processStartTime(pid) == before else { return nil }
     if let uid {
         var st = stat()
         guard stat(proc, &st) == 0, st.st_uid == uid else { return nil }
     }
     return exe
+}
+
+/// Field 22 of /proc/PID/stat (clock ticks since boot at which the process started), read
+/// after the command name, which may contain spaces and parentheses.
+func processStartTime(_ pid: UInt32) -> UInt64? {
+    guard let bytes = try? readFile("/proc/\(pid)/stat"), let close = bytes.lastIndex(of: UInt8(ascii: ")")) else {
+        return nil
+    }
+    let fields = bytes[(close + 1)...].split(separator: UInt8(ascii: " "))
+    // After ")" come field 3 (state) onwards: field 22 is the 20th.
+    guard fields.count >= 20 else { return nil }
+    return UInt64(String(decoding: fields[19], as: UTF8.self))
 }

@@ -23,7 +23,7 @@ public enum PincacheInterfaces {
                 doc: "Wipes every cached PIN of every caller and ends every exclusive login of non-caching mode; sessions stay open, logged out. Needs polkit's org.pincache.manage (an administrator's password by default; set the ALLOW_INTERACTIVE_AUTHORIZATION flag to let polkit ask)."),
             DBusMethod(
                 "GetCallerState", out: [DBusArgument("state", "a{sv}")],
-                doc: "The calling connection's own cache environment: LoggedIn (ao, tokens it is logged in to), Cached (ao, tokens whose PIN is cached for it), Locked (ao, tokens it holds in non-caching mode), Sessions (u), Executable (s), CachingMode (b, its mode after [app] sections). Never a PIN."),
+                doc: "The calling connection's own cache environment: LoggedIn (ao, tokens it is logged in to), Cached (ao, tokens whose PIN is cached for it), Locked (ao, tokens it holds in non-caching mode), Expiry (a{ou}, seconds until an idle login ends, where PinCacheTimeout applies), UsesLeft (a{ou}, uses a cached PIN has left, where PinCacheMaxUses applies), Sessions (u), Executable (s), CachingMode (b, its mode after [app] sections). Never a PIN."),
             DBusMethod(
                 "GetStatistics", out: [DBusArgument("statistics", "a{sv}")],
                 doc: "Counts only: Environments, Sessions, CachedPINs, LockedTokens, Tokens, LockedMemoryBytes, PendingAuthorizations, CallsServed, CryptokiSockets, CryptokiCalls, CryptokiHeldBytes, Errors (a{su}) and Scope. Root and callers polkit grants org.pincache.manage without a prompt get the daemon's (Scope 'all'); anyone else gets their own uid's first five (Scope 'uid N')."),
@@ -38,6 +38,9 @@ public enum PincacheInterfaces {
             DBusSignal(
                 "TokenRemoved", [DBusArgument("token", "o")],
                 doc: "A card was removed (Token1.Present became false), or a slot with a token went away. Every cached PIN and login for the token has been wiped."),
+            DBusSignal(
+                "CacheCleared", [DBusArgument("token", "o"), DBusArgument("reason", "s")],
+                doc: "Sent to one caller only: its login on token ended (its cached PIN wiped, or its exclusive login released). reason: logout (Logout, or its last session closed), timeout (PinCacheTimeout), uses (PinCacheMaxUses), removal (the card left), lock or suspend (its desktop session locked, the machine suspending), flush (FlushCaches), stale (the token rejected the PIN or reports it locked or changed), policy (P11_LogoutAfterSign, or a reload changed its mode)."),
         ],
         properties: [
             DBusProperty("Version", "s", emitsChanged: .constant, doc: "pincached's version."),
@@ -91,6 +94,12 @@ public enum PincacheInterfaces {
                 doc: "A wrong user PIN was entered since the last good one (CKF_USER_PIN_COUNT_LOW). Cached PINs are held back, not sent, until a caller logs in with the right PIN."),
             DBusProperty("UserPinFinalTry", "b", doc: "One more wrong user PIN locks the token (CKF_USER_PIN_FINAL_TRY)."),
             DBusProperty("UserPinLocked", "b", doc: "The user PIN is locked (CKF_USER_PIN_LOCKED): only the SO can unlock it."),
+            DBusProperty(
+                "PinTriesLeft", "i",
+                doc: "Wrong user PINs the token still accepts, where it tells: 0 when locked, 1 at the final try (from CKF_USER_PIN_FINAL_TRY and CKF_USER_PIN_LOCKED); -1 when unknown."),
+            DBusProperty(
+                "LockedBy", "a{sv}",
+                doc: "In non-caching mode, who holds the token's exclusive login: Executable (s) and Uid (u), never more; empty when nobody does."),
         ],
         doc: "One slot of a backend module at /org/pincache/token/<id>, with or without a token in it; the id stays the same while the daemon runs, and for a reader across card swaps. Properties emit PropertiesChanged.")
 

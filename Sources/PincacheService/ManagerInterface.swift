@@ -124,17 +124,28 @@ extension PincacheService {
         var loggedIn: [DBusValue] = []
         var cached: [DBusValue] = []
         var locked: [DBusValue] = []
+        var expiry: [DBusDictEntry] = []
+        var usesLeft: [DBusDictEntry] = []
+        let now = TokenContext.now()
         for token in tokens {
             let s = token.policy.withLock { $0.state(of: info.id) }
             if s.loggedIn { loggedIn.append(.objectPath(token.path)) }
             if s.cachedPIN { cached.append(.objectPath(token.path)) }
             if s.holdsLogin { locked.append(.objectPath(token.path)) }
+            if let at = s.expiresAt {
+                // Whole seconds left, rounded up: 0 only once it has expired.
+                let left = at > now ? (at - now + 999_999_999) / 1_000_000_000 : 0
+                expiry.append(DBusDictEntry(key: .objectPath(token.path), value: .uint32(UInt32(clamping: left))))
+            }
+            if let n = s.usesLeft { usesLeft.append(DBusDictEntry(key: .objectPath(token.path), value: .uint32(n))) }
         }
         let current = registry.lookup(info.id.rawValue) ?? info
         return .vardict([
             "LoggedIn": .array(elementSignature: "o", loggedIn),
             "Cached": .array(elementSignature: "o", cached),
             "Locked": .array(elementSignature: "o", locked),
+            "Expiry": .dictionary(keySignature: "o", valueSignature: "u", expiry),
+            "UsesLeft": .dictionary(keySignature: "o", valueSignature: "u", usesLeft),
             "Sessions": .uint32(UInt32(current.sessions.count)),
             "Executable": .string(info.executable ?? ""),
             "CachingMode": .boolean(info.settings.enableCachePIN),

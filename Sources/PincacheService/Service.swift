@@ -117,6 +117,7 @@ public final class PincacheService: @unchecked Sendable {
             let s = token.snapshot
             Log.info("token \(token.id): \(s.slotDescription) present=\(s.present) recognized=\(s.recognized) label=\(s.info?.label ?? "-")")
         }
+        watchLogind()
         try connection.requestName(PincacheBus.serviceName)
         startPoller()
         let watcher = ReaderWatcher(onChange: { [weak self] in self?.rescan() }, log: { Log.notice($0, event: .pcscUnavailable) })
@@ -155,6 +156,10 @@ public final class PincacheService: @unchecked Sendable {
             let token = TokenContext(backend: backend, slot: slot) { [weak self] t, old, new in
                 self?.tokenChanged(t, old, new)
             }
+            token.policy.onCleared { [weak self, weak token] clears in
+                guard let self, let token else { return }
+                self.cacheCleared(token, clears)
+            }
             // In the table at once, so the next rescan does not make a second one for this slot.
             tokenTable.withLock { $0.append(token) }
             token.worker.submit { [weak self] in
@@ -181,6 +186,36 @@ public final class PincacheService: @unchecked Sendable {
         if token.snapshot.present { emitPresence(token, present: false) }
         Log.info("slot \(token.id) went away", event: .slotRemoved)
         token.shutdown()
+    }
+
+    /// Manager1.CacheCleared to each caller whose login on `token` ended (issue 15 §3), unicast:
+    /// why one's cache went is nobody else's business. Then LoggedIn and LockedBy follow.
+    func cacheCleared(_ token: TokenContext, _ clears: [CacheClear]) {
+        guard token.published.load(ordering: .acquiring) else { return }
+        for clear in clears {
+            connection.emitSignal(
+                path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name, name: "CacheCleared",
+                arguments: [.objectPath(token.path), .string(clear.reason.rawValue)], destination: clear.caller.rawValue)
+        }
+        if busSessions.withLock({ !$0.isEmpty }) { announceLoggedIn(token) }
+        announceLockedBy(token)
+    }
+
+    /// Token1.LockedBy as PropertiesChanged when the lock holder changed since last told.
+    func announceLockedBy(_ token: TokenContext) {
+        let holder = token.policy.withLock { $0.lockHolder }
+        let now = holder.map { id in
+            let info = registry.lookup(id.rawValue)
+            return LockHolder(caller: id, executable: info?.executable ?? "", uid: info?.uid)
+        }
+        let changed = token.lockedBy.withLock { last -> Bool in
+            guard last != now else { return false }
+            last = now
+            return true
+        }
+        guard changed, token.published.load(ordering: .acquiring) else { return }
+        connection.emitPropertiesChanged(
+            path: token.path, interface: PincacheInterfaces.token.name, changed: ["LockedBy": .vardict(now?.properties ?? [:])])
     }
 
     func emitPresence(_ token: TokenContext, present: Bool) {
@@ -225,7 +260,10 @@ public final class PincacheService: @unchecked Sendable {
                 (p.expireIdle(now: now), p.lockHolder != nil && p.nextExpiry.map { $0 <= now } == true)
             }
             if n > 0 { Log.info("token \(token.id): \(n) cached PIN(s) expired (PinCacheTimeout)", event: .pinsWiped) }
-            if lockIdle { token.expireIdleLock() }
+            if lockIdle {
+                token.expireIdleLock()
+                token.worker.submit { [weak self] in self?.announceLockedBy(token) }
+            }
             announceLoggedIn(token)
         }
     }
@@ -349,7 +387,10 @@ public final class PincacheService: @unchecked Sendable {
             connection.unexport(record.path)
             record.token.worker.submit { record.token.closeRawSession(record.id) }
         }
-        for token in tokens { token.callerGone(info.id) }
+        for token in tokens {
+            token.callerGone(info.id)
+            token.worker.submit { [weak self] in self?.announceLockedBy(token) }
+        }
         Log.debug("caller \(name) left: environment destroyed, \(dropped.count) session(s) closed")
     }
 
@@ -418,6 +459,7 @@ public final class PincacheService: @unchecked Sendable {
             done(Result<T, ServiceError>.catching(job))
             // A job may have logged the caller in or out (Login, Logout, logout-after-sign).
             if let self, self.busSessions.withLock({ !$0.isEmpty }) { self.announceLoggedIn(token, caller: caller) }
+            self?.announceLockedBy(token)
         }
         if inline, token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, work) { return }
         token.worker.submit(owner: caller.rawValue, work)

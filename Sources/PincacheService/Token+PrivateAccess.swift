@@ -43,7 +43,7 @@ extension TokenContext {
         do {
             return try withPrivateAccess(
                 caller: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh, freshPIN: fresh,
-                alwaysAuthenticate: alwaysAuthenticate, session: s
+                alwaysAuthenticate: alwaysAuthenticate, keyUsage: record?.keyUsage ?? 0, session: s
             ) { contextPIN in
                 let handle = try resolveKey(request.key, s, caller: caller, function: function)
                 do {
@@ -97,7 +97,7 @@ extension TokenContext {
     /// is purged from every environment before the error goes back.
     func withPrivateAccess<T>(
         caller: CallerID, settings: Settings, kind: OperationKind, requiresFreshPIN: Bool, freshPIN: SecretPIN?,
-        alwaysAuthenticate: Bool, session s: SessionHandle, _ body: (SecretPIN?) throws -> T
+        alwaysAuthenticate: Bool, keyUsage: UInt32 = 0, session s: SessionHandle, _ body: (SecretPIN?) throws -> T
     ) throws -> T {
         // A held login presents no PIN: no need to re-read the token before using it.
         let holds = policy.withLock { $0.state(of: caller).holdsLogin }
@@ -110,7 +110,7 @@ extension TokenContext {
         var outcome = OperationOutcome.failed
         defer {
             let action = policy.withLock {
-                $0.operationFinished(for: caller, settings: settings, kind: kind, outcome: outcome)
+                $0.operationFinished(for: caller, settings: settings, kind: kind, outcome: outcome, keyUsage: keyUsage)
             }
             if action == .logout { backendLogout() }
         }

@@ -118,7 +118,9 @@ final class TokenContext: @unchecked Sendable {
     let backend: Backend
     let slot: SlotID
     let worker: SerialWorker
-    let policy = Mutex(TokenPolicy())
+    let policy = PolicyBox()
+    /// Token1.LockedBy as last announced (non-caching mode's lock holder).
+    let lockedBy = Mutex<LockHolder?>(nil)
     /// Set once the object is on the bus: before that, changes are not announced.
     let published = Atomic<Bool>(false)
     private let snapshotState = Mutex(TokenSnapshot())
@@ -419,7 +421,7 @@ final class TokenContext: @unchecked Sendable {
     /// FlushCaches: the cached PINs go at once; the lock (and the backend login) on the worker.
     /// - Returns: how many cached PINs were dropped.
     func flushAll(reason: String) -> Int {
-        let dropped = policy.withLock { $0.flushCachedPINs() }
+        let dropped = policy.withLock { $0.flushCachedPINs(reason: .flush) }
         worker.submit { [self] in
             let (_, action) = policy.withLock { $0.flushAll() }
             if action == .logout {

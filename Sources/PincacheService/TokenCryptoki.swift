@@ -372,7 +372,7 @@ extension TokenContext {
         }
         policy.withLock { p in
             let hadCache = p.state(of: caller).cachedPIN
-            p.flushCachedPINs()
+            p.flushCachedPINs(reason: .stale)
             if hadCache { p.loginSucceeded(for: caller, plan: .verifyThenCache, settings: settings, pin: new, now: Self.now()) }
         }
     }

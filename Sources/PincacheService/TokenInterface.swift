@@ -64,6 +64,10 @@ extension PincacheService {
         case "UserPinCountLow": return .boolean(info?.userPinCountLow ?? false)
         case "UserPinFinalTry": return .boolean(info?.userPinFinalTry ?? false)
         case "UserPinLocked": return .boolean(info?.userPinLocked ?? false)
+        case "PinTriesLeft":
+            guard let info else { return .int32(-1) }
+            return .int32(info.userPinLocked ? 0 : info.userPinFinalTry ? 1 : -1)
+        case "LockedBy": return .vardict(token.lockedBy.withLock { $0 }?.properties ?? [:])
         default: return nil
         }
     }

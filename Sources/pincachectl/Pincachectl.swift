@@ -140,7 +140,7 @@ extension Pincachectl {
 
     struct Watch: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Print token insertions, removals and property changes as they happen, until Ctrl-C.")
+            abstract: "Print token insertions, removals and property changes (Present, LockedBy, PinTriesLeft, ...) as they happen, until Ctrl-C.")
 
         @OptionGroup var local: GlobalOptions
         @ParentCommand var parent: Pincachectl
@@ -169,6 +169,14 @@ extension Pincachectl {
                             let path = signal.arguments.first?.objectPathValue?.rawValue ?? "?"
                             emit(member, "\(member) \(path)", ["Token": .string(path)])
                         }
+                    }
+                    // Sent to the caller whose login ended: with --bus of a connection that holds
+                    // logins (a test bus, a monitor) every one shows; a plain watch sees its own.
+                    try client.connection.addSignalHandler(sender: Pincache.busName, path: Pincache.managerPath,
+                                                           interface: Pincache.manager, member: "CacheCleared") { signal in
+                        let token = signal.arguments.first?.objectPathValue?.rawValue ?? "?"
+                        let reason = signal.arguments.dropFirst().first?.stringValue ?? "?"
+                        emit("CacheCleared", "CacheCleared \(token) \(reason)", ["Token": .string(token), "Reason": .string(reason)])
                     }
                     try client.connection.addSignalHandler(sender: Pincache.busName, interface: Pincache.properties,
                                                            member: "PropertiesChanged") { signal in

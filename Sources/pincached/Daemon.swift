@@ -15,6 +15,9 @@ enum Daemon {
             Log.error("cannot harden the process (core dumps, crash handlers, freed memory): \(error)")
             exit(1)
         }
+        // Before any thread exists: the helper that alone keeps CAP_SYS_PTRACE is forked, and
+        // the daemon drops every capability.
+        ExecutableHelper.startIfCapable()
 
         // On the system bus whoever can change the configuration or a module runs code as the daemon
         // and sees every PIN: both must be root's alone (DESIGN §5). Checked before the file is read

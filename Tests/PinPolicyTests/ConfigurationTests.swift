@@ -257,3 +257,28 @@ import Testing
         }
     }
 }
+
+@Suite struct UseLimitConfigurationTests {
+    @Test func limitsAreReadGloballyAndPerApplication() throws {
+        let c = try Configuration.parse(
+            """
+            PinCacheMaxUses=100
+            PinCacheMaxUsesNonRepudiation=1
+            [app /usr/bin/ssh]
+            PinCacheMaxUses=0
+            PinCacheMaxUsesDigitalSignature=5
+            PinCacheMaxUsesKeyEncipherment=3
+            """, file: "u.cfg")
+        #expect(c.defaults.useLimits == UseLimits(maxUses: 100, maxUsesByKeyUsage: [0x40: 1]))
+        #expect(c.settings(forExecutable: "/usr/bin/ssh").useLimits
+            == UseLimits(maxUses: 0, maxUsesByKeyUsage: [0x40: 1, 0x80: 5, 0x20: 3]))
+    }
+
+    @Test func badLimitsNameTheLine() {
+        #expect(throws: ConfigurationError(
+            file: "b.cfg", line: 2,
+            reason: "bad value '-1' for PinCacheMaxUses: expected a number of uses, 0 to 1000000 (0 = no limit)")
+        ) { try Configuration.parse("\nPinCacheMaxUses=-1", file: "b.cfg") }
+        #expect(throws: ConfigurationError.self) { try Configuration.parse("PinCacheMaxUsesNonRepudiation=1000001", file: "b.cfg") }
+    }
+}

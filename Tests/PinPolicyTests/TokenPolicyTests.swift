@@ -654,3 +654,129 @@ extension TokenPolicy {
         #expect(try policy.planLogin(for: alice, settings: nonCaching, protectedAuthenticationPath: false) == .holdLogin)
     }
 }
+
+// MARK: - Issue 15 §3 and §4: why a login ended, and use limits
+
+@Suite struct CacheClearedTests {
+    @Test func logoutTimeoutFlushAndRemovalAreToldToEachCaller() throws {
+        var policy = TokenPolicy.withSessions(alice, bob, carol)
+        try policy.login(alice, caching)
+        try policy.login(bob, settings(timeout: 10))
+        try policy.login(carol, nonCaching)
+        #expect(policy.takeCleared().isEmpty)
+        _ = try policy.logout(for: alice)
+        #expect(policy.takeCleared() == [CacheClear(alice, .logout)])
+        #expect(policy.takeCleared().isEmpty)
+        policy.expireIdle(now: 11 * second)
+        #expect(policy.takeCleared() == [CacheClear(bob, .timeout)])
+        #expect(policy.flushAll().action == .logout)
+        #expect(policy.takeCleared() == [CacheClear(carol, .flush)])
+        try policy.login(alice, caching)
+        try policy.login(bob, nonCaching)
+        policy.tokenRemoved()
+        let removed = policy.takeCleared()
+        #expect(Set(removed.map(\.caller)) == [alice, bob] && removed.allSatisfy { $0.reason == .removal })
+    }
+
+    @Test func aLeavingCallerIsNotTold() throws {
+        var policy = TokenPolicy.withSessions(alice)
+        try policy.login(alice, nonCaching)
+        #expect(policy.callerGone(alice) == .logout)
+        #expect(policy.takeCleared().isEmpty)
+    }
+
+    @Test func lastSessionClosedAndLogoutAfterSignAndRejectedPIN() throws {
+        var policy = TokenPolicy.withSessions(alice, bob)
+        try policy.login(alice, caching)
+        _ = policy.sessionClosed(by: alice)
+        #expect(policy.takeCleared() == [CacheClear(alice, .logout)])
+        try policy.login(bob, cachingLogoutAfterSign)
+        _ = try policy.perform(bob, cachingLogoutAfterSign)
+        #expect(policy.takeCleared() == [CacheClear(bob, .policy)])
+        try policy.login(bob, caching)
+        _ = try policy.plan(bob, caching)
+        _ = policy.operationFinished(for: bob, settings: caching, kind: .sign, outcome: .cachedPINRejected)
+        #expect(policy.takeCleared() == [CacheClear(bob, .stale)])
+    }
+
+    @Test func aSessionLockEndsOnlyItsCallersLogins() throws {
+        var policy = TokenPolicy.withSessions(alice, bob, carol)
+        try policy.login(alice, caching)
+        try policy.login(bob, caching)
+        try policy.login(carol, nonCaching)
+        let (ended, action) = policy.flush(callers: [alice, carol], reason: .lock)
+        #expect(ended == 2 && action == .logout)
+        #expect(Set(policy.takeCleared()) == [CacheClear(alice, .lock), CacheClear(carol, .lock)])
+        #expect(policy.state(of: bob).cachedPIN && !policy.state(of: alice).loggedIn && policy.lockHolder == nil)
+        #expect(policy.state(of: alice).sessions == 1)
+    }
+}
+
+extension CacheClear: Hashable {
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(caller)
+        hasher.combine(reason)
+    }
+}
+
+@Suite struct UseLimitTests {
+    private func limited(_ maxUses: UInt32, byKeyUsage: [UInt32: UInt32] = [:]) -> Settings {
+        var s = settings()
+        s.useLimits = UseLimits(maxUses: maxUses, maxUsesByKeyUsage: byKeyUsage)
+        return s
+    }
+
+    @Test func theUseThatReachesTheLimitWipesThePIN() throws {
+        let s = limited(2)
+        var policy = TokenPolicy.withSessions(alice)
+        let watch = try policy.login(alice, s)
+        #expect(policy.state(of: alice).usesLeft == 2)
+        _ = try policy.perform(alice, s)
+        #expect(policy.state(of: alice).usesLeft == 1 && policy.takeCleared().isEmpty)
+        _ = try policy.perform(alice, s, .decrypt)
+        #expect(policy.takeCleared() == [CacheClear(alice, .uses)])
+        #expect(watch.isDropped)
+        #expect(throws: PolicyError.notLoggedIn) { try policy.plan(alice, s) }
+    }
+
+    @Test func aKeyUsageClassCountsOnlyItsKeys() throws {
+        let s = limited(0, byKeyUsage: [CertificateKeyUsage.nonRepudiation: 1])
+        var policy = TokenPolicy.withSessions(alice)
+        try policy.login(alice, s)
+        for _ in 0..<3 {
+            _ = try policy.plan(alice, s)
+            _ = policy.operationFinished(for: alice, settings: s, kind: .sign, outcome: .success,
+                                         keyUsage: CertificateKeyUsage.digitalSignature)
+        }
+        #expect(policy.state(of: alice).cachedPIN && policy.state(of: alice).usesLeft == 1)
+        _ = try policy.plan(alice, s)
+        _ = policy.operationFinished(for: alice, settings: s, kind: .sign, outcome: .success,
+                                     keyUsage: CertificateKeyUsage.nonRepudiation | CertificateKeyUsage.digitalSignature)
+        #expect(policy.takeCleared() == [CacheClear(alice, .uses)])
+    }
+
+    @Test func failuresReadsAndHeldLoginsDoNotCount() throws {
+        let s = limited(1)
+        var policy = TokenPolicy.withSessions(alice, bob)
+        try policy.login(alice, s)
+        _ = try policy.plan(alice, s)
+        _ = policy.operationFinished(for: alice, settings: s, kind: .sign, outcome: .failed)
+        _ = try policy.perform(alice, s, .readPrivate)
+        #expect(policy.state(of: alice).usesLeft == 1)
+        var held = limited(1)
+        held.enableCachePIN = false
+        try policy.login(bob, held)
+        #expect(throws: PolicyError.tokenBusy) { try policy.perform(alice, s) }
+        _ = try policy.perform(bob, held)
+        _ = try policy.perform(bob, held)
+        #expect(policy.state(of: bob).holdsLogin && policy.state(of: bob).usesLeft == nil)
+    }
+
+    @Test func expiryIsReported() throws {
+        var policy = TokenPolicy.withSessions(alice)
+        try policy.login(alice, settings(timeout: 30), now: 5 * second)
+        #expect(policy.state(of: alice).expiresAt == 35 * second)
+        _ = try policy.perform(alice, settings(timeout: 30), now: 10 * second)
+        #expect(policy.state(of: alice).expiresAt == 40 * second)
+    }
+}

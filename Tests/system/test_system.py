@@ -590,6 +590,67 @@ def test_another_users_typo_leaves_my_cache_usable_after_a_good_login(system):
     verify_ec(system, MSG, bytes.fromhex(sig["hex"]))
 
 
+def capabilities(pid):
+    return int(re.search(r"^CapEff:\s+([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text(), re.M).group(1), 16)
+
+
+def test_app_section_applies_to_another_users_program_on_the_installed_service(system):
+    """Issue 15 §5: pkcs11-tool of an unprivileged user, through the installed proxy, gets its
+    [app] section (here non-caching mode, so its login locks the token and Token1.LockedBy
+    names it). The daemon runs as the unit runs it — user pincache, CAP_SYS_PTRACE ambient and
+    bounding, no new privileges (setpriv; this machine has no systemd) — and keeps no
+    capability itself: only its executable helper holds CAP_SYS_PTRACE."""
+    cfg = Path("/etc/pincache/pincache.cfg")
+    original = cfg.read_text()
+    stop_daemon()
+    daemon = None
+    try:
+        cfg.write_text(original + "\n[app /usr/bin/pkcs11-tool]\nP11_EnableCachePIN=0\n")
+        daemon = subprocess.Popen(
+            ["setpriv", "--reuid=pincache", "--regid=pincache", "--init-groups", "--inh-caps=-all,+sys_ptrace",
+             "--ambient-caps=+sys_ptrace", "--bounding-set=-all,+sys_ptrace", "--no-new-privs",
+             "/usr/sbin/pincached", "--bus", "system"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: len(daemon_pids()) == 1 and bus_call_root("NameHasOwner", "s", "org.pincache.Daemon")[1] == "true",
+                 20, "pincached started as the unit would")
+        pid = daemon_pids()[0]
+        helpers = [int(p) for p in run(["pgrep", "-u", DAEMON_USER, "-x", "pincache-exe"], check=False).stdout.split()]
+        assert len(helpers) == 1, helpers
+        assert capabilities(pid) == 0, hex(capabilities(pid))
+        assert capabilities(helpers[0]) == 1 << 19, hex(capabilities(helpers[0]))  # CAP_SYS_PTRACE alone
+
+        proxies = glob.glob("/usr/lib/*/pkcs11/libpincache-pkcs11.so")
+        # The data comes through a FIFO: pkcs11-tool logs in, then waits in open() for a writer.
+        fifo = system.workdir / "app-section-data"
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo)
+        fifo.chmod(0o666)
+        tool = subprocess.Popen(
+            ["runuser", "-u", U1, "--", "pkcs11-tool", "--module", proxies[0], "--token-label", LABEL, "--login",
+             "--pin", PIN, "--sign", "--id", EC_KEY, "--mechanism", "ECDSA", "--input-file", str(fifo),
+             "--output-file", "/dev/null"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=client_env())
+        watcher = system.client(U3)
+        tok = token_path(watcher)
+        holder = {"Executable": "/usr/bin/pkcs11-tool", "Uid": pwd.getpwnam(U1).pw_uid}
+        # pkcs11-tool has logged in and waits for its input: its login holds the token.
+        seen = []
+        try:
+            wait_for(lambda: seen.append(watcher.ok(tok, PROPS, "Get", "ss", T1, "LockedBy")) or seen[-1] == holder, 20,
+                     "LockedBy = pkcs11-tool of U1")
+        except AssertionError:
+            tool.kill()
+            raise AssertionError(f"LockedBy {seen[-3:]}; pkcs11-tool: {tool.communicate()}")
+        fifo.write_bytes(hashlib.sha256(MSG).digest())
+        out, err = tool.communicate(timeout=60)
+        assert tool.returncode == 0, err
+        wait_for(lambda: watcher.ok(tok, PROPS, "Get", "ss", T1, "LockedBy") == {}, 20, "LockedBy empty again")
+    finally:
+        cfg.write_text(original)
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(timeout=20)
+        stop_daemon()
+
 def test_a_refused_configuration_is_named_when_activation_fails(system):
     """Issue 16 §4: activation with a bad configuration tells the user what to check, not the
     launch helper's "out of memory" (its reading of the daemon's exit status)."""

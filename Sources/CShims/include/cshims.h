@@ -27,4 +27,15 @@ int pincache_join_within(unsigned long thread, unsigned int milliseconds);
 /* Names the calling thread (at most 15 bytes shown in ps/top). */
 void pincache_name_this_thread(const char *name);
 
+/* Whether `capability` (CAP_* number) is in the calling thread's effective set. */
+int pincache_has_capability(int capability);
+
+/* Clears the ambient set and keeps only `capability` (or nothing, for -1) in the effective
+   and permitted sets, for good: without CAP_SETPCAP and under NoNewPrivileges nothing brings
+   a dropped capability back. Returns 0 or -1 with errno. */
+int pincache_keep_only_capability(int capability);
+
+/* PR_SET_PDEATHSIG(SIGKILL): the calling process dies when its parent does. */
+int pincache_die_with_parent(void);
+
 #endif
