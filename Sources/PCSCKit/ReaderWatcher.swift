@@ -4,8 +4,10 @@ import SystemKit
 import Synchronization
 
 /// Watches PC/SC (pcscd) for card insertion and removal and for readers coming and going,
-/// on a thread of its own (SCardGetStatusChange blocks). It says only *that* something
-/// changed: the daemon then rescans its PKCS#11 modules, which know what the change means.
+/// on a thread of its own (SCardGetStatusChange blocks). It says which reader gained or lost
+/// a card (`onCard`, at once: the daemon can announce it before any module has probed the
+/// card, which for a card OpenSC does not know takes seconds), and that something changed
+/// (`onChange`: the daemon then rescans its PKCS#11 modules, which know what it means).
 /// pcscd absent at start, killed or restarted is survived: the watcher logs once per outage,
 /// retries, and reports a change when pcscd is back (everything may have moved meanwhile).
 public final class ReaderWatcher: Sendable {
@@ -22,18 +24,30 @@ public final class ReaderWatcher: Sendable {
     private struct State {
         var context: SCARDCONTEXT = 0
         var stopping = false
+        var connected = false
     }
     private let state = Mutex(State())
     private let onChange: @Sendable () -> Void
+    private let onCard: @Sendable (String, Bool) -> Void
     private let log: @Sendable (String) -> Void
 
     /// - Parameters:
+    ///   - onCard: called on the watcher thread when a known reader's card comes (true) or
+    ///     goes (false), before `onChange`.
     ///   - onChange: called on the watcher thread after any reader or card change.
     ///   - log: one line per noteworthy event (outage, recovery); never per card event.
-    public init(onChange: @escaping @Sendable () -> Void, log: @escaping @Sendable (String) -> Void) {
+    public init(
+        onCard: @escaping @Sendable (String, Bool) -> Void = { _, _ in }, onChange: @escaping @Sendable () -> Void,
+        log: @escaping @Sendable (String) -> Void
+    ) {
+        self.onCard = onCard
         self.onChange = onChange
         self.log = log
     }
+
+    /// pcscd answers and every reader's state is known: card changes arrive as events, so
+    /// nobody needs to poll the cards.
+    public var isConnected: Bool { state.withLock { $0.connected } }
 
     public func start() {
         startThread(name: "pincache-pcsc") { [self] in run() }
@@ -70,7 +84,10 @@ public final class ReaderWatcher: Sendable {
                 onChange()
             }
             let end = watch(context)
-            state.withLock { $0.context = 0 }
+            state.withLock {
+                $0.context = 0
+                $0.connected = false
+            }
             SCardReleaseContext(context)
             if stopping { return }
             log("PC/SC connection lost (\(Self.describe(end))); retrying")
@@ -101,14 +118,21 @@ public final class ReaderWatcher: Sendable {
                 let rv = Int(SCardGetStatusChange(context, DWORD(INFINITE), &states, DWORD(states.count)))
                 if rv == Self.success {
                     var changed = false
+                    var cards: [(String, Bool)] = []
+                    let present = DWORD(SCARD_STATE_PRESENT)
                     for (i, s) in states.enumerated() {
                         let event = s.dwEventState & ~DWORD(SCARD_STATE_CHANGED)
                         if s.dwEventState & DWORD(SCARD_STATE_CHANGED) != 0 {
                             // The first sight of a reader is not a change; later flips are.
                             if i == 0 || known[names[i]] != nil { changed = true }
+                            if i > 0, let before = known[names[i]], (before & present) != (event & present) {
+                                cards.append((names[i], event & present != 0))
+                            }
                         }
                         if i == 0 { pnpState = event } else { known[names[i]] = event }
                     }
+                    self.state.withLock { $0.connected = true }
+                    for (reader, inserted) in cards { onCard(reader, inserted) }
                     if changed { onChange() }
                 }
                 return rv

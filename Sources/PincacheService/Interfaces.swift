@@ -34,7 +34,7 @@ public enum PincacheInterfaces {
         signals: [
             DBusSignal(
                 "TokenInserted", [DBusArgument("token", "o")],
-                doc: "A card was inserted into a reader (Token1.Present became true), or a slot with a token appeared."),
+                doc: "A card was inserted into a reader (Token1.Present became true), or a slot with a token appeared. Sent as soon as PC/SC reports the card: Recognized, Label and the rest follow as PropertiesChanged once the module has read it (seconds, for a card OpenSC does not know)."),
             DBusSignal(
                 "TokenRemoved", [DBusArgument("token", "o")],
                 doc: "A card was removed (Token1.Present became false), or a slot with a token went away. Every cached PIN and login for the token has been wiped."),

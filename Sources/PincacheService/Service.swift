@@ -120,15 +120,26 @@ public final class PincacheService: @unchecked Sendable {
         watchLogind()
         try connection.requestName(PincacheBus.serviceName)
         startPoller()
-        let watcher = ReaderWatcher(onChange: { [weak self] in self?.rescan() }, log: { Log.notice($0, event: .pcscUnavailable) })
+        let watcher = ReaderWatcher(
+            onCard: { [weak self] reader, present in self?.cardEvent(reader: reader, present: present) },
+            onChange: { [weak self] in self?.rescan() }, log: { Log.notice($0, event: .pcscUnavailable) })
         watcher.start()
         readerWatcher = watcher
         Log.info("ready on the bus as \(PincacheBus.serviceName) (\(connection.uniqueName)); \(tokens.count) slot(s)", event: .started)
     }
 
     /// Re-reads every module's slot list and every token's state (PC/SC event, poll tick).
-    func rescan() {
+    /// `periodic`: the poller's tick, which leaves alone the modules whose slots are all
+    /// card readers while PC/SC reports their every change (issue 15 §1): an idle daemon sends
+    /// the cards nothing.
+    func rescan(periodic: Bool = false) {
+        let pcscWatches = periodic && readerWatcher?.isConnected == true
+        let all = tokens
         for backend in backends where backend.worker.backlog == 0 {
+            if pcscWatches {
+                let own = all.filter { $0.backend === backend }
+                if !own.isEmpty && own.allSatisfy({ $0.snapshot.removable }) { continue }
+            }
             backend.worker.submit { [weak self] in self?.rescanSlots(backend, announce: true) }
         }
     }
@@ -218,6 +229,23 @@ public final class PincacheService: @unchecked Sendable {
             path: token.path, interface: PincacheInterfaces.token.name, changed: ["LockedBy": .vardict(now?.properties ?? [:])])
     }
 
+    /// PC/SC saw a card come or go in `reader` (issue 15 §1): the reader's tokens show it at
+    /// once, TokenInserted with Present=true and Recognized=false until their module has read
+    /// the card, which the rescan that follows does; a removal wipes their caches at once.
+    func cardEvent(reader: String, present: Bool) {
+        for token in tokens where token.snapshot.removable && Self.slot(token.snapshot.slotDescription, isReader: reader) {
+            if present { token.cardArrived() } else { token.cardGone() }
+        }
+    }
+
+    /// A module names a reader's slot after the reader (OpenSC, blank-padded to
+    /// CK_SLOT_INFO's 64 bytes, so a long name is cut).
+    static func slot(_ description: String, isReader reader: String) -> Bool {
+        var d = Substring(description)
+        while d.last == " " { d = d.dropLast() }
+        return !d.isEmpty && (d == reader || (description.utf8.count >= 60 && reader.hasPrefix(d)))
+    }
+
     func emitPresence(_ token: TokenContext, present: Bool) {
         connection.emitSignal(
             path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name,
@@ -246,7 +274,7 @@ public final class PincacheService: @unchecked Sendable {
         startThread(name: "pincache-poller") { [weak self] in
             while let self, !self.stopping.load(ordering: .relaxed) {
                 sleep(seconds: interval)
-                self.rescan()
+                self.rescan(periodic: true)
                 self.expireIdlePINs()
                 self.cryptokiSockets.reapEnded()
             }

@@ -296,3 +296,47 @@ def test_pcscd_restart_is_survived(daemon_env, pcscd, vcard_factory, make_client
     verify_card(card, b"back", sign(a, s, b"back"))
     assert d.stderr_text().count("PC/SC connection lost") == 1
     assert d.proc.poll() is None
+
+
+def test_a_card_opensc_does_not_know_is_announced_at_once(card_daemon, vicc_factory, make_client, bus):
+    """Issue 15 §1: TokenInserted comes from pcscd's event, not from the module's probe (which
+    takes OpenSC about 14 s for an unknown card): Present=true, Recognized=false at once;
+    TokenRemoved likewise."""
+    card_daemon()
+    client = make_client()
+    mon = Monitor(bus.address)
+    try:
+        time.sleep(0.5)
+        vicc = vicc_factory(reader_index=1)
+        slot = next(t for t, p in token_props(client).items() if p["SlotDescription"].startswith(READER2))
+        vicc.insert()  # returns once pcscd reports the card
+        seen = time.monotonic()
+        wait_until(lambda: any("TokenInserted" in l for l in mon.lines) and mon.seen(slot), timeout=5,
+                   what="TokenInserted for the unknown card")
+        inserted = time.monotonic() - seen
+        props = client.token_props(slot)
+        assert props["Present"] is True and props["Recognized"] is False, props
+        vicc.pull()
+        seen = time.monotonic()
+        wait_until(lambda: any("TokenRemoved" in l for l in mon.lines), timeout=5, what="TokenRemoved")
+        removed = time.monotonic() - seen
+        print(f"FIGURE card events: TokenInserted {inserted * 1000:.0f} ms, TokenRemoved {removed * 1000:.0f} ms "
+              "after pcscd reported the change")
+    finally:
+        mon.stop()
+
+
+def test_an_idle_daemon_sends_the_card_nothing(card_daemon, vcard_factory, make_client):
+    """Issue 15 §1: with PC/SC events, the poll (here every 300 ms) leaves card readers alone."""
+    card_daemon()
+    client = make_client()
+    card = vcard_factory("a").insert()
+    card_token(client, card)
+    time.sleep(1)  # the insertion's own reads settle
+    before = len(card.apdus())
+    time.sleep(3)
+    assert len(card.apdus()) == before, card.apdus()[before:]
+    # And a change is still seen at once.
+    card.pull()
+    wait_until(lambda: all(not p["Present"] for p in token_props(client).values()
+                           if p["SlotDescription"].startswith(READER)), what="the pull seen without polling")
