@@ -187,14 +187,22 @@ extension TokenContext {
         return try body()
     }
 
-    /// Like withAccess, but an operation on a private object needs the caller's login.
+    /// Like withAccess, but an operation on a private object needs the caller's login, and
+    /// one on a public object never logs in (issue 14 §3): reading a certificate's or a
+    /// public key's attributes, verifying, encrypting cost no bracket (on a card, no VERIFY).
     private func withObjectAccess<T>(
         caller: CallerID, settings: Settings, _ s: SessionHandle, _ loc: ObjectTable.Locator, function: String,
         invalid: ReturnValue = .objectHandleInvalid, _ body: () throws -> T
     ) throws -> T {
-        if loc.isPrivate && !policy.withLock({ $0.state(of: caller).loggedIn }) {
+        let loggedIn = policy.withLock { $0.state(of: caller).loggedIn }
+        if loc.isPrivate && !loggedIn {
             try policy.withLock { try $0.checkAvailable(for: caller) }
             throw PKCS11Error(rv: invalid, function: function)
+        }
+        if !loc.isPrivate && loggedIn && loc.owner == nil {
+            try policy.withLock { try $0.checkAvailable(for: caller) }
+            _ = try presentTokenInfo()
+            return try body()
         }
         return try withAccess(caller: caller, settings: settings, s, body)
     }

@@ -3,6 +3,7 @@ virtual OpenPGP card (Tests/support/vcard). Runs as root (pcscd); with CI=true a
 missing fails instead of skipping."""
 
 import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support" / "vcard"
 from fixtures import (OPENSC_CONF, OPENSC_PKCS11, PIN as CARD_PIN, READER, READER2,  # noqa: E402
                       need, opensc_environ, pcscd, vcard_factory, vicc_factory, wait_for)
 from pincache_client import ERR, CallError, digest, wait_until  # noqa: E402
+from test_proxy_support import proxy_lib  # noqa: E402,F401  (fixture)
 
 SIG = "(sig)"
 
@@ -340,3 +342,23 @@ def test_an_idle_daemon_sends_the_card_nothing(card_daemon, vcard_factory, make_
     card.pull()
     wait_until(lambda: all(not p["Present"] for p in token_props(client).values()
                            if p["SlotDescription"].startswith(READER)), what="the pull seen without polling")
+
+
+def test_reading_public_objects_costs_the_card_no_verify(card_daemon, vcard_factory, make_client, bus, proxy_lib):
+    """Issue 14 §3-§4 (part): through the proxy in caching mode, a logged-in program reading
+    its public keys' attributes needs no login on the card: only the login and the brackets of
+    its searches cost a VERIFY, however many attributes it reads (33 VERIFYs before; 4 now)."""
+    card_daemon(caching=True)
+    client = make_client()
+    card = vcard_factory("a").insert()
+    card_token(client, card, sig=False)
+    before = len(card.verifies())
+    r = subprocess.run(["pkcs11-tool", "--module", str(proxy_lib), "--token-label", "OpenPGP card (User PIN)",
+                        "--login", "--pin", CARD_PIN, "--list-objects", "--type", "pubkey"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PINCACHE_BUS_ADDRESS": bus.address})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Public Key Object" in r.stdout, r.stdout
+    spent = len(card.verifies()) - before
+    print(f"FIGURE card economy: VERIFYs for login + public key listing through the proxy = {spent}")
+    assert spent <= 4, card.verifies()[before:]
