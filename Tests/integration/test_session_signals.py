@@ -1,27 +1,16 @@
 """Session1.LoggedIn is announced with PropertiesChanged (issue 16 §6), to the session's
 owner only: on Login, Logout, PinCacheTimeout expiry and FlushCaches."""
 
-import subprocess
-import threading
-import time
 
 from pincache_client import PIN, wait_until
+from signal_monitor import SignalMonitor
 
 
-class DBusMonitor:
-    """dbus-monitor on the test bus (which allows monitoring): every PropertiesChanged."""
+class DBusMonitor(SignalMonitor):
+    """Every PropertiesChanged on the test bus."""
 
     def __init__(self, address):
-        self.proc = subprocess.Popen(
-            ["dbus-monitor", "--address", address, "type='signal',interface='org.freedesktop.DBus.Properties'"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.lines = []
-        threading.Thread(target=self._read, daemon=True).start()
-        time.sleep(0.5)
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
+        super().__init__(address, "type='signal',interface='org.freedesktop.DBus.Properties'")
 
     def logged_in_changes(self, path):
         """[(destination, value)] of LoggedIn changes announced for `path`, in order."""
@@ -37,9 +26,6 @@ class DBusMonitor:
                 out.append((destination, line.split()[-1] == "true"))
                 expect_value = False
         return out
-
-    def stop(self):
-        self.proc.kill()
 
 
 def test_logged_in_changes_are_announced_to_the_owner(start_daemon, make_client, bus):
