@@ -1,7 +1,6 @@
 """Session1.LoggedIn is announced with PropertiesChanged (issue 16 §6), to the session's
 owner only: on Login, Logout, PinCacheTimeout expiry and FlushCaches."""
 
-
 from pincache_client import PIN, wait_until
 from signal_monitor import SignalMonitor
 
