@@ -58,9 +58,11 @@ def test_gdbus_example_keeps_one_login_for_two_signatures(start_daemon, bus, tok
                        capture_output=True, text=True, timeout=60, env={"PINCACHE_BUS_ADDRESS": bus.address})
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert len(lines) == 2, lines
+    assert len(lines) == 3, lines
     for message, line in zip((b"first message", b"second message"), lines):
         verify(tokens.cert("ec"), "ECDSA-SHA256", message, bytes.fromhex(line))
+    # Its Logout came back as CacheCleared, to this connection.
+    assert lines[2].startswith("CacheCleared /org/pincache/token/") and lines[2].endswith(" logout"), lines
 
 
 def test_gdbus_example_reports_a_wrong_pin_by_its_error_name(start_daemon, bus, gdbus_client):

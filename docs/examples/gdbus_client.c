@@ -2,7 +2,8 @@
  * cards come and go.
  *
  *   cc gdbus_client.c $(pkg-config --cflags --libs gio-2.0) -o gdbus_client
- *   ./gdbus_client sign TOKEN-LABEL KEY-ID-HEX < pin   # two ECDSA-SHA256 signatures, as hex
+ *   ./gdbus_client sign TOKEN-LABEL KEY-ID-HEX < pin   # two ECDSA-SHA256 signatures, as hex,
+ *                                                      # then the CacheCleared of the logout
  *   ./gdbus_client watch [SECONDS]                     # TokenInserted/TokenRemoved as they come
  *
  * The system bus, or PINCACHE_BUS_ADDRESS when set. A login lives as long as the bus
@@ -13,7 +14,9 @@
  * A desktop application reacts to cards the way `watch` does: subscribe to Manager1's
  * TokenInserted and TokenRemoved on /org/pincache, read the token's properties (Label,
  * Present, Recognized, ...) and follow Token1's PropertiesChanged, since a card's label is
- * known only once its module has read it. */
+ * known only once its module has read it. A client that caches a login learns when and why
+ * it ended from Manager1's CacheCleared(token, reason), sent to it alone (logout, timeout,
+ * uses, removal, lock, suspend, flush, stale, policy): `sign` shows it after its Logout. */
 
 #include <gio/gio.h>
 #include <stdio.h>
@@ -75,6 +78,16 @@ static char *token_label(GDBusConnection *bus, const char *path) {
     return label;
 }
 
+static void on_cache_cleared(GDBusConnection *bus, const char *sender, const char *path, const char *interface,
+                             const char *member, GVariant *parameters, gpointer user_data) {
+    (void)bus, (void)sender, (void)path, (void)interface, (void)member;
+    const char *token, *reason;
+    g_variant_get(parameters, "(&o&s)", &token, &reason);
+    printf("CacheCleared %s %s\n", token, reason);
+    fflush(stdout);
+    *(gboolean *)user_data = TRUE;
+}
+
 static int sign(const char *label, const char *key_hex) {
     gsize key_length = strlen(key_hex) / 2;
     guint8 key_id[128];
@@ -134,7 +147,17 @@ static int sign(const char *label, const char *key_hex) {
         g_variant_unref(signature);
         g_variant_unref(reply);
     }
+    /* Why the cached PIN went comes as a signal to this connection alone. */
+    gboolean cleared = FALSE;
+    guint subscription = g_dbus_connection_signal_subscribe(bus, DAEMON, MANAGER, "CacheCleared", MANAGER_PATH,
+                                                            NULL, G_DBUS_SIGNAL_FLAGS_NONE, on_cache_cleared,
+                                                            &cleared, NULL);
     g_variant_unref(call(bus, session, SESSION, "Logout", NULL, NULL));
+    gint64 deadline = g_get_monotonic_time() + 5 * G_USEC_PER_SEC;
+    while (!cleared && g_get_monotonic_time() < deadline) {
+        if (!g_main_context_iteration(NULL, FALSE)) g_usleep(10000);
+    }
+    g_dbus_connection_signal_unsubscribe(bus, subscription);
     g_variant_unref(call(bus, session, SESSION, "Close", NULL, NULL));
     g_free(session);
     g_free(token);
