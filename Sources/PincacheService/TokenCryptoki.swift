@@ -18,6 +18,9 @@ struct ObjectTable {
         var creatingSession: UInt64?
         /// The login epoch in which `backend` was last seen to be this object.
         var checkedEpoch: UInt64?
+        /// A private object's non-sensitive attributes as its last search read them, inside
+        /// that search's bracket (issue 14 §3): logged-in callers read them without a login.
+        var snapshot: [AttributeType: AttributeResult]?
 
         var keyID: [UInt8]? { template.first { $0.type == .id }?.value }
         var objectClass: UInt? { template.first { $0.type == .class }?.value.pkcs11ULong }
@@ -30,6 +33,23 @@ struct ObjectTable {
 
 extension TokenContext {
     static let identityTypes: [AttributeType] = [.class, .id, .label, .private, .token, .keyType, .value]
+
+    /// What a private object's snapshot holds: what describes a key, never what would reveal
+    /// one (no CKA_VALUE, private exponent, primes; those are read in a bracket, as the
+    /// backend decides).
+    static let snapshotTypes: [AttributeType] = [
+        .class, .token, .private, .label, .id, .keyType, .subject, .sensitive, .encrypt, .decrypt, .wrap, .unwrap,
+        .sign, .signRecover, .verify, .verifyRecover, .derive, .modulus, .modulusBits, .publicExponent, .extractable,
+        .local, .neverExtractable, .alwaysSensitive, .keyGenMechanism, .modifiable, .ecParams, .ecPoint,
+        .alwaysAuthenticate, .wrapWithTrusted,
+        AttributeType(rawValue: 0x4),  // CKA_UNIQUE_ID (3.0)
+        AttributeType(rawValue: 0x4000_0600),  // CKA_ALLOWED_MECHANISMS
+    ]
+    static let snapshotTypeSet = Set(snapshotTypes)
+
+    /// What of a bracketed read may join a private object's snapshot: the described types,
+    /// and any type's refusal (sensitive, not applicable), which carries no secret.
+    static func snapshotWorthy(_ r: AttributeResult) -> Bool { r.status != .ok || snapshotTypeSet.contains(r.type) }
 
     /// An object's identity bytes from its attributes; nil if the handle is not valid here.
     /// One C_GetAttributeValue for the plain attributes; CKA_VALUE (sensitive on keys, so it
@@ -146,14 +166,25 @@ extension TokenContext {
     /// The CKA_ID behind a daemon handle as last seen, from any thread (polkit details).
     func knownKeyID(_ handle: UInt64) -> [UInt8]? { handleKeyIDs.withLock { $0[handle] } }
 
-    /// C_SetAttributeValue; the object keeps its handle, registered afresh since its identity
-    /// (label, id) may have changed.
+    /// C_SetAttributeValue. The object keeps its handle (issue 13 §3): its locator takes the
+    /// new identity (label, id), and its snapshot goes.
     func setAttributes(_ s: SessionHandle, _ handle: UInt64, _ template: [Attribute], caller: CallerID) throws {
         let backend = try resolve(handle, s, caller: caller, function: "C_SetAttributeValue")
-        let created = objectTable.locators[handle]?.creatingSession
         try module.setAttributes(s, backend, template)
-        forgetObject(handle)
-        _ = try register(s, backend, caller: caller, createdIn: created)
+        guard var loc = objectTable.locators[handle], let found = identity(s, backend) else {
+            forgetObject(handle)
+            return
+        }
+        objectTable.byIdentity[loc.identity] = nil
+        loc.identity = found.bytes + (loc.owner.map { Array($0.rawValue.utf8) } ?? [])
+        loc.template = [AttributeType.class, .id, .label, .keyType].compactMap { t in found.attrs[t].map { Attribute(t, $0) } }
+        loc.isPrivate = found.attrs[.private]?.pkcs11Bool ?? false
+        loc.backend = backend
+        loc.checkedEpoch = loginEpoch
+        loc.snapshot = nil
+        objectTable.locators[handle] = loc
+        objectTable.byIdentity[loc.identity] = handle
+        handleKeyIDs.withLock { $0[handle] = found.attrs[.id] }
     }
 
     // MARK: - Sessions of the proxy (worker)
@@ -222,7 +253,16 @@ extension TokenContext {
     {
         let s = try rawSession(id, readWrite: rw)
         return try withAccess(caller: caller, settings: settings, s) {
-            try module.findObjects(s, matching: template, limit: max).compactMap { try register(s, $0, caller: caller) }
+            try module.findObjects(s, matching: template, limit: max).compactMap { h -> UInt64? in
+                guard let handle = try register(s, h, caller: caller) else { return nil }
+                // In this search's bracket, private objects' descriptions are read once for
+                // every later attribute read: a search is where an outside change shows.
+                if objectTable.locators[handle]?.isPrivate == true {
+                    objectTable.locators[handle]?.snapshot = (try? module.attributeValues(s, h, Self.snapshotTypes))
+                        .map { Dictionary($0.map { ($0.type, $0) }, uniquingKeysWith: { a, _ in a }) }
+                }
+                return handle
+            }
         }
     }
 
@@ -231,9 +271,22 @@ extension TokenContext {
     {
         let s = try rawSession(id, readWrite: rw)
         let loc = try locator(handle, caller: caller, function: "C_GetAttributeValue")
-        var results = try withObjectAccess(caller: caller, settings: settings, s, loc, function: "C_GetAttributeValue") {
-            let h = try resolve(handle, s, caller: caller, function: "C_GetAttributeValue")
-            return try module.attributeValues(s, h, types)
+        var results: [AttributeResult]
+        if let snapshot = loc.snapshot, loc.owner == nil, types.allSatisfy({ snapshot[$0] != nil }),
+            policy.withLock({ $0.state(of: caller).loggedIn })
+        {
+            // Described at its last search: no bracket, no login (issue 14 §3).
+            try policy.withLock { try $0.checkAvailable(for: caller) }
+            _ = try presentTokenInfo()
+            results = types.map { snapshot[$0]! }
+        } else {
+            results = try withObjectAccess(caller: caller, settings: settings, s, loc, function: "C_GetAttributeValue") {
+                let h = try resolve(handle, s, caller: caller, function: "C_GetAttributeValue")
+                return try module.attributeValues(s, h, types)
+            }
+            if loc.isPrivate, loc.owner == nil, objectTable.locators[handle] != nil {
+                for r in results where Self.snapshotWorthy(r) { objectTable.locators[handle]!.snapshot?[r.type] = r }
+            }
         }
         // Force-login keys show CKA_ALWAYS_AUTHENTICATE, so applications ask for the PIN (DESIGN §1).
         if let i = results.firstIndex(where: { $0.type == .alwaysAuthenticate }), results[i].status == .ok,
@@ -264,6 +317,7 @@ extension TokenContext {
         let s = try rawSession(id, readWrite: rw)
         let result = try withAccess(caller: caller, settings: settings, s) { try body(s) }
         keys = nil  // a new or changed key shows in ListKeys
+        for handle in objectTable.locators.keys { objectTable.locators[handle]?.snapshot = nil }
         return result
     }
 

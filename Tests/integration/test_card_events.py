@@ -362,3 +362,13 @@ def test_reading_public_objects_costs_the_card_no_verify(card_daemon, vcard_fact
     spent = len(card.verifies()) - before
     print(f"FIGURE card economy: VERIFYs for login + public key listing through the proxy = {spent}")
     assert spent <= 4, card.verifies()[before:]
+    # Private keys: described inside the search's bracket, then read without one.
+    before = len(card.verifies())
+    r = subprocess.run(["pkcs11-tool", "--module", str(proxy_lib), "--token-label", "OpenPGP card (User PIN)",
+                        "--login", "--pin", CARD_PIN, "--list-objects", "--type", "privkey"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PINCACHE_BUS_ADDRESS": bus.address})
+    assert r.returncode == 0 and "Private Key Object" in r.stdout, r.stdout + r.stderr
+    spent = len(card.verifies()) - before
+    print(f"FIGURE card economy: VERIFYs for login + private key listing through the proxy = {spent}")
+    assert spent <= 4, card.verifies()[before:]

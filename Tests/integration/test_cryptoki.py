@@ -326,3 +326,24 @@ def test_array_attributes_never_reach_the_module(ck):
     assert a.rv(s, "CreateObject", [(CKA_CLASS, ulong(CKO_DATA)), (wrap_template, nested)]) == 0x12
     assert a.rv(s, "FindObjects", [(wrap_template, nested)], 10) == 0x12
     assert a.state(s) == CKS_RW_USER
+
+
+def test_private_key_descriptions_survive_changes_through_the_daemon_with_their_handle(ck, tokens):
+    """Issue 14 §3 and issue 13 §3: a private key's description is read in its search's bracket
+    and served from there; a change through the daemon shows at once and the key keeps its
+    handle; a sensitive attribute is refused as the backend refuses it, never snapshotted."""
+    a = ck("A")
+    s = a.open()
+    a.login(s)
+    key = a.key(s, b"\x01")
+    assert a.attrs(s, key, [CKA_LABEL])[CKA_LABEL] == (0, b"ec-key")
+    try:
+        a.s(s, "SetAttributes", key, [(CKA_LABEL, b"renamed-here")])
+        assert a.attrs(s, key, [CKA_LABEL])[CKA_LABEL] == (0, b"renamed-here")
+        assert a.key(s, b"\x01") == key
+        assert a.attrs(s, key, [CKA_LABEL])[CKA_LABEL] == (0, b"renamed-here")
+        verify(tokens.cert("ec"), "ECDSA", b"still the key", a.sign(s, CKM_ECDSA, key, digest(b"still the key")))
+        status, _ = a.attrs(s, key, [CKA_VALUE])[CKA_VALUE]  # the private scalar
+        assert status == 0x11  # CKR_ATTRIBUTE_SENSITIVE, as SoftHSM says
+    finally:
+        a.s(s, "SetAttributes", key, [(CKA_LABEL, b"ec-key")])
