@@ -56,7 +56,8 @@ public enum Fields {
     public static let pin = FieldType.secret(max: Caps.pin)
     public static let text = FieldType.string(max: Caps.text)
     public static let version = FieldType.record([Field("major", .ulong), Field("minor", .ulong)])
-    /// CK_SLOT_INFO and, when `token_present`, CK_TOKEN_INFO (zeros and empty text otherwise).
+    /// CK_SLOT_INFO and, when `token_present` is 1, CK_TOKEN_INFO (zeros and empty text
+    /// otherwise; 2: a card the module cannot read, CKR_TOKEN_NOT_RECOGNIZED).
     public static let slotInfo = FieldType.record([
         slot,
         Field("slot_description", text), Field("slot_manufacturer", text), Field("slot_flags", .ulong),

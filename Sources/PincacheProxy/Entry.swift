@@ -113,6 +113,7 @@ func pincacheGetTokenInfo(_ slot: CK_SLOT_ID, _ info: UnsafeMutablePointer<CK_TO
         let snapshot = try library.snapshot(slot)
         guard let info else { throw .argumentsBad }
         guard snapshot.tokenPresent else { throw CKError(CKR_TOKEN_NOT_PRESENT) }
+        guard !snapshot.tokenUnrecognized else { throw CKError(CKR_TOKEN_NOT_RECOGNIZED) }
         info.pointee = snapshot.tokenInfo
     }
 }

@@ -34,6 +34,8 @@ struct SlotSnapshot: Sendable {
     var fields: [String: WireValue]
 
     var tokenPresent: Bool { (fields["token_present"]?.ulongValue ?? 0) != 0 }
+    /// A card is there but its module cannot read it (token_present 2).
+    var tokenUnrecognized: Bool { fields["token_present"]?.ulongValue == 2 }
 }
 
 /// Mechanism list entry (GetMechanisms).

@@ -343,7 +343,8 @@ extension PincacheService {
         return .record(
             [
                 .string(token.id), text(s.slotDescription), text(s.slotManufacturer), .ulong(UInt64(s.slotFlags)),
-                version(s.slotHardwareVersion), version(s.slotFirmwareVersion), .ulong(present ? 1 : 0),
+                // 2: a card is there but its module cannot read it (CKR_TOKEN_NOT_RECOGNIZED).
+                version(s.slotHardwareVersion), version(s.slotFirmwareVersion), .ulong(present ? 1 : s.present ? 2 : 0),
                 text(i?.label ?? ""), text(i?.manufacturer ?? ""), text(i?.model ?? ""), text(i?.serialNumber ?? ""),
             ] + numbers.map { .ulong(UInt64($0)) } + [
                 version(i?.hardwareVersion ?? Version(major: 0, minor: 0)),

@@ -16,6 +16,18 @@ extension PincacheService {
         done: @escaping @Sendable (Result<T, ServiceError>) -> Void
     ) {
         let info = requester.info
+        // The token's PIN flags move with every PIN it is shown (issue 13 §9): after a wrong
+        // one, or while any flag is up, the snapshot that GetSlots and Token1 read is
+        // refreshed in the same turn of the worker, before the caller hears the verdict.
+        let job: @Sendable () throws -> T = {
+            var failed = true
+            defer {
+                if failed || PinStatus(tokenFlags: token.snapshot.info?.flags ?? 0) != [] { token.refresh() }
+            }
+            let result = try job()
+            failed = false
+            return result
+        }
         authorise(needs, requester, token: token, operation: operation, keyID: keyID, denied: denied) { [weak self] in
             // Without a uid (never on a real bus) one key serves all such callers.
             let key = GuessThrottle.Key(uid: info.uid ?? UInt32.max, token: token.id)

@@ -20,7 +20,12 @@ extension PincacheService {
 
     /// A new session of `info` on `token`, within the caller's quota (both front ends).
     func openSessionRecord(_ info: CallerInfo, _ token: TokenContext, readWrite: Bool) -> Result<SessionRecord, ServiceError> {
-        guard token.snapshot.recognized else {
+        let snapshot = token.snapshot
+        if snapshot.present && snapshot.info == nil {
+            return .failure(
+                ServiceError(.tokenNotPresent, "the card in this slot is not one its module can read (CKR_TOKEN_NOT_RECOGNIZED (0xe1))", rv: 0xe1))
+        }
+        guard snapshot.recognized else {
             return .failure(ServiceError(.tokenNotPresent, "no usable token in this slot (CKR_TOKEN_NOT_PRESENT (0xe0))"))
         }
         let id = nextSessionID.wrappingAdd(1, ordering: .relaxed).oldValue

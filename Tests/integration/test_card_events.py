@@ -372,3 +372,20 @@ def test_reading_public_objects_costs_the_card_no_verify(card_daemon, vcard_fact
     spent = len(card.verifies()) - before
     print(f"FIGURE card economy: VERIFYs for login + private key listing through the proxy = {spent}")
     assert spent <= 4, card.verifies()[before:]
+
+
+def test_a_card_the_module_cannot_read_is_not_recognized_through_the_proxy(card_daemon, vicc_factory, make_client,
+                                                                          bus, proxy_lib):
+    """Issue 13 §8: as OpenSC lists it, the proxy shows the slot with a token that is not
+    recognized (C_GetTokenInfo: CKR_TOKEN_NOT_RECOGNIZED), not an empty slot."""
+    card_daemon()
+    client = make_client()
+    vicc = vicc_factory(reader_index=1).insert()
+    wait_until(lambda: any(p["Present"] and p["SlotDescription"].startswith(READER2)
+                           for p in token_props(client).values()), what="the unknown card present")
+    r = subprocess.run(["pkcs11-tool", "--module", str(proxy_lib), "-L"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PINCACHE_BUS_ADDRESS": bus.address})
+    assert r.returncode == 0, r.stdout + r.stderr
+    block = r.stdout.split(READER2, 1)[1].split("Slot ", 1)[0]
+    assert "token not recognized" in block, r.stdout
+    vicc.pull()

@@ -347,3 +347,19 @@ def test_private_key_descriptions_survive_changes_through_the_daemon_with_their_
         assert status == 0x11  # CKR_ATTRIBUTE_SENSITIVE, as SoftHSM says
     finally:
         a.s(s, "SetAttributes", key, [(CKA_LABEL, b"ec-key")])
+
+
+def test_pin_flags_are_fresh_at_the_next_get_slots(ck):
+    """Issue 13 §9: a wrong PIN's CKF_USER_PIN_COUNT_LOW shows in the very next C_GetTokenInfo
+    (GetSlots), and a right PIN clears it as promptly, not a poll later."""
+    a = ck("A")
+    s = a.open()
+    demo = a.slot()
+
+    def flags():
+        return next(x for x in a.slots() if x[SLOT] == demo)[TOKEN_FLAGS]
+    assert flags() & 0x10000 == 0
+    assert a.rv(s, "Login", CKU_USER, b"000000") == 0xa0
+    assert flags() & 0x10000, hex(flags())  # CKF_USER_PIN_COUNT_LOW
+    a.login(s)
+    assert flags() & 0x10000 == 0, hex(flags())
