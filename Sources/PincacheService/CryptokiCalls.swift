@@ -72,6 +72,9 @@ extension PincacheService {
             guard flags & 0x4 != 0 else {  // CKF_SERIAL_SESSION
                 return r.fail(rv: 0xb4, "C_OpenSession: CKR_SESSION_PARALLEL_NOT_SUPPORTED")
             }
+            if flags & 0x2 == 0 && token.soHolder.withLock({ $0 == info.id }) {
+                return r.fail(rv: 0xb8, "C_OpenSession: the SO is logged in (CKR_SESSION_READ_WRITE_SO_EXISTS)")
+            }
             r.reply(openSessionRecord(info, token, readWrite: flags & 0x2 != 0)) { [.ulong($0.id)] }
         case Calls.initToken.id:
             guard let token = token(named: r.string("slot")) else { return r.fail(Self.slotInvalid) }
@@ -172,11 +175,22 @@ extension PincacheService {
             guard case .success(let pin) = readSecret(r, "pin") else { return }
             switch UserType(rawValue: UInt(r.ulong("user_type"))) {
             case .user:
+                // PKCS#11's session rules, per application (issue 13 §6): the SO and the user
+                // are never logged in at once.
+                if token.soHolder.withLock({ $0 == caller }) {
+                    return r.fail(rv: 0x104, "C_Login: the SO is logged in (CKR_USER_ANOTHER_ALREADY_LOGGED_IN)")
+                }
                 runPIN([.login], "login", {
                     try token.login(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
                     self.forgetCachedUse(token, caller)
                 }) { _ in [] }
             case .so:
+                if hasReadOnlySession(caller, on: token) {
+                    return r.fail(rv: 0xb7, "C_Login: an SO login needs every session read-write (CKR_SESSION_READ_ONLY_EXISTS)")
+                }
+                if token.policy.withLock({ $0.state(of: caller).loggedIn }) {
+                    return r.fail(rv: 0x104, "C_Login: the user is logged in (CKR_USER_ANOTHER_ALREADY_LOGGED_IN)")
+                }
                 runPIN([.manage], "so-login", {
                     try token.loginSO(caller: caller, settings: settings(), pin: pin) { registry.isAlive(caller) }
                 }) { _ in [] }
@@ -321,6 +335,11 @@ extension PincacheService {
 
     static func mechanismInfo(_ m: (MechanismType, MechanismInfo)) -> WireValue {
         .record([m.0.rawValue, m.1.minKeySize, m.1.maxKeySize, m.1.flags].map { .ulong(UInt64($0)) })
+    }
+
+    /// The caller has a read-only session on `token` (a Session1 object or a proxy session).
+    func hasReadOnlySession(_ caller: CallerID, on token: TokenContext) -> Bool {
+        sessions.withLock { $0.values.contains { $0.owner == caller && $0.token === token && !$0.readWrite } }
     }
 
     static func slotInfo(_ token: TokenContext) -> WireValue {

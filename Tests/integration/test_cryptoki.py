@@ -363,3 +363,25 @@ def test_pin_flags_are_fresh_at_the_next_get_slots(ck):
     assert flags() & 0x10000, hex(flags())  # CKF_USER_PIN_COUNT_LOW
     a.login(s)
     assert flags() & 0x10000 == 0, hex(flags())
+
+
+def test_so_and_user_logins_follow_pkcs11s_session_rules(ck):
+    """Issue 13 §6: an SO login needs every session of the application read-write
+    (CKR_SESSION_READ_ONLY_EXISTS), excludes a user login (CKR_USER_ANOTHER_ALREADY_LOGGED_IN,
+    both ways) and read-only sessions while it lasts (CKR_SESSION_READ_WRITE_SO_EXISTS)."""
+    from pincache_client import SO_PIN
+    a = ck("A")
+    rw, ro = a.open(), a.open(CKF_SERIAL_SESSION)
+    assert a.rv(rw, "Login", CKU_SO, SO_PIN.encode()) == 0xb7
+    a.s(ro, "CloseSession")
+    a.login(rw)
+    assert a.rv(rw, "Login", CKU_SO, SO_PIN.encode()) == 0x104
+    a.s(rw, "Logout")
+    a.s(rw, "Login", CKU_SO, SO_PIN.encode())
+    assert a.state(rw) == 4  # CKS_RW_SO_FUNCTIONS
+    with pytest.raises(WireError) as e:
+        a.w.call("OpenSession", a.slot(), CKF_SERIAL_SESSION)
+    assert e.value.rv == 0xb8
+    assert a.rv(rw, "Login", CKU_USER, PIN.encode()) == 0x104
+    a.s(rw, "Logout")
+    a.login(rw)
