@@ -205,17 +205,26 @@ extension TokenContext {
     }
 
     /// Public operations run as they are; when the caller is logged in they run in its login
-    /// (so its private objects are visible). Another caller's exclusive hold gives TokenBusy.
-    func withAccess<T>(caller: CallerID, settings: Settings, _ s: SessionHandle, _ body: () throws -> T) throws -> T {
+    /// (so its private objects are visible). Another caller's exclusive hold gives TokenBusy to
+    /// changes only (issue 13 §4): `readOnly` work (searches, which then see public objects
+    /// alone, attribute reads, verification) goes on beside it.
+    func withAccess<T>(
+        caller: CallerID, settings: Settings, _ s: SessionHandle, readOnly: Bool = false, _ body: () throws -> T
+    ) throws -> T {
         if policy.withLock({ $0.state(of: caller).loggedIn }) {
             return try withPrivateAccess(
                 caller: caller, settings: settings, kind: .readPrivate, requiresFreshPIN: false, freshPIN: nil,
                 alwaysAuthenticate: false, session: s
             ) { _ in try body() }
         }
-        try policy.withLock { try $0.checkAvailable(for: caller) }
+        if !readOnly { try policy.withLock { try $0.checkAvailable(for: caller) } }
         _ = try presentTokenInfo()
         return try body()
+    }
+
+    /// Someone else holds the backend login: the backend would show its private objects.
+    func heldByAnother(_ caller: CallerID) -> Bool {
+        policy.withLock { p in p.lockHolder.map { $0 != caller } ?? false }
     }
 
     /// Like withAccess, but an operation on a private object needs the caller's login, and
@@ -231,11 +240,10 @@ extension TokenContext {
             throw PKCS11Error(rv: invalid, function: function)
         }
         if !loc.isPrivate && loggedIn && loc.owner == nil {
-            try policy.withLock { try $0.checkAvailable(for: caller) }
             _ = try presentTokenInfo()
             return try body()
         }
-        return try withAccess(caller: caller, settings: settings, s, body)
+        return try withAccess(caller: caller, settings: settings, s, readOnly: true, body)
     }
 
     /// Every mechanism of the slot with its info, read once per card.
@@ -252,7 +260,15 @@ extension TokenContext {
         throws -> [UInt64]
     {
         let s = try rawSession(id, readWrite: rw)
-        return try withAccess(caller: caller, settings: settings, s) {
+        var template = template
+        if heldByAnother(caller) && !policy.withLock({ $0.state(of: caller).loggedIn }) {
+            // The backend is logged in for the holder: a search of anyone else's must not
+            // see the holder's private objects.
+            if template.contains(where: { $0.type == .private && $0.value.pkcs11Bool == true }) { return [] }
+            template.removeAll { $0.type == .private }
+            template.append(Attribute(.private, [0]))
+        }
+        return try withAccess(caller: caller, settings: settings, s, readOnly: true) {
             try module.findObjects(s, matching: template, limit: max).compactMap { h -> UInt64? in
                 guard let handle = try register(s, h, caller: caller) else { return nil }
                 // In this search's bracket, private objects' descriptions are read once for
@@ -352,9 +368,9 @@ extension TokenContext {
         try? module.closeSession(old)
     }
 
+    /// Digests and random numbers: no object, no login, so no lock stops them.
     func publicOperation<T>(caller: CallerID, session id: UInt64, rw: Bool, _ body: (SessionHandle) throws -> T) throws -> T {
         let s = try rawSession(id, readWrite: rw)
-        try policy.withLock { try $0.checkAvailable(for: caller) }
         _ = try presentTokenInfo()
         return try backendCall { try body(s) }
     }

@@ -385,3 +385,25 @@ def test_so_and_user_logins_follow_pkcs11s_session_rules(ck):
     assert a.rv(rw, "Login", CKU_USER, PIN.encode()) == 0x104
     a.s(rw, "Logout")
     a.login(rw)
+
+
+def test_an_exclusive_login_leaves_others_public_reads_alone(start_daemon, make_client):
+    """Issue 13 §4: in non-caching mode the holder's login stops other callers' logins and
+    changes, not their public reads; and those never see the holder's private objects."""
+    start_daemon(caching=False)
+    a, b = Cryptoki(make_client("A")), Cryptoki(make_client("B"))
+    sa, sb = a.open(), b.open()
+    public_before = sorted(b.find(sb, []))
+    a.login(sa)
+    assert a.find(sa, [(CKA_CLASS, ulong(CKO_PRIVATE_KEY))]), "the holder sees its private keys"
+    assert sorted(b.find(sb, [])) == public_before
+    assert b.find(sb, [(CKA_CLASS, ulong(CKO_PRIVATE_KEY))]) == []
+    assert b.find(sb, [(CKA_PRIVATE, b"\x01")]) == []
+    cert = b.find(sb, [(CKA_CLASS, ulong(1))])[0]  # CKO_CERTIFICATE
+    assert b.attrs(sb, cert, [CKA_VALUE])[CKA_VALUE][0] == 0
+    assert b.s(sb, "Digest", mech(CKM_SHA256), b"abc") == digest(b"abc")
+    assert b.rv(sb, "Login", CKU_USER, PIN.encode()) == 0x104
+    assert b.rv(sb, "CreateObject", [(CKA_CLASS, ulong(CKO_DATA)), (CKA_TOKEN, b"\x00")]) != 0
+    a.s(sa, "Logout")
+    b.login(sb)
+    assert b.find(sb, [(CKA_CLASS, ulong(CKO_PRIVATE_KEY))])
