@@ -57,7 +57,6 @@ final class Library: @unchecked Sendable {
         var link: Link?
         var finalized = false
         var slotIDs: [String: CK_SLOT_ID] = [:]
-        var nextSlotID: CK_SLOT_ID = 0
         /// Slots of the last GetSlots, in the daemon's order.
         var slots: [CK_SLOT_ID] = []
         var snapshots: [CK_SLOT_ID: SlotSnapshot] = [:]
@@ -119,8 +118,10 @@ final class Library: @unchecked Sendable {
         instance = library
         pincache_global_unlock()
         // Connecting early lets signals count from C_Initialize on; a daemon or bus that
-        // is not there yet is no error (calls connect again when needed).
-        _ = try? library.link()
+        // is not there yet is no error (calls connect again when needed). The slot table is
+        // read at once, so a slot ID the program kept (or got on its command line) is valid
+        // before any C_GetSlotList (issue 13 §1).
+        if (try? library.link()) != nil { _ = try? library.refreshSlots() }
         return CKR_OK
     }
 
@@ -270,8 +271,9 @@ final class Library: @unchecked Sendable {
         let ids = state.withLock { s -> [CK_SLOT_ID] in
             var ids: [CK_SLOT_ID] = []
             var seen = Set<CK_SLOT_ID>()
+            let names = parsed.map(\.name)
             for snapshot in parsed {
-                let id = s.slotID(for: snapshot.name)
+                let id = s.slotID(for: snapshot.name, among: names)
                 guard seen.insert(id).inserted else { continue }
                 if s.snapshots[id]?.tokenPresent != snapshot.tokenPresent { changed.append(id) }
                 s.snapshots[id] = snapshot
@@ -372,13 +374,13 @@ final class Library: @unchecked Sendable {
         let onTokenSignal: @Sendable (DBusSignalMessage) -> Void = { [weak self] signal in
             guard let self, signal.member == "TokenInserted" || signal.member == "TokenRemoved",
                   signal.arguments.count == 1, let path = signal.arguments[0].objectPathValue else { return }
-            self.postEvent(self.state.withLock { $0.slotID(for: path.lastComponent) })
+            self.postEvent(self.state.withLock { $0.slotID(for: path.lastComponent, among: $0.knownNames + [path.lastComponent]) })
         }
         let onObjectSignal: @Sendable (DBusSignalMessage) -> Void = { [weak self] signal in
             guard let self, signal.member == "InterfacesAdded" || signal.member == "InterfacesRemoved",
                   let path = signal.arguments.first?.objectPathValue,
                   path.rawValue.hasPrefix(Wire.tokenPathPrefix) else { return }
-            self.postEvent(self.state.withLock { $0.slotID(for: path.lastComponent) })
+            self.postEvent(self.state.withLock { $0.slotID(for: path.lastComponent, among: $0.knownNames + [path.lastComponent]) })
         }
         // A missing match only costs slot events; the calls still work.
         _ = try? connection.addSignalHandler(sender: Wire.daemonName, path: Wire.managerPath,
@@ -420,12 +422,45 @@ final class Library: @unchecked Sendable {
 }
 
 extension Library.State {
-    mutating func slotID(for name: String) -> CK_SLOT_ID {
+    /// A slot's ID: the backend's own (issue 13 §1), so it is the same in every process,
+    /// after a fork, a C_Finalize/C_Initialize or a daemon restart, and what the module would
+    /// show directly. The daemon names a slot `m<module>_s<backend slot ID>`; when two
+    /// modules have a slot with one ID, the first module keeps it and the other's becomes
+    /// `module << 48 | ID`. Names of another form (none today) get a hash of the name.
+    mutating func slotID(for name: String, among names: [String]) -> CK_SLOT_ID {
         if let id = slotIDs[name] { return id }
-        let id = nextSlotID
-        nextSlotID += 1
+        var id = Self.derivedSlotID(name, among: names)
+        if slotIDs.values.contains(id) { id = Self.hashedSlotID(name) }
         slotIDs[name] = id
         return id
+    }
+
+    /// Every slot name this instance has given an ID.
+    var knownNames: [String] { Array(slotIDs.keys) }
+
+    static func parseSlotName(_ name: String) -> (module: UInt64, slot: UInt64)? {
+        let parts = name.split(separator: "_", maxSplits: 1)
+        guard parts.count == 2, parts[0].hasPrefix("m"), parts[1].hasPrefix("s"),
+            let module = UInt64(parts[0].dropFirst()), let slot = UInt64(parts[1].dropFirst())
+        else { return nil }
+        return (module, slot)
+    }
+
+    static func derivedSlotID(_ name: String, among names: [String]) -> CK_SLOT_ID {
+        guard let (module, slot) = parseSlotName(name) else { return hashedSlotID(name) }
+        let firstModule = names.compactMap(parseSlotName).filter { $0.slot == slot }.map(\.module).min() ?? module
+        if module == firstModule { return CK_SLOT_ID(slot) }
+        return CK_SLOT_ID(module << 48 | (slot & 0xFFFF_FFFF_FFFF))
+    }
+
+    /// FNV-1a of the name with the top bit set, apart from every backend ID seen in practice.
+    static func hashedSlotID(_ name: String) -> CK_SLOT_ID {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        for b in name.utf8 {
+            h ^= UInt64(b)
+            h = h &* 0x100_0000_01b3
+        }
+        return CK_SLOT_ID(h | 1 << 63)
     }
 
     func slotName(_ slot: CK_SLOT_ID) -> String? {

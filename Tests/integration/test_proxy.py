@@ -68,6 +68,23 @@ def test_c_host_lists_slots(start_daemon, proxy_host, proxy_lib, bus):
     assert lines[-1] == "C_Finalize CKR_OK"
 
 
+def test_slot_ids_are_softhsms_own_and_valid_right_after_initialize(start_daemon, proxy_host, proxy_lib, bus, tokens):
+    """Issue 13 §1: the proxy's slot IDs are the backend's (SoftHSM's 0x6c6f81e6-like IDs, not
+    0, 1, 2), the same in every process, and a slot ID kept from another process works at once
+    after C_Initialize, before any C_GetSlotList."""
+    start_daemon(caching=True)
+
+    def ids(module, env):
+        return {l.split("label=")[1].rstrip(): l.split()[2] for l in run_host(proxy_host, module, "list", env=env)
+                if l.startswith("slot ") and "token=CKR_OK" in l}
+    direct = ids(SOFTHSM_MODULE, {**os.environ, **tokens.env()})
+    proxied = ids(proxy_lib, proxy_env(bus))
+    assert proxied == direct and proxied["pincache-demo"] not in ("0", "1", "2"), (proxied, direct)
+    assert ids(proxy_lib, proxy_env(bus)) == proxied
+    lines = run_host(proxy_host, proxy_lib, "token", proxied["pincache-demo"], env=proxy_env(bus))
+    assert lines[1] == "C_GetTokenInfo CKR_OK label=pincache-demo" + " " * 19, lines
+
+
 # --- pkcs11-tool ----------------------------------------------------------------
 
 def test_pkcs11_tool_lists_slots_and_objects(start_daemon, pkcs11_tool):

@@ -194,9 +194,9 @@ def test_slot_events(fake, host):
     f = fake()
     h = host()
     h("init")
-    assert h("slots") == ("CKR_OK", "0")  # slot ids are handed out as the slot list shows slots
+    assert h("slots") == ("CKR_OK", "0")  # the backend's slot IDs, from the daemon's slot names
     assert h("wait nonblock")[0] == "CKR_NO_EVENT"
-    f.insert("/org/pincache/token/1")
+    f.insert("/org/pincache/token/m0_s1")
     deadline = time.monotonic() + 10
     while True:
         rv, slot = h("wait nonblock")
@@ -205,7 +205,7 @@ def test_slot_events(fake, host):
         time.sleep(0.1)
     assert (rv, slot) == ("CKR_OK", "1")
     assert h("wait nonblock")[0] == "CKR_NO_EVENT"
-    f.insert("/org/pincache/token/0")
+    f.insert("/org/pincache/token/m0_s0")
     assert h("wait") == ("CKR_OK", "0")
 
 

@@ -87,12 +87,13 @@ class Caller:
         if name == "GetSlots":
             if hostile == "wrong-signature":
                 return wire.frame(tag, wire.CALLS[name]["id"], wire.REPLY, struct.pack("<I", 3) + b"not")
-            return wire.reply(name, [slot_record("0", True), slot_record("1", False)], tag=tag)
+            # Named as pincached names slots (m<module>_s<backend slot ID>): the proxy shows IDs 0 and 1.
+            return wire.reply(name, [slot_record("m0_s0", True), slot_record("m0_s1", False)], tag=tag)
         if name == "GetMechanisms":
             return wire.reply(name, [(CKM_ECDSA, 256, 256, CKF_SIGN | CKF_VERIFY), (CKM_SHA256, 0, 0, CKF_DIGEST)], tag=tag)
         if name == "OpenSession":
             slot, flags = a
-            if slot != "0":
+            if slot != "m0_s0":
                 return self.fail(name, tag, 0xE0, "no token")
             if not flags & 4:
                 return self.fail(name, tag, 0xB4, "CKF_SERIAL_SESSION required")

@@ -2,6 +2,7 @@
  * itself) the way any application does and drives it.
  *
  *   proxy_host MODULE list                       slots and token labels
+ *   proxy_host MODULE token SLOT_ID              C_GetTokenInfo right after C_Initialize
  *   proxy_host MODULE badargs                    NULL pointers, bad lengths, init rules
  *   proxy_host MODULE conformance LABEL PIN      fixed checks; output compared across modules
  *   proxy_host MODULE threads LABEL PIN N ITER   N threads signing at once
@@ -198,6 +199,19 @@ static int cmd_list(void)
     return 0;
 }
 
+/* A slot ID kept from another process: valid without C_GetSlotList first. */
+static int cmd_token(const char *slot)
+{
+    CK_RV rv = init_os_locking();
+    out("C_Initialize", rv, NULL);
+    if (rv != CKR_OK) return 1;
+    CK_TOKEN_INFO ti;
+    rv = f->C_GetTokenInfo((CK_SLOT_ID)strtoull(slot, NULL, 0), &ti);
+    out("C_GetTokenInfo", rv, "label=%.32s", rv == CKR_OK ? (char *)ti.label : "-");
+    out("C_Finalize", f->C_Finalize(NULL), NULL);
+    return 0;
+}
+
 /* --------------------------------------------------------------- badargs */
 
 static CK_RV dummy_mutex(void **m) { (void)m; return CKR_OK; }
@@ -222,9 +236,10 @@ static int cmd_badargs(void)
     out("init again", init_os_locking(), NULL);
     out("C_GetInfo NULL", f->C_GetInfo(NULL), NULL);
     out("C_GetSlotList NULL count", f->C_GetSlotList(CK_FALSE, NULL, NULL), NULL);
-    CK_SLOT_ID first = 0;
-    n = 1;
-    f->C_GetSlotList(CK_FALSE, &first, &n);
+    CK_SLOT_ID all[64] = {0};
+    n = 64;
+    f->C_GetSlotList(CK_FALSE, all, &n);
+    CK_SLOT_ID first = all[0];
     out("C_GetSlotInfo NULL", f->C_GetSlotInfo(first, NULL), NULL);
     out("C_GetTokenInfo bad slot", f->C_GetTokenInfo(0xdeadbeef, &(CK_TOKEN_INFO){0}), NULL);
     out("C_GetMechanismList bad slot", f->C_GetMechanismList(0xdeadbeef, NULL, &n), NULL);
@@ -634,6 +649,7 @@ int main(int argc, char **argv)
     const char *cmd = argv[2];
     if (!strcmp(cmd, "list")) return cmd_list();
     if (!strcmp(cmd, "badargs")) return cmd_badargs();
+    if (!strcmp(cmd, "token") && argc == 4) return cmd_token(argv[3]);
     if (!strcmp(cmd, "conformance") && argc == 5) return cmd_conformance(argv[3], argv[4]);
     if (!strcmp(cmd, "threads") && argc == 7) return cmd_threads(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "fork") && argc == 5) return cmd_fork(argv[3], argv[4]);
