@@ -155,10 +155,14 @@ public enum Calls {
         25, "SetPIN", [Fields.session, Field("old_pin", Fields.pin), Field("new_pin", Fields.pin)], slow: true)
 
     /// Indexed by id: `all[Int(id)].id == id` (a unit test checks it).
+    /// C_GetObjectSize (issue 13 §7): the backend's answer, or its refusal.
+    public static let getObjectSize = Call(26, "GetObjectSize", [Fields.session, Fields.handle], [Field("size", .ulong)])
+
     public static let all: [Call] = [
         hello, getSlots, getMechanisms, openSession, closeSession, initToken, getSessionInfo, login, logout,
         findObjects, getAttributes, setAttributes, createObject, copyObject, destroyObject, generateKey,
         generateKeyPair, sign, verify, encrypt, decrypt, digest, generateRandom, seedRandom, initPIN, setPIN,
+        getObjectSize,
     ]
 
     public static func byID(_ id: UInt16) -> Call? { Int(id) < all.count ? all[Int(id)] : nil }

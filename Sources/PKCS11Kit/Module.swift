@@ -490,6 +490,13 @@ public final class PKCS11Module: @unchecked Sendable {
         try call("C_DestroyObject", \.C_DestroyObject) { $0(s.rawValue, object.rawValue) }
     }
 
+    /// `C_GetObjectSize`
+    public func objectSize(_ s: SessionHandle, _ object: ObjectHandle) throws -> UInt {
+        var size: CK_ULONG = 0
+        try call("C_GetObjectSize", \.C_GetObjectSize) { $0(s.rawValue, object.rawValue, &size) }
+        return UInt(size)
+    }
+
     /// `C_SetAttributeValue`
     public func setAttributes(_ s: SessionHandle, _ object: ObjectHandle, _ template: [Attribute]) throws {
         try withTemplate(template) { p, n in

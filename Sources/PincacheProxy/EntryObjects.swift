@@ -44,7 +44,16 @@ func pincacheDestroyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HAN
 
 @_cdecl("pincache_C_GetObjectSize")
 func pincacheGetObjectSize(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,
-                           _ size: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV { notSupported() }
+                           _ size: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
+    entry { library throws(CKError) in
+        guard let size else { throw .argumentsBad }
+        try library.withSession(session) { s throws(CKError) in
+            let reply = try library.call(Calls.getObjectSize, on: s, [.ulong(UInt64(object))])
+            guard let value = reply.first?.ulongValue else { throw .deviceError }
+            size.pointee = CK_ULONG(value)
+        }
+    }
+}
 
 @_cdecl("pincache_C_GetAttributeValue")
 func pincacheGetAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE,

@@ -207,6 +207,10 @@ extension PincacheService {
             run(objects, "find-objects", {
                 try token.findObjects(caller: caller, settings: settings(), session: id, rw: rw, template: attrs, max: max)
             }) { handles in [.array(handles.map { .ulong($0) })] }
+        case Calls.getObjectSize.id:
+            run(objects, "get-object-size", keyID: token.knownKeyID(handle), {
+                try token.objectSize(caller: caller, settings: settings(), session: id, rw: rw, handle: handle)
+            }) { size in [.ulong(UInt64(size))] }
         case Calls.getAttributes.id:
             let types = (r.argument("types")?.arrayValues ?? []).map { AttributeType(rawValue: UInt($0.ulongValue ?? 0)) }
             run(objects, "get-attributes", keyID: token.knownKeyID(handle), {

@@ -313,6 +313,15 @@ extension TokenContext {
         return results
     }
 
+    /// C_GetObjectSize, answered by the backend (in the caller's login for a private object).
+    func objectSize(caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, handle: UInt64) throws -> UInt {
+        let s = try rawSession(id, readWrite: rw)
+        let loc = try locator(handle, caller: caller, function: "C_GetObjectSize")
+        return try withObjectAccess(caller: caller, settings: settings, s, loc, function: "C_GetObjectSize") {
+            try module.objectSize(s, try resolve(handle, s, caller: caller, function: "C_GetObjectSize"))
+        }
+    }
+
     /// Force-login applies to private keys whose certificate (same CKA_ID) carries nonRepudiation.
     private func requiresFreshPIN(_ loc: ObjectTable.Locator, settings: Settings) -> Bool {
         guard let cls = loc.template.first(where: { $0.type == .class })?.value.pkcs11ULong,

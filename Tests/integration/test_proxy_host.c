@@ -330,6 +330,11 @@ static int cmd_conformance(const char *label, const char *pin)
     out("C_FindObjectsInit NULL", f->C_FindObjectsInit(s, NULL, 2), NULL);
     f->C_FindObjectsFinal(s);
 
+    CK_ULONG size = 0;
+    rv = f->C_GetObjectSize(s, eckey, &size);
+    out("C_GetObjectSize", rv, "%s", size > 0 ? "nonzero" : "zero");
+    out("C_GetObjectSize NULL", f->C_GetObjectSize(s, eckey, NULL), NULL);
+
     CK_KEY_TYPE kt = 0;
     CK_ATTRIBUTE a1[] = { { CKA_KEY_TYPE, NULL, 0 } };
     rv = f->C_GetAttributeValue(s, eckey, a1, 1);
