@@ -123,7 +123,7 @@ final class TokenContext: @unchecked Sendable {
     let lockedBy = Mutex<LockHolder?>(nil)
     /// Set once the object is on the bus: before that, changes are not announced.
     let published = Atomic<Bool>(false)
-    private let snapshotState = Mutex(TokenSnapshot())
+    let snapshotState = Mutex(TokenSnapshot())
     /// The last key list read, for readers off the worker (polkit details).
     let knownKeys = Mutex<[KeyRecord]>([])
     /// Called on the worker after a refresh changed what clients can see.
@@ -252,50 +252,6 @@ final class TokenContext: @unchecked Sendable {
         // Sessions opened and closed change the counts at every login: no listener cares.
         if previous.withoutCounters != next.withoutCounters { onChange(self, previous, next) }
         return next
-    }
-
-    /// PC/SC saw a card arrive in this token's reader (watcher thread): Present shows at once,
-    /// with Recognized false and no token information until the module has read the card
-    /// (the refresh that follows, on the worker).
-    func cardArrived() {
-        let change = snapshotState.withLock { s -> (TokenSnapshot, TokenSnapshot)? in
-            guard !s.present else { return nil }
-            let old = s
-            s.present = true
-            s.info = nil
-            s.infoUnconfirmed = nil
-            return (old, s)
-        }
-        if let (previous, next) = change { onChange(self, previous, next) }
-    }
-
-    /// PC/SC saw the card leave (watcher thread): every cached PIN and lock on it goes now,
-    /// before any module has noticed; the backend session is dropped on the worker.
-    func cardGone() {
-        let change = snapshotState.withLock { s -> (TokenSnapshot, TokenSnapshot)? in
-            guard s.present else { return nil }
-            let old = s
-            s.present = false
-            s.info = nil
-            s.infoUnconfirmed = nil
-            return (old, s)
-        }
-        guard let (previous, next) = change else { return }
-        let wiped = policy.withLock { p in
-            defer { p.tokenRemoved() }
-            return p.cachedPINCount
-        }
-        worker.submit { [self] in
-            dropSession()
-            keys = nil
-            mechanisms = nil
-            resetObjects()
-            soHolder.withLock { $0 = nil }
-        }
-        if previous.identity != nil {
-            Log.notice("token \(id): card removed (PC/SC); \(wiped) cached PIN(s) wiped, any exclusive login ended", event: .pinsWiped)
-        }
-        onChange(self, previous, next)
     }
 
     /// Refreshes and returns the token info an operation needs, or TokenNotPresent. `fresh:
