@@ -54,7 +54,8 @@ public final class PincacheService: @unchecked Sendable {
     var tokens: [TokenContext] { tokenTable.withLock { $0 } }
     /// Set once in start(), read-only afterwards.
     private var backends: [Backend] = []
-    private var readerWatcher: ReaderWatcher?
+    /// Set once started; the poller and shutdown read it from their own threads.
+    private let readerWatcher = Mutex<ReaderWatcher?>(nil)
     let sessions = Mutex<[UInt64: SessionRecord]>([:])
     let nextSessionID = Atomic<UInt64>(1)
     /// Calls waiting for their caller's credentials; touched only on the bus loop thread.
@@ -124,7 +125,7 @@ public final class PincacheService: @unchecked Sendable {
             onCard: { [weak self] reader, present in self?.cardEvent(reader: reader, present: present) },
             onChange: { [weak self] in self?.rescan() }, log: { Log.notice($0, event: .pcscUnavailable) })
         watcher.start()
-        readerWatcher = watcher
+        readerWatcher.withLock { $0 = watcher }
         Log.info("ready on the bus as \(PincacheBus.serviceName) (\(connection.uniqueName)); \(tokens.count) slot(s)", event: .started)
     }
 
@@ -133,7 +134,7 @@ public final class PincacheService: @unchecked Sendable {
     /// card readers while PC/SC reports their every change (issue 15 §1): an idle daemon sends
     /// the cards nothing.
     func rescan(periodic: Bool = false) {
-        let pcscWatches = periodic && readerWatcher?.isConnected == true
+        let pcscWatches = periodic && readerWatcher.withLock({ $0 })?.isConnected == true
         let all = tokens
         for backend in backends where backend.worker.backlog == 0 {
             if pcscWatches {
@@ -210,7 +211,7 @@ public final class PincacheService: @unchecked Sendable {
     public func shutdown() {
         stopping.store(true, ordering: .relaxed)
         cryptokiSockets.closeAll()
-        readerWatcher?.stop()
+        readerWatcher.withLock { $0 }?.stop()
         let deadline = DispatchTime.now() + .seconds(5)
         for token in tokens {
             _ = token.policy.withLock { $0.flushCachedPINs() }
