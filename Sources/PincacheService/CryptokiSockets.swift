@@ -109,6 +109,9 @@ final class CryptokiSockets: Sendable {
         return .success(fds[1])
     }
 
+    /// `name`'s environment is a PKCS#11 application's, served over a socket.
+    func isBound(_ name: String) -> Bool { state.withLock { $0.open[name] != nil } }
+
     /// Ends `name`'s socket (its caller left the bus).
     func close(boundTo name: String) {
         state.withLock { $0.open[name] }?.shutDown()

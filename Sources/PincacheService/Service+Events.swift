@@ -8,7 +8,9 @@ extension PincacheService {
     /// why one's cache went is nobody else's business. Then LoggedIn and LockedBy follow.
     func cacheCleared(_ token: TokenContext, _ clears: [CacheClear]) {
         guard token.published.load(ordering: .acquiring) else { return }
-        for clear in clears {
+        // A PKCS#11 application has no such event and its proxy's connection never asks for
+        // it: its environments are not told (a signal per logout would cost every cold cycle).
+        for clear in clears where !cryptokiSockets.isBound(clear.caller.rawValue) {
             connection.emitSignal(
                 path: PincacheBus.managerPath, interface: PincacheInterfaces.manager.name, name: "CacheCleared",
                 arguments: [.objectPath(token.path), .string(clear.reason.rawValue)], destination: clear.caller.rawValue)

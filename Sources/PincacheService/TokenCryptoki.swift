@@ -268,12 +268,15 @@ extension TokenContext {
             template.removeAll { $0.type == .private }
             template.append(Attribute(.private, [0]))
         }
+        // Only a caching-mode login pays a bracket per attribute read; a held login reads
+        // private attributes directly, so its searches take no snapshot.
+        let snapshot = policy.withLock { $0.state(of: caller).cachedPIN }
         return try withAccess(caller: caller, settings: settings, s, readOnly: true) {
             try module.findObjects(s, matching: template, limit: max).compactMap { h -> UInt64? in
                 guard let handle = try register(s, h, caller: caller) else { return nil }
                 // In this search's bracket, private objects' descriptions are read once for
                 // every later attribute read: a search is where an outside change shows.
-                if objectTable.locators[handle]?.isPrivate == true {
+                if snapshot && objectTable.locators[handle]?.isPrivate == true {
                     objectTable.locators[handle]?.snapshot = (try? module.attributeValues(s, h, Self.snapshotTypes))
                         .map { Dictionary($0.map { ($0.type, $0) }, uniquingKeysWith: { a, _ in a }) }
                 }
