@@ -40,7 +40,7 @@ public enum PincacheInterfaces {
                 doc: "A card was removed (Token1.Present became false), or a slot with a token went away. Every cached PIN and login for the token has been wiped."),
             DBusSignal(
                 "CacheCleared", [DBusArgument("token", "o"), DBusArgument("reason", "s")],
-                doc: "Sent to one caller only: its login on token ended (its cached PIN wiped, or its exclusive login released). reason: logout (Logout, or its last session closed), timeout (PinCacheTimeout), uses (PinCacheMaxUses), removal (the card left), lock or suspend (its desktop session locked, the machine suspending), flush (FlushCaches), stale (the token rejected the PIN or reports it locked or changed), policy (P11_LogoutAfterSign, or a reload changed its mode)."),
+                doc: "Sent to one bus client only (a PKCS#11 application through the proxy has no such event): its login on token ended (its cached PIN wiped, or its exclusive login released). reason: logout (Logout, or its last session closed), timeout (PinCacheTimeout), uses (PinCacheMaxUses), removal (the card left), lock or suspend (its desktop session locked, the machine suspending), flush (FlushCaches), stale (the token rejected the PIN or reports it locked or changed), policy (P11_LogoutAfterSign, or a reload changed its mode)."),
         ],
         properties: [
             DBusProperty("Version", "s", emitsChanged: .constant, doc: "pincached's version."),
