@@ -426,6 +426,15 @@ public struct TokenPolicy: Sendable {
 
     // MARK: Queries
 
+    /// Whether `caller` may have its private operations served in a shared bracket opened
+    /// with `pin` (issue 14 §1): nobody holds the token, and the caller holds an unexpired
+    /// cached PIN identical to `pin`. Anything else (no PIN, an expired or different one, a
+    /// held login anywhere) ends the shared login before the caller's job runs.
+    public func mayJoinSharedBracket(_ caller: CallerID, pin: SecretPIN, now: UInt64) -> Bool {
+        guard holder == nil, let cached = environments[caller]?.cached, !cached.isExpired(at: now) else { return false }
+        return cached.pin.constantTimeEquals(pin)
+    }
+
     /// The caller's sessions and login state on this token.
     public func state(of caller: CallerID) -> CallerTokenState {
         let environment = environments[caller]

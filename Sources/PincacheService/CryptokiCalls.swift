@@ -120,8 +120,9 @@ extension PincacheService {
         @Sendable func settings() -> Settings { registry.lookup(caller.rawValue)?.settings ?? info.settings }
         /// Authorises, then runs `job` on the token's worker and encodes its result. A polkit
         /// refusal is CKR_FUNCTION_REJECTED, or `refusal` where the spec names a better code.
+        /// `shareable`: see Service.onWorker.
         @Sendable func run<T: Sendable>(
-            _ needs: [Access], _ operation: String, keyID: [UInt8]? = nil, refusal: UInt? = nil,
+            _ needs: [Access], _ operation: String, keyID: [UInt8]? = nil, refusal: UInt? = nil, shareable: Bool = false,
             _ job: @escaping @Sendable () throws -> T, _ encode: @escaping @Sendable (T) -> [WireValue]
         ) {
             let denied: @Sendable (ServiceError) -> Void = { e in
@@ -129,7 +130,7 @@ extension PincacheService {
                 r.fail(ServiceError(e.kind, e.message, rv: refusal))
             }
             authorise(needs, requester, token: token, operation: operation, keyID: keyID, denied: denied) { [weak self] in
-                self?.onWorker(token, caller: caller, inline: true, job) { r.reply($0, encode) }
+                self?.onWorker(token, caller: caller, inline: true, shareable: shareable, job) { r.reply($0, encode) }
             }
         }
         /// The same for a request that carries a typed PIN: PinAttempts.swift.
@@ -204,7 +205,7 @@ extension PincacheService {
         case Calls.findObjects.id:
             let attrs = template("template")
             let max = Int(min(r.ulong("max"), UInt64(Caps.handles)))
-            run(objects, "find-objects", {
+            run(objects, "find-objects", shareable: true, {
                 try token.findObjects(caller: caller, settings: settings(), session: id, rw: rw, template: attrs, max: max)
             }) { handles in [.array(handles.map { .ulong($0) })] }
         case Calls.getObjectSize.id:
@@ -213,7 +214,7 @@ extension PincacheService {
             }) { size in [.ulong(UInt64(size))] }
         case Calls.getAttributes.id:
             let types = (r.argument("types")?.arrayValues ?? []).map { AttributeType(rawValue: UInt($0.ulongValue ?? 0)) }
-            run(objects, "get-attributes", keyID: token.knownKeyID(handle), {
+            run(objects, "get-attributes", keyID: token.knownKeyID(handle), shareable: true, {
                 try token.getAttributes(caller: caller, settings: settings(), session: id, rw: rw, handle: handle, types: types)
             }) { results in [.array(results.map(Self.attributeResult))] }
         case Calls.setAttributes.id:
@@ -277,7 +278,7 @@ extension PincacheService {
                 freshPIN: nil)
             let keyID = token.knownKeyID(key)
             let operation = sign ? "sign" : "decrypt"
-            run(objects, operation, keyID: keyID, audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false) {
+            run(objects, operation, keyID: keyID, shareable: true, audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false) {
                 try token.perform(caller: caller, settings: settings(), request)
             }) { [.bytes($0)] }
         case Calls.verify.id, Calls.encrypt.id:

@@ -26,7 +26,7 @@ public enum PincacheInterfaces {
                 doc: "The calling connection's own cache environment: LoggedIn (ao, tokens it is logged in to), Cached (ao, tokens whose PIN is cached for it), Locked (ao, tokens it holds in non-caching mode), Expiry (a{ou}, seconds until an idle login ends, where PinCacheTimeout applies), UsesLeft (a{ou}, uses a cached PIN has left, where PinCacheMaxUses applies), Sessions (u), Executable (s), CachingMode (b, its mode after [app] sections). Never a PIN."),
             DBusMethod(
                 "GetStatistics", out: [DBusArgument("statistics", "a{sv}")],
-                doc: "Counts only: Environments, Sessions, CachedPINs, LockedTokens, Tokens, LockedMemoryBytes, PendingAuthorizations, CallsServed, CryptokiSockets, CryptokiCalls, CryptokiHeldBytes, Errors (a{su}) and Scope. Root and callers polkit grants org.pincache.manage without a prompt get the daemon's (Scope 'all'); anyone else gets their own uid's first five (Scope 'uid N')."),
+                doc: "Counts only: Environments, Sessions, CachedPINs, LockedTokens, Tokens, LockedMemoryBytes, PendingAuthorizations, CallsServed, CryptokiSockets, CryptokiCalls, CryptokiHeldBytes, BackendLogins, SharedBracketOperations, Errors (a{su}) and Scope. Root and callers polkit grants org.pincache.manage without a prompt get the daemon's (Scope 'all'); anyone else gets their own uid's first five (Scope 'uid N')."),
             DBusMethod(
                 "OpenCryptoki", out: [DBusArgument("socket", "h")],
                 doc: "The PKCS#11 proxy's socket, bound to the calling connection and its cache environment: closing either ends the other. One per connection. The protocol is in dbus/README.md, 'The Cryptoki wire'."),

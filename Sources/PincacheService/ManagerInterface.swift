@@ -105,7 +105,14 @@ extension PincacheService {
         ]
         guard uid == nil else { return .vardict(mine) }
         let replies = connection.replyStatistics
+        let logins = tokens.reduce(into: LoginCounts()) { sum, token in
+            let c = token.loginCounts.withLock { $0 }
+            sum.logins += c.logins
+            sum.joined += c.joined
+        }
         return .vardict(mine.merging([
+            "BackendLogins": .uint64(logins.logins),
+            "SharedBracketOperations": .uint64(logins.joined),
             "LockedMemoryBytes": .uint64(UInt64(SecretArena.lockedBytes)),
             "PendingAuthorizations": .uint32(UInt32(authorizer.pendingCount)),
             "CallsServed": .uint64(replies.callsServed),

@@ -26,18 +26,30 @@ final class SerialWorker: @unchecked Sendable {
     private var running = false
     /// Moving average of how long jobs take, in nanoseconds (1/8 weight to the newest).
     private var averageNanoseconds: UInt64 = 0
+    private var hooks: Hooks?
+
+    /// What the owner of the worker does around every job, on the thread that runs it and
+    /// inside the jobs' mutual exclusion: the token uses it to end a shared backend login
+    /// before any job that may not ride it (issue 14 §1).
+    struct Hooks {
+        /// Before a job; `shareable` is the job's owner if the job was submitted as a private
+        /// operation that may join a shared login, nil for any other job.
+        let beforeJob: (_ shareable: String?) -> Void
+        /// After a job; whether another job is already waiting.
+        let afterJob: (_ morePending: Bool) -> Void
+    }
 
     private struct Queue {
-        var jobs: [@Sendable () -> Void] = []
+        var jobs: [Job] = []
         var head = 0
         var isEmpty: Bool { head == jobs.count }
 
-        mutating func pop() -> @Sendable () -> Void {
+        mutating func pop() -> Job {
             let job = jobs[head]
             // A finished job must not stay reachable from the queue: its closure holds what it
             // captured (a SecretPIN, a MethodCall) until released, and a PIN must be wiped as
             // soon as its last real user is done with it, not 64 jobs later.
-            jobs[head] = {}
+            jobs[head] = Job(run: {}, shareable: false)
             head += 1
             if head > 64 && head * 2 > jobs.count {
                 jobs.removeFirst(head)
@@ -47,15 +59,29 @@ final class SerialWorker: @unchecked Sendable {
         }
     }
 
+    private struct Job {
+        let run: @Sendable () -> Void
+        let shareable: Bool
+    }
+
     init(name: String) {
         // The thread keeps the worker alive until stop() lets it finish.
         startThread(name: name) { self.loop() }
     }
 
-    func submit(owner: String = "", _ job: @escaping @Sendable () -> Void) {
+    /// Installs the hooks; call before the first job is submitted.
+    func setHooks(_ hooks: Hooks) {
+        condition.lock()
+        self.hooks = hooks
+        condition.unlock()
+    }
+
+    /// `shareable`: the job is a private operation of `owner` that may run in a backend login
+    /// another environment with the same PIN opened (see Hooks).
+    func submit(owner: String = "", shareable: Bool = false, _ job: @escaping @Sendable () -> Void) {
         condition.lock()
         let wasIdle = queues[owner]?.isEmpty ?? true
-        queues[owner, default: Queue()].jobs.append(job)
+        queues[owner, default: Queue()].jobs.append(Job(run: job, shareable: shareable))
         pending += 1
         if wasIdle && runningOwner != owner { ring.append(owner) }
         condition.signal()
@@ -69,28 +95,49 @@ final class SerialWorker: @unchecked Sendable {
         return pending
     }
 
+    /// The owner of the job that runs next if that job is shareable, else nil. Called from a
+    /// running job: nothing can overtake the job at the head of the ring meanwhile.
+    var nextShareableOwner: String? {
+        condition.lock()
+        defer { condition.unlock() }
+        guard ringHead < ring.count else { return nil }
+        let owner = ring[ringHead]
+        guard let queue = queues[owner], !queue.isEmpty, queue.jobs[queue.head].shareable else { return nil }
+        return owner
+    }
+
     /// Runs `job` on the calling thread, now, if nothing is queued or running and jobs have
     /// lately taken at most `limit` nanoseconds; otherwise returns false without running it.
     /// It excludes the worker's own jobs exactly as they exclude each other, so worker-only
     /// state stays single-threaded; it saves a peer channel's call two thread hand-offs.
     /// A slow token (a smart card) keeps its jobs on the worker, so one slow operation
     /// never holds up the calling thread's other work.
-    func runInline(ifFasterThan limit: UInt64, _ job: () -> Void) -> Bool {
+    func runInline(ifFasterThan limit: UInt64, owner: String = "", shareable: Bool = false, _ job: () -> Void) -> Bool {
         condition.lock()
         guard pending == 0, !running, !stopping, averageNanoseconds <= limit else {
             condition.unlock()
             return false
         }
         running = true
+        let hooks = self.hooks
         condition.unlock()
         let started = DispatchTime.now().uptimeNanoseconds
+        hooks?.beforeJob(shareable ? owner : nil)
         job()
-        finished(since: started)
+        finished(since: started, hooks)
         return true
     }
 
-    private func finished(since started: UInt64) {
+    private func finished(since started: UInt64, _ hooks: Hooks?) {
         let took = DispatchTime.now().uptimeNanoseconds &- started
+        if let hooks {
+            // Still inside the exclusion (`running`): a job submitted after this look runs
+            // after the hook, and its own beforeJob decides for it.
+            condition.lock()
+            let more = pending != 0
+            condition.unlock()
+            hooks.afterJob(more)
+        }
         condition.lock()
         running = false
         // The owner that just ran goes behind everyone who waited meanwhile.
@@ -131,10 +178,12 @@ final class SerialWorker: @unchecked Sendable {
             pending -= 1
             runningOwner = owner
             running = true
+            let hooks = self.hooks
             condition.unlock()
             let started = DispatchTime.now().uptimeNanoseconds
-            job()
-            finished(since: started)
+            hooks?.beforeJob(job.shareable ? owner : nil)
+            job.run()
+            finished(since: started, hooks)
         }
     }
 }

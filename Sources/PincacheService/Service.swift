@@ -419,10 +419,10 @@ public final class PincacheService: @unchecked Sendable {
 
     /// Runs `job` on the token's worker unless the caller left before it started, then replies.
     func onWorker<T: Sendable>(
-        _ token: TokenContext, _ call: MethodCall, caller: CallerID,
+        _ token: TokenContext, _ call: MethodCall, caller: CallerID, shareable: Bool = false,
         _ job: @escaping @Sendable () throws -> T, reply encode: @escaping @Sendable (T) -> [DBusValue]
     ) {
-        onWorker(token, caller: caller, inline: false, job) { call.reply($0, encode) }
+        onWorker(token, caller: caller, inline: false, shareable: shareable, job) { call.reply($0, encode) }
     }
 
     /// The token step of both front ends: `job` on the token's worker (the only thread that
@@ -430,8 +430,11 @@ public final class PincacheService: @unchecked Sendable {
     /// meanwhile. `inline`: the calling thread serves this caller alone (its cryptoki socket),
     /// so an idle, fast token's job runs right here, without two thread hand-offs
     /// (SerialWorker.runInline); a slow token (a card) keeps its jobs on the worker.
+    /// `shareable`: a private operation (or a logged-in caller's search or read) that may run
+    /// in a login another environment with the same cached PIN left open (Token+SharedLogin).
     func onWorker<T: Sendable>(
-        _ token: TokenContext, caller: CallerID, inline: Bool, _ job: @escaping @Sendable () throws -> T,
+        _ token: TokenContext, caller: CallerID, inline: Bool, shareable: Bool = false,
+        _ job: @escaping @Sendable () throws -> T,
         _ done: @escaping @Sendable (Result<T, ServiceError>) -> Void
     ) {
         let work: @Sendable () -> Void = { [registry, weak self] in
@@ -443,8 +446,12 @@ public final class PincacheService: @unchecked Sendable {
             if let self, self.busSessions.withLock({ !$0.isEmpty }) { self.announceLoggedIn(token, caller: caller) }
             self?.announceLockedBy(token)
         }
-        if inline, token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, work) { return }
-        token.worker.submit(owner: caller.rawValue, work)
+        if inline,
+            token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, owner: caller.rawValue, shareable: shareable, work)
+        {
+            return
+        }
+        token.worker.submit(owner: caller.rawValue, shareable: shareable, work)
     }
 
     /// Session1's and Token1's way into the one authorisation step (Authorisation.swift).

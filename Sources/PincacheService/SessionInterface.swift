@@ -82,7 +82,7 @@ extension PincacheService {
                     ) { call.reply($0) { [.bytes($0)] } }
                 } else {
                     authorized([.cachedPIN], call, info, token: token, operation: opName, keyID: keyID) { [weak self] in
-                        self?.onWorker(token, call, caller: caller, job) { [.bytes($0)] }
+                        self?.onWorker(token, call, caller: caller, shareable: true, job) { [.bytes($0)] }
                     }
                 }
             }

@@ -9,6 +9,8 @@ extension TokenContext {
     func listKeys() throws -> [KeyRecord] {
         _ = try presentTokenInfo()
         if let keys { return keys }
+        // The list is everyone's: it is read in no one's login.
+        endSharedLogin()
         let loaded = try backendCall { try loadKeys() }
         keys = loaded
         knownKeys.withLock { $0 = loaded }

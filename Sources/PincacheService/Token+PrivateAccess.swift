@@ -117,20 +117,28 @@ extension TokenContext {
         let result: T
         switch plan {
         case .bracket(let pin):
-            do {
-                try backendCall { try backendLogin(s, .user, pin) }
-            } catch let e as PKCS11Error where e.rv == .pinIncorrect || e.rv == .pinLocked {
-                outcome = .cachedPINRejected
-                Log.notice("token \(id): a cached PIN was rejected (\(e.rv.name)); purged from every environment", event: .pinsWiped)
-                throw e
-            } catch let e as PKCS11Error where Self.leavesSessionSuspect(e.rv) {
-                // A login that failed half-way may leave the module holding the card (OpenSC
-                // locks it for a login): give it back, as the bracket's end would have.
-                logoutBackend(s)
-                throw e
+            // A login left open by the previous job for this PIN (Token+SharedLogin) serves
+            // this operation too; otherwise the bracket makes its own.
+            let joined = joinSharedLogin(pin)
+            let loggedInAt = sharedLogin?.bracket.opened ?? Self.now()
+            if !joined {
+                do {
+                    try backendCall { try backendLogin(s, .user, pin) }
+                } catch let e as PKCS11Error where e.rv == .pinIncorrect || e.rv == .pinLocked {
+                    outcome = .cachedPINRejected
+                    Log.notice("token \(id): a cached PIN was rejected (\(e.rv.name)); purged from every environment", event: .pinsWiped)
+                    throw e
+                } catch let e as PKCS11Error where Self.leavesSessionSuspect(e.rv) {
+                    // A login that failed half-way may leave the module holding the card (OpenSC
+                    // locks it for a login): give it back, as the bracket's end would have.
+                    logoutBackend(s)
+                    throw e
+                }
             }
-            defer { logoutBackend(s) }
+            var keepOpen = false
+            defer { if !keepOpen { logoutBackend(s) } }
             result = try body(nil)
+            keepOpen = keepLoginOpen(pin: pin, session: s, loggedInAt: loggedInAt)
         case .heldLogin:
             do {
                 result = try body(nil)

@@ -138,6 +138,9 @@ final class TokenContext: @unchecked Sendable {
     /// Moves at every backend login, logout or session loss (see logoutBackend).
     var loginEpoch: UInt64 = 0
     var contextPINs: [UInt64: SecretPIN] = [:]
+    /// A caching-mode login left open for the next queued private operation (Token+SharedLogin).
+    var sharedLogin: SharedLogin?
+    let loginCounts = Mutex(LoginCounts())
     var objectTable = ObjectTable()
     /// Handle → CKA_ID, readable off the worker (TokenCryptoki.knownKeyID).
     let handleKeyIDs = Mutex<[UInt64: [UInt8]]>([:])
@@ -162,6 +165,7 @@ final class TokenContext: @unchecked Sendable {
         self.path = PincacheBus.tokenPrefix.appending(id)!
         self.worker = SerialWorker(name: "pincache-token-\(id)")
         self.onChange = onChange
+        installSharedLoginHooks()
     }
 
     static func now() -> UInt64 { DispatchTime.now().uptimeNanoseconds }
@@ -292,6 +296,7 @@ final class TokenContext: @unchecked Sendable {
     }
 
     func dropSession() {
+        endSharedLogin()
         loginEpoch &+= 1
         if let s = opSession { try? module.closeSession(s) }
         opSession = nil
@@ -301,6 +306,7 @@ final class TokenContext: @unchecked Sendable {
     /// The new one opens first: closing a token's last session would end a held login.
     func resetSession() {
         guard let old = opSession else { return }
+        endSharedLogin()
         if let fresh = (try? module.openSession(slot, readWrite: true)) ?? (try? module.openSession(slot, readWrite: false)) {
             opSession = fresh
             try? module.closeSession(old)
@@ -370,6 +376,12 @@ final class TokenContext: @unchecked Sendable {
     /// C_Login; a backend left logged in (a held login released without logout, a crash in a
     /// bracket) is logged out and the login tried once more.
     func backendLogin(_ s: SessionHandle, _ type: UserType, _ pin: SecretPIN?) throws {
+        // A context-specific login belongs to the operation inside the current login; any
+        // other is a new login state, which no shared one may outlive.
+        if type != .contextSpecific {
+            endSharedLogin()
+            loginCounts.withLock { $0.logins += 1 }
+        }
         loginEpoch &+= 1
         func attempt() throws {
             if let pin {
@@ -398,6 +410,7 @@ final class TokenContext: @unchecked Sendable {
     /// C_Logout, through here only: every change of the backend's login state moves the epoch,
     /// so object handles checked in an earlier one are checked again (TokenCryptoki).
     func logoutBackend(_ s: SessionHandle) {
+        sharedLogin = nil
         loginEpoch &+= 1
         try? module.logout(s)
     }

@@ -17,6 +17,49 @@ import Testing
         #expect(ranHere.withLock { $0 })
     }
 
+    /// The hooks a shared login relies on (issue 14 §1): every job, queued or inline, is
+    /// announced before it runs with its owner only if it was submitted shareable; after it, the
+    /// worker says whether another is waiting; a running job sees whether the next is shareable.
+    @Test func hooksSeeEveryJobAndTheNextShareableOne() {
+        let worker = SerialWorker(name: "hooks")
+        defer { worker.stop() }
+        let events = Mutex<[String]>([])
+        worker.setHooks(
+            SerialWorker.Hooks(
+                beforeJob: { owner in events.withLock { $0.append("before:\(owner ?? "-")") } },
+                afterJob: { more in events.withLock { $0.append("after:\(more)") } }))
+        let started = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        let next = Mutex<[String?]>([])
+        let done = DispatchGroup()
+        done.enter()
+        worker.submit(owner: "a", shareable: true) {
+            started.signal()
+            release.wait()
+            next.withLock { $0.append(worker.nextShareableOwner) }
+        }
+        started.wait()
+        done.enter()
+        worker.submit(owner: "b", shareable: true) { next.withLock { $0.append(worker.nextShareableOwner) } }
+        worker.submit(owner: "c") { done.leave() }
+        worker.submit(owner: "b") { done.leave() }
+        let idle = DispatchSemaphore(value: 0)
+        worker.submit { idle.signal() }
+        release.signal()
+        done.wait()
+        idle.wait()
+        #expect(next.withLock { $0 } == ["b", nil])
+        usleep(10_000)  // the last job's afterJob
+        #expect(
+            events.withLock { $0 } == [
+                "before:a", "after:true", "before:b", "after:true", "before:-", "after:true", "before:-", "after:true",
+                "before:-", "after:false",
+            ])
+        #expect(worker.runInline(ifFasterThan: .max, owner: "d", shareable: true) {})
+        usleep(10_000)
+        #expect(events.withLock { Array($0.suffix(2)) } == ["before:d", "after:false"])
+    }
+
     @Test func busyWorkerRefusesInline() {
         let worker = SerialWorker(name: "test")
         defer { worker.stop() }

@@ -180,6 +180,85 @@ def test_a_stale_cached_pin_costs_the_token_one_try(start_daemon, front, faultsh
     assert len(faultshim.logins()) == before + 1
 
 
+# --- shared brackets (issue 14 §1) --------------------------------------------------------------
+
+def _sign_concurrently(signers, rounds):
+    """Each signer signs `rounds` times on its own thread; returns every signature or error."""
+    import threading
+    results = []
+    lock = threading.Lock()
+
+    def run(f):
+        for _ in range(rounds):
+            try:
+                out = f.sign(EC_KEY, ec_input())
+            except Refused as e:
+                out = e
+            with lock:
+                results.append(out)
+    threads = [threading.Thread(target=run, args=(f,)) for f in signers]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def test_waiting_callers_with_the_same_pin_share_one_backend_login(start_daemon, make_client, faultshim, tokens):
+    """Four environments that cached the same PIN sign at once on a slow token: while one
+    operation runs the others queue, and each bracket leaves its login open for the next
+    queued operation of such an environment instead of C_Logout + C_Login."""
+    start_daemon(caching=True, module="shim", shim=faultshim)
+    signers = [WireFront(make_client(f"S{i}")) for i in range(4)]
+    for f in signers:
+        f.login()
+        f.key(EC_KEY)  # found in a bracket of its own, before the count starts
+    admin = make_client("admin")
+    before_logins, before_shared = len(faultshim.logins()), admin.statistics()["SharedBracketOperations"]
+    faultshim.delay_ms(40)  # each C_Login, C_SignInit, C_Sign: the others' requests queue meanwhile
+    threads, results = _sign_concurrently(signers, 5)
+    for t in threads:
+        t.join(timeout=120)
+    faultshim.delay_ms(0)
+    assert len(results) == 20 and not [r for r in results if isinstance(r, Refused)], results
+    for sig in results:
+        verify(tokens.cert("ec"), "ECDSA", MSG, sig)
+    logins = len(faultshim.logins()) - before_logins
+    shared = admin.statistics()["SharedBracketOperations"] - before_shared
+    print(f"FIGURE shared brackets: 20 signatures, {logins} backend logins, {shared} served in a shared one")
+    assert logins + shared == 20, (logins, shared)
+    assert logins <= 10, f"{logins} logins for 20 queued signatures: brackets were not shared"
+    # The login ends with the queue: nothing is left logged in once the callers are served.
+    assert signers[0].w.call("GetSlots") is not None
+    outsider = WireFront(make_client("after"))
+    assert outsider._do("FindObjects", [(CKA_CLASS, ulong(CKO_PRIVATE_KEY))], 10)[0] == []
+
+
+def test_a_caller_without_a_cached_pin_never_rides_a_shared_bracket(start_daemon, make_client, faultshim, tokens):
+    """While logged-in environments share brackets, an environment that never logged in keeps
+    asking for signatures (D-Bus) and searching for private keys (wire): its jobs queue
+    between theirs, and every one of them is refused or finds nothing."""
+    start_daemon(caching=True, module="shim", shim=faultshim)
+    signers = [WireFront(make_client(f"S{i}")) for i in range(3)]
+    for f in signers:
+        f.login()
+        f.key(EC_KEY)
+    bus_outsider = BusFront(make_client("outsider-bus"))
+    wire_outsider = WireFront(make_client("outsider-wire"))
+    admin = make_client("admin")
+    before_shared = admin.statistics()["SharedBracketOperations"]
+    faultshim.delay_ms(30)
+    threads, results = _sign_concurrently(signers, 8)
+    tries = 0
+    while any(t.is_alive() for t in threads):
+        assert refused(bus_outsider.sign, EC_KEY, ec_input()) == 0x101
+        assert wire_outsider._do("FindObjects", [(CKA_CLASS, ulong(CKO_PRIVATE_KEY))], 10)[0] == []
+        tries += 1
+    faultshim.delay_ms(0)
+    shared = admin.statistics()["SharedBracketOperations"] - before_shared
+    print(f"FIGURE shared brackets with an outsider: {tries} outsider tries refused, {shared} shared operations")
+    assert tries >= 3 and shared >= 1, (tries, shared)
+    assert len(results) == 24 and all(isinstance(r, bytes) for r in results), results
+
+
 # --- one authorisation step ----------------------------------------------------------------------
 
 class Polkit:
