@@ -97,7 +97,8 @@ extension TokenContext {
     /// is purged from every environment before the error goes back.
     func withPrivateAccess<T>(
         caller: CallerID, settings: Settings, kind: OperationKind, requiresFreshPIN: Bool, freshPIN: SecretPIN?,
-        alwaysAuthenticate: Bool, keyUsage: UInt32 = 0, session s: SessionHandle, _ body: (SecretPIN?) throws -> T
+        alwaysAuthenticate: Bool, keyUsage: UInt32 = 0, session s: SessionHandle, withoutLogin: Bool = false,
+        _ body: (SecretPIN?) throws -> T
     ) throws -> T {
         // A held login presents no PIN: no need to re-read the token before using it.
         let holds = policy.withLock { $0.state(of: caller).holdsLogin }
@@ -116,6 +117,10 @@ extension TokenContext {
         }
         let result: T
         switch plan {
+        case .bracket where withoutLogin:
+            // Served from what an earlier login recorded (Token+Catalogue): the policy has
+            // checked the caller's cached PIN; the backend is not asked to log in.
+            result = try body(nil)
         case .bracket(let pin):
             // A login left open by the previous job for this PIN (Token+SharedLogin) serves
             // this operation too; otherwise the bracket makes its own.
@@ -138,6 +143,7 @@ extension TokenContext {
             var keepOpen = false
             defer { if !keepOpen { logoutBackend(s) } }
             result = try body(nil)
+            refreshCatalogueIfOld(s, caller: caller)
             keepOpen = keepLoginOpen(pin: pin, session: s, loggedInAt: loggedInAt)
         case .heldLogin:
             do {

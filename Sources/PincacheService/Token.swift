@@ -360,6 +360,8 @@ final class TokenContext: @unchecked Sendable {
         }
         switch plan {
         case .verifyThenCache:
+            // Logged in anyway: list the private objects, so this caller's searches need none.
+            recordPrivateObjects(s, caller: caller)
             logoutBackend(s)
         case .holdLogin:
             break

@@ -28,6 +28,8 @@ struct ObjectTable {
     var locators: [UInt64: Locator] = [:]
     var byIdentity: [[UInt8]: UInt64] = [:]
     var next: UInt64 = 1
+    /// The token's private objects as a login last listed them (Token+Catalogue.swift).
+    var catalogue: PrivateCatalogue?
     static let capacity = 100_000
 }
 
@@ -183,6 +185,7 @@ extension TokenContext {
         loc.checkedEpoch = loginEpoch
         loc.snapshot = nil
         objectTable.locators[handle] = loc
+        objectTable.catalogue = nil
         objectTable.byIdentity[loc.identity] = handle
         handleKeyIDs.withLock { $0[handle] = found.attrs[.id] }
     }
@@ -271,6 +274,9 @@ extension TokenContext {
         // Only a caching-mode login pays a bracket per attribute read; a held login reads
         // private attributes directly, so its searches take no snapshot.
         let snapshot = policy.withLock { $0.state(of: caller).cachedPIN }
+        if snapshot, let found = try findWithoutLogin(caller: caller, settings: settings, s, template: template, max: max) {
+            return found
+        }
         return try withAccess(caller: caller, settings: settings, s, readOnly: true) {
             try module.findObjects(s, matching: template, limit: max).compactMap { h -> UInt64? in
                 guard let handle = try register(s, h, caller: caller) else { return nil }
@@ -346,6 +352,7 @@ extension TokenContext {
         let result = try withAccess(caller: caller, settings: settings, s) { try body(s) }
         keys = nil  // a new or changed key shows in ListKeys
         for handle in objectTable.locators.keys { objectTable.locators[handle]?.snapshot = nil }
+        objectTable.catalogue = nil
         return result
     }
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support" / "vcard"
 from fixtures import (OPENSC_CONF, OPENSC_PKCS11, PIN as CARD_PIN, READER, READER2,  # noqa: E402
                       need, opensc_environ, pcscd, vcard_factory, vicc_factory, wait_for)
 from pincache_client import ERR, CallError, digest, wait_until  # noqa: E402
-from test_proxy_support import proxy_lib  # noqa: E402,F401  (fixture)
+from test_proxy_support import Host, proxy_host, proxy_lib  # noqa: E402,F401  (fixtures)
 
 SIG = "(sig)"
 
@@ -372,6 +372,35 @@ def test_reading_public_objects_costs_the_card_no_verify(card_daemon, vcard_fact
     spent = len(card.verifies()) - before
     print(f"FIGURE card economy: VERIFYs for login + private key listing through the proxy = {spent}")
     assert spent <= 4, card.verifies()[before:]
+
+
+def test_login_find_and_three_signatures_cost_the_card_four_verifies(card_daemon, vcard_factory, make_client, bus,
+                                                                     proxy_lib, proxy_host):
+    """Issue 14 §4: a program that logs in through the proxy, finds its key and signs three
+    times costs the card one VERIFY for the login (where the private objects are also listed)
+    and one per signature's bracket; the search is answered from that listing (5 before)."""
+    card_daemon(caching=True)
+    client = make_client()
+    card = vcard_factory("a").insert()
+    card_token(client, card)
+    h = Host(proxy_host, proxy_lib, "OpenPGP card (User PIN (sig))", {"PINCACHE_BUS_ADDRESS": bus.address})
+    try:
+        assert h("init")[0] == "CKR_OK"
+        rv, s = h("open")
+        assert rv == "CKR_OK", s
+        before = len(card.verifies())
+        assert h(f"login {s} {CARD_PIN}")[0] == "CKR_OK"
+        rv, key = h(f"find {s} 1")
+        assert rv == "CKR_OK", key
+        for msg in (b"one", b"two", b"three"):
+            rv, sig = h(f"signh {s} {key} ECDSA {digest(msg).hex()}")
+            assert rv == "CKR_OK", sig
+            verify_card(card, msg, bytes.fromhex(sig))
+        spent = len(card.verifies()) - before
+        print(f"FIGURE card economy: VERIFYs for login + find + 3 signatures through the proxy = {spent}")
+        assert spent <= 4, card.verifies()[before:]
+    finally:
+        h.close()
 
 
 def test_a_card_the_module_cannot_read_is_not_recognized_through_the_proxy(card_daemon, vicc_factory, make_client,

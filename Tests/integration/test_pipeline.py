@@ -259,6 +259,32 @@ def test_a_caller_without_a_cached_pin_never_rides_a_shared_bracket(start_daemon
     assert len(results) == 24 and all(isinstance(r, bytes) for r in results), results
 
 
+def test_searches_of_a_cached_login_cost_no_backend_login_and_see_outside_changes(start_daemon, make_client,
+                                                                                    faultshim, tokens):
+    """Issue 14 §2-§3: the private objects are listed inside the login's own verification, so
+    a caching-mode program's searches need no backend login. A key made outside the daemon
+    shows after the next bracket (here a signature) a second or more after that listing."""
+    import os
+    start_daemon(caching=True, module="shim", shim=faultshim)
+    f = WireFront(make_client("finder"))
+    f.login()
+    logins = len(faultshim.logins())
+    private = [(CKA_CLASS, ulong(CKO_PRIVATE_KEY))]
+    assert len(f._do("FindObjects", private, 10)[0]) == 2
+    assert len(f._do("FindObjects", [(CKA_CLASS, ulong(CKO_PRIVATE_KEY)), (CKA_ID, EC_KEY)], 10)[0]) == 1
+    assert len(f._do("FindObjects", [], 100)[0]) >= 6, "certificates, public and private keys"
+    assert len(faultshim.logins()) == logins, "a search presented the cached PIN"
+    r = subprocess.run(["pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so", "--token-label", "pincache-demo",
+                        "--login", "--pin", PIN, "--keypairgen", "--key-type", "EC:prime256v1", "--id", "77",
+                        "--label", "outside"], capture_output=True, text=True, env={**os.environ, **tokens.env()})
+    assert r.returncode == 0, r.stdout + r.stderr
+    import time
+    time.sleep(1.1)
+    verify(tokens.cert("ec"), "ECDSA", MSG, f.sign(EC_KEY, ec_input()))
+    assert len(f._do("FindObjects", [(CKA_CLASS, ulong(CKO_PRIVATE_KEY)), (CKA_ID, b"\x77")], 10)[0]) == 1
+    assert len(faultshim.logins()) == logins + 1, "only the signature's bracket logged in"
+
+
 # --- one authorisation step ----------------------------------------------------------------------
 
 class Polkit:
