@@ -9,6 +9,8 @@
  *   cold    C_OpenSession + C_Login + key search + C_SignInit + C_Sign +
  *           C_Logout + C_CloseSession (the module stays initialised: this is a
  *           cold session, not a cold process; init_us reports the process start)
+ *   cycle   C_Login + key search + C_SignInit + C_Sign + C_Logout in one open
+ *           session: what a caching-mode signature amounts to on the token
  * The result is one line of key=value pairs on stdout, prefixed "RESULT", for the
  * driver (bench/run.py) to parse. Diagnostics go to stderr; the exit status is 0
  * only if every signature succeeded.
@@ -28,7 +30,7 @@
 #include <p11-kit/pkcs11.h>
 
 enum mech_kind { MECH_ECDSA, MECH_RSA };
-enum run_mode { MODE_STEADY, MODE_COLD };
+enum run_mode { MODE_STEADY, MODE_COLD, MODE_CYCLE };
 
 struct options {
     const char *module;
@@ -50,12 +52,15 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: p11bench --module PATH --token LABEL --pin PIN --key-id HEX\n"
-            "                --mech ecdsa|rsa [--mode steady|cold] [--count N]\n"
+            "                --mech ecdsa|rsa [--mode steady|cold|cycle] [--count N]\n"
             "                [--warmup N] [--name NAME] [--length-query]\n"
             "The PIN may also come from the environment variable P11BENCH_PIN.\n"
             "P11BENCH_PAUSE_US=N sleeps N microseconds between samples (not timed): a client\n"
             "that signs now and then, as the reliability flood test's healthy client does.\n"
-            "P11BENCH_STOP_FILE=PATH ends the measured loop early once PATH exists.\n");
+            "P11BENCH_STOP_FILE=PATH ends the measured loop early once PATH exists.\n"
+            "P11BENCH_BARRIER=PATH waits, after the warm-up, until PATH exists (clients\n"
+            "started together measure together); P11BENCH_SAMPLES=PATH writes every\n"
+            "sample (us, one per line) for a driver that merges several processes.\n");
 }
 
 static double now_us(void)
@@ -144,8 +149,10 @@ static void parse_args(int argc, char **argv, struct options *o)
                 o->mode = MODE_STEADY;
             else if (strcmp(v, "cold") == 0)
                 o->mode = MODE_COLD;
+            else if (strcmp(v, "cycle") == 0)
+                o->mode = MODE_CYCLE;
             else {
-                fprintf(stderr, "p11bench: --mode must be steady or cold\n");
+                fprintf(stderr, "p11bench: --mode must be steady, cold or cycle\n");
                 exit(2);
             }
         } else if (strcmp(a, "--count") == 0) {
@@ -347,6 +354,39 @@ static CK_RV cold_cycle(CK_SLOT_ID slot, const struct options *o)
     return rv;
 }
 
+/* A caching-mode signature as the token sees it: the session stays open, the login
+ * does not (SoftHSM renumbers private objects at every login, so the key is found
+ * again, as pincache's bracket does). */
+static CK_RV login_cycle(CK_SESSION_HANDLE s, const struct options *o)
+{
+    CK_OBJECT_HANDLE key;
+    CK_RV rv = login(s, o->pin);
+    if (rv != CKR_OK)
+        return rv;
+    rv = find_key(s, o, &key);
+    if (rv == CKR_OK)
+        rv = sign_once(s, key);
+    CK_RV lo = p11->C_Logout(s);
+    if (rv == CKR_OK && lo != CKR_OK) {
+        fprintf(stderr, "p11bench: C_Logout failed: 0x%lx\n", (unsigned long)lo);
+        rv = lo;
+    }
+    return rv;
+}
+
+static CK_RV one_sample(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key,
+                        const struct options *o)
+{
+    switch (o->mode) {
+    case MODE_STEADY:
+        return sign_once(s, key);
+    case MODE_CYCLE:
+        return login_cycle(s, o);
+    default:
+        return cold_cycle(slot, o);
+    }
+}
+
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -402,10 +442,12 @@ static CK_RV run(const struct options *o)
         CHECK(p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s));
         CHECK(login(s, o->pin));
         CHECK(find_key(s, o, &key));
+    } else if (o->mode == MODE_CYCLE) {
+        CHECK(p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s));
     }
 
     for (long i = 0; i < o->warmup; i++) {
-        rv = o->mode == MODE_STEADY ? sign_once(s, key) : cold_cycle(slot, o);
+        rv = one_sample(slot, s, key, o);
         if (rv != CKR_OK)
             return rv;
     }
@@ -417,6 +459,12 @@ static CK_RV run(const struct options *o)
     const char *pause_env = getenv("P11BENCH_PAUSE_US");
     long pause_us = pause_env ? strtol(pause_env, NULL, 10) : 0;
     double paused = 0;
+    const char *barrier = getenv("P11BENCH_BARRIER");
+    if (barrier) {
+        struct timespec poll_wait = {0, 200 * 1000};
+        while (access(barrier, F_OK) != 0)
+            nanosleep(&poll_wait, NULL);
+    }
     double start = now_us();
     long done = 0;
     for (long i = 0; i < o->count; i++, done++) {
@@ -429,14 +477,15 @@ static CK_RV run(const struct options *o)
             paused += now_us() - p0;
         }
         double a = now_us();
-        rv = o->mode == MODE_STEADY ? sign_once(s, key) : cold_cycle(slot, o);
+        rv = one_sample(slot, s, key, o);
         samples[i] = now_us() - a;
         if (rv != CKR_OK) {
             free(samples);
             return rv;
         }
     }
-    double elapsed = now_us() - start - paused;
+    double end = now_us();
+    double elapsed = end - start - paused;
     if (done == 0) {
         fprintf(stderr, "p11bench: stopped before the first sample\n");
         free(samples);
@@ -444,9 +493,21 @@ static CK_RV run(const struct options *o)
     }
     const long n = done; /* fewer than --count when P11BENCH_STOP_FILE ended the loop */
 
-    if (o->mode == MODE_STEADY) {
+    if (o->mode == MODE_STEADY)
         CHECK(p11->C_Logout(s));
+    if (o->mode != MODE_COLD)
         CHECK(p11->C_CloseSession(s));
+    const char *samples_path = getenv("P11BENCH_SAMPLES");
+    if (samples_path) {
+        FILE *out = fopen(samples_path, "w");
+        if (!out) {
+            fprintf(stderr, "p11bench: %s: %s\n", samples_path, strerror(errno));
+            free(samples);
+            return CKR_GENERAL_ERROR;
+        }
+        for (long i = 0; i < n; i++)
+            fprintf(out, "%.1f\n", samples[i]);
+        fclose(out);
     }
     CHECK(p11->C_Finalize(NULL));
     /* The module stays mapped: some modules leave threads behind after C_Finalize. */
@@ -457,12 +518,12 @@ static CK_RV run(const struct options *o)
     qsort(samples, (size_t)n, sizeof *samples, cmp_double);
     printf("RESULT name=%s mech=%s mode=%s n=%ld warmup=%ld p50_us=%.1f p99_us=%.1f "
            "mean_us=%.1f min_us=%.1f max_us=%.1f ops_per_s=%.1f init_us=%.1f "
-           "length_query=%d library=%s\n",
+           "length_query=%d library=%s start_us=%.1f end_us=%.1f\n",
            o->name, o->mech == MECH_ECDSA ? "ecdsa" : "rsa",
-           o->mode == MODE_STEADY ? "steady" : "cold", n, o->warmup,
+           o->mode == MODE_STEADY ? "steady" : o->mode == MODE_CYCLE ? "cycle" : "cold", n, o->warmup,
            percentile(samples, n, 50), percentile(samples, n, 99),
            sum / (double)n, samples[0], samples[n - 1],
-           (double)n / (elapsed / 1e6), init_us, o->length_query, library);
+           (double)n / (elapsed / 1e6), init_us, o->length_query, library, start, end);
     free(samples);
     return CKR_OK;
 }

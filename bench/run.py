@@ -7,9 +7,13 @@ Configurations, all on the same token store made afresh in a temp dir:
   proxy-nocache libpincache-pkcs11.so -> pincached (P11_EnableCachePIN=0) on a private bus
   proxy-cache   the same with P11_EnableCachePIN=1
 Each is measured for ECDSA P-256 and RSA-2048, in steady state (C_SignInit+C_Sign in a
-logged-in session) and as a cold open-login-find-sign-logout-close cycle. bench/p11bench.c
-does the timing; this script builds it, sets everything up, prints one table with ratios
-to direct and to p11-kit, and tears everything down.
+logged-in session) and as a cold open-login-find-sign-logout-close cycle; `direct` also as
+a login-find-sign-logout cycle in an open session (what a caching-mode signature costs the
+token). Then, issue 14's figures: 1/4/16/64 concurrent client processes (throughput, p99)
+through p11-kit and the proxy in both modes, and `p11tool --test-sign` wall time directly and
+through the proxy in caching mode, with the backend logins it cost. bench/p11bench.c does the
+timing; this script builds it, sets everything up, prints one table with ratios to direct
+and to p11-kit, and tears everything down.
 
 Usage: bench/run.py [--quick] [--only NAME,...] [--json FILE] [--keep] ...
        (see --help; `make bench BENCH_ARGS=--quick`)
@@ -232,10 +236,18 @@ RESULT_RE = re.compile(r"^RESULT (.*)$", re.M)
 
 def run_one(ctx, name, module, extra_env, mech, mode, count, warmup):
     env = {**ctx["env"], **extra_env, "P11BENCH_PIN": PIN}
-    cmd = [str(ctx["exe"]), "--module", module, "--token", TOKEN, "--key-id", KEYS[mech],
-           "--mech", mech, "--mode", mode, "--count", str(count), "--warmup", str(warmup),
-           "--name", name] + (["--length-query"] if ctx["length_query"] else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT)
+    return parse_result(subprocess.run(bench_cmd(ctx, name, module, mech, mode, count, warmup),
+                                       capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT),
+                        name, mech, mode)
+
+
+def bench_cmd(ctx, name, module, mech, mode, count, warmup):
+    return [str(ctx["exe"]), "--module", module, "--token", TOKEN, "--key-id", KEYS[mech],
+            "--mech", mech, "--mode", mode, "--count", str(count), "--warmup", str(warmup),
+            "--name", name] + (["--length-query"] if ctx["length_query"] else [])
+
+
+def parse_result(r, name, mech, mode):
     m = RESULT_RE.search(r.stdout)
     if r.returncode != 0 or not m:
         raise RuntimeError(f"p11bench {name} {mech} {mode} failed ({r.returncode}): "
@@ -256,6 +268,107 @@ def measure(ctx, args, name, rnd, rounds):
                 log(f"round {rnd + 1}/{args.rounds} {name}: {mech} {mode} x{n}")
                 rounds.setdefault((name, mech, mode), []).append(
                     run_one(ctx, name, module, extra, mech, mode, n, w))
+        if name == "direct":
+            n, w = counts(args, "ecdsa", "cold")
+            log(f"round {rnd + 1}/{args.rounds} {name}: ecdsa cycle x{n}")
+            rounds.setdefault((name, "ecdsa", "cycle"), []).append(
+                run_one(ctx, name, module, extra, "ecdsa", "cycle", n, w))
+
+
+# --- issue 14: concurrent clients, p11tool --test-sign ----------------------------
+
+CONCURRENT = ("p11-kit", "proxy-nocache", "proxy-cache")
+
+
+def run_clients(ctx, name, module, extra_env, clients, per_client):
+    """`clients` p11bench processes signing ECDSA at once (steady: each logged in once).
+    They log in and warm up, then a barrier file starts every measured loop together.
+    Returns throughput over the common wall time and p50/p99 over every sample."""
+    d = ctx["tmp"] / "clients" / f"{name}-{clients}"
+    d.mkdir(parents=True)
+    barrier = d / "go"
+    procs = []
+    for i in range(clients):
+        env = {**ctx["env"], **extra_env, "P11BENCH_PIN": PIN, "P11BENCH_BARRIER": str(barrier),
+               "P11BENCH_SAMPLES": str(d / f"{i}.samples")}
+        procs.append(subprocess.Popen(bench_cmd(ctx, name, module, "ecdsa", "steady", per_client, 5),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        time.sleep(0.02)  # p11-kit's server has been seen to drop a connection in a burst of 64
+    # Everyone is logged in and warmed up when its warm-up signatures are done; there is no
+    # signal for it, so wait a fixed time that covers 64 process starts on 2 CPUs.
+    time.sleep(1.0 + 0.1 * clients)
+    barrier.touch()
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=RUN_TIMEOUT)
+        results.append(parse_result(subprocess.CompletedProcess(p.args, p.returncode, out, err),
+                                    name, "ecdsa", "steady"))
+    samples = sorted(float(x) for i in range(clients) for x in (d / f"{i}.samples").read_text().split())
+    wall = max(r["end_us"] for r in results) - min(r["start_us"] for r in results)
+
+    def pct(p):
+        return samples[min(len(samples) - 1, max(0, int(p / 100 * len(samples) + 0.999999) - 1))]
+    return {"name": name, "clients": clients, "n": len(samples), "ops_per_s": len(samples) / (wall / 1e6),
+            "p50_us": pct(50), "p99_us": pct(99), "max_us": samples[-1]}
+
+
+def statistics(address):
+    """Manager1.GetStatistics's BackendLogins on the daemon at `address`, or None."""
+    r = subprocess.run(["gdbus", "call", "--address", address, "--dest", "org.pincache.Daemon",
+                        "--object-path", "/org/pincache", "--method", "org.pincache.Manager1.GetStatistics"],
+                       capture_output=True, text=True)
+    m = re.search(r"'BackendLogins': <uint64 (\d+)>", r.stdout)
+    return int(m.group(1)) if m else None
+
+
+def p11tool_runs(ctx, name, module, extra_env, runs):
+    """Median wall time of `p11tool --login --test-sign` on the EC key, and (proxy) the
+    backend logins one run cost."""
+    url = f"pkcs11:token={TOKEN};id=%{KEYS['ecdsa']};type=private"
+    env = {**ctx["env"], **extra_env}
+    address = extra_env.get("PINCACHE_BUS_ADDRESS")
+    before = statistics(address) if address else None
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        r = subprocess.run(["p11tool", "--provider", module, "--login", f"--set-pin={PIN}", "--test-sign", url],
+                           capture_output=True, text=True, env=env, timeout=120)
+        times.append(time.perf_counter() - t)
+        if r.returncode != 0 or "Verifying against public key in the token... ok" not in r.stdout + r.stderr:
+            raise RuntimeError(f"p11tool --test-sign through {name} failed: {r.stdout}{r.stderr}")
+    times.sort()
+    logins = None
+    if address:
+        after = statistics(address)
+        logins = (after - before) / runs if before is not None and after is not None else None
+    return {"name": name, "runs": runs, "median_ms": times[(runs - 1) // 2] * 1000, "logins_per_run": logins}
+
+
+def measure_issue14(ctx, args, skipped):
+    """Concurrency and p11tool figures, each configuration's service up once."""
+    conc, tool = [], []
+    have_p11tool = shutil.which("p11tool") is not None
+    for name in ("direct",) + CONCURRENT:
+        if name not in args.only or name in skipped:
+            continue
+        wants_tool = have_p11tool and args.p11tool_runs > 0 and name in ("direct", "proxy-cache")
+        if not wants_tool and (name == "direct" or not args.clients):
+            continue
+        with STARTERS[name](ctx, args.rounds) as (module, extra):
+            if name in CONCURRENT:
+                for n in args.clients:
+                    if name == "proxy-nocache" and n > 1:
+                        # Non-caching mode is an exclusive login: a second process's C_Login
+                        # gets CKR_USER_ANOTHER_ALREADY_LOGGED_IN until the first logs out.
+                        conc.append({"name": name, "clients": n, "na": "exclusive login (one client at a time)"})
+                        continue
+                    per = max(args.min_per_client, args.clients_total // n)
+                    log(f"{name}: {n} concurrent clients x{per} ECDSA")
+                    conc.append(run_clients(ctx, name, module, extra, n, per))
+            if wants_tool:
+                log(f"{name}: p11tool --test-sign x{args.p11tool_runs}")
+                tool.append(p11tool_runs(ctx, name, module, extra, args.p11tool_runs))
+    return conc, tool
 
 
 def median_round(runs):
@@ -342,6 +455,48 @@ def report(results, skipped, args):
     else:
         verdict, detail = "NOT MEASURED", "needs both proxy-nocache and p11-kit"
     print(f"\nTarget (proxy non-caching ECDSA p50 <= p11-kit ECDSA p50): {verdict} ({detail})")
+    cycle = results.get(("direct", "ecdsa", "cycle"))
+    cache = results.get(("proxy-cache", "ecdsa", "steady"))
+    if cycle:
+        print(f"\nDirect login + find + sign + logout cycle (ECDSA, session open): p50 {cycle['p50_us']:.1f}, "
+              f"p99 {cycle['p99_us']:.1f}, {cycle['ops_per_s']:.1f} ops/s")
+    if cycle and cache:
+        r = cache["p50_us"] / cycle["p50_us"]
+        print(f"Target (caching-mode sign p50 <= 1.2x the direct cycle): {'MET' if r <= 1.2 else 'NOT MET'} "
+              f"({cache['p50_us']:.1f} us vs {cycle['p50_us']:.1f} us = {r:.2f}x)")
+
+
+def report_issue14(conc, tool):
+    if conc:
+        print("\nConcurrent client processes, ECDSA steady (each logged in once; every sample of every "
+              "process; ops/s over the common wall time)")
+        print(f"{'configuration':<14} {'clients':>7} {'n':>6} {'ops/s':>9} {'p50':>9} {'p99':>9} {'max':>9} "
+              f"{'ops/p11-kit':>11}")
+        p11 = {r["clients"]: r for r in conc if r["name"] == "p11-kit" and "na" not in r}
+        for r in conc:
+            if "na" in r:
+                print(f"{r['name']:<14} {r['clients']:>7} {'n/a':>6}  {r['na']}")
+                continue
+            base = p11.get(r["clients"])
+            print(f"{r['name']:<14} {r['clients']:>7} {r['n']:>6} {r['ops_per_s']:>9.1f} {r['p50_us']:>9.1f} "
+                  f"{r['p99_us']:>9.1f} {r['max_us']:>9.1f} {ratio(r['ops_per_s'], base and base['ops_per_s']):>11}")
+        cache = {r["clients"]: r for r in conc if r["name"] == "proxy-cache" and "na" not in r}
+        if 16 in cache and 16 in p11:
+            x = cache[16]["ops_per_s"] / p11[16]["ops_per_s"]
+            print(f"Target (16 caching clients >= 0.3x p11-kit's throughput): {'MET' if x >= 0.3 else 'NOT MET'} "
+                  f"({x:.2f}x)")
+        if 64 in cache:
+            p99 = cache[64]["p99_us"] / 1000
+            print(f"Target (caching p99 at 64 clients <= 50 ms): {'MET' if p99 <= 50 else 'NOT MET'} ({p99:.1f} ms)")
+    if tool:
+        print("\np11tool --login --test-sign (EC key; a process per run: load, login, find, sign, verify twice)")
+        for r in tool:
+            logins = "" if r["logins_per_run"] is None else f", {r['logins_per_run']:.1f} backend logins per run"
+            print(f"{r['name']:<14} median {r['median_ms']:.1f} ms over {r['runs']} runs{logins}")
+        t = {r["name"]: r for r in tool}
+        if "direct" in t and "proxy-cache" in t:
+            x = t["proxy-cache"]["median_ms"] / t["direct"]["median_ms"]
+            print(f"Target (through the proxy in caching mode <= 2x direct): {'MET' if x <= 2 else 'NOT MET'} ({x:.2f}x)")
 
 
 # --- main -----------------------------------------------------------------------
@@ -367,6 +522,11 @@ def parse_args():
                    help="sign as pkcs11-tool does: C_Sign(NULL) for the length, then C_Sign")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs) afterwards")
+    p.add_argument("--clients", help="concurrent client counts (default 1,4,16,64; --quick 1,4; 0 = none)")
+    p.add_argument("--clients-total", type=int,
+                   help="signatures per concurrency measurement, split over the clients (default 2000, --quick 200)")
+    p.add_argument("--min-per-client", type=int, help="at least this many per client (default 50, --quick 20)")
+    p.add_argument("--p11tool-runs", type=int, help="p11tool --test-sign runs (default 10, --quick 3; 0 = none)")
     p.add_argument("--strict", action="store_true", default=CI,
                    help="a configuration that cannot run is an error (default under CI=true)")
     a = p.parse_args()
@@ -378,6 +538,15 @@ def parse_args():
             p.error(f"--{attr.replace('_', '-')} must be at least 1")
     if a.rounds is None:
         a.rounds = 1 if a.quick else 3
+    if a.clients is None:
+        a.clients = "1,4" if a.quick else "1,4,16,64"
+    a.clients = [int(c) for c in a.clients.split(",") if c.strip() and int(c) > 0]
+    if a.clients_total is None:
+        a.clients_total = 200 if a.quick else 2000
+    if a.min_per_client is None:
+        a.min_per_client = 20 if a.quick else 50
+    if a.p11tool_runs is None:
+        a.p11tool_runs = 3 if a.quick else 10
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
     a.only = [c.strip() for c in a.only.split(",") if c.strip()]
@@ -423,11 +592,19 @@ def main():
                     failed = True
         results = {k: median_round(v) for k, v in rounds.items() if k[0] not in skipped}
         report(results, skipped, args)
+        conc, tool = [], []
+        try:
+            conc, tool = measure_issue14(ctx, args, skipped)
+        except (RuntimeError, subprocess.SubprocessError) as e:
+            log(f"issue 14 figures: FAILED: {e}")
+            failed = True
+        report_issue14(conc, tool)
         if args.json:
             doc = {"machine": machine(), "build": args.config, "rounds": args.rounds,
                    "length_query": args.length_query,
                    "results": list(results.values()),
-                   "all_rounds": [r for v in rounds.values() for r in v], "skipped": skipped}
+                   "all_rounds": [r for v in rounds.values() for r in v], "skipped": skipped,
+                   "concurrent": conc, "p11tool": tool}
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     finally:
         if args.keep:

@@ -208,11 +208,19 @@ extension TokenContext {
         return try body()
     }
 
+    /// The backend handle of the private key with CKA_ID `id` (issue 14 §2): the operations
+    /// one shared bracket serves find it once. Any other login is a new epoch and the key is
+    /// found again, since SoftHSM renumbers private objects at every login and an old handle
+    /// could name another object; a held login finds it every time, as objects may change
+    /// under it for as long as it lasts.
     func findPrivateKey(_ s: SessionHandle, _ id: [UInt8]) throws -> ObjectHandle {
+        if sharedLogin != nil, let known = resolvedKeys[id], known.epoch == loginEpoch { return known.handle }
         let found = try module.findObjects(s, matching: [.objectClass(.privateKey), Attribute(.id, id)], limit: 2)
         guard let handle = found.first else {
             throw ServiceError(.keyNotFound, "no private key with id \(hex(id)) on this token (CKR_KEY_HANDLE_INVALID (0x60))")
         }
+        if resolvedKeys.count > 64 { resolvedKeys.removeAll() }
+        resolvedKeys[id] = (handle, loginEpoch)
         return handle
     }
 

@@ -140,6 +140,8 @@ final class TokenContext: @unchecked Sendable {
     var contextPINs: [UInt64: SecretPIN] = [:]
     /// A caching-mode login left open for the next queued private operation (Token+SharedLogin).
     var sharedLogin: SharedLogin?
+    /// Private keys by CKA_ID as found in the current login epoch (findPrivateKey).
+    var resolvedKeys: [[UInt8]: (handle: ObjectHandle, epoch: UInt64)] = [:]
     let loginCounts = Mutex(LoginCounts())
     var objectTable = ObjectTable()
     /// Handle → CKA_ID, readable off the worker (TokenCryptoki.knownKeyID).

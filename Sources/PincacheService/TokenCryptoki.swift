@@ -162,6 +162,7 @@ extension TokenContext {
     /// Forgets every handle (the token was swapped or initialised).
     func resetObjects() {
         objectTable = ObjectTable()
+        resolvedKeys = [:]
         handleKeyIDs.withLock { $0 = [:] }
     }
 
@@ -186,6 +187,7 @@ extension TokenContext {
         loc.snapshot = nil
         objectTable.locators[handle] = loc
         objectTable.catalogue = nil
+        resolvedKeys = [:]
         objectTable.byIdentity[loc.identity] = handle
         handleKeyIDs.withLock { $0[handle] = found.attrs[.id] }
     }
@@ -353,6 +355,7 @@ extension TokenContext {
         keys = nil  // a new or changed key shows in ListKeys
         for handle in objectTable.locators.keys { objectTable.locators[handle]?.snapshot = nil }
         objectTable.catalogue = nil
+        resolvedKeys = [:]
         return result
     }
 

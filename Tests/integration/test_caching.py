@@ -172,7 +172,9 @@ def test_disconnect_clears_only_own_cache(daemon, make_client, tokens):
     a.close()
     wait_until(lambda: b.gone_from_bus(a), what=f"{a_name} to leave the bus")
     # A's environment, its session and its PIN are gone; B's are untouched.
-    wait_until(lambda: b.statistics()["Environments"] == 1, what="A's environment destroyed")
+    # Its environment goes first, its sessions on the token's worker right after.
+    wait_until(lambda: b.statistics()["Environments"] == 1 and b.statistics()["Sessions"] == 1,
+               what="A's environment and session destroyed")
     after = b.statistics()
     assert after["CachedPINs"] == 1 and after["Sessions"] == 1
     assert b.cached() == {tok}
