@@ -35,7 +35,7 @@ let package = Package(
         .target(name: "SystemKit", dependencies: ["CShims"]),
 
         // libdbus binding: connections, marshalling, declared interfaces. Knows nothing of PINs.
-        .target(name: "DBusKit", dependencies: ["CDBus", "SystemKit"]),
+        .target(name: "DBusKit", dependencies: ["CDBus", "SystemKit", "CShims"]),
         // PKCS#11 module binding: dlopen, typed handles, CK_RV errors.
         .target(name: "PKCS11Kit", dependencies: ["CPKCS11"]),
         // PC/SC binding: a watcher for readers and cards coming and going.
@@ -46,7 +46,7 @@ let package = Package(
         .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "CryptokiWire", "SystemKit"]),
         // The proxy's RPC: the one call table, its encoder and decoder, and framing. Pure Swift,
         // shared by the daemon and the proxy.
-        .target(name: "CryptokiWire"),
+        .target(name: "CryptokiWire", dependencies: ["CShims"]),
         .executableTarget(name: "pincached", dependencies: [
             "PincacheService", "CryptokiWire", "PKCS11Kit", "SystemKit", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
@@ -63,8 +63,8 @@ let package = Package(
         // version script exports C_GetFunctionList alone. `-z nodelete`: hosts dlclose
         // modules without C_Finalize (pkcs11-tool on a fatal error), and the loop thread
         // and the Swift runtime must never find their code unmapped.
-        .target(name: "CPincacheProxy", dependencies: ["CPKCS11"]),
-        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "CryptokiWire"]),
+        .target(name: "CPincacheProxy", dependencies: ["CPKCS11", "CShims"]),
+        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "CryptokiWire", "CShims"]),
         // The shared object's link alone: the proxy's code stays a plain target, so
         // ProxyLoopbackTests can drive its entry points in process against the daemon's.
         .target(name: "PincacheProxyLibrary", dependencies: ["PincacheProxy"],

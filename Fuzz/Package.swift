@@ -19,14 +19,14 @@ let package = Package(
         .systemLibrary(name: "CPCSC", pkgConfig: "libpcsclite"),
         .target(name: "CShims"),
         .target(name: "SystemKit", dependencies: ["CShims"]),
-        .target(name: "DBusKit", dependencies: ["CDBus", "SystemKit"]),
+        .target(name: "DBusKit", dependencies: ["CDBus", "SystemKit", "CShims"]),
         .target(name: "PKCS11Kit", dependencies: ["CPKCS11"]),
         .target(name: "PCSCKit", dependencies: ["CPCSC", "SystemKit"]),
         .target(name: "PinPolicy", dependencies: ["CShims"]),
-        .target(name: "CryptokiWire"),
+        .target(name: "CryptokiWire", dependencies: ["CShims"]),
         .target(name: "PincacheService", dependencies: ["DBusKit", "PKCS11Kit", "PCSCKit", "PinPolicy", "CShims", "CryptokiWire", "SystemKit"]),
-        .target(name: "CPincacheProxy", dependencies: ["CPKCS11"]),
-        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "CryptokiWire"]),
+        .target(name: "CPincacheProxy", dependencies: ["CPKCS11", "CShims"]),
+        .target(name: "PincacheProxy", dependencies: ["CPincacheProxy", "CPKCS11", "DBusKit", "CryptokiWire", "CShims"]),
 
         // libFuzzer's driver for the executables below (see Driver/include/fuzzdriver.h).
         .target(name: "FuzzDriver", path: "Driver"),

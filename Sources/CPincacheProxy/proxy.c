@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "cpincacheproxy.h"
+#include "cshims.h"
 
 #include <p11-kit/pkcs11.h>
 
@@ -77,76 +78,95 @@ extern __typeof__(C_GetFunctionStatus) pincache_C_GetFunctionStatus;
 extern __typeof__(C_CancelFunction) pincache_C_CancelFunction;
 extern __typeof__(C_WaitForSlotEvent) pincache_C_WaitForSlotEvent;
 
+static void enter(void);
+static void on_trampoline(void (*thunk)(void *), void *call);
+/* Set, in a forked child, on the thread that called fork(): see on_trampoline. */
+static __thread int stale_thread;
+/* The trampoline's state (see on_trampoline). */
+static pthread_mutex_t tramp_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t tramp_cond = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t tramp_callers = PTHREAD_MUTEX_INITIALIZER;
+static int tramp_running;
+static void (*tramp_thunk)(void *);
+static void *tramp_call;
+static unsigned tramp_gate;
+static int tramp_done;
+
+/* Every entry point runs its Swift code inside the fork gate (CShims, issue 13 §12): a host
+ * thread that forks waits until no thread of ours is inside the Swift runtime, so the
+ * child never inherits a runtime lock held by a thread it does not have. */
+#include "gates.h"
+
 static CK_FUNCTION_LIST function_list = {
     .version = { 2, 40 },
-    .C_Initialize = pincache_C_Initialize,
-    .C_Finalize = pincache_C_Finalize,
-    .C_GetInfo = pincache_C_GetInfo,
+    .C_Initialize = gated_C_Initialize,
+    .C_Finalize = gated_C_Finalize,
+    .C_GetInfo = gated_C_GetInfo,
     .C_GetFunctionList = C_GetFunctionList,
-    .C_GetSlotList = pincache_C_GetSlotList,
-    .C_GetSlotInfo = pincache_C_GetSlotInfo,
-    .C_GetTokenInfo = pincache_C_GetTokenInfo,
-    .C_GetMechanismList = pincache_C_GetMechanismList,
-    .C_GetMechanismInfo = pincache_C_GetMechanismInfo,
-    .C_InitToken = pincache_C_InitToken,
-    .C_InitPIN = pincache_C_InitPIN,
-    .C_SetPIN = pincache_C_SetPIN,
-    .C_OpenSession = pincache_C_OpenSession,
-    .C_CloseSession = pincache_C_CloseSession,
-    .C_CloseAllSessions = pincache_C_CloseAllSessions,
-    .C_GetSessionInfo = pincache_C_GetSessionInfo,
-    .C_GetOperationState = pincache_C_GetOperationState,
-    .C_SetOperationState = pincache_C_SetOperationState,
-    .C_Login = pincache_C_Login,
-    .C_Logout = pincache_C_Logout,
-    .C_CreateObject = pincache_C_CreateObject,
-    .C_CopyObject = pincache_C_CopyObject,
-    .C_DestroyObject = pincache_C_DestroyObject,
-    .C_GetObjectSize = pincache_C_GetObjectSize,
-    .C_GetAttributeValue = pincache_C_GetAttributeValue,
-    .C_SetAttributeValue = pincache_C_SetAttributeValue,
-    .C_FindObjectsInit = pincache_C_FindObjectsInit,
-    .C_FindObjects = pincache_C_FindObjects,
-    .C_FindObjectsFinal = pincache_C_FindObjectsFinal,
-    .C_EncryptInit = pincache_C_EncryptInit,
-    .C_Encrypt = pincache_C_Encrypt,
-    .C_EncryptUpdate = pincache_C_EncryptUpdate,
-    .C_EncryptFinal = pincache_C_EncryptFinal,
-    .C_DecryptInit = pincache_C_DecryptInit,
-    .C_Decrypt = pincache_C_Decrypt,
-    .C_DecryptUpdate = pincache_C_DecryptUpdate,
-    .C_DecryptFinal = pincache_C_DecryptFinal,
-    .C_DigestInit = pincache_C_DigestInit,
-    .C_Digest = pincache_C_Digest,
-    .C_DigestUpdate = pincache_C_DigestUpdate,
-    .C_DigestKey = pincache_C_DigestKey,
-    .C_DigestFinal = pincache_C_DigestFinal,
-    .C_SignInit = pincache_C_SignInit,
-    .C_Sign = pincache_C_Sign,
-    .C_SignUpdate = pincache_C_SignUpdate,
-    .C_SignFinal = pincache_C_SignFinal,
-    .C_SignRecoverInit = pincache_C_SignRecoverInit,
-    .C_SignRecover = pincache_C_SignRecover,
-    .C_VerifyInit = pincache_C_VerifyInit,
-    .C_Verify = pincache_C_Verify,
-    .C_VerifyUpdate = pincache_C_VerifyUpdate,
-    .C_VerifyFinal = pincache_C_VerifyFinal,
-    .C_VerifyRecoverInit = pincache_C_VerifyRecoverInit,
-    .C_VerifyRecover = pincache_C_VerifyRecover,
-    .C_DigestEncryptUpdate = pincache_C_DigestEncryptUpdate,
-    .C_DecryptDigestUpdate = pincache_C_DecryptDigestUpdate,
-    .C_SignEncryptUpdate = pincache_C_SignEncryptUpdate,
-    .C_DecryptVerifyUpdate = pincache_C_DecryptVerifyUpdate,
-    .C_GenerateKey = pincache_C_GenerateKey,
-    .C_GenerateKeyPair = pincache_C_GenerateKeyPair,
-    .C_WrapKey = pincache_C_WrapKey,
-    .C_UnwrapKey = pincache_C_UnwrapKey,
-    .C_DeriveKey = pincache_C_DeriveKey,
-    .C_SeedRandom = pincache_C_SeedRandom,
-    .C_GenerateRandom = pincache_C_GenerateRandom,
-    .C_GetFunctionStatus = pincache_C_GetFunctionStatus,
-    .C_CancelFunction = pincache_C_CancelFunction,
-    .C_WaitForSlotEvent = pincache_C_WaitForSlotEvent
+    .C_GetSlotList = gated_C_GetSlotList,
+    .C_GetSlotInfo = gated_C_GetSlotInfo,
+    .C_GetTokenInfo = gated_C_GetTokenInfo,
+    .C_GetMechanismList = gated_C_GetMechanismList,
+    .C_GetMechanismInfo = gated_C_GetMechanismInfo,
+    .C_InitToken = gated_C_InitToken,
+    .C_InitPIN = gated_C_InitPIN,
+    .C_SetPIN = gated_C_SetPIN,
+    .C_OpenSession = gated_C_OpenSession,
+    .C_CloseSession = gated_C_CloseSession,
+    .C_CloseAllSessions = gated_C_CloseAllSessions,
+    .C_GetSessionInfo = gated_C_GetSessionInfo,
+    .C_GetOperationState = gated_C_GetOperationState,
+    .C_SetOperationState = gated_C_SetOperationState,
+    .C_Login = gated_C_Login,
+    .C_Logout = gated_C_Logout,
+    .C_CreateObject = gated_C_CreateObject,
+    .C_CopyObject = gated_C_CopyObject,
+    .C_DestroyObject = gated_C_DestroyObject,
+    .C_GetObjectSize = gated_C_GetObjectSize,
+    .C_GetAttributeValue = gated_C_GetAttributeValue,
+    .C_SetAttributeValue = gated_C_SetAttributeValue,
+    .C_FindObjectsInit = gated_C_FindObjectsInit,
+    .C_FindObjects = gated_C_FindObjects,
+    .C_FindObjectsFinal = gated_C_FindObjectsFinal,
+    .C_EncryptInit = gated_C_EncryptInit,
+    .C_Encrypt = gated_C_Encrypt,
+    .C_EncryptUpdate = gated_C_EncryptUpdate,
+    .C_EncryptFinal = gated_C_EncryptFinal,
+    .C_DecryptInit = gated_C_DecryptInit,
+    .C_Decrypt = gated_C_Decrypt,
+    .C_DecryptUpdate = gated_C_DecryptUpdate,
+    .C_DecryptFinal = gated_C_DecryptFinal,
+    .C_DigestInit = gated_C_DigestInit,
+    .C_Digest = gated_C_Digest,
+    .C_DigestUpdate = gated_C_DigestUpdate,
+    .C_DigestKey = gated_C_DigestKey,
+    .C_DigestFinal = gated_C_DigestFinal,
+    .C_SignInit = gated_C_SignInit,
+    .C_Sign = gated_C_Sign,
+    .C_SignUpdate = gated_C_SignUpdate,
+    .C_SignFinal = gated_C_SignFinal,
+    .C_SignRecoverInit = gated_C_SignRecoverInit,
+    .C_SignRecover = gated_C_SignRecover,
+    .C_VerifyInit = gated_C_VerifyInit,
+    .C_Verify = gated_C_Verify,
+    .C_VerifyUpdate = gated_C_VerifyUpdate,
+    .C_VerifyFinal = gated_C_VerifyFinal,
+    .C_VerifyRecoverInit = gated_C_VerifyRecoverInit,
+    .C_VerifyRecover = gated_C_VerifyRecover,
+    .C_DigestEncryptUpdate = gated_C_DigestEncryptUpdate,
+    .C_DecryptDigestUpdate = gated_C_DecryptDigestUpdate,
+    .C_SignEncryptUpdate = gated_C_SignEncryptUpdate,
+    .C_DecryptVerifyUpdate = gated_C_DecryptVerifyUpdate,
+    .C_GenerateKey = gated_C_GenerateKey,
+    .C_GenerateKeyPair = gated_C_GenerateKeyPair,
+    .C_WrapKey = gated_C_WrapKey,
+    .C_UnwrapKey = gated_C_UnwrapKey,
+    .C_DeriveKey = gated_C_DeriveKey,
+    .C_SeedRandom = gated_C_SeedRandom,
+    .C_GenerateRandom = gated_C_GenerateRandom,
+    .C_GetFunctionStatus = gated_C_GetFunctionStatus,
+    .C_CancelFunction = gated_C_CancelFunction,
+    .C_WaitForSlotEvent = gated_C_WaitForSlotEvent
 };
 
 __attribute__((visibility("default")))
@@ -170,18 +190,106 @@ static atomic_ulong fork_generation;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 /* fork() while another thread holds the lock would leave the child a lock nobody can
- * release: prepare takes it, so it is free (and consistent) on both sides. */
-static void before_fork(void) { pthread_mutex_lock(&global_lock); }
-static void after_fork_parent(void) { pthread_mutex_unlock(&global_lock); }
+ * release: prepare takes it, so it is free (and consistent) on both sides. The gate comes
+ * first: threads inside it may be about to take the lock. */
+static void before_fork(void)
+{
+    pincache_fork_gate_prepare();
+    pthread_mutex_lock(&global_lock);
+}
+static void after_fork_parent(void)
+{
+    pthread_mutex_unlock(&global_lock);
+    pincache_fork_gate_parent();
+}
 static void after_fork_child(void)
 {
     atomic_fetch_add(&fork_generation, 1);
     pthread_mutex_unlock(&global_lock);
+    pincache_fork_gate_child();
+    /* The parent's trampoline, if any, is not in the child: a new one comes when needed. */
+    pthread_mutex_init(&tramp_lock, NULL);
+    pthread_mutex_init(&tramp_callers, NULL);
+    pthread_cond_init(&tramp_cond, NULL);
+    tramp_running = 0;
+    tramp_thunk = NULL;
+    stale_thread = 1;
 }
 
 static void install_atfork(void)
 {
+    pincache_fork_gate_enable();
     pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
+
+static void enter(void)
+{
+    pthread_once(&atfork_once, install_atfork);
+    pincache_fork_gate_enter();
+}
+
+/* The trampoline. The Swift runtime's locks and Synchronization's Mutex are priority-
+ * inheritance futexes that name their owner by thread id, and each thread caches its id
+ * the first time it takes one. fork() gives the calling thread a new id in the child but
+ * keeps that cache: a lock it then takes carries the parent's thread id, and as soon as
+ * another thread of the child waits for that lock, the kernel ties it to the parent's
+ * thread and the unlock fails (EPERM) — the child hangs. So, in a forked child, the thread
+ * that called fork() runs no Swift code itself: its calls run on this thread, made in the
+ * child, with the caller's place in the gate handed over and back. Other threads (made in
+ * the child) call directly. */
+
+static void *trampoline_main(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&tramp_lock);
+    for (;;) {
+        while (tramp_thunk == NULL)
+            pthread_cond_wait(&tramp_cond, &tramp_lock);
+        void (*thunk)(void *) = tramp_thunk;
+        void *call = tramp_call;
+        unsigned gate = tramp_gate;
+        pthread_mutex_unlock(&tramp_lock);
+        pincache_fork_gate_adopt(gate);
+        thunk(call);
+        gate = pincache_fork_gate_hand_over();
+        pthread_mutex_lock(&tramp_lock);
+        tramp_gate = gate;
+        tramp_thunk = NULL;
+        tramp_done = 1;
+        pthread_cond_broadcast(&tramp_cond);
+    }
+    return NULL;
+}
+
+static void on_trampoline(void (*thunk)(void *), void *call)
+{
+    pthread_mutex_lock(&tramp_callers);
+    pthread_mutex_lock(&tramp_lock);
+    if (!tramp_running) {
+        pthread_attr_t attributes;
+        pthread_attr_init(&attributes);
+        pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+        pthread_t thread;
+        tramp_running = pthread_create(&thread, &attributes, trampoline_main, NULL) == 0;
+        pthread_attr_destroy(&attributes);
+        if (!tramp_running) {
+            /* No thread to be had: run here, and hope nobody contends. */
+            pthread_mutex_unlock(&tramp_lock);
+            pthread_mutex_unlock(&tramp_callers);
+            thunk(call);
+            return;
+        }
+    }
+    tramp_gate = pincache_fork_gate_hand_over();
+    tramp_call = call;
+    tramp_done = 0;
+    tramp_thunk = thunk;
+    pthread_cond_broadcast(&tramp_cond);
+    while (!tramp_done)
+        pthread_cond_wait(&tramp_cond, &tramp_lock);
+    pincache_fork_gate_adopt(tramp_gate);
+    pthread_mutex_unlock(&tramp_lock);
+    pthread_mutex_unlock(&tramp_callers);
 }
 
 void pincache_global_lock(void)

@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include "cshims.h"
 #include <malloc.h>
+#include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <time.h>
@@ -102,4 +104,109 @@ int pincache_keep_only_capability(int capability)
 int pincache_die_with_parent(void)
 {
     return prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+}
+
+/* ---- the fork gate (see cshims.h) ---- */
+
+#include <stdatomic.h>
+
+static atomic_int gate_enabled;
+static pthread_rwlock_t gate_lock;
+static pthread_once_t gate_once = PTHREAD_ONCE_INIT;
+/* How deep the calling thread is inside the gate (0: outside). */
+static __thread unsigned gate_depth;
+/* Whether the forking thread took the gate in prepare (it cannot wait for itself). */
+static __thread int gate_held_for_fork;
+
+static void gate_lock_init(void) {
+    pthread_rwlockattr_t attributes;
+    pthread_rwlockattr_init(&attributes);
+    /* A waiting fork keeps new entries out, or a busy host would starve it. */
+    pthread_rwlockattr_setkind_np(&attributes, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&gate_lock, &attributes);
+    pthread_rwlockattr_destroy(&attributes);
+}
+
+static void gate_init(void) {
+    gate_lock_init();
+    atomic_store(&gate_enabled, 1);
+}
+
+void pincache_fork_gate_enable(void) { pthread_once(&gate_once, gate_init); }
+
+void pincache_fork_gate_enter(void) {
+    if (!atomic_load_explicit(&gate_enabled, memory_order_acquire)) return;
+    if (gate_depth++ == 0) pthread_rwlock_rdlock(&gate_lock);
+}
+
+void pincache_fork_gate_leave(void) {
+    if (!atomic_load_explicit(&gate_enabled, memory_order_acquire) || gate_depth == 0) return;
+    if (--gate_depth == 0) pthread_rwlock_unlock(&gate_lock);
+}
+
+unsigned pincache_fork_gate_suspend(void) {
+    unsigned depth = gate_depth;
+    if (depth > 0 && atomic_load_explicit(&gate_enabled, memory_order_acquire)) {
+        gate_depth = 0;
+        pthread_rwlock_unlock(&gate_lock);
+    }
+    return depth;
+}
+
+void pincache_fork_gate_resume(unsigned token) {
+    if (token > 0 && atomic_load_explicit(&gate_enabled, memory_order_acquire)) {
+        pthread_rwlock_rdlock(&gate_lock);
+        gate_depth = token;
+    }
+}
+
+void pincache_fork_gate_prepare(void) {
+    gate_held_for_fork = 0;
+    /* A fork from inside the gate (never ours; a host callback at worst) cannot wait for
+       itself: it goes ahead unguarded, as it would without the gate. */
+    if (!atomic_load_explicit(&gate_enabled, memory_order_acquire) || gate_depth > 0) return;
+    pthread_rwlock_wrlock(&gate_lock);
+    gate_held_for_fork = 1;
+}
+
+void pincache_fork_gate_parent(void) {
+    if (gate_held_for_fork) pthread_rwlock_unlock(&gate_lock);
+    gate_held_for_fork = 0;
+}
+
+void pincache_fork_gate_child(void) {
+    /* The child has only this thread, so nobody else is inside. The lock is made afresh
+       rather than unlocked: glibc knows its writer by thread id, which fork changed. */
+    if (atomic_load_explicit(&gate_enabled, memory_order_acquire)) gate_lock_init();
+    gate_held_for_fork = 0;
+    gate_depth = 0;
+}
+
+unsigned pincache_fork_gate_hand_over(void) {
+    unsigned depth = gate_depth;
+    gate_depth = 0;
+    return depth;
+}
+
+void pincache_fork_gate_adopt(unsigned token) { gate_depth = token; }
+
+int pincache_poll_outside_fork_gate(struct pollfd *fds, unsigned long count, int timeout) {
+    unsigned gate = pincache_fork_gate_suspend();
+    int ready = poll(fds, (nfds_t)count, timeout);
+    int saved = errno;
+    pincache_fork_gate_resume(gate);
+    errno = saved;
+    return ready;
+}
+
+int pincache_cond_timedwait_outside_fork_gate(pthread_cond_t *condition, pthread_mutex_t *mutex,
+                                              const struct timespec *deadline) {
+    unsigned gate = pincache_fork_gate_suspend();
+    int result = pthread_cond_timedwait(condition, mutex, deadline);
+    if (gate > 0) {
+        pthread_mutex_unlock(mutex);
+        pincache_fork_gate_resume(gate);
+        pthread_mutex_lock(mutex);
+    }
+    return result;
 }

@@ -1,3 +1,4 @@
+import CShims
 import Glibc
 
 /// A pthread mutex with a condition variable, on the heap so their addresses never move.
@@ -48,6 +49,17 @@ public final class Monitor: @unchecked Sendable {
         deadline.tv_sec += milliseconds / 1000 + nanos / 1_000_000_000
         deadline.tv_nsec = nanos % 1_000_000_000
         _ = pthread_cond_timedwait(condition, mutex, &deadline)
+    }
+
+    /// `wait(milliseconds:)` for code inside the proxy's fork gate (CShims): the thread gives
+    /// up its place in the gate while it waits, so a host's fork never waits for an event.
+    public func waitOutsideForkGate(milliseconds: Int) {
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        let nanos = Int(deadline.tv_nsec) + (milliseconds % 1000) * 1_000_000
+        deadline.tv_sec += milliseconds / 1000 + nanos / 1_000_000_000
+        deadline.tv_nsec = nanos % 1_000_000_000
+        _ = pincache_cond_timedwait_outside_fork_gate(condition, mutex, &deadline)
     }
 
     /// Wakes every waiter (call with the mutex held).

@@ -1,4 +1,5 @@
 import CDBus
+import CShims
 import Dispatch
 import Glibc
 import Synchronization
@@ -191,6 +192,9 @@ public final class DBusConnection: @unchecked Sendable {
         var thread = pthread_t()
         let context = Unmanaged.passRetained(body).toOpaque()
         let created = pthread_create(&thread, &attributes, { context in
+            // Before any Swift runtime work: a host's fork waits for this thread's (CShims).
+            pincache_fork_gate_enter()
+            defer { pincache_fork_gate_leave() }
             // SAFETY: `context` is the retained LoopThreadBody passed below; this thread
             // takes over that reference.
             guard let context else { return nil }
@@ -204,7 +208,11 @@ public final class DBusConnection: @unchecked Sendable {
             DBusLog.log("cannot start the loop thread (pthread_create: \(created))")
             return
         }
+        // The new thread enters the fork gate before it runs: a fork waiting at the gate would
+        // keep it out while this thread, inside, waited for it.
+        let gate = pincache_fork_gate_suspend()
         started.wait()
+        pincache_fork_gate_resume(gate)
     }
 
     /// Makes `run()` return after its current iteration. Thread-safe.
@@ -228,7 +236,9 @@ public final class DBusConnection: @unchecked Sendable {
                 doClose()
                 done.signal()
             }
+            let gate = pincache_fork_gate_suspend()
             _ = done.wait(timeout: .now() + .seconds(5))
+            pincache_fork_gate_resume(gate)
         } else {
             doClose()
         }

@@ -1,4 +1,5 @@
 import CDBus
+import CShims
 import Glibc
 import Synchronization
 
@@ -266,7 +267,11 @@ final class MainLoop: @unchecked Sendable {
                 // Round up so a timer never fires a little early and spins.
                 pollTimeout = nextDeadline <= now ? 0 : Int32(min((nextDeadline - now + 999_999) / 1_000_000, 60_000))
             }
-            let ready = poll(&fds, nfds_t(fds.count), pollTimeout)
+            // Blocked in poll, this thread is nowhere in the Swift runtime: a fork of a host
+            // process (the proxy) may go ahead meanwhile (CShims' fork gate).
+            let ready = fds.withUnsafeMutableBufferPointer {
+                pincache_poll_outside_fork_gate($0.baseAddress, UInt($0.count), pollTimeout)
+            }
             if ready < 0 && errno != EINTR { usleep(1000) }
 
             if fds[0].revents != 0 {

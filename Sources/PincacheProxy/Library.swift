@@ -401,7 +401,7 @@ final class Library: @unchecked Sendable {
                 if eventsClosed { throw .notInitialized }
                 if !pendingEvents.isEmpty { return pendingEvents.removeFirst() }
                 if !block { throw CKError(CKR_NO_EVENT) }
-                events.wait(milliseconds: 1000)
+                events.waitOutsideForkGate(milliseconds: 1000)
             }
         }
     }
@@ -413,7 +413,7 @@ final class Library: @unchecked Sendable {
                 if eventsClosed { throw .notInitialized }
                 if !pendingEvents.isEmpty { return pendingEvents.removeFirst() }
                 if !block { throw CKError(CKR_NO_EVENT) }
-                events.wait(milliseconds: 1000)
+                events.waitOutsideForkGate(milliseconds: 1000)
                 return nil
             }
             if let next { return next }

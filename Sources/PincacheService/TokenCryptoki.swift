@@ -161,7 +161,11 @@ extension TokenContext {
 
     /// Forgets every handle (the token was swapped or initialised).
     func resetObjects() {
+        // Numbering goes on: a program may still hold a handle of the old token's objects,
+        // and it must not name one of the new token's (issue 13, handles never reused).
+        let next = objectTable.next
         objectTable = ObjectTable()
+        objectTable.next = next
         resolvedKeys = [:]
         handleKeyIDs.withLock { $0 = [:] }
     }

@@ -546,6 +546,96 @@ static int cmd_fork(const char *label, const char *pin)
     return 0;
 }
 
+/* ------------------------------------------------------------- forkstress */
+
+/* Issue 13 §12: `cycles` times, while `nthreads` threads of this process sign through the
+ * proxy without pause, fork; the child initialises, logs in, signs and finalises, and has
+ * 30 s to do so (a child stuck on a lock a parent thread held at fork dies by SIGALRM).
+ * Prints one line per failed cycle and then "forkstress failures=K cycles=N". */
+struct busy {
+    CK_SLOT_ID slot;
+    volatile int stop;
+    long ok;
+    CK_RV last;
+};
+
+static void *busy_work(void *arg)
+{
+    struct busy *b = arg;
+    CK_SESSION_HANDLE s;
+    b->last = f->C_OpenSession(b->slot, CKF_SERIAL_SESSION, NULL, NULL, &s);
+    if (b->last != CKR_OK) return NULL;
+    unsigned char digest[32] = { 7 }, sig[512];
+    while (!b->stop) {
+        CK_ULONG n = sizeof sig;
+        b->last = sign(s, 1, "ECDSA", digest, 32, NULL, sig, &n);
+        if (b->last == CKR_OK) b->ok++;
+        CK_ULONG count = 0;
+        f->C_GetSlotList(CK_TRUE, NULL, &count);
+    }
+    f->C_CloseSession(s);
+    return NULL;
+}
+
+static int fork_child(const char *label, const char *pin)
+{
+    alarm(30);
+    CK_RV rv = init_os_locking();
+    if (rv != CKR_OK) return 10;
+    CK_SLOT_ID slot;
+    if (!find_slot(label, &slot)) return 11;
+    CK_SESSION_HANDLE s;
+    if (f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s) != CKR_OK) return 12;
+    rv = f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin));
+    if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) return 13;
+    unsigned char digest[32] = { 9 }, sig[512];
+    CK_ULONG len = sizeof sig;
+    if (sign(s, 1, "ECDSA", digest, 32, NULL, sig, &len) != CKR_OK || len != 64) return 14;
+    if (f->C_Finalize(NULL) != CKR_OK) return 15;
+    return 0;
+}
+
+static int cmd_forkstress(const char *label, const char *pin, int cycles, int nthreads)
+{
+    CK_RV rv = init_os_locking();
+    if (rv != CKR_OK) { out("C_Initialize", rv, NULL); return 2; }
+    CK_SLOT_ID slot;
+    if (!find_slot(label, &slot)) return 2;
+    CK_SESSION_HANDLE s;
+    f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s);
+    out("parent C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    pthread_t tids[16];
+    struct busy bs[16];
+    if (nthreads > 16) nthreads = 16;
+    for (int i = 0; i < nthreads; i++) {
+        bs[i] = (struct busy){ slot, 0, 0, 0 };
+        pthread_create(&tids[i], NULL, busy_work, &bs[i]);
+    }
+    fflush(stdout);
+    int failures = 0;
+    for (int i = 0; i < cycles; i++) {
+        pid_t child = fork();
+        if (child == 0) _exit(fork_child(label, pin));
+        int status = 0;
+        waitpid(child, &status, 0);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            failures++;
+            printf("cycle %d: child %s %d\n", i, WIFEXITED(status) ? "exit" : "signal",
+                   WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
+            fflush(stdout);
+        }
+    }
+    long busy_ok = 0;
+    for (int i = 0; i < nthreads; i++) {
+        bs[i].stop = 1;
+        pthread_join(tids[i], NULL);
+        busy_ok += bs[i].ok;
+    }
+    printf("forkstress failures=%d cycles=%d busy_signatures=%ld\n", failures, cycles, busy_ok);
+    out("C_Finalize", f->C_Finalize(NULL), NULL);
+    return failures == 0 ? 0 : 1;
+}
+
 /* ------------------------------------------------------------------ repl */
 
 /* Commands (one answer line each):
@@ -658,6 +748,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "conformance") && argc == 5) return cmd_conformance(argv[3], argv[4]);
     if (!strcmp(cmd, "threads") && argc == 7) return cmd_threads(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "fork") && argc == 5) return cmd_fork(argv[3], argv[4]);
+    if (!strcmp(cmd, "forkstress") && argc == 7) return cmd_forkstress(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "repl") && argc == 4) return cmd_repl(argv[3]);
     fprintf(stderr, "bad command\n");
     return 2;
