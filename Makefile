@@ -96,6 +96,7 @@ define install-files
 	$(INSTALL) -D -m 644 packaging/pincached.service "$(DESTDIR)$(UNITDIR)/pincached.service"
 	$(INSTALL) -D $(INSTALL_STRIP) -m 644 "$(PROXY)" "$(DESTDIR)$(PREFIX)/lib/$(MULTIARCH)/pkcs11/libpincache-pkcs11.so"
 	$(INSTALL) -D -m 644 packaging/pincache.module "$(DESTDIR)$(PREFIX)/share/p11-kit/modules/pincache.module"
+	$(INSTALL) -D -m 755 packaging/p11-kit-routing "$(DESTDIR)$(PREFIX)/libexec/pincache/p11-kit-routing"
 	$(INSTALL) -d "$(DESTDIR)/etc/pincache"
 	@if [ -e "$(DESTDIR)/etc/pincache/pincache.cfg" ]; then \
 		echo "keeping existing $(DESTDIR)/etc/pincache/pincache.cfg"; \
@@ -122,6 +123,7 @@ uninstall:
 		"$(DESTDIR)$(UNITDIR)/pincached.service" \
 		"$(DESTDIR)$(PREFIX)/lib/$(MULTIARCH)/pkcs11/libpincache-pkcs11.so" \
 		"$(DESTDIR)$(PREFIX)/share/p11-kit/modules/pincache.module" \
+		"$(DESTDIR)$(PREFIX)/libexec/pincache/p11-kit-routing" \
 		"$(DESTDIR)$(PREFIX)/share/man/man1/pincachectl.1.gz" \
 		"$(DESTDIR)$(PREFIX)/share/man/man5/pincache.cfg.5.gz" \
 		"$(DESTDIR)$(PREFIX)/share/man/man8/pincached.8.gz" \
@@ -158,6 +160,7 @@ deb:
 		usr/sbin/pincached usr/bin/pincachectl usr/lib/$(MULTIARCH)/pkcs11/libpincache-pkcs11.so
 	$(INSTALL) -d "$(DEB_STAGE)/DEBIAN" "$(DBGSYM_STAGE)/DEBIAN"
 	$(INSTALL) -m 644 packaging/debian/conffiles "$(DEB_STAGE)/DEBIAN/conffiles"
+	$(INSTALL) -m 644 packaging/debian/triggers "$(DEB_STAGE)/DEBIAN/triggers"
 	$(INSTALL) -m 755 packaging/debian/postinst packaging/debian/prerm packaging/debian/postrm "$(DEB_STAGE)/DEBIAN/"
 	shlibs=$$(scripts/shlibdeps.sh "$(DEB_STAGE)" usr/sbin/pincached usr/bin/pincachectl \
 		usr/lib/$(MULTIARCH)/pkcs11/libpincache-pkcs11.so) && \

@@ -56,7 +56,7 @@ INSTALLED = [
     "/usr/share/man/man1/pincachectl.1.gz",
     "/usr/share/doc/pincache/copyright", "/usr/share/doc/pincache/changelog.gz",
     "/usr/share/bash-completion/completions/pincachectl", "/usr/share/zsh/vendor-completions/_pincachectl",
-    "/usr/share/p11-kit/modules/pincache.module",
+    "/usr/share/p11-kit/modules/pincache.module", "/usr/libexec/pincache/p11-kit-routing",
 ]
 
 
@@ -717,6 +717,43 @@ def test_flush_on_a_terminal_asks_for_the_admin_password_through_pkttyagent(syst
 
 # --- the package's life: upgrade, remove, purge (last: it takes the package away) ----------
 
+ROUTING_MARK = "# Written by pincache (p11-kit-routing)"
+
+
+def p11kit_modules():
+    out = run(["p11-kit", "list-modules"]).stdout
+    return [line.split(":")[0] for line in out.splitlines() if line and not line[0].isspace()]
+
+
+def routed_files():
+    return sorted(p.name for p in Path("/etc/pkcs11/modules").glob("*.module")
+                  if p.read_text().startswith(ROUTING_MARK))
+
+
+def test_p11_kit_programs_see_each_token_once_through_pincache(system):
+    """Issue 13 §13: the package routes other packages' p11-kit modules through pincache
+    (/etc/pkcs11/modules/NAME.module with enable-in: pincached), so p11-kit-aware programs
+    list each token once, through pincache's proxy, while pincached itself still loads the
+    backends through p11-kit. Trust modules stay for everyone."""
+    assert {"softhsm2.module", "opensc-pkcs11.module"} <= set(routed_files()), routed_files()
+    soft = Path("/etc/pkcs11/modules/softhsm2.module").read_text()
+    assert "enable-in: pincached" in soft and "libsofthsm2.so" in soft, soft
+    assert not Path("/etc/pkcs11/modules/p11-kit-trust.module").exists()
+    modules = p11kit_modules()
+    assert "pincache" in modules and "p11-kit-trust" in modules, modules
+    assert "softhsm2" not in modules and "opensc-pkcs11" not in modules, modules
+    # Root could read SoftHSM's store directly: before routing p11tool listed the token twice.
+    system.client(U1).ok(MANAGER, M1, "GetStatistics")  # activates the daemon
+    tokens = run(["p11tool", "--list-tokens"]).stdout
+    labels = re.findall(r"^\s*Label: (.*)$", tokens, re.M)
+    print(f"FIGURE p11-kit routing: p11tool --list-tokens labels = {labels}")
+    assert labels.count(LABEL) == 1, tokens
+    # And through it a signature (the backend reached by pincached only).
+    r, out = proxy_sign(system, U1, "routed")
+    assert r.returncode == 0, r.stdout + r.stderr
+    verify_ec(system, MSG, out.read_bytes())
+
+
 def test_zz_upgrade_remove_and_purge(system, tmp_path):
     """Issue 16 §1: an upgrade keeps the admin's configuration and leaves a working daemon;
     remove stops the daemon (its cached PINs die with it) and keeps configuration and user;
@@ -752,14 +789,19 @@ def test_zz_upgrade_remove_and_purge(system, tmp_path):
         assert cfg.exists() and "the admin's line" in cfg.read_text()
         assert pwd.getpwnam(DAEMON_USER)
         assert '"org.pincache.Daemon"' not in " ".join(bus_call_root("ListActivatableNames"))
+        # The other packages' modules are everyone's again.
+        assert routed_files() == []
+        assert "softhsm2" in p11kit_modules()
 
         run(["apt-get", "purge", "-y", "pincache"], env=env)
         assert not Path("/etc/pincache").exists()
+        assert not Path("/var/lib/pincache").exists()
         with pytest.raises(KeyError):
             pwd.getpwnam(DAEMON_USER)
         assert run(["dpkg-query", "-W", "-f=${db:Status-Status}", "pincache"], check=False).stdout in ("", "not-installed")
     finally:
         run(["apt-get", "install", "-y", "--no-install-recommends", "--allow-downgrades", system.deb], env=env)
         cfg.write_text(original)
+        assert "softhsm2.module" in routed_files()
         # The new system user gets a new uid; SoftHSM's store is group softhsm's, which postinst restored.
         assert DAEMON_USER in grp.getgrnam("softhsm").gr_mem
