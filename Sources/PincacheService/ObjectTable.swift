@@ -10,7 +10,15 @@ import PinPolicy
 struct ObjectTable {
     struct Locator {
         var backend: ObjectHandle
+        /// The key in `byIdentity`: `base`, or for the n-th of several objects that look the
+        /// same (twins), `base` with n appended.
         var identity: [UInt8]
+        /// The attributes that identify the object (TokenContext.identityTypes), as bytes.
+        var base: [UInt8]
+        /// Among twins (issue 13 §2: distinct objects whose identifying attributes are all
+        /// equal), this one's place in the backend's search order; 0 for any other object.
+        var ordinal = 0
+        var twins = false
         var template: [Attribute]
         var isPrivate: Bool
         /// Session objects only: the caller that made it, and in which session (it dies with it).
@@ -31,6 +39,44 @@ struct ObjectTable {
     /// The token's private objects as a login last listed them (Token+Catalogue.swift).
     var catalogue: PrivateCatalogue?
     static let capacity = 100_000
+
+    static func key(_ base: [UInt8], ordinal: Int) -> [UInt8] {
+        ordinal == 0 ? base : base + [0xff, 0x23] + withUnsafeBytes(of: UInt64(ordinal).littleEndian) { Array($0) }
+    }
+
+    /// Gives `handle` the first free place among the objects that look like `base`.
+    mutating func attach(_ handle: UInt64, base: [UInt8]) {
+        var ordinal = 0
+        while byIdentity[Self.key(base, ordinal: ordinal)] != nil { ordinal += 1 }
+        locators[handle]?.base = base
+        locators[handle]?.ordinal = ordinal
+        locators[handle]?.identity = Self.key(base, ordinal: ordinal)
+        byIdentity[Self.key(base, ordinal: ordinal)] = handle
+        if ordinal > 0 { markTwins(base) }
+    }
+
+    mutating func markTwins(_ base: [UInt8]) {
+        var ordinal = 0
+        while let h = byIdentity[Self.key(base, ordinal: ordinal)] {
+            locators[h]?.twins = true
+            ordinal += 1
+        }
+    }
+
+    /// Takes `handle` out of `byIdentity`; its twins after it move up one place, as they
+    /// stand in the backend's search order once it is gone.
+    mutating func detach(_ handle: UInt64) {
+        guard let loc = locators[handle], byIdentity[loc.identity] == handle else { return }
+        byIdentity[loc.identity] = nil
+        var ordinal = loc.ordinal + 1
+        while let next = byIdentity[Self.key(loc.base, ordinal: ordinal)] {
+            byIdentity[Self.key(loc.base, ordinal: ordinal)] = nil
+            byIdentity[Self.key(loc.base, ordinal: ordinal - 1)] = next
+            locators[next]?.ordinal = ordinal - 1
+            locators[next]?.identity = Self.key(loc.base, ordinal: ordinal - 1)
+            ordinal += 1
+        }
+    }
 }
 
 extension TokenContext {
@@ -86,10 +132,22 @@ extension TokenContext {
         let a = found.attrs
         let isTokenObject = a[.token]?.pkcs11Bool ?? true
         if !isTokenObject { bytes += Array(caller.rawValue.utf8) }
-        if let existing = objectTable.byIdentity[bytes] {
-            objectTable.locators[existing]?.backend = h
-            objectTable.locators[existing]?.checkedEpoch = loginEpoch
-            return existing
+        // Objects that look alike are told apart by the order the backend lists them in: the
+        // first one seen in this login state takes place 0, the next place 1... A place
+        // already taken in this login state by another backend object is a twin's; a place
+        // last seen in an earlier one is this object's (backend handles change with logins).
+        // A new object never takes an existing place: that handle is another object's.
+        var ordinal = 0
+        while let existing = objectTable.byIdentity[ObjectTable.key(bytes, ordinal: ordinal)] {
+            let loc = objectTable.locators[existing]!
+            if loc.checkedEpoch == loginEpoch {
+                if loc.backend == h { return existing }
+            } else if session == nil {
+                objectTable.locators[existing]?.backend = h
+                objectTable.locators[existing]?.checkedEpoch = loginEpoch
+                return existing
+            }
+            ordinal += 1
         }
         if !isTokenObject && session == nil { return nil }
         guard objectTable.locators.count < ObjectTable.capacity else {
@@ -102,12 +160,43 @@ extension TokenContext {
         let handle = objectTable.next
         objectTable.next += 1
         objectTable.locators[handle] = ObjectTable.Locator(
-            backend: h, identity: bytes, template: template, isPrivate: a[.private]?.pkcs11Bool ?? false,
+            backend: h, identity: bytes, base: bytes, template: template, isPrivate: a[.private]?.pkcs11Bool ?? false,
             owner: isTokenObject ? nil : caller, creatingSession: isTokenObject ? nil : session,
             checkedEpoch: loginEpoch)
-        objectTable.byIdentity[bytes] = handle
+        objectTable.attach(handle, base: bytes)
+        if objectTable.locators[handle]!.ordinal > 0 { resyncTwins(bytes, s, newcomer: handle) }
         if let id = a[.id] { handleKeyIDs.withLock { $0[handle] = id } }
         return handle
+    }
+
+    /// Places the objects that look like `base` in the backend's search order, right after
+    /// `newcomer` (made, or changed to look like them) joined them: the others keep the order
+    /// they had, the newcomer takes its own place (the backend's order is not the order of
+    /// creation). Without an answer that accounts for every one of them, places stay as they
+    /// were.
+    private func resyncTwins(_ base: [UInt8], _ s: SessionHandle, newcomer: UInt64) {
+        var members: [UInt64] = []
+        while let h = objectTable.byIdentity[ObjectTable.key(base, ordinal: members.count)] { members.append(h) }
+        guard members.count > 1, let newcomerLocator = objectTable.locators[newcomer] else { return }
+        let owner = newcomerLocator.owner.map { Array($0.rawValue.utf8) } ?? []
+        guard let found = try? module.findObjects(s, matching: newcomerLocator.template, limit: 1000) else { return }
+        let alike = found.filter { h in identity(s, h).map { $0.bytes + owner } == base }
+        guard alike.count == members.count, let place = alike.firstIndex(of: newcomerLocator.backend) else { return }
+        var rest = alike
+        rest.remove(at: place)
+        var assignment = [(newcomer, place, newcomerLocator.backend)]
+        for (i, member) in members.filter({ $0 != newcomer }).enumerated() {
+            assignment.append((member, alike.firstIndex(of: rest[i])!, rest[i]))
+        }
+        for ordinal in members.indices { objectTable.byIdentity[ObjectTable.key(base, ordinal: ordinal)] = nil }
+        for (member, ordinal, backend) in assignment {
+            objectTable.locators[member]?.ordinal = ordinal
+            objectTable.locators[member]?.identity = ObjectTable.key(base, ordinal: ordinal)
+            objectTable.locators[member]?.backend = backend
+            objectTable.locators[member]?.checkedEpoch = loginEpoch
+            objectTable.locators[member]?.twins = true
+            objectTable.byIdentity[ObjectTable.key(base, ordinal: ordinal)] = member
+        }
     }
 
     /// register() for objects the caller just made: always gives a handle.
@@ -138,10 +227,18 @@ extension TokenContext {
         func matches(_ h: ObjectHandle) -> Bool {
             guard var bytes = identity(s, h)?.bytes else { return false }
             if let owner = loc.owner { bytes += Array(owner.rawValue.utf8) }
-            return bytes == loc.identity
+            return bytes == loc.base
         }
         // Within one login state backend handles stay put: checked once per epoch.
         if loc.checkedEpoch == loginEpoch { return loc.backend }
+        if loc.twins {
+            // Which of the look-alikes is this one: its place in the backend's order.
+            let alike = try module.findObjects(s, matching: loc.template, limit: 1000).filter(matches)
+            guard loc.ordinal < alike.count else { throw PKCS11Error(rv: invalid, function: function) }
+            objectTable.locators[handle]?.backend = alike[loc.ordinal]
+            objectTable.locators[handle]?.checkedEpoch = loginEpoch
+            return alike[loc.ordinal]
+        }
         if matches(loc.backend) {
             objectTable.locators[handle]?.checkedEpoch = loginEpoch
             return loc.backend
@@ -155,7 +252,8 @@ extension TokenContext {
     }
 
     func forgetObject(_ handle: UInt64) {
-        if let loc = objectTable.locators.removeValue(forKey: handle) { objectTable.byIdentity[loc.identity] = nil }
+        objectTable.detach(handle)
+        objectTable.locators[handle] = nil
         handleKeyIDs.withLock { $0[handle] = nil }
     }
 
@@ -182,17 +280,19 @@ extension TokenContext {
             forgetObject(handle)
             return
         }
-        objectTable.byIdentity[loc.identity] = nil
-        loc.identity = found.bytes + (loc.owner.map { Array($0.rawValue.utf8) } ?? [])
+        objectTable.detach(handle)
+        let base = found.bytes + (loc.owner.map { Array($0.rawValue.utf8) } ?? [])
         loc.template = [AttributeType.class, .id, .label, .keyType].compactMap { t in found.attrs[t].map { Attribute(t, $0) } }
         loc.isPrivate = found.attrs[.private]?.pkcs11Bool ?? false
         loc.backend = backend
         loc.checkedEpoch = loginEpoch
         loc.snapshot = nil
+        loc.twins = false
         objectTable.locators[handle] = loc
         objectTable.catalogue = nil
         resolvedKeys = [:]
-        objectTable.byIdentity[loc.identity] = handle
+        objectTable.attach(handle, base: base)
+        if objectTable.locators[handle]!.ordinal > 0 { resyncTwins(base, s, newcomer: handle) }
         handleKeyIDs.withLock { $0[handle] = found.attrs[.id] }
     }
 }

@@ -188,6 +188,34 @@ def test_session_objects_belong_to_their_caller_and_die_with_their_session(ck):
     assert a.find(sa2, [(CKA_LABEL, b"again")]) == []
 
 
+def test_twin_objects_get_a_handle_each(ck):
+    """Issue 13 §2: objects whose class, CKA_ID, label and value are all equal are still two
+    objects: two handles, both found, each its own after the other is destroyed or changed,
+    and after the logins that renumber the backend's handles (a signature's bracket)."""
+    a = ck()
+    s = a.open()
+    a.login(s)
+    twin = [(CKA_CLASS, ulong(CKO_DATA)), (CKA_TOKEN, b"\x01"), (CKA_PRIVATE, b"\x01"), (CKA_LABEL, b"twin"),
+            (CKA_VALUE, b"same")]
+    h1 = a.s(s, "CreateObject", twin)
+    h2 = a.s(s, "CreateObject", twin)
+    h3 = a.s(s, "CreateObject", twin)
+    assert len({h1, h2, h3}) == 3, (h1, h2, h3)
+    assert sorted(a.find(s, [(CKA_LABEL, b"twin")])) == sorted([h1, h2, h3])
+    a.sign(s, CKM_ECDSA, a.key(s, b"\x01"), digest(b"a bracket in between"))
+    assert sorted(a.find(s, [(CKA_LABEL, b"twin")])) == sorted([h1, h2, h3])
+    a.s(s, "DestroyObject", h2)
+    assert sorted(a.find(s, [(CKA_LABEL, b"twin")])) == sorted([h1, h3])
+    assert a.rv(s, "GetAttributes", h2, [CKA_VALUE]) == 0x82  # CKR_OBJECT_HANDLE_INVALID
+    a.s(s, "SetAttributes", h3, [(CKA_LABEL, b"no longer a twin")])
+    assert a.find(s, [(CKA_LABEL, b"twin")]) == [h1]
+    assert a.find(s, [(CKA_LABEL, b"no longer a twin")]) == [h3]
+    assert a.attrs(s, h1, [CKA_VALUE])[CKA_VALUE] == (0, b"same")
+    for h in (h1, h3):
+        a.s(s, "DestroyObject", h)
+    assert a.find(s, [(CKA_CLASS, ulong(CKO_DATA)), (CKA_VALUE, b"same")]) == []
+
+
 def test_generated_key_pair_signs_and_verifies(ck):
     # Token objects: in caching mode private *session* objects die at the logout that ends
     # every bracket (PKCS#11 C_Logout), so a generated key that must outlive one call is a token key.
