@@ -39,6 +39,9 @@ struct ObjectTable {
     /// The token's private objects as a login last listed them (Token+Catalogue.swift).
     var catalogue: PrivateCatalogue?
     static let capacity = 100_000
+    /// What a locator searches by when its backend handle is stale: every identity
+    /// attribute but CKA_VALUE, so a token key that is the only match is the object.
+    static let templateTypes: [AttributeType] = [.class, .id, .label, .keyType, .token, .private]
 
     static func key(_ base: [UInt8], ordinal: Int) -> [UInt8] {
         ordinal == 0 ? base : base + [0xff, 0x23] + withUnsafeBytes(of: UInt64(ordinal).littleEndian) { Array($0) }
@@ -154,7 +157,7 @@ extension TokenContext {
             throw PKCS11Error(rv: .deviceMemory, function: "C_FindObjects")
         }
         var template: [Attribute] = []
-        for t in [AttributeType.class, .id, .label, .keyType] {
+        for t in ObjectTable.templateTypes {
             if let v = a[t] { template.append(Attribute(t, v)) }
         }
         let handle = objectTable.next
@@ -243,7 +246,17 @@ extension TokenContext {
             objectTable.locators[handle]?.checkedEpoch = loginEpoch
             return loc.backend
         }
-        for h in try module.findObjects(s, matching: loc.template, limit: 1000) where matches(h) {
+        let candidates = try module.findObjects(s, matching: loc.template, limit: 1000)
+        // A token object other than a data object or certificate is identified by the template
+        // alone (issue 14 §2): its only match needs no second look. Session objects may have a
+        // look-alike of another caller's; values tell data objects and certificates apart.
+        let valueless = loc.objectClass.map { $0 != ObjectClass.data.rawValue && $0 != ObjectClass.certificate.rawValue } ?? false
+        if candidates.count == 1, loc.owner == nil, valueless, loc.template.contains(where: { $0.type == .token }) {
+            objectTable.locators[handle]?.backend = candidates[0]
+            objectTable.locators[handle]?.checkedEpoch = loginEpoch
+            return candidates[0]
+        }
+        for h in candidates where matches(h) {
             objectTable.locators[handle]?.backend = h
             objectTable.locators[handle]?.checkedEpoch = loginEpoch
             return h
@@ -282,7 +295,7 @@ extension TokenContext {
         }
         objectTable.detach(handle)
         let base = found.bytes + (loc.owner.map { Array($0.rawValue.utf8) } ?? [])
-        loc.template = [AttributeType.class, .id, .label, .keyType].compactMap { t in found.attrs[t].map { Attribute(t, $0) } }
+        loc.template = ObjectTable.templateTypes.compactMap { t in found.attrs[t].map { Attribute(t, $0) } }
         loc.isPrivate = found.attrs[.private]?.pkcs11Bool ?? false
         loc.backend = backend
         loc.checkedEpoch = loginEpoch
