@@ -134,8 +134,11 @@ def test_pkcs11_tool_test_suite(start_daemon, pkcs11_tool, tokens):
 
 # --- same checks directly and through the proxy --------------------------------
 
-def test_conformance_same_as_softhsm(start_daemon, proxy_host, proxy_lib, bus, tokens):
-    start_daemon(caching=True)
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
+def test_conformance_same_as_softhsm(start_daemon, proxy_host, proxy_lib, bus, tokens, caching):
+    """The differential suite: the same program, call by call, directly on SoftHSM and
+    through the proxy in both modes; any difference in a return code or output fails."""
+    start_daemon(caching=caching)
     direct = run_host(proxy_host, SOFTHSM_MODULE, "conformance", LABEL, PIN, env={**os.environ, **tokens.env()})
     proxied = run_host(proxy_host, proxy_lib, "conformance", LABEL, PIN, env=proxy_env(bus))
     assert proxied == direct
