@@ -34,6 +34,8 @@ public enum Caps {
     public static let slots = 1024
     public static let mechanisms = 4096
     public static let random = 1 << 20
+    /// Parts of one multi-part digest (DigestParts): updates and keys in the order made.
+    public static let digestParts = 1024
     public static let errorMessage = 4096
     /// The largest frame body: one call's data plus room for its other fields.
     public static let frameBody = data + (64 << 10)
@@ -157,12 +159,22 @@ public enum Calls {
     /// Indexed by id: `all[Int(id)].id == id` (a unit test checks it).
     /// C_GetObjectSize (issue 13 §7): the backend's answer, or its refusal.
     public static let getObjectSize = Call(26, "GetObjectSize", [Fields.session, Fields.handle], [Field("size", .ulong)])
+    /// C_DigestInit, then C_DigestUpdate or C_DigestKey per part in order, then C_DigestFinal
+    /// (issue 13 §7): a part with key 0 is data, any other is the key C_DigestKey was given.
+    public static let digestParts = Call(
+        27, "DigestParts",
+        [
+            Fields.session, Field("mechanism", Fields.mechanism),
+            Field(
+                "parts", .array(.record([Field("key", .ulong), Field("data", Fields.data)]), max: Caps.digestParts)),
+        ],
+        [Field("digest", Fields.data)])
 
     public static let all: [Call] = [
         hello, getSlots, getMechanisms, openSession, closeSession, initToken, getSessionInfo, login, logout,
         findObjects, getAttributes, setAttributes, createObject, copyObject, destroyObject, generateKey,
         generateKeyPair, sign, verify, encrypt, decrypt, digest, generateRandom, seedRandom, initPIN, setPIN,
-        getObjectSize,
+        getObjectSize, digestParts,
     ]
 
     public static func byID(_ id: UInt16) -> Call? { Int(id) < all.count ? all[Int(id)] : nil }

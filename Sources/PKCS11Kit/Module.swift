@@ -103,7 +103,7 @@ public final class PKCS11Module: @unchecked Sendable {
     /// Calls one function of the list. A missing (NULL) entry is `CKR_FUNCTION_NOT_SUPPORTED`
     /// rather than a crash; the result goes through `PKCS11Error.check`.
     @discardableResult
-    private func call<F>(
+    func call<F>(
         _ name: String, _ member: KeyPath<CK_FUNCTION_LIST, F?>, accepting: [ReturnValue] = [],
         _ body: (F) -> CK_RV
     ) throws -> ReturnValue {
@@ -126,7 +126,7 @@ public final class PKCS11Module: @unchecked Sendable {
     /// A cipher's output is about as long as its input (plus a block of padding).
     static func outputGuess(for input: [UInt8]) -> Int { min(max(outputGuess, input.count + 64), maxLength) }
 
-    private func twoCall<F, T>(
+    func twoCall<F, T>(
         _ name: String, _ member: KeyPath<CK_FUNCTION_LIST, F?>, zero: T, cap: Int, guess: Int? = nil,
         _ body: (F, UnsafeMutablePointer<T>?, UnsafeMutablePointer<CK_ULONG>) -> CK_RV
     ) throws -> [T] {
@@ -692,7 +692,7 @@ private func withPIN<R>(_ pin: UnsafeRawBufferPointer?, _ body: (UnsafeMutablePo
 
 /// Hands `data` to C as `(CK_BYTE_PTR, CK_ULONG)`.
 @discardableResult
-private func withInput<R>(_ data: [UInt8], _ body: (UnsafeMutablePointer<UInt8>?, CK_ULONG) throws -> R) rethrows -> R {
+func withInput<R>(_ data: [UInt8], _ body: (UnsafeMutablePointer<UInt8>?, CK_ULONG) throws -> R) rethrows -> R {
     // SAFETY: input parameters are non-const in the header only for historical reasons;
     // modules read them during the call and keep no pointer.
     try data.withUnsafeBufferPointer { buffer in

@@ -97,7 +97,9 @@ func pincacheDigestUpdate(_ session: CK_SESSION_HANDLE, _ part: UnsafeMutablePoi
 }
 
 @_cdecl("pincache_C_DigestKey")
-func pincacheDigestKey(_ session: CK_SESSION_HANDLE, _ key: CK_OBJECT_HANDLE) -> CK_RV { notSupported() }
+func pincacheDigestKey(_ session: CK_SESSION_HANDLE, _ key: CK_OBJECT_HANDLE) -> CK_RV {
+    entry { library throws(CKError) in try library.digestKey(session: session, key: key) }
+}
 
 @_cdecl("pincache_C_DigestFinal")
 func pincacheDigestFinal(_ session: CK_SESSION_HANDLE, _ out: UnsafeMutablePointer<CK_BYTE>?,

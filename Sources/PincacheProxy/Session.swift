@@ -31,6 +31,8 @@ struct PendingOperation {
     /// Input accumulated by *Update calls.
     var data: [UInt8] = []
     var multipart = false
+    /// C_DigestKey calls: the key, and how much of `data` came before it.
+    var digestKeys: [(offset: Int, key: UInt64)] = []
     /// The daemon's answer for `resultInput`, kept for the call that follows a length
     /// query or CKR_BUFFER_TOO_SMALL.
     var result: [UInt8]?
@@ -126,6 +128,22 @@ extension Library {
         }
     }
 
+    /// C_DigestKey: the key's value joins the digest at this point of the input, which the
+    /// daemon replays in order at C_DigestFinal.
+    func digestKey(session handle: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) throws(CKError) {
+        try withSession(handle) { session throws(CKError) in
+            guard var operation = session.operations[.digest] else { throw .operationNotInitialized }
+            guard operation.result == nil else { throw CKError.operationActive }
+            guard operation.digestKeys.count < Caps.digestParts / 2 else {
+                session.operations[.digest] = nil
+                throw CKError(CKR_DEVICE_MEMORY)
+            }
+            operation.digestKeys.append((operation.data.count, UInt64(key)))
+            operation.multipart = true
+            session.operations[.digest] = operation
+        }
+    }
+
     /// The single-part call (`data` given) or the final call (`data` nil: the
     /// accumulated input). Output follows PKCS#11's length-query convention; the
     /// operation stays active after a length query or CKR_BUFFER_TOO_SMALL only.
@@ -196,6 +214,17 @@ extension Library {
         case .sign: reply = try call(Calls.sign, on: session, [operation.mechanism, key, .bytes(input)])
         case .encrypt: reply = try call(Calls.encrypt, on: session, [operation.mechanism, key, .bytes(input)])
         case .decrypt: reply = try call(Calls.decrypt, on: session, [operation.mechanism, key, .bytes(input)])
+        case .digest where !operation.digestKeys.isEmpty:
+            // Updates and keys in the order they were made (issue 13 §7).
+            var parts: [WireValue] = []
+            var start = 0
+            for (offset, key) in operation.digestKeys {
+                if offset > start { parts.append(.record([.ulong(0), .bytes(Array(input[start..<offset]))])) }
+                parts.append(.record([.ulong(key), .bytes([])]))
+                start = offset
+            }
+            if start < input.count { parts.append(.record([.ulong(0), .bytes(Array(input[start...]))])) }
+            reply = try call(Calls.digestParts, on: session, [operation.mechanism, .array(parts)])
         case .digest: reply = try call(Calls.digest, on: session, [operation.mechanism, .bytes(input)])
         case .verify: throw CKError(CKR_GENERAL_ERROR)
         }

@@ -297,6 +297,16 @@ extension PincacheService {
             run([], "digest", {
                 try token.publicOperation(caller: caller, session: id, rw: rw) { s in try token.module.digest(s, mechanism: m, data: data) }
             }) { [.bytes($0)] }
+        case Calls.digestParts.id:
+            guard let m = mechanism() else { return }
+            let parts: [DigestPart] = (r.argument("parts")?.arrayValues ?? []).map { part in
+                let fields = part.recordFields ?? []
+                let key = fields.first?.ulongValue ?? 0
+                return key == 0 ? .data(fields.last?.bytesValue ?? []) : .key(ObjectHandle(rawValue: UInt(key)))
+            }
+            run(objects, "digest", {
+                try token.digestParts(caller: caller, settings: settings(), session: id, rw: rw, mechanism: m, parts: parts)
+            }) { [.bytes($0)] }
         case Calls.generateRandom.id:
             let n = r.ulong("length")
             guard n <= UInt64(Caps.random) else {

@@ -207,6 +207,31 @@ extension TokenContext {
         return try backendCall { try body(s) }
     }
 
+    /// A multi-part digest with C_DigestKey parts (issue 13 §7): each key is the caller's
+    /// daemon handle; a private one needs the caller's login (its bracket), as its value does.
+    func digestParts(
+        caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, mechanism: Mechanism, parts: [DigestPart]
+    ) throws -> [UInt8] {
+        let s = try rawSession(id, readWrite: rw)
+        let keys = parts.compactMap { part -> UInt64? in
+            if case .key(let handle) = part { return UInt64(handle.rawValue) }
+            return nil
+        }
+        let locators = try keys.map { try locator($0, caller: caller, function: "C_DigestKey", invalid: .keyHandleInvalid) }
+        let run = {
+            let backendParts = try parts.map { part -> DigestPart in
+                guard case .key(let handle) = part else { return part }
+                return .key(try self.resolve(UInt64(handle.rawValue), s, caller: caller, function: "C_DigestKey", invalid: .keyHandleInvalid))
+            }
+            return try self.backendCall { try self.module.digest(s, mechanism: mechanism, parts: backendParts) }
+        }
+        if locators.contains(where: \.isPrivate) || locators.contains(where: { $0.owner != nil }) {
+            return try withAccess(caller: caller, settings: settings, s, readOnly: true, run)
+        }
+        _ = try presentTokenInfo()
+        return try run()
+    }
+
     // MARK: - Logins of the proxy (worker)
 
     func loginSO(caller: CallerID, settings: Settings, pin: SecretPIN, isAlive: () -> Bool) throws {

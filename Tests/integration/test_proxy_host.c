@@ -431,6 +431,36 @@ static int cmd_conformance(const char *label, const char *pin)
     hex(buf, rv == CKR_OK ? n : 0, hx);
     out("C_DigestFinal", rv, "%s", hx);
 
+    /* C_DigestKey (issue 13 §7) on a secret key of known value, between two updates. */
+    CK_OBJECT_CLASS secret_class = CKO_SECRET_KEY;
+    CK_KEY_TYPE generic = CKK_GENERIC_SECRET;
+    CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+    unsigned char secret_value[32];
+    memset(secret_value, 0x42, sizeof secret_value);
+    CK_ATTRIBUTE secret_template[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &generic, sizeof generic },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_SENSITIVE, &no, 1 }, { CKA_EXTRACTABLE, &yes, 1 },
+        { CKA_VALUE, secret_value, sizeof secret_value },
+    };
+    CK_OBJECT_HANDLE secret = 0;
+    out("C_CreateObject secret", f->C_CreateObject(s, secret_template, 7, &secret), NULL);
+    out("C_DigestInit keyed", f->C_DigestInit(s, &sha), NULL);
+    out("C_DigestUpdate keyed", f->C_DigestUpdate(s, (CK_BYTE *)"before", 6), NULL);
+    out("C_DigestKey", f->C_DigestKey(s, secret), NULL);
+    out("C_DigestUpdate keyed 2", f->C_DigestUpdate(s, (CK_BYTE *)"after", 5), NULL);
+    n = sizeof buf;
+    rv = f->C_DigestFinal(s, buf, &n);
+    hex(buf, rv == CKR_OK ? n : 0, hx);
+    out("C_DigestFinal keyed", rv, "%s", hx);
+    out("C_DigestInit key-first", f->C_DigestInit(s, &sha), NULL);
+    out("C_DigestKey first", f->C_DigestKey(s, secret), NULL);
+    n = sizeof buf;
+    rv = f->C_DigestFinal(s, buf, &n);
+    hex(buf, rv == CKR_OK ? n : 0, hx);
+    out("C_DigestFinal key-only", rv, "%s", hx);
+    out("C_DigestKey not-init", f->C_DigestKey(s, secret), NULL);
+    out("C_DestroyObject secret", f->C_DestroyObject(s, secret), NULL);
+
     out("C_GenerateRandom NULL", f->C_GenerateRandom(s, NULL, 16), NULL);
     out("C_GenerateRandom", f->C_GenerateRandom(s, buf, 16), NULL);
 
