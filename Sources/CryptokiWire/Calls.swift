@@ -169,12 +169,19 @@ public enum Calls {
                 "parts", .array(.record([Field("key", .ulong), Field("data", Fields.data)]), max: Caps.digestParts)),
         ],
         [Field("digest", Fields.data)])
+    /// C_SignInit, C_VerifyInit, C_EncryptInit, C_DecryptInit's look at the key (issue 13 §5):
+    /// CKA_CLASS, CKA_KEY_TYPE, CKA_SIGN, CKA_VERIFY, CKA_ENCRYPT, CKA_DECRYPT as GetAttributes
+    /// answers them, or the error the operation would meet (CKR_KEY_HANDLE_INVALID,
+    /// CKR_USER_NOT_LOGGED_IN), without a login where the daemon knows the key.
+    public static let keyFacts = Call(
+        28, "KeyFacts", [Fields.session, Fields.key],
+        [Field("attributes", .array(Fields.attributeResult, max: 16))])
 
     public static let all: [Call] = [
         hello, getSlots, getMechanisms, openSession, closeSession, initToken, getSessionInfo, login, logout,
         findObjects, getAttributes, setAttributes, createObject, copyObject, destroyObject, generateKey,
         generateKeyPair, sign, verify, encrypt, decrypt, digest, generateRandom, seedRandom, initPIN, setPIN,
-        getObjectSize, digestParts,
+        getObjectSize, digestParts, keyFacts,
     ]
 
     public static func byID(_ id: UInt16) -> Call? { Int(id) < all.count ? all[Int(id)] : nil }

@@ -39,6 +39,27 @@ struct PendingOperation {
     var resultInput: [UInt8]?
 }
 
+/// A key as C_*Init checks it, in the order SoftHSM does (issue 13 §5).
+struct KeyFacts {
+    /// CKA_SIGN, CKA_VERIFY, CKA_ENCRYPT, CKA_DECRYPT: absent or unreadable is false.
+    var permits: [OperationKind: Bool]
+
+    init(_ results: [AttributeResult]) {
+        func flag(_ type: CK_ATTRIBUTE_TYPE) -> Bool {
+            results.first { $0.type == type && $0.status == CKR_OK }.map { $0.value.first.map { $0 != 0 } ?? false } ?? false
+        }
+        permits = [
+            .sign: flag(CK_ATTRIBUTE_TYPE(CKA_SIGN)), .verify: flag(CK_ATTRIBUTE_TYPE(CKA_VERIFY)),
+            .encrypt: flag(CK_ATTRIBUTE_TYPE(CKA_ENCRYPT)), .decrypt: flag(CK_ATTRIBUTE_TYPE(CKA_DECRYPT)),
+        ]
+    }
+
+    /// Calls.keyFacts's answer, in this order.
+    static let types: [CK_ATTRIBUTE_TYPE] = [CKA_CLASS, CKA_KEY_TYPE, CKA_SIGN, CKA_VERIFY, CKA_ENCRYPT, CKA_DECRYPT].map {
+        CK_ATTRIBUTE_TYPE($0)
+    }
+}
+
 /// One GetAttributes answer entry.
 struct AttributeResult {
     var type: CK_ATTRIBUTE_TYPE
@@ -62,6 +83,9 @@ final class Session: @unchecked Sendable {
     /// FindObjectsInit's answer, served by C_FindObjects.
     var found: [CK_OBJECT_HANDLE]?
     var foundPosition = 0
+    /// What C_*Init learnt of keys (Calls.keyFacts), kept until this session changes or
+    /// destroys an object: one round trip per key and session.
+    var keyFacts: [CK_OBJECT_HANDLE: KeyFacts] = [:]
     /// The answer to a GetAttributeValue length query, for the call that follows it.
     var lastAttributes: (object: CK_OBJECT_HANDLE, types: [CK_ATTRIBUTE_TYPE], results: [AttributeResult])?
 
@@ -98,6 +122,22 @@ extension Library {
         try withSession(handle) { session throws(CKError) in
             guard session.operations[kind] == nil else { throw .operationActive }
             let (type, mechanism) = try Codec.mechanism(pointer)
+            // The key's verdict comes at Init, as the token gives it (issue 13 §5): a handle
+            // that names no key, a key the caller cannot use, one whose usage flag forbids
+            // the operation.
+            // A key type that does not suit the mechanism is left to the final call, where
+            // the token reports it (SoftHSM does; the differential suite holds us to it).
+            if kind != .digest {
+                let facts: KeyFacts
+                if let known = session.keyFacts[key] {
+                    facts = known
+                } else {
+                    let reply = try call(Calls.keyFacts, on: session, [.ulong(UInt64(key))])
+                    facts = KeyFacts(try Replies.attributes(reply, types: KeyFacts.types))
+                    session.keyFacts[key] = facts
+                }
+                if facts.permits[kind] != true { throw CKError(CKR_KEY_FUNCTION_NOT_PERMITTED) }
+            }
             // The mechanism list is asked once per slot; a mechanism the token does not
             // offer for this operation fails here, as it would on the token itself.
             if let list = try? mechanisms(session.slot) {

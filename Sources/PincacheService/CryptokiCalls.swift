@@ -297,6 +297,11 @@ extension PincacheService {
             run([], "digest", {
                 try token.publicOperation(caller: caller, session: id, rw: rw) { s in try token.module.digest(s, mechanism: m, data: data) }
             }) { [.bytes($0)] }
+        case Calls.keyFacts.id:
+            let key = r.ulong("key")
+            run(objects, "key-facts", keyID: token.knownKeyID(key), {
+                try token.keyFacts(caller: caller, settings: settings(), session: id, rw: rw, handle: key)
+            }) { results in [.array(results.map(Self.attributeResult))] }
         case Calls.digestParts.id:
             guard let m = mechanism() else { return }
             let parts: [DigestPart] = (r.argument("parts")?.arrayValues ?? []).map { part in

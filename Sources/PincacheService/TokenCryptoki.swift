@@ -134,6 +134,42 @@ extension TokenContext {
         return results
     }
 
+    /// What C_*Init needs to know of a key (issue 13 §5; Calls.keyFacts), in the order
+    /// asked. A private key's come from its snapshot, so a cached PIN costs no login; read
+    /// in a bracket, they join the snapshot.
+    static let keyFactTypes: [AttributeType] = [.class, .keyType, .sign, .verify, .encrypt, .decrypt]
+
+    func keyFacts(caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, handle: UInt64) throws
+        -> [AttributeResult]
+    {
+        let s = try rawSession(id, readWrite: rw)
+        let loc = try locator(handle, caller: caller, function: "C_SignInit", invalid: .keyHandleInvalid)
+        let types = Self.keyFactTypes
+        if loc.isPrivate {
+            let state = policy.withLock { $0.state(of: caller) }
+            if !state.loggedIn {
+                try policy.withLock { try $0.checkAvailable(for: caller) }
+                throw PKCS11Error(rv: .userNotLoggedIn, function: "C_SignInit")
+            }
+            if let snapshot = loc.snapshot, loc.owner == nil, types.allSatisfy({ snapshot[$0] != nil }) {
+                _ = try presentTokenInfo()
+                return types.map { snapshot[$0]! }
+            }
+        }
+        let results = try withObjectAccess(
+            caller: caller, settings: settings, s, loc, function: "C_SignInit", invalid: .keyHandleInvalid
+        ) {
+            let h = try resolve(handle, s, caller: caller, function: "C_SignInit", invalid: .keyHandleInvalid)
+            return try module.attributeValues(s, h, types)
+        }
+        if loc.isPrivate, loc.owner == nil, objectTable.locators[handle] != nil {
+            var snapshot = objectTable.locators[handle]!.snapshot ?? [:]
+            for r in results { snapshot[r.type] = r }
+            objectTable.locators[handle]!.snapshot = snapshot
+        }
+        return results
+    }
+
     /// C_GetObjectSize, answered by the backend (in the caller's login for a private object).
     func objectSize(caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, handle: UInt64) throws -> UInt {
         let s = try rawSession(id, readWrite: rw)

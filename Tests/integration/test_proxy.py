@@ -134,14 +134,31 @@ def test_pkcs11_tool_test_suite(start_daemon, pkcs11_tool, tokens):
 
 # --- same checks directly and through the proxy --------------------------------
 
+# Where the proxy is right and SoftHSM is not, line by line: (SoftHSM's line, the proxy's, why).
+CONFORMANCE_ALLOWED = {
+    "C_SignInit invalid-handle": (
+        "C_SignInit invalid-handle CKR_OBJECT_HANDLE_INVALID", "C_SignInit invalid-handle CKR_KEY_HANDLE_INVALID",
+        "PKCS#11 2.40 lists CKR_KEY_HANDLE_INVALID, not CKR_OBJECT_HANDLE_INVALID, for C_SignInit"),
+}
+
+
 @pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
 def test_conformance_same_as_softhsm(start_daemon, proxy_host, proxy_lib, bus, tokens, caching):
     """The differential suite: the same program, call by call, directly on SoftHSM and
-    through the proxy in both modes; any difference in a return code or output fails."""
+    through the proxy in both modes; any difference in a return code or output fails unless
+    CONFORMANCE_ALLOWED lists it, with its reason, exactly as it appears."""
     start_daemon(caching=caching)
     direct = run_host(proxy_host, SOFTHSM_MODULE, "conformance", LABEL, PIN, env={**os.environ, **tokens.env()})
     proxied = run_host(proxy_host, proxy_lib, "conformance", LABEL, PIN, env=proxy_env(bus))
-    assert proxied == direct
+    assert len(proxied) == len(direct), (direct, proxied)
+    differences = []
+    for d, p in zip(direct, proxied):
+        label = next((k for k in CONFORMANCE_ALLOWED if d.startswith(k + " ")), None)
+        if label:
+            assert (d, p) == CONFORMANCE_ALLOWED[label][:2], (d, p)
+        elif d != p:
+            differences.append((d, p))
+    assert not differences, differences
 
 
 # --- policy through the proxy ----------------------------------------------------

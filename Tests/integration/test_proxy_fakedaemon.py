@@ -136,6 +136,12 @@ class Caller:
                 else:
                     out.append((t, 0x12, b""))
             return wire.reply(name, out, tag=tag)
+        if name == "KeyFacts":
+            # The key's verdict at C_*Init (issue 13 §5): the private EC key, usable to sign
+            # (the login is Sign's business here, as these tests script it).
+            return wire.reply(name, [(0x0, 0, (3).to_bytes(8, "little")), (0x100, 0, (3).to_bytes(8, "little")),
+                                     (0x108, 0, b"\x01"), (0x10a, 0x12, b""), (0x104, 0x12, b""),
+                                     (0x105, 0, b"\x00")], tag=tag)
         if name == "Sign":
             return self.sign(name, tag, a)
         if name == "Digest":

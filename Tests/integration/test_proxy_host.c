@@ -414,6 +414,22 @@ static int cmd_conformance(const char *label, const char *pin)
     rv = f->C_Sign(s, (CK_BYTE *)"message", 7, buf, &n);
     out("C_Sign pss", rv, "%lu", n);
 
+    /* Init-time verdicts (issue 13 §5): each of these fails at C_*Init, as on the token. */
+    CK_OBJECT_HANDLE ecpub = 0, rsapub = 0;
+    out("find ec public", find_key(s, CKO_PUBLIC_KEY, 1, &ecpub), NULL);
+    out("find rsa public", find_key(s, CKO_PUBLIC_KEY, 2, &rsapub), NULL);
+    out("C_SignInit invalid-handle", f->C_SignInit(s, &ecdsa, 0x7ffffff0), NULL);
+    /* A key type that does not suit the mechanism: SoftHSM starts the operation and fails
+     * at C_Sign, and so does the proxy (it leaves that verdict to the token). */
+    out("C_SignInit public-key", f->C_SignInit(s, &ecdsa, ecpub), NULL);
+    out("C_VerifyInit private-key", f->C_VerifyInit(s, &ecdsa, eckey), NULL);
+    CK_MECHANISM rsa_pkcs = { CKM_RSA_PKCS, NULL, 0 };
+    out("C_DecryptInit ec-key", f->C_DecryptInit(s, &rsa_pkcs, eckey), NULL);
+    out("C_EncryptInit private-key", f->C_EncryptInit(s, &rsa_pkcs, rsakey), NULL);
+    out("C_VerifyInit ok", f->C_VerifyInit(s, &ecdsa, ecpub), NULL);
+    n = sizeof buf;
+    out("C_Verify bad-signature", f->C_Verify(s, digest, 32, buf, 64), NULL);
+
     CK_MECHANISM sha = { CKM_SHA256, NULL, 0 };
     out("C_DigestInit", f->C_DigestInit(s, &sha), NULL);
     n = sizeof buf;
