@@ -37,7 +37,7 @@ func pincacheCopyObject(_ session: CK_SESSION_HANDLE, _ source: CK_OBJECT_HANDLE
 func pincacheDestroyObject(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT_HANDLE) -> CK_RV {
     entry { library throws(CKError) in
         try library.withSession(session) { s throws(CKError) in
-            s.keyFacts[object] = nil
+            library.forgetKeyFacts(slot: s.slot, object)
             _ = try library.call(Calls.destroyObject, on: s, [.ulong(UInt64(object))])
         }
     }
@@ -69,7 +69,7 @@ func pincacheSetAttributeValue(_ session: CK_SESSION_HANDLE, _ object: CK_OBJECT
                                _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG) -> CK_RV {
     entry { library throws(CKError) in
         try library.withSession(session) { s throws(CKError) in
-            s.keyFacts[object] = nil
+            library.forgetKeyFacts(slot: s.slot, object)
             _ = try library.call(Calls.setAttributes, on: s, [.ulong(UInt64(object)), try Codec.template(template, count)])
         }
     }

@@ -63,6 +63,10 @@ final class Library: @unchecked Sendable {
         var mechanisms: [CK_SLOT_ID: [MechanismEntry]] = [:]
         var sessions: [CK_SESSION_HANDLE: Session] = [:]
         var nextSession: CK_SESSION_HANDLE = 1
+        /// What C_*Init learnt of keys (Calls.keyFacts), per slot and handle, for every
+        /// session of this process: gone with the link (a new daemon numbers anew) and when
+        /// this process changes or destroys the object.
+        var keyFacts: [CK_SLOT_ID: [CK_OBJECT_HANDLE: KeyFacts]] = [:]
     }
 
     let generation: UInt
@@ -188,6 +192,7 @@ final class Library: @unchecked Sendable {
             let kept = state.withLock { s -> Bool in
                 guard !s.finalized else { return false }
                 s.link = link
+                s.keyFacts = [:]
                 return true
             }
             guard kept else {

@@ -83,9 +83,6 @@ final class Session: @unchecked Sendable {
     /// FindObjectsInit's answer, served by C_FindObjects.
     var found: [CK_OBJECT_HANDLE]?
     var foundPosition = 0
-    /// What C_*Init learnt of keys (Calls.keyFacts), kept until this session changes or
-    /// destroys an object: one round trip per key and session.
-    var keyFacts: [CK_OBJECT_HANDLE: KeyFacts] = [:]
     /// The answer to a GetAttributeValue length query, for the call that follows it.
     var lastAttributes: (object: CK_OBJECT_HANDLE, types: [CK_ATTRIBUTE_TYPE], results: [AttributeResult])?
 
@@ -116,6 +113,10 @@ extension Library {
 
     // MARK: operations
 
+    func forgetKeyFacts(slot: CK_SLOT_ID, _ object: CK_OBJECT_HANDLE) {
+        _ = state.withLock { $0.keyFacts[slot]?.removeValue(forKey: object) }
+    }
+
     /// *Init: records the operation after the checks that need no round trip.
     func beginOperation(_ kind: OperationKind, session handle: CK_SESSION_HANDLE,
                         mechanism pointer: UnsafePointer<CK_MECHANISM>?, key: CK_OBJECT_HANDLE) throws(CKError) {
@@ -128,13 +129,14 @@ extension Library {
             // A key type that does not suit the mechanism is left to the final call, where
             // the token reports it (SoftHSM does; the differential suite holds us to it).
             if kind != .digest {
+                let slot = session.slot
                 let facts: KeyFacts
-                if let known = session.keyFacts[key] {
+                if let known = state.withLock({ $0.keyFacts[slot]?[key] }) {
                     facts = known
                 } else {
                     let reply = try call(Calls.keyFacts, on: session, [.ulong(UInt64(key))])
                     facts = KeyFacts(try Replies.attributes(reply, types: KeyFacts.types))
-                    session.keyFacts[key] = facts
+                    state.withLock { $0.keyFacts[slot, default: [:]][key] = facts }
                 }
                 if facts.permits[kind] != true { throw CKError(CKR_KEY_FUNCTION_NOT_PERMITTED) }
             }

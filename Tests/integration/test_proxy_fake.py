@@ -101,14 +101,14 @@ def test_one_round_trip_per_sign(fake, host):
     after = f.calls()
     # The host did FindObjectsInit, SignInit, C_Sign(NULL) and C_Sign(buf): the find and
     # the signature are one round trip each, the key's verdict at Init one per key and
-    # session (issue 13 §5); the length query costs nothing.
+    # process (issue 13 §5); the length query costs nothing.
     assert after.get("Sign", 0) - before.get("Sign", 0) == 1
     assert after.get("FindObjects", 0) - before.get("FindObjects", 0) == 1
     assert after.get("KeyFacts", 0) == 1, "asked at the first SignInit only (before the login)"
     assert h(f"sign {s} 1 ECDSA 00112233")[0] == "CKR_OK"
     again = f.calls()
     assert again.get("Sign", 0) - after.get("Sign", 0) == 1
-    assert again.get("KeyFacts", 0) == after.get("KeyFacts", 0), "the key's facts are kept for the session"
+    assert again.get("KeyFacts", 0) == after.get("KeyFacts", 0), "the key's facts are kept for the process"
     assert h(f"attr {s} 1 100") == ("CKR_OK", "0300000000000000")
     assert h(f"attr {s} 1 11")[0] == "CKR_ATTRIBUTE_SENSITIVE"
     assert h(f"attr {s} 1 7fff0000")[0] == "CKR_ATTRIBUTE_TYPE_INVALID"
