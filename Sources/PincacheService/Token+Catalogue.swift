@@ -11,8 +11,8 @@ struct PrivateCatalogue {
 
 /// Searches without a login (issue 14 §2-§3). A caching-mode search used to cost a bracket,
 /// because the backend shows private objects only to a logged-in session. Instead, whenever
-/// the backend is logged in anyway (a caching login's verification, any bracket once the
-/// catalogue is a second old), the token's private objects are listed and described; a
+/// the backend is logged in anyway (a caching login's verification, any bracket) and the
+/// catalogue is a second old or missing, the token's private objects are listed and described; a
 /// caller holding a cached PIN is then answered from that catalogue for its private objects
 /// and by the backend, without a login, for its public ones. The catalogue goes with every
 /// change made through the daemon and every token change; a change made outside the daemon

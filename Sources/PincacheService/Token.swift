@@ -362,8 +362,9 @@ final class TokenContext: @unchecked Sendable {
         }
         switch plan {
         case .verifyThenCache:
-            // Logged in anyway: list the private objects, so this caller's searches need none.
-            recordPrivateObjects(s, caller: caller)
+            // Logged in anyway: list the private objects (unless a login listed them within the
+            // second), so this caller's searches need none.
+            refreshCatalogueIfOld(s, caller: caller)
             logoutBackend(s)
         case .holdLogin:
             break
