@@ -43,23 +43,25 @@ public final class Monitor: @unchecked Sendable {
 
     /// Waits on the condition (the mutex must be held) for at most `milliseconds`.
     public func wait(milliseconds: Int) {
-        var deadline = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &deadline)
-        let nanos = Int(deadline.tv_nsec) + (milliseconds % 1000) * 1_000_000
-        deadline.tv_sec += milliseconds / 1000 + nanos / 1_000_000_000
-        deadline.tv_nsec = nanos % 1_000_000_000
+        var deadline = Self.deadline(milliseconds)
         _ = pthread_cond_timedwait(condition, mutex, &deadline)
     }
 
     /// `wait(milliseconds:)` for code inside the proxy's fork gate (CShims): the thread gives
     /// up its place in the gate while it waits, so a host's fork never waits for an event.
     public func waitOutsideForkGate(milliseconds: Int) {
+        var deadline = Self.deadline(milliseconds)
+        _ = pincache_cond_timedwait_outside_fork_gate(condition, mutex, &deadline)
+    }
+
+    /// `milliseconds` from now on the monotonic clock the condition measures with.
+    private static func deadline(_ milliseconds: Int) -> timespec {
         var deadline = timespec()
         clock_gettime(CLOCK_MONOTONIC, &deadline)
         let nanos = Int(deadline.tv_nsec) + (milliseconds % 1000) * 1_000_000
         deadline.tv_sec += milliseconds / 1000 + nanos / 1_000_000_000
         deadline.tv_nsec = nanos % 1_000_000_000
-        _ = pincache_cond_timedwait_outside_fork_gate(condition, mutex, &deadline)
+        return deadline
     }
 
     /// Wakes every waiter (call with the mutex held).
