@@ -18,7 +18,12 @@ class SignalMonitor:
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.lines = []
         threading.Thread(target=self._read, daemon=True).start()
-        time.sleep(0.5)
+        # dbus-monitor is a monitor once the bus took its name away (NameLost): from then on
+        # it sees every signal. A fixed wait missed the first ones on a loaded machine.
+        deadline = time.monotonic() + 10
+        while not any("member=NameLost" in line for line in list(self.lines)):
+            assert time.monotonic() < deadline, "dbus-monitor did not become a monitor within 10 s"
+            time.sleep(0.01)
 
     def _read(self):
         for line in self.proc.stdout:
