@@ -173,7 +173,11 @@ def test_flood(start_daemon, make_client, bus, tokens, p11bench, build_dir, tmp_
     accepted = sum(r["unexpected_success"] for r in results)
 
     # Departed flood clients are gone from the daemon's books; give it a moment to settle.
-    wait_until(lambda: healthy.statistics()["Environments"] == 1, timeout=30, what="flood environments gone")
+    try:
+        wait_until(lambda: healthy.statistics()["Environments"] == 1, timeout=30, what="flood environments gone")
+    except AssertionError:
+        # Which figures stayed up tells a leaked environment from a slow departure.
+        raise AssertionError(f"flood environments not gone after 30 s: {healthy.statistics()}") from None
     # An fd may be open for a moment (the PC/SC watcher retrying pcscd): wait for the count.
     try:
         wait_until(lambda: fd_count(pid) == base_fds, timeout=10, what="fd count back to baseline")
