@@ -5,7 +5,8 @@ Configurations, all on the same token store made afresh in a temp dir:
   direct        libsofthsm2.so loaded in the benchmark process
   p11-kit       `p11-kit server` on a unix socket + p11-kit-client.so
   proxy-nocache libpincache-pkcs11.so -> pincached (P11_EnableCachePIN=0) on a private bus
-  proxy-cache   the same with P11_EnableCachePIN=1
+  proxy-cache   the same with P11_EnableCachePIN=1 (LoginLinger at its default, 50 ms)
+  proxy-cache-nolinger  the same with LoginLinger=0: every signature a bracket of its own
 Each is measured for ECDSA P-256 and RSA-2048, in steady state (C_SignInit+C_Sign in a
 logged-in session) and as a cold open-login-find-sign-logout-close cycle; `direct` also as
 a login-find-sign-logout cycle in an open session (what a caching-mode signature costs the
@@ -44,7 +45,7 @@ PIN = "123456"
 SO_PIN = "12345678"
 KEYS = {"ecdsa": "01", "rsa": "02"}  # CKA_IDs written by scripts/make-demo-token.sh
 MECH_TITLE = {"ecdsa": "ECDSA P-256", "rsa": "RSA-2048"}
-CONFIGS = ("direct", "p11-kit", "proxy-nocache", "proxy-cache")
+CONFIGS = ("direct", "p11-kit", "proxy-nocache", "proxy-cache", "proxy-cache-nolinger")
 READY_TIMEOUT = 20.0
 RUN_TIMEOUT = 900
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -171,7 +172,7 @@ def p11kit(ctx, rnd):
         err.close()
 
 
-def proxy(caching):
+def proxy(caching, linger=None):
     @contextmanager
     def start(ctx, rnd):
         build = ctx["build"]
@@ -180,7 +181,7 @@ def proxy(caching):
         for tool in ("dbus-daemon", "gdbus"):
             if not shutil.which(tool):
                 raise Unavailable(f"{tool} not installed")
-        d = ctx["tmp"] / ("proxy-cache" if caching else "proxy-nocache") / str(rnd + 1)
+        d = ctx["tmp"] / ("proxy-cache" if caching else "proxy-nocache") / f"{linger}-{rnd + 1}"
         d.mkdir(parents=True)
         sock = d / "bus.sock"
         (d / "bus.conf").write_text(BUS_CONFIG.format(socket=sock))
@@ -199,7 +200,8 @@ def proxy(caching):
                 f"P11_EnableCachePIN={1 if caching else 0}\n"
                 "P11_LogoutAfterSign=0\n"
                 "ForceLoginBeforeSignKeyUsage=0\n"
-                f"Module={SOFTHSM_MODULE}\n")
+                + ("" if linger is None else f"LoginLinger={linger}\n")
+                + f"Module={SOFTHSM_MODULE}\n")
             logs.append(open(d / "pincached.stderr", "wb"))
             daemon = subprocess.Popen([str(build / "pincached"), "--bus", address, "--config",
                                        str(d / "pincache.cfg")],
@@ -226,7 +228,7 @@ def name_has_owner(address, name):
 
 
 STARTERS = {"direct": direct, "p11-kit": p11kit, "proxy-nocache": proxy(False),
-            "proxy-cache": proxy(True)}
+            "proxy-cache": proxy(True), "proxy-cache-nolinger": proxy(True, linger=0)}
 
 
 # --- measuring ------------------------------------------------------------------
@@ -426,7 +428,7 @@ def report(results, skipped, args):
     print(f"Build: {args.config}; steady N = {args.ecdsa_count} ECDSA / {args.rsa_count} RSA, "
           f"cold N = {args.cold_ecdsa_count} / {args.cold_rsa_count}; median of {args.rounds} "
           f"round(s); times in microseconds")
-    head = (f"{'configuration':<14} {'p50':>9} {'p99':>9} {'mean':>9} {'ops/s':>9}"
+    head = (f"{'configuration':<20} {'p50':>9} {'p99':>9} {'mean':>9} {'ops/s':>9}"
             f"  {'p50/direct':>10} {'p50/p11-kit':>11} {'ops/direct':>10} {'ops/p11-kit':>11}")
     for mode in ("steady", "cold"):
         for mech in ("ecdsa", "rsa"):
@@ -442,9 +444,9 @@ def report(results, skipped, args):
                     continue
                 r = results.get((name, mech, mode))
                 if r is None:
-                    print(f"{name:<14} {'n/a':>9}  {skipped.get(name, 'not run')}")
+                    print(f"{name:<20} {'n/a':>9}  {skipped.get(name, 'not run')}")
                     continue
-                print(f"{name:<14} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['mean_us']:>9.1f} "
+                print(f"{name:<20} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['mean_us']:>9.1f} "
                       f"{r['ops_per_s']:>9.1f}"
                       f"  {ratio(r['p50_us'], base and base['p50_us']):>10}"
                       f" {ratio(r['p50_us'], p11 and p11['p50_us']):>11}"
@@ -473,6 +475,10 @@ def report(results, skipped, args):
         r = cache["p50_us"] / cycle["p50_us"]
         print(f"Target (caching-mode sign p50 <= 1.2x the direct cycle): {'MET' if r <= 1.2 else 'NOT MET'} "
               f"({cache['p50_us']:.1f} us vs {cycle['p50_us']:.1f} us = {r:.2f}x)")
+    lone = results.get(("proxy-cache-nolinger", "ecdsa", "steady"))
+    if cycle and lone:
+        r = lone["p50_us"] / cycle["p50_us"]
+        print(f"With LoginLinger=0 (a bracket per signature): {lone['p50_us']:.1f} us = {r:.2f}x the direct cycle")
 
 
 def report_issue14(conc, tool):

@@ -80,24 +80,32 @@ static void maybe_delay(void)
 		;
 }
 
-/* One line per login: user type and result, never the PIN. */
-static void log_login(CK_USER_TYPE user_type, CK_RV rv)
+/* Appends one line to a log file of the control directory. */
+static void log_line(const char *name, const char *line, int len)
 {
-	char path[sizeof control_dir + 64], line[64];
-	int fd, len;
+	char path[sizeof control_dir + 64];
+	int fd;
 
 	if (control_dir[0] == '\0')
 		return;
-	snprintf(path, sizeof path, "%s/%s", control_dir, FAULTSHIM_FILE_LOGINS_LOG);
+	snprintf(path, sizeof path, "%s/%s", control_dir, name);
 	fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
 	if (fd < 0)
 		return;
-	len = snprintf(line, sizeof line, "%lu 0x%lx\n", (unsigned long)user_type, (unsigned long)rv);
 	/* A single write() on an O_APPEND descriptor keeps concurrent lines whole. */
 	if (write(fd, line, (size_t)len) < 0) {
 		/* Nothing to do: the log is best effort and the call's result stands. */
 	}
 	close(fd);
+}
+
+/* One line per login: user type and result, never the PIN. */
+static void log_login(CK_USER_TYPE user_type, CK_RV rv)
+{
+	char line[64];
+	int len = snprintf(line, sizeof line, "%lu 0x%lx\n", (unsigned long)user_type, (unsigned long)rv);
+
+	log_line(FAULTSHIM_FILE_LOGINS_LOG, line, len);
 }
 
 static CK_RV shim_C_Initialize(CK_VOID_PTR args)
@@ -181,6 +189,16 @@ static CK_RV shim_C_Login(CK_SESSION_HANDLE session, CK_USER_TYPE user_type,
 	return rv;
 }
 
+static CK_RV shim_C_Logout(CK_SESSION_HANDLE session)
+{
+	char line[32];
+	CK_RV rv = target->C_Logout(session);
+	int len = snprintf(line, sizeof line, "0x%lx\n", (unsigned long)rv);
+
+	log_line(FAULTSHIM_FILE_LOGOUTS_LOG, line, len);
+	return rv;
+}
+
 static CK_RV shim_C_SignInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key)
 {
 	maybe_delay();
@@ -221,6 +239,7 @@ static void load_target(void)
 	shim_list.C_Initialize = shim_C_Initialize;
 	shim_list.C_GetTokenInfo = shim_C_GetTokenInfo;
 	shim_list.C_Login = shim_C_Login;
+	shim_list.C_Logout = shim_C_Logout;
 	shim_list.C_SignInit = shim_C_SignInit;
 	shim_list.C_Sign = shim_C_Sign;
 	target = list;

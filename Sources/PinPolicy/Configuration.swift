@@ -56,6 +56,10 @@ public struct Configuration: Sendable, Equatable {
     public var maxSessionsPerClient: Int
     /// `SlotPollInterval` in ms for modules without slot events (global only, 50...600000, default 1000).
     public var slotPollIntervalMilliseconds: Int
+    /// `LoginLinger` in ms (global only, 0...2000, default 50): how long a caching-mode backend
+    /// login of a software token stays open, idle, for a next private operation of an
+    /// environment with the same cached PIN (issue 14 §1). 0 = log out after the last queued job.
+    public var loginLingerMilliseconds: Int
     /// `PinFailureFreeTries`, `PinFailureDelay`, `PinFailureMaxDelay` (global only): how fast
     /// one user may try PINs on one token (issue 12 §3).
     public var guessRule: GuessThrottle.Rule
@@ -73,6 +77,7 @@ public struct Configuration: Sendable, Equatable {
         modules = []
         maxSessionsPerClient = 64
         slotPollIntervalMilliseconds = 1000
+        loginLingerMilliseconds = 50
         guessRule = GuessThrottle.Rule()
         flushOnLock = true
         flushOnSuspend = true
@@ -132,6 +137,7 @@ private enum Key: String, CaseIterable {
     case module = "Module"
     case maxSessionsPerClient = "MaxSessionsPerClient"
     case slotPollInterval = "SlotPollInterval"
+    case loginLinger = "LoginLinger"
     case pinFailureFreeTries = "PinFailureFreeTries"
     case pinFailureDelay = "PinFailureDelay"
     case pinFailureMaxDelay = "PinFailureMaxDelay"
@@ -143,7 +149,7 @@ private enum Key: String, CaseIterable {
 
     var isGlobalOnly: Bool {
         switch self {
-        case .module, .maxSessionsPerClient, .slotPollInterval, .pinFailureFreeTries, .pinFailureDelay,
+        case .module, .maxSessionsPerClient, .slotPollInterval, .loginLinger, .pinFailureFreeTries, .pinFailureDelay,
             .pinFailureMaxDelay, .flushCacheOnLock, .flushCacheOnSuspend:
             true
         default: false
@@ -229,6 +235,7 @@ private struct Parser {
             case .module: configuration.modules.append(value)
             case .maxSessionsPerClient: configuration.maxSessionsPerClient = Int(value)!
             case .slotPollInterval: configuration.slotPollIntervalMilliseconds = Int(value)!
+            case .loginLinger: configuration.loginLingerMilliseconds = Int(value)!
             case .pinFailureFreeTries: configuration.guessRule.freeTries = Int(value)!
             case .pinFailureDelay: configuration.guessRule.delay = UInt64(value)! * 1_000_000
             case .pinFailureMaxDelay: configuration.guessRule.maxDelay = UInt64(value)! * 1_000_000
@@ -286,6 +293,10 @@ private struct Parser {
         case .slotPollInterval:
             guard let n = parseUnsigned(value, allowHex: false), (50...600_000).contains(n) else {
                 throw bad("expected milliseconds, 50 to 600000")
+            }
+        case .loginLinger:
+            guard let n = parseUnsigned(value, allowHex: false), n <= 2000 else {
+                throw bad("expected milliseconds, 0 to 2000 (0 = no lingering login)")
             }
         case .pinFailureFreeTries:
             guard let n = parseUnsigned(value, allowHex: false), n <= 100 else { throw bad("expected 0 to 100") }

@@ -27,6 +27,8 @@ final class SerialWorker: @unchecked Sendable {
     /// Moving average of how long jobs take, in nanoseconds (1/8 weight to the newest).
     private var averageNanoseconds: UInt64 = 0
     private var hooks: Hooks?
+    /// When `Hooks.idle` runs if no job starts before (monotonic nanoseconds).
+    private var idleDeadline: UInt64?
 
     /// What the owner of the worker does around every job, on the thread that runs it and
     /// inside the jobs' mutual exclusion: the token uses it to end a shared backend login
@@ -35,8 +37,12 @@ final class SerialWorker: @unchecked Sendable {
         /// Before a job; `shareable` is the job's owner if the job was submitted as a private
         /// operation that may join a shared login, nil for any other job.
         let beforeJob: (_ shareable: String?) -> Void
-        /// After a job; whether another job is already waiting.
-        let afterJob: (_ morePending: Bool) -> Void
+        /// After a job; whether another job is already waiting. Returns nanoseconds after
+        /// which `idle` runs unless a job starts first, or nil.
+        let afterJob: (_ morePending: Bool) -> UInt64?
+        /// When the time afterJob asked for has passed with no job started (and before the
+        /// thread ends): inside the jobs' mutual exclusion, like a job.
+        let idle: () -> Void
     }
 
     private struct Queue {
@@ -119,6 +125,7 @@ final class SerialWorker: @unchecked Sendable {
             return false
         }
         running = true
+        idleDeadline = nil
         let hooks = self.hooks
         condition.unlock()
         let started = DispatchTime.now().uptimeNanoseconds
@@ -130,28 +137,42 @@ final class SerialWorker: @unchecked Sendable {
 
     private func finished(since started: UInt64, _ hooks: Hooks?) {
         let took = DispatchTime.now().uptimeNanoseconds &- started
+        var idleAfter: UInt64?
         if let hooks {
             // Still inside the exclusion (`running`): a job submitted after this look runs
             // after the hook, and its own beforeJob decides for it.
             condition.lock()
             let more = pending != 0
             condition.unlock()
-            hooks.afterJob(more)
+            idleAfter = hooks.afterJob(more)
         }
         condition.lock()
         running = false
+        idleDeadline = idleAfter.map { monotonicNanoseconds() &+ $0 }
         // The owner that just ran goes behind everyone who waited meanwhile.
         if let owner = runningOwner {
             runningOwner = nil
             if queues[owner]?.isEmpty == false { ring.append(owner) } else { queues[owner] = nil }
         }
         averageNanoseconds = averageNanoseconds - averageNanoseconds / 8 + took / 8
-        // Jobs queued meanwhile waited for this one; with none, the worker sleeps on.
-        if pending != 0 { condition.signal() }
+        // Jobs queued meanwhile waited for this one; with none, the worker sleeps on (until the
+        // idle deadline, which an inline job's end must tell it about).
+        if pending != 0 || idleDeadline != nil { condition.signal() }
         condition.unlock()
     }
 
-    /// Lets queued jobs finish, then ends the thread.
+    /// Runs the idle hook inside the exclusion; called and returns with the lock held.
+    private func runIdle() {
+        idleDeadline = nil
+        running = true
+        let hooks = self.hooks
+        condition.unlock()
+        hooks?.idle()
+        condition.lock()
+        running = false
+    }
+
+    /// Lets queued jobs finish (and the idle hook run, if one is due), then ends the thread.
     func stop() {
         condition.lock()
         stopping = true
@@ -162,12 +183,24 @@ final class SerialWorker: @unchecked Sendable {
     private func loop() {
         while true {
             condition.lock()
-            while (pending == 0 && !stopping) || running { condition.wait() }
-            if pending == 0 {
-                // The thread's closure holds the worker; returning releases it.
-                condition.unlock()
-                return
+            while running || pending == 0 {
+                if running {
+                    condition.wait()
+                } else if let deadline = idleDeadline {
+                    if stopping || monotonicNanoseconds() >= deadline {
+                        runIdle()
+                    } else {
+                        condition.wait(until: deadline)
+                    }
+                } else if stopping {
+                    // The thread's closure holds the worker; returning releases it.
+                    condition.unlock()
+                    return
+                } else {
+                    condition.wait()
+                }
             }
+            idleDeadline = nil
             let owner = ring[ringHead]
             ringHead += 1
             if ringHead > 64 && ringHead * 2 > ring.count {

@@ -168,6 +168,8 @@ public final class PincacheService: @unchecked Sendable {
             let token = TokenContext(backend: backend, slot: slot) { [weak self] t, old, new in
                 self?.tokenChanged(t, old, new)
             }
+            token.loginLinger.store(
+                UInt64(configuration.loginLingerMilliseconds) * 1_000_000, ordering: .relaxed)
             token.policy.onCleared { [weak self, weak token] clears in
                 guard let self, let token else { return }
                 self.cacheCleared(token, clears)
@@ -260,6 +262,9 @@ public final class PincacheService: @unchecked Sendable {
             return old
         }
         guesses.withLock { $0.rule = new.guessRule }
+        for token in tokens {
+            token.loginLinger.store(UInt64(new.loginLingerMilliseconds) * 1_000_000, ordering: .relaxed)
+        }
         if old.modules != new.modules || old.slotPollIntervalMilliseconds != new.slotPollIntervalMilliseconds {
             Log.notice("reload: Module= and SlotPollInterval changes take effect at the next restart")
         }

@@ -100,16 +100,12 @@ extension TokenContext {
         alwaysAuthenticate: Bool, keyUsage: UInt32 = 0, session s: SessionHandle, withoutLogin: Bool = false,
         _ body: (SecretPIN?) throws -> T
     ) throws -> T {
-        // A held login presents no PIN: no need to re-read the token before using it. Nor does
-        // an operation that will ride a shared login (Token+SharedLogin): the token's PIN
-        // flags only decide whether a PIN may be presented.
+        // A held login presents no PIN: no need to re-read the token before using it. An
+        // operation that will ride a shared login (Token+SharedLogin) presents none either, but
+        // reads the flags all the same: a token that started counting wrong PINs (someone typed
+        // one elsewhere) holds cached PINs back whether or not a login happens to be open.
         let holds = policy.withLock { $0.state(of: caller).holdsLogin }
-        let rides =
-            freshPIN == nil && !requiresFreshPIN
-            && sharedLogin.map { shared in
-                policy.withLock { $0.mayJoinSharedBracket(caller, pin: shared.bracket.pin, now: Self.now()) }
-            } == true
-        let info = try presentTokenInfo(fresh: (!holds && !rides) || freshPIN != nil)
+        let info = try presentTokenInfo(fresh: !holds || freshPIN != nil)
         let plan = try policy.withLock {
             try $0.planOperation(
                 for: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFreshPIN,
@@ -133,12 +129,6 @@ extension TokenContext {
             // this operation too; otherwise the bracket makes its own.
             let joined = joinSharedLogin(pin)
             let loggedInAt = sharedLogin?.bracket.opened ?? Self.now()
-            if !joined && rides {
-                // Counted on riding, but the shared login ended meanwhile (its limits): this
-                // bracket presents the PIN after all, so the token's flags are read first.
-                let status = PinStatus(tokenFlags: try presentTokenInfo().flags)
-                if status.contains(.locked) || status.wrongPINSinceLastLogin { throw PolicyError.pinHeldBack }
-            }
             if !joined {
                 do {
                     try backendCall { try backendLogin(s, .user, pin) }

@@ -9,6 +9,13 @@ import PinPolicy
 /// (TokenPolicy.mayJoinSharedBracket), and after the last queued job. So the backend is only
 /// ever logged in with a shared login while the worker runs a private operation of an
 /// environment that would have made the very same login itself.
+///
+/// On a software token the login may also linger, idle, for a short while after the last
+/// queued job (`LoginLinger`), so that a lone client's next operation rides it too: a program
+/// signing in a loop then pays one C_Login per 32 signatures instead of one each. The same
+/// rule decides who may ride; only the token's own state is kept longer. A token in a
+/// hardware or removable slot never lingers: there the login is the card's, and the daemon
+/// holds the card only while it works.
 extension TokenContext {
     struct SharedLogin {
         var bracket: SharedBracket
@@ -21,7 +28,29 @@ extension TokenContext {
         worker.setHooks(
             SerialWorker.Hooks(
                 beforeJob: { [weak self] owner in self?.jobStarting(shareable: owner) },
-                afterJob: { [weak self] morePending in if !morePending { self?.endSharedLogin() } }))
+                afterJob: { [weak self] morePending in morePending ? nil : self?.lastJobEnded() },
+                idle: { [weak self] in self?.endSharedLogin() }))
+    }
+
+    /// How long an idle login may stay open on this token (nanoseconds): the configured
+    /// `LoginLinger` for a software slot, 0 for a hardware or removable one.
+    var lingerNanoseconds: UInt64 {
+        let slot = snapshot
+        guard !slot.hardware, !slot.removable else { return 0 }
+        return loginLinger.load(ordering: .relaxed)
+    }
+
+    /// Worker, after the last queued job: ends an open login, or lets it linger within its
+    /// bracket's time limit (the idle hook ends it then, unless a job came and rode it).
+    private func lastJobEnded() -> UInt64? {
+        guard let shared = sharedLogin else { return nil }
+        let linger = lingerNanoseconds
+        let elapsed = Self.now() &- shared.bracket.opened
+        guard linger > 0, elapsed < SharedBracket.maximumNanoseconds else {
+            endSharedLogin()
+            return nil
+        }
+        return min(linger, SharedBracket.maximumNanoseconds - elapsed)
     }
 
     /// Worker, before every job.
@@ -59,13 +88,17 @@ extension TokenContext {
     }
 
     /// At a bracket's successful end, instead of C_Logout: true if the login stays open for the
-    /// next queued job, which is a private operation of an environment that may join.
+    /// next queued job, which is a private operation of an environment that may join, or, with
+    /// nothing queued, to linger (lastJobEnded).
     func keepLoginOpen(pin: SecretPIN, session s: SessionHandle, loggedInAt: UInt64) -> Bool {
         let bracket = sharedLogin?.bracket ?? SharedBracket(pin: pin, opened: loggedInAt)
         let now = Self.now()
-        guard bracket.mayStayOpen(now: now), let next = worker.nextShareableOwner,
-            policy.withLock({ $0.mayJoinSharedBracket(CallerID(next), pin: pin, now: now) })
-        else { return false }
+        guard bracket.mayStayOpen(now: now) else { return false }
+        if let next = worker.nextShareableOwner {
+            guard policy.withLock({ $0.mayJoinSharedBracket(CallerID(next), pin: pin, now: now) }) else { return false }
+        } else {
+            guard worker.backlog == 0, lingerNanoseconds > 0 else { return false }
+        }
         sharedLogin = SharedLogin(bracket: bracket, session: sharedLogin?.session ?? s)
         return true
     }

@@ -31,6 +31,8 @@ struct TokenSnapshot: Sendable, Equatable {
     var slotFirmwareVersion = Version(major: 0, minor: 0)
     var present = false
     var removable = false
+    /// `CKF_HW_SLOT`: a reader, not a module's own software slot.
+    var hardware = false
     var info: TokenInfo?
     /// `info` is the last one read: C_GetTokenInfo failed since (not with a removal code)
     /// while the slot still reported the token. The token keeps its state and caches, but no
@@ -140,6 +142,8 @@ final class TokenContext: @unchecked Sendable {
     var contextPINs: [UInt64: SecretPIN] = [:]
     /// A caching-mode login left open for the next queued private operation (Token+SharedLogin).
     var sharedLogin: SharedLogin?
+    /// `LoginLinger` in nanoseconds, as configured (Token+SharedLogin.lingerNanoseconds).
+    let loginLinger = Atomic<UInt64>(0)
     /// Private keys by CKA_ID as found in the current login epoch (findPrivateKey).
     var resolvedKeys: [[UInt8]: (handle: ObjectHandle, epoch: UInt64)] = [:]
     let loginCounts = Mutex(LoginCounts())
@@ -213,6 +217,7 @@ final class TokenContext: @unchecked Sendable {
             next.slotFirmwareVersion = slotInfo.firmwareVersion
             next.present = slotInfo.tokenPresent
             next.removable = slotInfo.removableDevice
+            next.hardware = slotInfo.hardwareSlot
             if slotInfo.tokenPresent {
                 let read = readTokenInfo()
                 if let info = read.info {

@@ -59,6 +59,13 @@ public func sleep(seconds: Double) {
     while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of ``ConditionLock/wait(until:)``.
+public func monotonicNanoseconds() -> UInt64 {
+    var t = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)
+}
+
 /// A mutex with a condition variable (pthread's), for queues served by OS threads.
 public final class ConditionLock: @unchecked Sendable {
     // @unchecked: the pthread objects are the synchronisation; they live in stable heap memory.
@@ -67,7 +74,12 @@ public final class ConditionLock: @unchecked Sendable {
 
     public init() {
         pthread_mutex_init(mutex, nil)
-        pthread_cond_init(condition, nil)
+        // Timed waits count on the monotonic clock: a wall-clock step must not stretch them.
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(condition, &attributes)
+        pthread_condattr_destroy(&attributes)
     }
 
     deinit {
@@ -81,6 +93,12 @@ public final class ConditionLock: @unchecked Sendable {
     public func unlock() { pthread_mutex_unlock(mutex) }
     /// Waits for a signal; the lock must be held, and is held again on return.
     public func wait() { pthread_cond_wait(condition, mutex) }
+    /// Waits for a signal or until `deadline` (``monotonicNanoseconds()``); the lock must be
+    /// held, and is held again on return. Wakes early like `wait()`: callers re-check.
+    public func wait(until deadline: UInt64) {
+        var t = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+        pthread_cond_timedwait(condition, mutex, &t)
+    }
     public func signal() { pthread_cond_signal(condition) }
     public func broadcast() { pthread_cond_broadcast(condition) }
 

@@ -13,6 +13,7 @@ import Testing
         #expect(configuration.modules.isEmpty)
         #expect(configuration.maxSessionsPerClient == 64)
         #expect(configuration.slotPollIntervalMilliseconds == 1000)
+        #expect(configuration.loginLingerMilliseconds == 50)
         #expect(configuration.notices.isEmpty)
         #expect(configuration.settings(forExecutable: "/usr/bin/anything") == Settings())
         #expect(configuration.settings(forExecutable: nil) == Settings())
@@ -29,6 +30,7 @@ import Testing
             Module = /usr/lib/x86_64-linux-gnu/opensc-pkcs11.so
             MaxSessionsPerClient=8
             SlotPollInterval=250\r
+            LoginLinger=20
 
             """
         let configuration = try Configuration.parse(text, file: "pincache.cfg")
@@ -41,6 +43,7 @@ import Testing
         #expect(configuration.modules == ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"])
         #expect(configuration.maxSessionsPerClient == 8)
         #expect(configuration.slotPollIntervalMilliseconds == 250)
+        #expect(configuration.loginLingerMilliseconds == 20)
         #expect(configuration.applications.isEmpty)
         #expect(configuration.notices.isEmpty)
     }
@@ -52,10 +55,14 @@ import Testing
     }
 
     @Test func rangesAtTheirLimits() throws {
-        let low = try Configuration.parse("MaxSessionsPerClient=1\nSlotPollInterval=50\nPinCacheTimeout=0", file: "l.cfg")
+        let low = try Configuration.parse(
+            "MaxSessionsPerClient=1\nSlotPollInterval=50\nPinCacheTimeout=0\nLoginLinger=0", file: "l.cfg")
         #expect(low.maxSessionsPerClient == 1 && low.slotPollIntervalMilliseconds == 50)
-        let high = try Configuration.parse("MaxSessionsPerClient=65536\nSlotPollInterval=600000\nPinCacheTimeout=4294967295", file: "h.cfg")
+        #expect(low.loginLingerMilliseconds == 0)
+        let high = try Configuration.parse(
+            "MaxSessionsPerClient=65536\nSlotPollInterval=600000\nPinCacheTimeout=4294967295\nLoginLinger=2000", file: "h.cfg")
         #expect(high.maxSessionsPerClient == 65536 && high.slotPollIntervalMilliseconds == 600_000)
+        #expect(high.loginLingerMilliseconds == 2000)
         #expect(high.defaults.pinCacheTimeout == UInt32.max)
     }
 
@@ -193,6 +200,9 @@ import Testing
         ("SlotPollInterval=600001", 1, "bad value '600001' for SlotPollInterval: expected milliseconds, 50 to 600000"),
         ("[app /usr/bin/a]\nModule=/x.so", 2, "Module is a global key: put it before the first [app …] section"),
         ("[app /usr/bin/a]\nMaxSessionsPerClient=4", 2, "MaxSessionsPerClient is a global key: put it before the first [app …] section"),
+        ("LoginLinger=2001", 1, "bad value '2001' for LoginLinger: expected milliseconds, 0 to 2000 (0 = no lingering login)"),
+        ("LoginLinger=-1", 1, "bad value '-1' for LoginLinger: expected milliseconds, 0 to 2000 (0 = no lingering login)"),
+        ("[app /usr/bin/a]\nLoginLinger=10", 2, "LoginLinger is a global key: put it before the first [app …] section"),
         ("[app /usr/bin/a]\nSlotPollInterval=100", 2, "SlotPollInterval is a global key: put it before the first [app …] section"),
         ("[app /usr/bin/a]\n[app /usr/bin/b]\n[app /usr/bin/a]", 3, "duplicate section [app /usr/bin/a] (first on line 1)"),
         ("[app /usr/bin/a", 1, "malformed section header '[app /usr/bin/a': expected [app /absolute/path/to/executable]"),

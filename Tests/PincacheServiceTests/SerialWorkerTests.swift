@@ -27,7 +27,11 @@ import Testing
         worker.setHooks(
             SerialWorker.Hooks(
                 beforeJob: { owner in events.withLock { $0.append("before:\(owner ?? "-")") } },
-                afterJob: { more in events.withLock { $0.append("after:\(more)") } }))
+                afterJob: { more in
+                    events.withLock { $0.append("after:\(more)") }
+                    return nil
+                },
+                idle: { events.withLock { $0.append("idle") } }))
         let started = DispatchSemaphore(value: 0)
         let release = DispatchSemaphore(value: 0)
         let next = Mutex<[String?]>([])
@@ -58,6 +62,56 @@ import Testing
         #expect(worker.runInline(ifFasterThan: .max, owner: "d", shareable: true) {})
         usleep(10_000)
         #expect(events.withLock { Array($0.suffix(2)) } == ["before:d", "after:false"])
+    }
+
+    /// A lingering login (issue 14 §1): the idle hook runs once the time afterJob asked for has
+    /// passed with no job started, inside the jobs' exclusion; a job that starts first (queued
+    /// or inline) cancels it, and stop() runs a pending one before the thread ends.
+    @Test func idleHookRunsAfterTheLingerUnlessAJobStartsFirst() {
+        let worker = SerialWorker(name: "idle")
+        let events = Mutex<[String]>([])
+        let inside = Atomic<Int>(0)
+        let overlaps = Atomic<Int>(0)
+        let linger = Mutex<UInt64?>(30_000_000)
+        worker.setHooks(
+            SerialWorker.Hooks(
+                beforeJob: { _ in events.withLock { $0.append("before") } },
+                afterJob: { more in more ? nil : linger.withLock { $0 } },
+                idle: {
+                    if inside.wrappingAdd(1, ordering: .sequentiallyConsistent).newValue != 1 {
+                        overlaps.wrappingAdd(1, ordering: .relaxed)
+                    }
+                    events.withLock { $0.append("idle") }
+                    inside.wrappingSubtract(1, ordering: .sequentiallyConsistent)
+                }))
+        let done = DispatchSemaphore(value: 0)
+        worker.submit { done.signal() }
+        done.wait()
+        // Within the linger a second job starts: no idle in between.
+        usleep(5_000)
+        #expect(worker.runInline(ifFasterThan: .max) {})
+        #expect(events.withLock { $0 } == ["before", "before"])
+        usleep(100_000)
+        #expect(events.withLock { $0 } == ["before", "before", "idle"])
+        // Nothing asked for: no idle.
+        linger.withLock { $0 = nil }
+        worker.submit { done.signal() }
+        done.wait()
+        usleep(60_000)
+        #expect(events.withLock { $0 } == ["before", "before", "idle", "before"])
+        // A long linger is cut short by stop().
+        linger.withLock { $0 = 60_000_000_000 }
+        worker.submit { done.signal() }
+        done.wait()
+        usleep(5_000)
+        worker.stop()
+        var waited = 0
+        while events.withLock({ $0.count }) < 6 && waited < 500 {
+            usleep(10_000)
+            waited += 1
+        }
+        #expect(events.withLock { $0 } == ["before", "before", "idle", "before", "before", "idle"])
+        #expect(overlaps.load(ordering: .relaxed) == 0)
     }
 
     @Test func busyWorkerRefusesInline() {

@@ -225,6 +225,11 @@ class FaultShim:
             out.append((int(user_type, 0), int(rv, 16)))
         return out
 
+    def logouts(self):
+        """[rv] for every C_Logout the shim saw, oldest first."""
+        log = self.dir / "logouts.log"
+        return [int(line, 16) for line in log.read_text().splitlines()] if log.exists() else []
+
     def env(self):
         return {"PINCACHE_FAULTSHIM_DIR": str(self.dir),
                 "PINCACHE_FAULTSHIM_TARGET": SOFTHSM_MODULE}

@@ -19,6 +19,7 @@
 #define FAULTSHIM_FILE_DELAY_MS "delay_ms"
 #define FAULTSHIM_FILE_TOKEN_INFO_FAIL "token_info_fail"
 #define FAULTSHIM_FILE_LOGINS_LOG "logins.log"
+#define FAULTSHIM_FILE_LOGOUTS_LOG "logouts.log"
 /* Present: the next C_Login first closes the session it is given (then deleted). */
 #define FAULTSHIM_FILE_STALE_SESSION_ONCE "stale_session_once"
 
