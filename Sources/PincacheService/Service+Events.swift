@@ -7,6 +7,9 @@ extension PincacheService {
     /// Manager1.CacheCleared to each caller whose login on `token` ended (issue 15 §3), unicast:
     /// why one's cache went is nobody else's business. Then LoggedIn and LockedBy follow.
     func cacheCleared(_ token: TokenContext, _ clears: [CacheClear]) {
+        // A login left open for riders (Token+SharedLogin) may hold a cleared PIN: any job ends
+        // it before running, so one is queued now instead of waiting for the login's linger.
+        token.worker.submit {}
         guard token.published.load(ordering: .acquiring) else { return }
         // A PKCS#11 application has no such event and its proxy's connection never asks for
         // it: its environments are not told (a signal per logout would cost every cold cycle).

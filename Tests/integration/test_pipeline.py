@@ -276,6 +276,12 @@ def test_a_lone_signers_login_lingers_for_its_next_signature_and_for_nobody_else
     assert ended - logouts == made + 1
     wait_until(lambda: len(faultshim.logouts()) > ended, timeout=5, what="the idle login to end")
     assert len(faultshim.logouts()) == ended + 1 and faultshim.logouts()[-1] == 0
+    # A cleared PIN (here a flush) ends the login at once, not at the end of its linger.
+    admin = make_client("admin")
+    verify(tokens.cert("ec"), "ECDSA", MSG, f.sign(EC_KEY, ec_input()))
+    ended = len(faultshim.logouts())
+    admin.flush()
+    wait_until(lambda: len(faultshim.logouts()) > ended, timeout=1, what="the flush to end the login")
 
 
 def test_a_caller_without_a_cached_pin_never_rides_a_shared_bracket(start_daemon, make_client, faultshim, tokens):
