@@ -446,10 +446,13 @@ public final class PincacheService: @unchecked Sendable {
             guard registry.isAlive(caller) else {
                 return done(.failure(ServiceError(.backendError, "the caller has left (CKR_DEVICE_REMOVED (0x32))", rv: 0x32)))
             }
-            done(Result<T, ServiceError>.catching(job))
+            let result = Result<T, ServiceError>.catching(job)
             // A job may have logged the caller in or out (Login, Logout, logout-after-sign).
+            // Told before the reply, so a client that reads Token1.LockedBy once its Login
+            // returned sees the lock it took.
             if let self, self.busSessions.withLock({ !$0.isEmpty }) { self.announceLoggedIn(token, caller: caller) }
             self?.announceLockedBy(token)
+            done(result)
         }
         if inline,
             token.worker.runInline(ifFasterThan: Limits.inlineJobNanoseconds, owner: caller.rawValue, shareable: shareable, work)
