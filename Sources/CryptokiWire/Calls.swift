@@ -176,12 +176,33 @@ public enum Calls {
     public static let keyFacts = Call(
         28, "KeyFacts", [Fields.session, Fields.key],
         [Field("attributes", .array(Fields.attributeResult, max: 16))])
+    /// C_WrapKey (issue 13 §11): `key` wrapped under `wrapping_key`, in the caller's login
+    /// when either is private.
+    public static let wrapKey = Call(
+        29, "WrapKey",
+        [Fields.session, Field("mechanism", Fields.mechanism), Field("wrapping_key", .ulong), Fields.key],
+        [Field("wrapped", Fields.data)], slow: true)
+    /// C_UnwrapKey (issue 13 §11): a new key from `wrapped`; a private unwrapping key is used as
+    /// in a decryption (its bracket, its count).
+    public static let unwrapKey = Call(
+        30, "UnwrapKey",
+        [
+            Fields.session, Field("mechanism", Fields.mechanism), Field("unwrapping_key", .ulong),
+            Field("wrapped", Fields.data), Field("template", Fields.template),
+        ],
+        [Fields.handle], slow: true)
+    /// C_DeriveKey (issue 13 §11): a new key from `base_key` (ECDH: the other party's point
+    /// travels in the flattened mechanism parameter, dbus/README.md).
+    public static let deriveKey = Call(
+        31, "DeriveKey",
+        [Fields.session, Field("mechanism", Fields.mechanism), Field("base_key", .ulong), Field("template", Fields.template)],
+        [Fields.handle], slow: true)
 
     public static let all: [Call] = [
         hello, getSlots, getMechanisms, openSession, closeSession, initToken, getSessionInfo, login, logout,
         findObjects, getAttributes, setAttributes, createObject, copyObject, destroyObject, generateKey,
         generateKeyPair, sign, verify, encrypt, decrypt, digest, generateRandom, seedRandom, initPIN, setPIN,
-        getObjectSize, digestParts, keyFacts,
+        getObjectSize, digestParts, keyFacts, wrapKey, unwrapKey, deriveKey,
     ]
 
     public static func byID(_ id: UInt16) -> Call? { Int(id) < all.count ? all[Int(id)] : nil }

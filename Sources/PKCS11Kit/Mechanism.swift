@@ -17,6 +17,11 @@ public struct Mechanism: Sendable, Hashable {
         case pss(hash: MechanismType, mgf: MGF, saltLength: UInt)
         /// `CK_RSA_PKCS_OAEP_PARAMS`; `source` is `CKZ_DATA_SPECIFIED` with `sourceData` as the label.
         case oaep(hash: MechanismType, mgf: MGF, sourceData: [UInt8])
+        /// `CK_GCM_PARAMS`: IV, its length in bits, additional authenticated data, tag bits.
+        case gcm(iv: [UInt8], ivBits: UInt, aad: [UInt8], tagBits: UInt)
+        /// `CK_ECDH1_DERIVE_PARAMS`: key derivation function, shared data, the other party's
+        /// public value.
+        case ecdh1(kdf: UInt, sharedData: [UInt8], publicData: [UInt8])
     }
 
     public var type: MechanismType
@@ -65,6 +70,40 @@ public struct Mechanism: Sendable, Hashable {
                         mechanism: type.rawValue, pParameter: UnsafeMutableRawPointer(pp),
                         ulParameterLen: CK_ULONG(MemoryLayout<CK_RSA_PKCS_OAEP_PARAMS>.size))
                     return try body(&m)
+                }
+            }
+        case .gcm(let iv, let ivBits, let aad, let tagBits):
+            // SAFETY: the IV, the AAD and `params` stay valid for the whole call.
+            return try iv.withUnsafeBytes { ivBytes in
+                try aad.withUnsafeBytes { aadBytes in
+                    var params = CK_GCM_PARAMS(
+                        pIv: ivBytes.isEmpty ? nil : UnsafeMutablePointer(mutating: ivBytes.bindMemory(to: CK_BYTE.self).baseAddress),
+                        ulIvLen: CK_ULONG(ivBytes.count), ulIvBits: ivBits,
+                        pAAD: aadBytes.isEmpty ? nil : UnsafeMutablePointer(mutating: aadBytes.bindMemory(to: CK_BYTE.self).baseAddress),
+                        ulAADLen: CK_ULONG(aadBytes.count), ulTagBits: tagBits)
+                    return try withUnsafeMutablePointer(to: &params) { pp in
+                        var m = CK_MECHANISM(
+                            mechanism: type.rawValue, pParameter: UnsafeMutableRawPointer(pp),
+                            ulParameterLen: CK_ULONG(MemoryLayout<CK_GCM_PARAMS>.size))
+                        return try body(&m)
+                    }
+                }
+            }
+        case .ecdh1(let kdf, let sharedData, let publicData):
+            // SAFETY: both byte strings and `params` stay valid for the whole call.
+            return try sharedData.withUnsafeBytes { shared in
+                try publicData.withUnsafeBytes { pub in
+                    var params = CK_ECDH1_DERIVE_PARAMS(
+                        kdf: kdf, ulSharedDataLen: CK_ULONG(shared.count),
+                        pSharedData: shared.isEmpty ? nil : UnsafeMutablePointer(mutating: shared.bindMemory(to: CK_BYTE.self).baseAddress),
+                        ulPublicDataLen: CK_ULONG(pub.count),
+                        pPublicData: pub.isEmpty ? nil : UnsafeMutablePointer(mutating: pub.bindMemory(to: CK_BYTE.self).baseAddress))
+                    return try withUnsafeMutablePointer(to: &params) { pp in
+                        var m = CK_MECHANISM(
+                            mechanism: type.rawValue, pParameter: UnsafeMutableRawPointer(pp),
+                            ulParameterLen: CK_ULONG(MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size))
+                        return try body(&m)
+                    }
                 }
             }
         }

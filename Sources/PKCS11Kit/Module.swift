@@ -702,7 +702,7 @@ func withInput<R>(_ data: [UInt8], _ body: (UnsafeMutablePointer<UInt8>?, CK_ULO
 
 /// Hands a template to C as `(CK_ATTRIBUTE_PTR, CK_ULONG)`.
 @discardableResult
-private func withTemplate<R>(_ template: [Attribute], _ body: (UnsafeMutablePointer<CK_ATTRIBUTE>?, CK_ULONG) throws -> R)
+func withTemplate<R>(_ template: [Attribute], _ body: (UnsafeMutablePointer<CK_ATTRIBUTE>?, CK_ULONG) throws -> R)
     rethrows -> R
 {
     let total = template.reduce(0) { $0 + $1.value.count }

@@ -83,6 +83,22 @@ enum Codec {
 
     static let oaepMechanisms: Set<CK_MECHANISM_TYPE> = [CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP), 0x4002 /* CKM_RSA_PKCS_OAEP_TPM_1_1 */]
     static let oaepParamsSize = 5 * MemoryLayout<CK_ULONG>.size
+    static let ecdh1Mechanisms: Set<CK_MECHANISM_TYPE> = [CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE), CK_MECHANISM_TYPE(CKM_ECDH1_COFACTOR_DERIVE)]
+
+    /// A parameter structure with pointers, as the wire carries it (dbus/README.md): its
+    /// numbers, then each byte string's length, as little-endian 64-bit integers, then the
+    /// byte strings themselves.
+    static func flattened(_ numbers: [CK_ULONG], _ strings: [(UnsafeMutablePointer<CK_BYTE>?, CK_ULONG)]) throws(CKError)
+        -> [UInt8]
+    {
+        var out: [UInt8] = []
+        for n in numbers + strings.map(\.1) { withUnsafeBytes(of: UInt64(n).littleEndian) { out += $0 } }
+        for (pointer, length) in strings {
+            out += try bytes(UnsafePointer(pointer), length, max: Caps.mechanismParameter - out.count,
+                             tooLong: CKError(CKR_MECHANISM_PARAM_INVALID))
+        }
+        return out
+    }
 
     /// A mechanism: its type and parameter bytes. OAEP's source-data pointer is flattened
     /// (dbus/README.md); any other parameter goes as the bytes the application gave, and
@@ -103,6 +119,19 @@ enum Codec {
             parameter = Array(fixed)
             parameter += try bytes(sourceData, sourceLength, max: Caps.mechanismParameter - parameter.count,
                                    tooLong: CKError(CKR_MECHANISM_PARAM_INVALID))
+        } else if type == CK_MECHANISM_TYPE(CKM_AES_GCM), let raw = mechanism.pParameter {
+            guard length == CK_ULONG(MemoryLayout<CK_GCM_PARAMS>.size) else { throw CKError(CKR_MECHANISM_PARAM_INVALID) }
+            // SAFETY: the application says `raw` is a CK_GCM_PARAMS (length checked).
+            let p = raw.load(as: CK_GCM_PARAMS.self)
+            parameter = try flattened(
+                [p.ulIvBits, p.ulTagBits], [(p.pIv, p.ulIvLen), (p.pAAD, p.ulAADLen)])
+        } else if Codec.ecdh1Mechanisms.contains(type), let raw = mechanism.pParameter {
+            guard length == CK_ULONG(MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size) else {
+                throw CKError(CKR_MECHANISM_PARAM_INVALID)
+            }
+            // SAFETY: the application says `raw` is a CK_ECDH1_DERIVE_PARAMS (length checked).
+            let p = raw.load(as: CK_ECDH1_DERIVE_PARAMS.self)
+            parameter = try flattened([p.kdf], [(p.pSharedData, p.ulSharedDataLen), (p.pPublicData, p.ulPublicDataLen)])
         } else if length > 0 {
             parameter = try bytes(mechanism.pParameter?.assumingMemoryBound(to: CK_BYTE.self), length,
                                   max: Caps.mechanismParameter, tooLong: CKError(CKR_MECHANISM_PARAM_INVALID))

@@ -158,18 +158,56 @@ func pincacheGenerateKeyPair(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMu
 @_cdecl("pincache_C_WrapKey")
 func pincacheWrapKey(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
                      _ wrappingKey: CK_OBJECT_HANDLE, _ key: CK_OBJECT_HANDLE, _ wrapped: UnsafeMutablePointer<CK_BYTE>?,
-                     _ wrappedLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV { notSupported() }
+                     _ wrappedLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
+    entry { library throws(CKError) in
+        try library.withSession(session) { s throws(CKError) in
+            let (_, encodedMechanism) = try Codec.mechanism(mechanism)
+            guard let wrappedLength else { throw .argumentsBad }
+            // No operation stays active between a length query and the real call: each asks
+            // the token (RSA-PKCS wrapping differs every time; only its length is stable).
+            let reply = try library.call(
+                Calls.wrapKey, on: s, [encodedMechanism, .ulong(UInt64(wrappingKey)), .ulong(UInt64(key))])
+            guard let bytes = reply.first?.bytesValue else { throw .deviceError }
+            _ = try Codec.deliver(bytes, to: wrapped, length: wrappedLength)
+        }
+    }
+}
 
 @_cdecl("pincache_C_UnwrapKey")
 func pincacheUnwrapKey(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
                        _ unwrappingKey: CK_OBJECT_HANDLE, _ wrapped: UnsafeMutablePointer<CK_BYTE>?, _ wrappedLength: CK_ULONG,
                        _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG,
-                       _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV { notSupported() }
+                       _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
+    entry { library throws(CKError) in
+        try library.withSession(session) { s throws(CKError) in
+            let (_, encodedMechanism) = try Codec.mechanism(mechanism)
+            let input = try Codec.bytes(wrapped, wrappedLength, tooLong: CKError(CKR_WRAPPED_KEY_LEN_RANGE))
+            guard wrappedLength > 0 else { throw CKError(CKR_WRAPPED_KEY_LEN_RANGE) }
+            let encodedTemplate = try Codec.template(template, count)
+            guard let key else { throw .argumentsBad }
+            let reply = try library.call(
+                Calls.unwrapKey, on: s, [encodedMechanism, .ulong(UInt64(unwrappingKey)), .bytes(input), encodedTemplate])
+            guard let handle = reply.first?.ulongValue else { throw .deviceError }
+            key.pointee = CK_OBJECT_HANDLE(handle)
+        }
+    }
+}
 
 @_cdecl("pincache_C_DeriveKey")
 func pincacheDeriveKey(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
                        _ baseKey: CK_OBJECT_HANDLE, _ template: UnsafeMutablePointer<CK_ATTRIBUTE>?, _ count: CK_ULONG,
-                       _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV { notSupported() }
+                       _ key: UnsafeMutablePointer<CK_OBJECT_HANDLE>?) -> CK_RV {
+    entry { library throws(CKError) in
+        try library.withSession(session) { s throws(CKError) in
+            let (_, encodedMechanism) = try Codec.mechanism(mechanism)
+            let encodedTemplate = try Codec.template(template, count)
+            guard let key else { throw .argumentsBad }
+            let reply = try library.call(Calls.deriveKey, on: s, [encodedMechanism, .ulong(UInt64(baseKey)), encodedTemplate])
+            guard let handle = reply.first?.ulongValue else { throw .deviceError }
+            key.pointee = CK_OBJECT_HANDLE(handle)
+        }
+    }
+}
 
 // MARK: random
 

@@ -297,6 +297,33 @@ extension PincacheService {
             run([], "digest", {
                 try token.publicOperation(caller: caller, session: id, rw: rw) { s in try token.module.digest(s, mechanism: m, data: data) }
             }) { [.bytes($0)] }
+        case Calls.wrapKey.id:
+            guard let m = mechanism() else { return }
+            let wrapping = r.ulong("wrapping_key")
+            let key = r.ulong("key")
+            run(objects, "wrap-key", keyID: token.knownKeyID(key), {
+                try token.wrapKey(
+                    caller: caller, settings: settings(), session: id, rw: rw, mechanism: m, wrappingKey: wrapping, key: key)
+            }) { [.bytes($0)] }
+        case Calls.unwrapKey.id, Calls.deriveKey.id:
+            guard let m = mechanism() else { return }
+            let unwrap = r.call.id == Calls.unwrapKey.id
+            let key = r.ulong(unwrap ? "unwrapping_key" : "base_key")
+            let wrapped = unwrap ? r.bytes("wrapped") : []
+            let attrs = template("template")
+            let keyID = token.knownKeyID(key)
+            let operation = unwrap ? "unwrap-key" : "derive-key"
+            // A key made into the session only (S/MIME's content keys) is a decryption's
+            // result, not a change to the token: modify-token is asked for token objects alone.
+            let intoToken = attrs.contains { $0.type == .token && $0.value.pkcs11Bool == true }
+            run(intoToken ? changes : objects, operation, keyID: keyID, audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false) {
+                unwrap
+                    ? try token.unwrapKey(
+                        caller: caller, settings: settings(), session: id, rw: rw, mechanism: m, unwrappingKey: key,
+                        wrapped: wrapped, template: attrs)
+                    : try token.deriveKey(
+                        caller: caller, settings: settings(), session: id, rw: rw, mechanism: m, baseKey: key, template: attrs)
+            }) { [.ulong($0)] }
         case Calls.keyFacts.id:
             let key = r.ulong("key")
             run(objects, "key-facts", keyID: token.knownKeyID(key), {

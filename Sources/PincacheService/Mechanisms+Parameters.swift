@@ -2,8 +2,10 @@ import PKCS11Kit
 
 /// The one check of mechanism parameters from clients (both front ends come through here):
 /// only parameters that are pointer-free C structs of an exact size pass as raw bytes, and
-/// OAEP's source data, which the proxy flattens. Any other parameter could carry a pointer
-/// the module would follow into the daemon's memory, so it is refused.
+/// the ones the proxy flattens (OAEP's source data, GCM's IV and AAD, ECDH's shared and public
+/// data; layouts in dbus/README.md), rebuilt here with pointers of the daemon's own. Any other
+/// parameter could carry a pointer the module would follow into the daemon's memory, so it is
+/// refused.
 enum MechanismParameters {
     static let rawSizes: [UInt: Int] = [
         0x0D: 24, 0x0E: 24, 0x43: 24, 0x44: 24, 0x45: 24, 0x47: 24,  // *RSA_PKCS_PSS: CK_RSA_PKCS_PSS_PARAMS
@@ -14,6 +16,9 @@ enum MechanismParameters {
         0x1084: 8, 0x108B: 8, 0x222: 8, 0x252: 8, 0x257: 8, 0x262: 8, 0x272: 8,
     ]
 
+    static let gcm: UInt = 0x1087  // CKM_AES_GCM
+    static let ecdh1: Set<UInt> = [0x1050, 0x1051]  // CKM_ECDH1_DERIVE, CKM_ECDH1_COFACTOR_DERIVE
+
     static func invalid(_ what: String) -> ServiceError {
         ServiceError(.mechanismInvalid, "\(what) (CKR_MECHANISM_PARAM_INVALID (0x71))", rv: 0x71)
     }
@@ -23,15 +28,39 @@ enum MechanismParameters {
     static func decode(type raw: UInt64, parameter p: [UInt8]) -> Result<Mechanism, ServiceError> {
         let type = MechanismType(rawValue: UInt(raw))
         if p.isEmpty { return .success(Mechanism(type)) }
+        // Little-endian CK_ULONGs, then the byte strings they count, and nothing after them.
+        func ulong(_ at: Int) -> UInt { p[at..<at + 8].reversed().reduce(0) { $0 << 8 | UInt($1) } }
         if type == .rsaPKCSOAEP {
             guard p.count >= 24 else { return .failure(invalid("CK_RSA_PKCS_OAEP_PARAMS: need 24 bytes")) }
-            func ulong(_ at: Int) -> UInt { p[at..<at + 8].reversed().reduce(0) { $0 << 8 | UInt($1) } }
             guard ulong(16) == 1 else { return .failure(invalid("OAEP source must be CKZ_DATA_SPECIFIED")) }
             return .success(
                 Mechanism(
                     type,
                     parameter: .oaep(
                         hash: MechanismType(rawValue: ulong(0)), mgf: MGF(rawValue: ulong(8)), sourceData: Array(p[24...]))))
+        }
+        func strings(after fixed: Int, _ lengths: [UInt]) -> [[UInt8]]? {
+            guard p.count >= fixed else { return nil }
+            var at = fixed
+            var out: [[UInt8]] = []
+            for n in lengths {
+                guard n <= UInt(p.count - at) else { return nil }
+                out.append(Array(p[at..<at + Int(n)]))
+                at += Int(n)
+            }
+            return at == p.count ? out : nil
+        }
+        if type.rawValue == gcm {
+            guard p.count >= 32, let parts = strings(after: 32, [ulong(16), ulong(24)]) else {
+                return .failure(invalid("CK_GCM_PARAMS: ivBits, tagBits, ivLen, aadLen, then IV and AAD"))
+            }
+            return .success(Mechanism(type, parameter: .gcm(iv: parts[0], ivBits: ulong(0), aad: parts[1], tagBits: ulong(8))))
+        }
+        if ecdh1.contains(type.rawValue) {
+            guard p.count >= 24, let parts = strings(after: 24, [ulong(8), ulong(16)]) else {
+                return .failure(invalid("CK_ECDH1_DERIVE_PARAMS: kdf, sharedDataLen, publicDataLen, then the data"))
+            }
+            return .success(Mechanism(type, parameter: .ecdh1(kdf: ulong(0), sharedData: parts[0], publicData: parts[1])))
         }
         guard let size = rawSizes[type.rawValue] else {
             return .failure(invalid("\(type.name): parameters of this mechanism are not supported"))

@@ -80,10 +80,10 @@ extension PincacheService {
 
     /// The audit step around a private-key operation, for both front ends: one record with
     /// how the key was reached (cached PIN, fresh PIN, held login) and the result.
-    func audited(
+    func audited<T: Sendable>(
         _ info: CallerInfo, _ token: TokenContext, _ operation: String, keyID: [UInt8]?, mechanism: UInt, freshPIN: Bool,
-        _ job: @escaping @Sendable () throws -> [UInt8]
-    ) -> @Sendable () throws -> [UInt8] {
+        _ job: @escaping @Sendable () throws -> T
+    ) -> @Sendable () throws -> T {
         {
             let state = token.policy.withLock { $0.state(of: info.id) }
             let how = freshPIN ? "fresh" : state.holdsLogin ? "held-login" : state.cachedPIN ? "cached" : "none"

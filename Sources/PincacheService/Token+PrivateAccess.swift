@@ -10,13 +10,29 @@ extension TokenContext {
     /// path of both front ends, from the key's facts through the bracket to the after-rules.
     func perform(caller: CallerID, settings: Settings, _ request: KeyOperation) throws -> [UInt8] {
         let kind = request.operation.kind
-        let function = kind == .sign ? "C_SignInit" : "C_DecryptInit"
+        return try withKey(
+            caller: caller, settings: settings, request.key, kind: kind, function: kind == .sign ? "C_SignInit" : "C_DecryptInit",
+            freshPIN: request.freshPIN
+        ) { s, handle, record, contextPIN in
+            try run(s, handle, record: record, request.operation, contextPIN: contextPIN)
+        }
+    }
+
+    /// What every use of a key for a caller goes through: the key's facts, then the bracket (or
+    /// held login, or fresh PIN) the policy plans for `kind`, the after-rules, and a fresh
+    /// backend session if the module failed in a way that leaves it suspect. `body` gets the
+    /// backend session and key, and the PIN for a context-specific login if one is due.
+    func withKey<T>(
+        caller: CallerID, settings: Settings, _ key: KeyOperation.Key, kind: OperationKind, function: String,
+        freshPIN: SecretPIN?, invalid: ReturnValue = .keyHandleInvalid,
+        _ body: (SessionHandle, ObjectHandle, KeyRecord?, SecretPIN?) throws -> T
+    ) throws -> T {
         let s: SessionHandle
-        var fresh = request.freshPIN
+        var fresh = freshPIN
         let record: KeyRecord?
         var isPrivate = true
         var isPrivateKey = true
-        switch request.key {
+        switch key {
         case .id(let id):
             record = try keyRecord(id)
             s = try backendCall { try session() }
@@ -24,7 +40,7 @@ extension TokenContext {
             s = try rawSession(session, readWrite: readWrite)
             // A context-specific login of this session is good for its next operation only.
             if fresh == nil { fresh = contextPINs.removeValue(forKey: session) }
-            let loc = try locator(handle, caller: caller, function: function, invalid: .keyHandleInvalid)
+            let loc = try locator(handle, caller: caller, function: function, invalid: invalid)
             isPrivate = loc.isPrivate
             isPrivateKey = loc.objectClass == ObjectClass.privateKey.rawValue
             if keys == nil { _ = try? listKeys() }
@@ -32,7 +48,7 @@ extension TokenContext {
             if !isPrivate && !policy.withLock({ $0.state(of: caller).loggedIn }) {
                 // A key object that is not private (a secret key marked so): no login needed.
                 return try withAccess(caller: caller, settings: settings, s) {
-                    try run(s, try resolveKey(request.key, s, caller: caller, function: function), record: nil, request.operation, contextPIN: nil)
+                    try body(s, try resolveKey(key, s, caller: caller, function: function, invalid: invalid), nil, nil)
                 }
             }
         }
@@ -45,12 +61,15 @@ extension TokenContext {
                 caller: caller, settings: settings, kind: kind, requiresFreshPIN: requiresFresh, freshPIN: fresh,
                 alwaysAuthenticate: alwaysAuthenticate, keyUsage: record?.keyUsage ?? 0, session: s
             ) { contextPIN in
-                let handle = try resolveKey(request.key, s, caller: caller, function: function)
+                let handle = try resolveKey(key, s, caller: caller, function: function, invalid: invalid)
                 do {
-                    return try run(s, handle, record: record, request.operation, contextPIN: contextPIN)
+                    return try body(s, handle, record, contextPIN)
                 } catch {
-                    // An operation a failure left active would block the session's next one.
-                    if contextPIN != nil || request.key.isHandle { reset(s, request.key) }
+                    // A context-specific login that failed leaves the operation it was for
+                    // active, which would block the session's next one. Any other failure ended
+                    // it (PKCS#11 5.2), and a proxy session is not replaced for it: that would
+                    // destroy the session objects the application made in it.
+                    if contextPIN != nil { reset(s, key) }
                     throw error
                 }
             }
@@ -60,10 +79,10 @@ extension TokenContext {
             // With nobody holding a login, the shared session is closed outright, not
             // replaced: OpenSC lets go of the card only when its last session closes.
             // The token itself is fine, so no cache goes (that is for removals only).
-            if case .id = request.key, policy.withLock({ $0.lockHolder == nil }) {
+            if case .id = key, policy.withLock({ $0.lockHolder == nil }) {
                 dropSession()
             } else {
-                reset(s, request.key)
+                reset(s, key)
             }
             throw e
         }
@@ -74,12 +93,12 @@ extension TokenContext {
     }
 
     /// The backend object of the key in the current login state.
-    private func resolveKey(_ key: KeyOperation.Key, _ s: SessionHandle, caller: CallerID, function: String) throws
-        -> ObjectHandle
-    {
+    private func resolveKey(
+        _ key: KeyOperation.Key, _ s: SessionHandle, caller: CallerID, function: String, invalid: ReturnValue
+    ) throws -> ObjectHandle {
         switch key {
         case .id(let id): return try findPrivateKey(s, id)
-        case .handle(let handle, _, _): return try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
+        case .handle(let handle, _, _): return try resolve(handle, s, caller: caller, function: function, invalid: invalid)
         }
     }
 

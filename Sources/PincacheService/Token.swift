@@ -90,8 +90,6 @@ struct KeyOperation: Sendable {
     enum Key: Sendable {
         case id([UInt8])
         case handle(UInt64, session: UInt64, readWrite: Bool)
-
-        var isHandle: Bool { if case .handle = self { true } else { false } }
     }
     var key: Key
     var operation: PrivateOperation

@@ -198,11 +198,17 @@ extension TokenContext {
     {
         let s = try rawSession(id, readWrite: rw)
         let result = try withAccess(caller: caller, settings: settings, s) { try body(s) }
+        objectsChanged()
+        return result
+    }
+
+    /// After the daemon made, changed or destroyed an object: what was recorded of the token's
+    /// objects is read again when next needed.
+    func objectsChanged() {
         keys = nil  // a new or changed key shows in ListKeys
         for handle in objectTable.locators.keys { objectTable.locators[handle]?.snapshot = nil }
         objectTable.catalogue = nil
         resolvedKeys = [:]
-        return result
     }
 
     // MARK: - Cryptography (worker)
@@ -230,7 +236,12 @@ extension TokenContext {
         }
     }
 
+    /// A backend session that answered as if broken gets a fresh one, unless the application
+    /// made objects in it: closing it would destroy them, while a session that was only
+    /// handed one bad answer (SoftHSM's CKR_GENERAL_ERROR for a GCM tag that does not match)
+    /// goes on working. A truly dead one keeps failing, and the application can open another.
     func replaceRawSession(_ id: UInt64, rw: Bool) {
+        if objectTable.locators.values.contains(where: { $0.creatingSession == id }) { return }
         guard let old = rawSessions[id], let fresh = try? module.openSession(slot, readWrite: rw) else { return }
         rawSessions[id] = fresh
         try? module.closeSession(old)

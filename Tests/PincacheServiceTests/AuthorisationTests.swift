@@ -40,7 +40,10 @@ import Testing
         #expect((try? MechanismParameters.decode(type: 0x43, parameter: pss).get()) != nil)
         for (type, parameter): (UInt64, [UInt8]) in [
             (0x43, Array(pss.prefix(8))),  // cut short: the module would read past it
-            (0x1087, [UInt8](repeating: 0x41, count: 40)),  // AES_GCM holds pointers
+            (0x1087, [UInt8](repeating: 0x41, count: 40)),  // AES_GCM flattened, lengths past the end
+            (0x1087, le([96, 128, 2, 0]) + [1, 2, 3]),  // a byte after the IV and AAD
+            (0x1050, le([1, 0, 65]) + [4]),  // ECDH public data cut short
+            (0x1054, [UInt8](repeating: 0, count: 40)),  // ECMQV holds pointers, not flattened
             (0x9, [UInt8](repeating: 0, count: 24)),  // OAEP with source 0
         ] {
             guard case .failure(let e) = MechanismParameters.decode(type: type, parameter: parameter) else {
@@ -52,5 +55,14 @@ import Testing
         var oaep = [UInt8](repeating: 0, count: 24) + [1, 2, 3]
         oaep[16] = 1  // CKZ_DATA_SPECIFIED
         #expect((try? MechanismParameters.decode(type: 0x9, parameter: oaep).get())?.type == .rsaPKCSOAEP)
+        let gcm = try? MechanismParameters.decode(type: 0x1087, parameter: le([96, 128, 3, 2]) + [7, 7, 7, 0xAA, 0xBB]).get()
+        #expect(gcm?.parameter == .gcm(iv: [7, 7, 7], ivBits: 96, aad: [0xAA, 0xBB], tagBits: 128))
+        let ecdh = try? MechanismParameters.decode(type: 0x1050, parameter: le([1, 0, 3]) + [4, 1, 2]).get()
+        #expect(ecdh?.parameter == .ecdh1(kdf: 1, sharedData: [], publicData: [4, 1, 2]))
+    }
+
+    /// Little-endian u64s, as the proxy flattens a parameter's numbers.
+    private func le(_ numbers: [UInt64]) -> [UInt8] {
+        numbers.flatMap { n in (0..<8).map { UInt8(truncatingIfNeeded: n >> (8 * $0)) } }
     }
 }

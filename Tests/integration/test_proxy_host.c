@@ -265,6 +265,161 @@ static int cmd_badargs(void)
 
 /* ----------------------------------------------------------- conformance */
 
+/* A key's CKA_VALUE as hex, or nothing when the call fails. */
+static void out_value(const char *name, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key)
+{
+    unsigned char value[512];
+    char hx[2 * sizeof value + 1];
+    CK_ATTRIBUTE a[] = { { CKA_VALUE, value, sizeof value } };
+    CK_RV rv = f->C_GetAttributeValue(s, key, a, 1);
+    hex(value, rv == CKR_OK ? a[0].ulValueLen : 0, hx);
+    out(name, rv, "%s", hx);
+}
+
+/* Wrapping, unwrapping, deriving, and pointer-carrying mechanism parameters (issue 13 §11),
+ * on session objects of known value: every output is compared, except RSA-PKCS wrapping's
+ * (random padding), whose length is. `secret` is a generic secret key (0x42 x 32). */
+static void conformance_keys(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE secret, CK_OBJECT_HANDLE eckey,
+                             CK_OBJECT_HANDLE ecpub, CK_OBJECT_HANDLE rsakey, CK_OBJECT_HANDLE rsapub)
+{
+    unsigned char buf[4096], wrapped[512];
+    char hx[2 * 1024 + 1];
+    CK_ULONG n, wrapped_len;
+    CK_RV rv;
+    CK_OBJECT_CLASS secret_class = CKO_SECRET_KEY;
+    CK_KEY_TYPE aes = CKK_AES, generic = CKK_GENERIC_SECRET;
+    CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+    unsigned char aes_value[16];
+    memset(aes_value, 0x24, sizeof aes_value);
+    CK_ATTRIBUTE aes_template[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes, sizeof aes },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_SENSITIVE, &no, 1 }, { CKA_EXTRACTABLE, &yes, 1 },
+        { CKA_WRAP, &yes, 1 }, { CKA_UNWRAP, &yes, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_DECRYPT, &yes, 1 },
+        { CKA_VALUE, aes_value, sizeof aes_value },
+    };
+    CK_ATTRIBUTE unwrap_template[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &generic, sizeof generic },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_SENSITIVE, &no, 1 }, { CKA_EXTRACTABLE, &yes, 1 },
+    };
+    CK_OBJECT_HANDLE kek = 0, unwrapped = 0;
+    out("C_CreateObject aes", f->C_CreateObject(s, aes_template, 11, &kek), NULL);
+
+    CK_MECHANISM kw = { CKM_AES_KEY_WRAP, NULL, 0 };
+    n = 0;
+    rv = f->C_WrapKey(s, &kw, kek, secret, NULL, &n);
+    out("C_WrapKey query", rv, "%lu", n);
+    n = 8;
+    rv = f->C_WrapKey(s, &kw, kek, secret, buf, &n);
+    out("C_WrapKey small", rv, "%lu", n);
+    n = sizeof wrapped;
+    rv = f->C_WrapKey(s, &kw, kek, secret, wrapped, &n);
+    wrapped_len = rv == CKR_OK ? n : 0;
+    hex(wrapped, wrapped_len, hx);
+    out("C_WrapKey aes-kw", rv, "%s", hx);
+    n = sizeof buf;
+    out("C_WrapKey invalid-wrapping-key", f->C_WrapKey(s, &kw, 0x7ffffff0, secret, buf, &n), NULL);
+    n = sizeof buf;
+    out("C_WrapKey invalid-key", f->C_WrapKey(s, &kw, kek, 0x7ffffff0, buf, &n), NULL);
+    out("C_WrapKey NULL-length", f->C_WrapKey(s, &kw, kek, secret, buf, NULL), NULL);
+    rv = f->C_UnwrapKey(s, &kw, kek, wrapped, wrapped_len, unwrap_template, 6, &unwrapped);
+    out("C_UnwrapKey aes-kw", rv, NULL);
+    out_value("C_UnwrapKey aes-kw value", s, unwrapped);
+    f->C_DestroyObject(s, unwrapped);
+    out("C_UnwrapKey short", f->C_UnwrapKey(s, &kw, kek, wrapped, 12, unwrap_template, 6, &unwrapped), NULL);
+    out("C_UnwrapKey invalid-key", f->C_UnwrapKey(s, &kw, 0x7ffffff0, wrapped, wrapped_len, unwrap_template, 6, &unwrapped), NULL);
+    out("C_UnwrapKey NULL-handle", f->C_UnwrapKey(s, &kw, kek, wrapped, wrapped_len, unwrap_template, 6, NULL), NULL);
+
+    /* The RSA pair: wrapped with the public key, opened with the private one (S/MIME's way). */
+    CK_MECHANISM rsa_pkcs = { CKM_RSA_PKCS, NULL, 0 };
+    n = sizeof buf;
+    rv = f->C_WrapKey(s, &rsa_pkcs, rsapub, secret, buf, &n);
+    out("C_WrapKey rsa", rv, "%lu", rv == CKR_OK ? n : 0);
+    CK_ULONG rsa_len = rv == CKR_OK ? n : 0;
+    rv = f->C_UnwrapKey(s, &rsa_pkcs, rsakey, buf, rsa_len, unwrap_template, 6, &unwrapped);
+    out("C_UnwrapKey rsa", rv, NULL);
+    out_value("C_UnwrapKey rsa value", s, unwrapped);
+    f->C_DestroyObject(s, unwrapped);
+
+    /* ECDH with the token's EC key and its own public point (raw, from CKA_EC_POINT's DER). */
+    unsigned char point[128];
+    CK_ATTRIBUTE pa[] = { { CKA_EC_POINT, point, sizeof point } };
+    rv = f->C_GetAttributeValue(s, ecpub, pa, 1);
+    out("C_GetAttributeValue ec-point", rv, "%lu", pa[0].ulValueLen);
+    CK_ECDH1_DERIVE_PARAMS ep = { CKD_NULL, 0, NULL, pa[0].ulValueLen > 2 ? pa[0].ulValueLen - 2 : 0, point + 2 };
+    CK_MECHANISM ecdh = { CKM_ECDH1_DERIVE, &ep, sizeof ep };
+    CK_ULONG len32 = 32;
+    CK_ATTRIBUTE derive_template[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &generic, sizeof generic },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_SENSITIVE, &no, 1 }, { CKA_EXTRACTABLE, &yes, 1 },
+        { CKA_VALUE_LEN, &len32, sizeof len32 },
+    };
+    CK_OBJECT_HANDLE derived = 0;
+    rv = f->C_DeriveKey(s, &ecdh, eckey, derive_template, 7, &derived);
+    out("C_DeriveKey ecdh", rv, NULL);
+    out_value("C_DeriveKey ecdh value", s, derived);
+    f->C_DestroyObject(s, derived);
+    out("C_DeriveKey invalid-key", f->C_DeriveKey(s, &ecdh, 0x7ffffff0, derive_template, 7, &derived), NULL);
+    /* Two fresh key pairs that may derive: each side's secret from the other's point must
+     * agree. Not private: PKCS#11's C_Logout destroys private session objects, so in caching
+     * mode they do not outlive the bracket that made them (README, "Objects and handles"). */
+    static const unsigned char p256[] = { 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07 };
+    CK_MECHANISM ecgen = { CKM_EC_KEY_PAIR_GEN, NULL, 0 };
+    CK_OBJECT_HANDLE pub[2] = { 0, 0 }, priv[2] = { 0, 0 }, agreed[2] = { 0, 0 };
+    unsigned char points[2][128], secrets[2][64];
+    CK_ULONG point_len[2] = { 0, 0 }, secret_len[2] = { 0, 0 };
+    for (int i = 0; i < 2; i++) {
+        CK_ATTRIBUTE pubt[] = { { CKA_EC_PARAMS, (void *)p256, sizeof p256 }, { CKA_TOKEN, &no, 1 } };
+        CK_ATTRIBUTE privt[] = { { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_DERIVE, &yes, 1 },
+                                 { CKA_SENSITIVE, &yes, 1 } };
+        rv = f->C_GenerateKeyPair(s, &ecgen, pubt, 2, privt, 4, &pub[i], &priv[i]);
+        out("C_GenerateKeyPair derive", rv, NULL);
+        CK_ATTRIBUTE pt[] = { { CKA_EC_POINT, points[i], sizeof points[i] } };
+        rv = f->C_GetAttributeValue(s, pub[i], pt, 1);
+        point_len[i] = rv == CKR_OK && pt[0].ulValueLen > 2 ? pt[0].ulValueLen - 2 : 0;
+    }
+    for (int i = 0; i < 2; i++) {
+        CK_ECDH1_DERIVE_PARAMS other = { CKD_NULL, 0, NULL, point_len[1 - i], points[1 - i] + 2 };
+        CK_MECHANISM agree = { CKM_ECDH1_DERIVE, &other, sizeof other };
+        rv = f->C_DeriveKey(s, &agree, priv[i], derive_template, 7, &agreed[i]);
+        out("C_DeriveKey ecdh agreement", rv, NULL);
+        CK_ATTRIBUTE v[] = { { CKA_VALUE, secrets[i], sizeof secrets[i] } };
+        rv = f->C_GetAttributeValue(s, agreed[i], v, 1);
+        secret_len[i] = rv == CKR_OK ? v[0].ulValueLen : 0;
+        out("C_DeriveKey ecdh agreement value", rv, "%lu", secret_len[i]);
+    }
+    out("C_DeriveKey ecdh both sides", CKR_OK, "%s",
+        secret_len[0] == 32 && secret_len[1] == 32 && !memcmp(secrets[0], secrets[1], 32) ? "agree" : "differ");
+    for (int i = 0; i < 2; i++) {
+        f->C_DestroyObject(s, agreed[i]);
+        f->C_DestroyObject(s, pub[i]);
+        out("C_DestroyObject derive-key", f->C_DestroyObject(s, priv[i]), NULL);
+    }
+    out("C_DeriveKey NULL-handle", f->C_DeriveKey(s, &ecdh, eckey, derive_template, 7, NULL), NULL);
+
+    /* AES-GCM: IV and AAD behind pointers. */
+    unsigned char iv[12], aad[4] = { 'h', 'e', 'a', 'd' };
+    memset(iv, 7, sizeof iv);
+    CK_GCM_PARAMS gp = { iv, sizeof iv, 96, aad, sizeof aad, 128 };
+    CK_MECHANISM gcm = { CKM_AES_GCM, &gp, sizeof gp };
+    out("C_EncryptInit gcm", f->C_EncryptInit(s, &gcm, kek), NULL);
+    n = sizeof buf;
+    rv = f->C_Encrypt(s, (CK_BYTE *)"gcm plaintext", 13, buf, &n);
+    CK_ULONG sealed = rv == CKR_OK ? n : 0;
+    hex(buf, sealed, hx);
+    out("C_Encrypt gcm", rv, "%s", hx);
+    unsigned char opened[64];
+    out("C_DecryptInit gcm", f->C_DecryptInit(s, &gcm, kek), NULL);
+    n = sizeof opened;
+    rv = f->C_Decrypt(s, buf, sealed, opened, &n);
+    hex(opened, rv == CKR_OK ? n : 0, hx);
+    out("C_Decrypt gcm", rv, "%s", hx);
+    if (sealed > 0) buf[0] ^= 1;
+    out("C_DecryptInit gcm tampered", f->C_DecryptInit(s, &gcm, kek), NULL);
+    n = sizeof opened;
+    out("C_Decrypt gcm tampered", f->C_Decrypt(s, buf, sealed, opened, &n), NULL);
+    out("C_DestroyObject aes", f->C_DestroyObject(s, kek), NULL);
+}
+
 static int cmd_conformance(const char *label, const char *pin)
 {
     char hx[2 * 1024 + 1];
@@ -475,6 +630,7 @@ static int cmd_conformance(const char *label, const char *pin)
     hex(buf, rv == CKR_OK ? n : 0, hx);
     out("C_DigestFinal key-only", rv, "%s", hx);
     out("C_DigestKey not-init", f->C_DigestKey(s, secret), NULL);
+    conformance_keys(s, secret, eckey, ecpub, rsakey, rsapub);
     out("C_DestroyObject secret", f->C_DestroyObject(s, secret), NULL);
 
     out("C_GenerateRandom NULL", f->C_GenerateRandom(s, NULL, 16), NULL);

@@ -129,13 +129,21 @@ private func template(_ r: inout Reader, _ arena: Arena) -> (UnsafeMutablePointe
 
 private let mechanismTypes: [CK_MECHANISM_TYPE] = [
     CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP), CK_MECHANISM_TYPE(CKM_SHA256_RSA_PKCS_PSS), 0x1087 /* AES_GCM */,
-    CK_MECHANISM_TYPE(CKM_RSA_PKCS), CK_MECHANISM_TYPE(CKM_AES_CBC),
+    CK_MECHANISM_TYPE(CKM_RSA_PKCS), CK_MECHANISM_TYPE(CKM_AES_CBC), CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE),
+]
+/// Parameters the proxy reads as structures with pointers: a raw buffer of exactly their size
+/// would be one, pointing anywhere, which the application promises never to pass.
+private let structSizes: [CK_MECHANISM_TYPE: Int] = [
+    CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP): MemoryLayout<CK_RSA_PKCS_OAEP_PARAMS>.size,
+    CK_MECHANISM_TYPE(CKM_AES_GCM): MemoryLayout<CK_GCM_PARAMS>.size,
+    CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE): MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size,
+    CK_MECHANISM_TYPE(CKM_ECDH1_COFACTOR_DERIVE): MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size,
 ]
 
 private func mechanism(_ r: inout Reader, _ arena: Arena) -> UnsafeMutablePointer<CK_MECHANISM>? {
     let selector = r.byte()
     if selector % 16 == 15 { return nil }
-    let type = selector % 8 < 5 ? mechanismTypes[Int(selector % 8)] : CK_MECHANISM_TYPE(r.word())
+    let type = selector % 8 < 6 ? mechanismTypes[Int(selector % 8)] : CK_MECHANISM_TYPE(r.word())
     var parameter: (UnsafeMutableRawPointer?, CK_ULONG)
     if type == CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP) && r.byte() % 2 == 0 {
         // A real CK_RSA_PKCS_OAEP_PARAMS, its label behind pSourceData.
@@ -146,8 +154,33 @@ private func mechanism(_ r: inout Reader, _ arena: Arena) -> UnsafeMutablePointe
                                                      pSourceData: label, ulSourceDataLen: labelLength),
                          as: CK_RSA_PKCS_OAEP_PARAMS.self)
         parameter = (block, CK_ULONG(MemoryLayout<CK_RSA_PKCS_OAEP_PARAMS>.size))
+    } else if type == CK_MECHANISM_TYPE(CKM_AES_GCM) && r.byte() % 2 == 0 {
+        // A real CK_GCM_PARAMS, IV and AAD behind their pointers.
+        let (ivBits, tagBits) = (r.word(), r.word())
+        let (iv, ivLength) = buffer(&r, arena, cap: Caps.mechanismParameter)
+        let (aad, aadLength) = buffer(&r, arena, cap: Caps.mechanismParameter)
+        let block = arena.bytes([], count: MemoryLayout<CK_GCM_PARAMS>.size)
+        block.storeBytes(
+            of: CK_GCM_PARAMS(
+                pIv: iv?.assumingMemoryBound(to: CK_BYTE.self), ulIvLen: ivLength, ulIvBits: CK_ULONG(ivBits),
+                pAAD: aad?.assumingMemoryBound(to: CK_BYTE.self), ulAADLen: aadLength, ulTagBits: CK_ULONG(tagBits)),
+            as: CK_GCM_PARAMS.self)
+        parameter = (block, CK_ULONG(MemoryLayout<CK_GCM_PARAMS>.size))
+    } else if type == CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE) && r.byte() % 2 == 0 {
+        // A real CK_ECDH1_DERIVE_PARAMS, shared and public data behind their pointers.
+        let kdf = r.word()
+        let (shared, sharedLength) = buffer(&r, arena, cap: Caps.mechanismParameter)
+        let (pub, pubLength) = buffer(&r, arena, cap: Caps.mechanismParameter)
+        let block = arena.bytes([], count: MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size)
+        block.storeBytes(
+            of: CK_ECDH1_DERIVE_PARAMS(
+                kdf: CK_ULONG(kdf), ulSharedDataLen: sharedLength, pSharedData: shared?.assumingMemoryBound(to: CK_BYTE.self),
+                ulPublicDataLen: pubLength, pPublicData: pub?.assumingMemoryBound(to: CK_BYTE.self)),
+            as: CK_ECDH1_DERIVE_PARAMS.self)
+        parameter = (block, CK_ULONG(MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size))
     } else {
         parameter = buffer(&r, arena, cap: Caps.mechanismParameter)
+        if let size = structSizes[type], parameter.1 == CK_ULONG(size) { parameter.1 += 1 }
     }
     let block = arena.bytes([], count: MemoryLayout<CK_MECHANISM>.size)
     let typed = block.bindMemory(to: CK_MECHANISM.self, capacity: 1)

@@ -20,7 +20,8 @@ private func checkMechanism(_ value: WireValue) {
     guard let f = value.recordFields, f.count == 2, let type = f[0].ulongValue, let parameter = f[1].bytesValue,
         case .success(let mechanism) = MechanismParameters.decode(type: type, parameter: parameter)
     else { return }
-    // What the module would read: the parameter, and OAEP's label behind its pointer.
+    // What the module would read: the parameter, and the bytes behind the pointers of the
+    // structures the daemon rebuilds (OAEP's label, GCM's IV and AAD, ECDH's data).
     mechanism.withCMechanism { m in
         let length = Int(m.pointee.ulParameterLen)
         expect((m.pointee.pParameter == nil) == (length == 0), "parameter pointer and length disagree")
@@ -31,6 +32,16 @@ private func checkMechanism(_ value: WireValue) {
             let oaep = p.load(as: CK_RSA_PKCS_OAEP_PARAMS.self)
             expect(oaep.source == CK_RSA_PKCS_OAEP_SOURCE_TYPE(CKZ_DATA_SPECIFIED), "OAEP source \(oaep.source)")
             _ = touch(UnsafeRawBufferPointer(start: oaep.pSourceData, count: Int(oaep.ulSourceDataLen)))
+        } else if UInt(m.pointee.mechanism) == MechanismParameters.gcm {
+            expect(length == MemoryLayout<CK_GCM_PARAMS>.size, "GCM parameter of \(length) bytes")
+            let gcm = p.load(as: CK_GCM_PARAMS.self)
+            _ = touch(UnsafeRawBufferPointer(start: gcm.pIv, count: Int(gcm.ulIvLen)))
+            _ = touch(UnsafeRawBufferPointer(start: gcm.pAAD, count: Int(gcm.ulAADLen)))
+        } else if MechanismParameters.ecdh1.contains(UInt(m.pointee.mechanism)) {
+            expect(length == MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size, "ECDH parameter of \(length) bytes")
+            let ecdh = p.load(as: CK_ECDH1_DERIVE_PARAMS.self)
+            _ = touch(UnsafeRawBufferPointer(start: ecdh.pSharedData, count: Int(ecdh.ulSharedDataLen)))
+            _ = touch(UnsafeRawBufferPointer(start: ecdh.pPublicData, count: Int(ecdh.ulPublicDataLen)))
         } else if let size = MechanismParameters.rawSizes[UInt(m.pointee.mechanism)] {
             expect(length == size, "raw parameter of \(length) bytes, expected \(size)")
         } else {
