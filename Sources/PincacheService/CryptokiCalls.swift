@@ -228,7 +228,9 @@ extension PincacheService {
             let attrs = template("template")
             run(changes, "create-object", {
                 try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
-                    try token.registerCreated(s, try token.module.createObject(s, attrs), caller: caller, session: id)
+                    let (sent, kept) = token.sessionObjectTemplate(attrs, caller: caller)
+                    return try token.registerCreated(
+                        s, try token.module.createObject(s, sent), caller: caller, session: id, keptPrivate: kept)
                 }
             }) { [.ulong($0)] }
         case Calls.copyObject.id:
@@ -252,7 +254,10 @@ extension PincacheService {
             let attrs = template("template")
             run(changes, "generate-key", {
                 try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
-                    try token.registerCreated(s, try token.module.generateKey(s, mechanism: m, template: attrs), caller: caller, session: id)
+                    let (sent, kept) = token.sessionObjectTemplate(attrs, caller: caller, impliedClass: .secretKey)
+                    return try token.registerCreated(
+                        s, try token.module.generateKey(s, mechanism: m, template: sent), caller: caller, session: id,
+                        keptPrivate: kept)
                 }
             }) { [.ulong($0)] }
         case Calls.generateKeyPair.id:
@@ -261,10 +266,13 @@ extension PincacheService {
             let priv = template("private_template")
             run(changes, "generate-key-pair", {
                 try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
-                    let pair = try token.module.generateKeyPair(s, mechanism: m, publicTemplate: pub, privateTemplate: priv)
+                    let (sentPublic, keptPublic) = token.sessionObjectTemplate(pub, caller: caller, impliedClass: .publicKey)
+                    let (sentPrivate, keptPrivate) = token.sessionObjectTemplate(priv, caller: caller, impliedClass: .privateKey)
+                    let pair = try token.module.generateKeyPair(
+                        s, mechanism: m, publicTemplate: sentPublic, privateTemplate: sentPrivate)
                     return (
-                        try token.registerCreated(s, pair.public, caller: caller, session: id),
-                        try token.registerCreated(s, pair.private, caller: caller, session: id)
+                        try token.registerCreated(s, pair.public, caller: caller, session: id, keptPrivate: keptPublic),
+                        try token.registerCreated(s, pair.private, caller: caller, session: id, keptPrivate: keptPrivate)
                     )
                 }
             }) { pair in [.ulong(pair.0), .ulong(pair.1)] }

@@ -29,6 +29,9 @@ struct ObjectTable {
         /// A private object's non-sensitive attributes as its last search read them, inside
         /// that search's bracket (issue 14 §3): logged-in callers read them without a login.
         var snapshot: [AttributeType: AttributeResult]?
+        /// A private session object made non-private at the backend so that a caching-mode
+        /// bracket's logout does not destroy it (Token+SessionObjects.swift).
+        var keptPrivate = false
 
         var keyID: [UInt8]? { template.first { $0.type == .id }?.value }
         var objectClass: UInt? { template.first { $0.type == .class }?.value.pkcs11ULong }

@@ -9,7 +9,9 @@ extension PincacheService {
     func cacheCleared(_ token: TokenContext, _ clears: [CacheClear]) {
         // A login left open for riders (Token+SharedLogin) may hold a cleared PIN: any job ends
         // it before running, so one is queued now instead of waiting for the login's linger.
-        token.worker.submit {}
+        // Its private session objects go with the login (Token+SessionObjects).
+        let callers = Set(clears.map(\.caller))
+        token.worker.submit { for caller in callers { token.destroyKeptPrivate(of: caller) } }
         guard token.published.load(ordering: .acquiring) else { return }
         // A PKCS#11 application has no such event and its proxy's connection never asks for
         // it: its environments are not told (a signal per logout would cost every cold cycle).

@@ -37,7 +37,8 @@ extension TokenContext {
             caller: caller, settings: settings, session: id, rw: rw, with: unwrappingKey, function: "C_UnwrapKey",
             invalid: .unwrappingKeyHandleInvalid
         ) { s, base in
-            try module.unwrapKey(s, mechanism: mechanism, unwrappingKey: base, wrapped: wrapped, template: template)
+            let (sent, kept) = sessionObjectTemplate(template, caller: caller, impliedClass: .secretKey)
+            return (try module.unwrapKey(s, mechanism: mechanism, unwrappingKey: base, wrapped: wrapped, template: sent), kept)
         }
     }
 
@@ -49,7 +50,8 @@ extension TokenContext {
             caller: caller, settings: settings, session: id, rw: rw, with: baseKey, function: "C_DeriveKey",
             invalid: .keyHandleInvalid
         ) { s, base in
-            try module.deriveKey(s, mechanism: mechanism, baseKey: base, template: template)
+            let (sent, kept) = sessionObjectTemplate(template, caller: caller, impliedClass: .secretKey)
+            return (try module.deriveKey(s, mechanism: mechanism, baseKey: base, template: sent), kept)
         }
     }
 
@@ -57,15 +59,15 @@ extension TokenContext {
     /// private one can be seen) as a handle of the caller's session.
     private func makeKey(
         caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, with key: UInt64, function: String,
-        invalid: ReturnValue, _ make: (SessionHandle, ObjectHandle) throws -> ObjectHandle
+        invalid: ReturnValue, _ make: (SessionHandle, ObjectHandle) throws -> (ObjectHandle, keptPrivate: Bool)
     ) throws -> UInt64 {
         defer { objectsChanged() }
         return try withKey(
             caller: caller, settings: settings, .handle(key, session: id, readWrite: rw), kind: .decrypt, function: function,
             freshPIN: nil, invalid: invalid
         ) { s, base, _, _ in
-            let made = try backendCall { try make(s, base) }
-            return try registerCreated(s, made, caller: caller, session: id)
+            let (made, kept) = try backendCall { try make(s, base) }
+            return try registerCreated(s, made, caller: caller, session: id, keptPrivate: kept)
         }
     }
 }

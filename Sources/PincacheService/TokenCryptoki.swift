@@ -83,11 +83,13 @@ extension TokenContext {
             template.removeAll { $0.type == .private }
             template.append(Attribute(.private, [0]))
         }
+        let (backendTemplate, privacy) = privacyFilter(template, caller: caller)
+        template = backendTemplate
         // Only a caching-mode login pays a bracket per attribute read; a held login reads
         // private attributes directly, so its searches take no snapshot.
         let snapshot = policy.withLock { $0.state(of: caller).cachedPIN }
         if snapshot, let found = try findWithoutLogin(caller: caller, settings: settings, s, template: template, max: max) {
-            return found
+            return found.filter(privacy)
         }
         return try withAccess(caller: caller, settings: settings, s, readOnly: true) {
             try module.findObjects(s, matching: template, limit: max).compactMap { h -> UInt64? in
@@ -100,7 +102,7 @@ extension TokenContext {
                 }
                 return handle
             }
-        }
+        }.filter(privacy)
     }
 
     func getAttributes(caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, handle: UInt64, types: [AttributeType])
@@ -124,6 +126,9 @@ extension TokenContext {
             if loc.isPrivate, loc.owner == nil, objectTable.locators[handle] != nil {
                 for r in results where Self.snapshotWorthy(r) { objectTable.locators[handle]!.snapshot?[r.type] = r }
             }
+        }
+        if loc.keptPrivate, let i = results.firstIndex(where: { $0.type == .private && $0.status == .ok }) {
+            results[i].value = [1]
         }
         // Force-login keys show CKA_ALWAYS_AUTHENTICATE, so applications ask for the PIN (DESIGN §1).
         if let i = results.firstIndex(where: { $0.type == .alwaysAuthenticate }), results[i].status == .ok,

@@ -189,6 +189,32 @@ def test_each_process_its_own_environment(start_daemon, host, tokens):
     assert a(f"sign {sa2} 2 SHA256-RSA-PKCS {MSG.hex()}")[0] == "CKR_OK"
 
 
+def test_a_private_session_key_lives_until_logout_and_is_its_callers_alone(start_daemon, host):
+    """Caching mode (Token+SessionObjects): a private session key made through the proxy
+    outlives the bracket that made it (C_Logout would destroy it at the backend), reads as
+    private, is invisible to another process logged in with the same PIN, and is destroyed when
+    its caller logs out — not merely hidden until the next login."""
+    start_daemon(caching=True)
+    a, b = host(), host()
+    _, sa = a("open")
+    assert a(f"login {sa} {PIN}")[0] == "CKR_OK"
+    rv, key = a(f"genkey {sa}")
+    assert rv == "CKR_OK", key
+    rv, sealed = a(f"enc {sa} {key}")
+    assert rv == "CKR_OK" and len(sealed) == 32, sealed
+    assert a(f"sign {sa} 1 ECDSA {digest(MSG).hex()}")[0] == "CKR_OK"  # another bracket, another logout
+    assert a(f"enc {sa} {key}") == ("CKR_OK", sealed), "the key did not survive the bracket"
+    assert a(f"secretkeys {sa}") == ("CKR_OK", "1")
+    _, sb = b("open")
+    assert b(f"login {sb} {PIN}")[0] == "CKR_OK"
+    assert b(f"secretkeys {sb}") == ("CKR_OK", "0")
+    assert b(f"enc {sb} {key}")[0] == "CKR_KEY_HANDLE_INVALID"
+    assert a(f"logout {sa}")[0] == "CKR_OK"
+    assert a(f"enc {sa} {key}")[0] == "CKR_KEY_HANDLE_INVALID"
+    assert a(f"login {sa} {PIN}")[0] == "CKR_OK"
+    assert a(f"secretkeys {sa}") == ("CKR_OK", "0"), "logging in again brought the key back"
+
+
 def test_closing_last_session_and_logout_clear_the_cache(start_daemon, host):
     start_daemon(caching=True)
     a = host()

@@ -287,7 +287,8 @@ static void out_value(const char *name, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE ke
  * on session objects of known value: every output is compared, except RSA-PKCS wrapping's
  * (random padding), whose length is. `secret` is a generic secret key (0x42 x 32). */
 static void conformance_keys(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE secret, CK_OBJECT_HANDLE eckey,
-                             CK_OBJECT_HANDLE ecpub, CK_OBJECT_HANDLE rsakey, CK_OBJECT_HANDLE rsapub)
+                             CK_OBJECT_HANDLE ecpub, CK_OBJECT_HANDLE rsakey, CK_OBJECT_HANDLE rsapub,
+                             CK_OBJECT_HANDLE *kept_private)
 {
     unsigned char buf[4096], wrapped[512];
     char hx[2 * 1024 + 1];
@@ -366,9 +367,9 @@ static void conformance_keys(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE secret, CK_OB
     out_value("C_DeriveKey ecdh value", s, derived);
     f->C_DestroyObject(s, derived);
     out("C_DeriveKey invalid-key", f->C_DeriveKey(s, &ecdh, 0x7ffffff0, derive_template, 7, &derived), NULL);
-    /* Two fresh key pairs that may derive: each side's secret from the other's point must
-     * agree. Not private: PKCS#11's C_Logout destroys private session objects, so in caching
-     * mode they do not outlive the bracket that made them (README, "Objects and handles"). */
+    /* Two fresh key pairs that may derive, private session objects: each side's secret from
+     * the other's point must agree. A caching-mode bracket logs out after each call, and
+     * C_Logout destroys private session objects: the daemon keeps them (README). */
     static const unsigned char p256[] = { 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07 };
     CK_MECHANISM ecgen = { CKM_EC_KEY_PAIR_GEN, NULL, 0 };
     CK_OBJECT_HANDLE pub[2] = { 0, 0 }, priv[2] = { 0, 0 }, agreed[2] = { 0, 0 };
@@ -376,7 +377,7 @@ static void conformance_keys(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE secret, CK_OB
     CK_ULONG point_len[2] = { 0, 0 }, secret_len[2] = { 0, 0 };
     for (int i = 0; i < 2; i++) {
         CK_ATTRIBUTE pubt[] = { { CKA_EC_PARAMS, (void *)p256, sizeof p256 }, { CKA_TOKEN, &no, 1 } };
-        CK_ATTRIBUTE privt[] = { { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_DERIVE, &yes, 1 },
+        CK_ATTRIBUTE privt[] = { { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &yes, 1 }, { CKA_DERIVE, &yes, 1 },
                                  { CKA_SENSITIVE, &yes, 1 } };
         rv = f->C_GenerateKeyPair(s, &ecgen, pubt, 2, privt, 4, &pub[i], &priv[i]);
         out("C_GenerateKeyPair derive", rv, NULL);
@@ -396,11 +397,32 @@ static void conformance_keys(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE secret, CK_OB
     }
     out("C_DeriveKey ecdh both sides", CKR_OK, "%s",
         secret_len[0] == 32 && secret_len[1] == 32 && !memcmp(secrets[0], secrets[1], 32) ? "agree" : "differ");
+    CK_BBOOL is_private = CK_FALSE;
+    CK_ATTRIBUTE pr[] = { { CKA_PRIVATE, &is_private, 1 } };
+    rv = f->C_GetAttributeValue(s, priv[0], pr, 1);
+    out("C_GetAttributeValue session-key private", rv, "%d", is_private);
+    CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE session_private[] = { { CKA_CLASS, &private_class, sizeof private_class }, { CKA_TOKEN, &no, 1 },
+                                       { CKA_PRIVATE, &yes, 1 } };
+    CK_ATTRIBUTE session_public[] = { { CKA_CLASS, &private_class, sizeof private_class }, { CKA_TOKEN, &no, 1 },
+                                      { CKA_PRIVATE, &no, 1 } };
+    CK_OBJECT_HANDLE found[8];
+    CK_ULONG nfound = 0;
+    out("C_FindObjectsInit session private", f->C_FindObjectsInit(s, session_private, 3), NULL);
+    rv = f->C_FindObjects(s, found, 8, &nfound);
+    out("C_FindObjects session private", rv, "%lu", nfound);
+    f->C_FindObjectsFinal(s);
+    out("C_FindObjectsInit session not-private", f->C_FindObjectsInit(s, session_public, 3), NULL);
+    rv = f->C_FindObjects(s, found, 8, &nfound);
+    out("C_FindObjects session not-private", rv, "%lu", nfound);
+    f->C_FindObjectsFinal(s);
     for (int i = 0; i < 2; i++) {
         f->C_DestroyObject(s, agreed[i]);
         f->C_DestroyObject(s, pub[i]);
-        out("C_DestroyObject derive-key", f->C_DestroyObject(s, priv[i]), NULL);
     }
+    out("C_DestroyObject derive-key", f->C_DestroyObject(s, priv[1]), NULL);
+    /* priv[0] stays: C_Logout must take it (checked after the logout). */
+    *kept_private = priv[0];
     out("C_DeriveKey NULL-handle", f->C_DeriveKey(s, &ecdh, eckey, derive_template, 7, NULL), NULL);
 
     /* AES-GCM: IV and AAD behind pointers. */
@@ -648,7 +670,8 @@ static int cmd_conformance(const char *label, const char *pin)
     hex(buf, rv == CKR_OK ? n : 0, hx);
     out("C_DigestFinal key-only", rv, "%s", hx);
     out("C_DigestKey not-init", f->C_DigestKey(s, secret), NULL);
-    conformance_keys(s, secret, eckey, ecpub, rsakey, rsapub);
+    CK_OBJECT_HANDLE session_private_key = 0;
+    conformance_keys(s, secret, eckey, ecpub, rsakey, rsapub, &session_private_key);
     out("C_DestroyObject secret", f->C_DestroyObject(s, secret), NULL);
 
     out("C_GenerateRandom NULL", f->C_GenerateRandom(s, NULL, 16), NULL);
@@ -659,6 +682,9 @@ static int cmd_conformance(const char *label, const char *pin)
      * CKR_USER_NOT_LOGGED_IN the standard asks for. */
     rv = f->C_GetSessionInfo(s, &info);
     out("C_GetSessionInfo logged-out", rv, "state=%lu", info.state);
+    CK_OBJECT_CLASS gone_class = 0;
+    CK_ATTRIBUTE gone[] = { { CKA_CLASS, &gone_class, sizeof gone_class } };
+    out("C_GetAttributeValue private session key after logout", f->C_GetAttributeValue(s, session_private_key, gone, 1), NULL);
     /* Not checked: signing with a private key after logout. SoftHSM hides the key
      * (CKR_OBJECT_HANDLE_INVALID at SignInit); pincached keeps handles stable per caller
      * and answers its policy's CKR_USER_NOT_LOGGED_IN (test_proxy.py checks that). */
@@ -937,6 +963,39 @@ static int cmd_repl(const char *label)
                 if (rv == CKR_OK) hex(value, t.ulValueLen, hx);
             }
             out("attr", rv, "%s", hx);
+        } else if (!strcmp(cmd, "genkey")) {
+            /* A private session AES key (CKA_PRIVATE given: TRUE). */
+            CK_MECHANISM gen = { CKM_AES_KEY_GEN, NULL, 0 };
+            CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+            CK_ULONG len = 32;
+            CK_ATTRIBUTE t[] = { { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &yes, 1 }, { CKA_ENCRYPT, &yes, 1 },
+                                 { CKA_VALUE_LEN, &len, sizeof len } };
+            CK_OBJECT_HANDLE key = 0;
+            CK_RV rv = f->C_GenerateKey(strtoul(a, NULL, 0), &gen, t, 4, &key);
+            out("genkey", rv, "%lu", key);
+        } else if (!strcmp(cmd, "secretkeys")) {
+            /* How many session secret keys this process sees. */
+            CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+            CK_BBOOL no = CK_FALSE;
+            CK_ATTRIBUTE t[] = { { CKA_CLASS, &cls, sizeof cls }, { CKA_TOKEN, &no, 1 } };
+            CK_SESSION_HANDLE h = strtoul(a, NULL, 0);
+            CK_OBJECT_HANDLE found[16];
+            CK_ULONG n = 0;
+            CK_RV rv = f->C_FindObjectsInit(h, t, 2);
+            if (rv == CKR_OK) rv = f->C_FindObjects(h, found, 16, &n);
+            f->C_FindObjectsFinal(h);
+            out("secretkeys", rv, "%lu", n);
+        } else if (!strcmp(cmd, "enc")) {
+            /* AES-ECB of one zero block with key handle b. */
+            CK_SESSION_HANDLE h = strtoul(a, NULL, 0);
+            CK_MECHANISM ecb = { CKM_AES_ECB, NULL, 0 };
+            unsigned char block[16] = { 0 }, sealed[64];
+            char hx[129] = "";
+            CK_ULONG n = sizeof sealed;
+            CK_RV rv = f->C_EncryptInit(h, &ecb, strtoul(b, NULL, 0));
+            if (rv == CKR_OK) rv = f->C_Encrypt(h, block, 16, sealed, &n);
+            if (rv == CKR_OK) hex(sealed, n, hx);
+            out("enc", rv, "%s", hx);
         } else if (!strcmp(cmd, "wait")) {
             CK_SLOT_ID ev = 0;
             CK_RV rv = f->C_WaitForSlotEvent(!strcmp(a, "nonblock") ? CKF_DONT_BLOCK : 0, &ev, NULL);
