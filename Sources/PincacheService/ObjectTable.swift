@@ -35,6 +35,7 @@ struct ObjectTable {
 
         var keyID: [UInt8]? { template.first { $0.type == .id }?.value }
         var objectClass: UInt? { template.first { $0.type == .class }?.value.pkcs11ULong }
+        var keyType: UInt? { template.first { $0.type == .keyType }?.value.pkcs11ULong }
     }
     var locators: [UInt64: Locator] = [:]
     var byIdentity: [[UInt8]: UInt64] = [:]

@@ -17,6 +17,9 @@ extension TokenContext {
             try locator(wrappingKey, caller: caller, function: "C_WrapKey", invalid: .wrappingKeyHandleInvalid),
             try locator(key, caller: caller, function: "C_WrapKey", invalid: .keyHandleInvalid),
         ]
+        if let refused = MechanismKeyTypes.refusal(mechanism, keyType: locators[0].keyType, function: "C_WrapKey") {
+            throw refused
+        }
         let run = {
             let w = try self.resolve(wrappingKey, s, caller: caller, function: "C_WrapKey", invalid: .wrappingKeyHandleInvalid)
             let k = try self.resolve(key, s, caller: caller, function: "C_WrapKey", invalid: .keyHandleInvalid)
@@ -35,7 +38,7 @@ extension TokenContext {
     ) throws -> UInt64 {
         try makeKey(
             caller: caller, settings: settings, session: id, rw: rw, with: unwrappingKey, function: "C_UnwrapKey",
-            invalid: .unwrappingKeyHandleInvalid
+            mechanism: mechanism, invalid: .unwrappingKeyHandleInvalid
         ) { s, base in
             let (sent, kept) = sessionObjectTemplate(template, caller: caller, impliedClass: .secretKey)
             return (try module.unwrapKey(s, mechanism: mechanism, unwrappingKey: base, wrapped: wrapped, template: sent), kept)
@@ -48,7 +51,7 @@ extension TokenContext {
     ) throws -> UInt64 {
         try makeKey(
             caller: caller, settings: settings, session: id, rw: rw, with: baseKey, function: "C_DeriveKey",
-            invalid: .keyHandleInvalid
+            mechanism: mechanism, invalid: .keyHandleInvalid
         ) { s, base in
             let (sent, kept) = sessionObjectTemplate(template, caller: caller, impliedClass: .secretKey)
             return (try module.deriveKey(s, mechanism: mechanism, baseKey: base, template: sent), kept)
@@ -59,12 +62,12 @@ extension TokenContext {
     /// private one can be seen) as a handle of the caller's session.
     private func makeKey(
         caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, with key: UInt64, function: String,
-        invalid: ReturnValue, _ make: (SessionHandle, ObjectHandle) throws -> (ObjectHandle, keptPrivate: Bool)
+        mechanism: Mechanism, invalid: ReturnValue, _ make: (SessionHandle, ObjectHandle) throws -> (ObjectHandle, keptPrivate: Bool)
     ) throws -> UInt64 {
         defer { objectsChanged() }
         return try withKey(
             caller: caller, settings: settings, .handle(key, session: id, readWrite: rw), kind: .decrypt, function: function,
-            freshPIN: nil, invalid: invalid
+            mechanism: mechanism, freshPIN: nil, invalid: invalid
         ) { s, base, _, _ in
             let (made, kept) = try backendCall { try make(s, base) }
             return try registerCreated(s, made, caller: caller, session: id, keptPrivate: kept)

@@ -10,9 +10,13 @@ extension TokenContext {
     /// path of both front ends, from the key's facts through the bracket to the after-rules.
     func perform(caller: CallerID, settings: Settings, _ request: KeyOperation) throws -> [UInt8] {
         let kind = request.operation.kind
+        let mechanism: Mechanism
+        switch request.operation {
+        case .sign(let m, _), .decrypt(let m, _): mechanism = m
+        }
         return try withKey(
             caller: caller, settings: settings, request.key, kind: kind, function: kind == .sign ? "C_SignInit" : "C_DecryptInit",
-            freshPIN: request.freshPIN
+            mechanism: mechanism, freshPIN: request.freshPIN
         ) { s, handle, record, contextPIN in
             try run(s, handle, record: record, request.operation, contextPIN: contextPIN)
         }
@@ -24,7 +28,7 @@ extension TokenContext {
     /// backend session and key, and the PIN for a context-specific login if one is due.
     func withKey<T>(
         caller: CallerID, settings: Settings, _ key: KeyOperation.Key, kind: OperationKind, function: String,
-        freshPIN: SecretPIN?, invalid: ReturnValue = .keyHandleInvalid,
+        mechanism: Mechanism, freshPIN: SecretPIN?, invalid: ReturnValue = .keyHandleInvalid,
         _ body: (SessionHandle, ObjectHandle, KeyRecord?, SecretPIN?) throws -> T
     ) throws -> T {
         let s: SessionHandle
@@ -35,12 +39,15 @@ extension TokenContext {
         switch key {
         case .id(let id):
             record = try keyRecord(id)
+            let type = record.flatMap { MechanismKeyTypes.keyType(named: $0.keyType) }
+            if let refused = MechanismKeyTypes.refusal(mechanism, keyType: type, function: function) { throw refused }
             s = try backendCall { try session() }
         case .handle(let handle, let session, let readWrite):
             s = try rawSession(session, readWrite: readWrite)
             // A context-specific login of this session is good for its next operation only.
             if fresh == nil { fresh = contextPINs.removeValue(forKey: session) }
             let loc = try locator(handle, caller: caller, function: function, invalid: invalid)
+            if let refused = MechanismKeyTypes.refusal(mechanism, keyType: loc.keyType, function: function) { throw refused }
             isPrivate = loc.isPrivate
             isPrivateKey = loc.objectClass == ObjectClass.privateKey.rawValue
             if keys == nil { _ = try? listKeys() }

@@ -231,6 +231,7 @@ extension TokenContext {
         let s = try rawSession(id, readWrite: rw)
         let function = op == .encrypt ? "C_EncryptInit" : "C_VerifyInit"
         let loc = try locator(handle, caller: caller, function: function, invalid: .keyHandleInvalid)
+        if let refused = MechanismKeyTypes.refusal(mechanism, keyType: loc.keyType, function: function) { throw refused }
         return try withObjectAccess(caller: caller, settings: settings, s, loc, function: function, invalid: .keyHandleInvalid) {
             let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
             if case .verify(let signature) = op {

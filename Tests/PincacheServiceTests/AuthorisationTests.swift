@@ -66,3 +66,29 @@ import Testing
         numbers.flatMap { n in (0..<8).map { UInt8(truncatingIfNeeded: n >> (8 * $0)) } }
     }
 }
+
+/// Mechanisms+KeyTypes: a key of another type never reaches the module (SoftHSM crashes on
+/// CKM_DSA with a secret key); keys that fit, and mechanisms not listed, pass.
+@Suite struct MechanismKeyTypeTests {
+    @Test func mismatchedKeysAreRefusedBeforeTheModule() {
+        let dsa = Mechanism(MechanismType(rawValue: 0x11))
+        #expect(MechanismKeyTypes.refusal(dsa, keyType: 0x10, function: "C_SignInit")?.rv == .keyTypeInconsistent)
+        #expect(MechanismKeyTypes.refusal(dsa, keyType: 1, function: "C_SignInit") == nil)
+        #expect(MechanismKeyTypes.refusal(Mechanism(.ecdsa), keyType: 0, function: "C_SignInit") != nil)
+        #expect(MechanismKeyTypes.refusal(Mechanism(.ecdsa), keyType: 3, function: "C_SignInit") == nil)
+        #expect(MechanismKeyTypes.refusal(Mechanism(.sha256RSAPKCS), keyType: 0, function: "C_SignInit") == nil)
+        let hmac = Mechanism(MechanismType(rawValue: 0x251))
+        #expect(MechanismKeyTypes.refusal(hmac, keyType: 0x10, function: "C_SignInit") == nil)
+        #expect(MechanismKeyTypes.refusal(hmac, keyType: 0x2B, function: "C_SignInit") == nil)
+        #expect(MechanismKeyTypes.refusal(hmac, keyType: 0x1F, function: "C_SignInit") != nil)
+        let ecdh = Mechanism(MechanismType(rawValue: 0x1050))
+        #expect(MechanismKeyTypes.refusal(ecdh, keyType: 0x41, function: "C_DeriveKey") == nil)
+        let wrap = Mechanism(MechanismType(rawValue: 0x2109))
+        #expect(MechanismKeyTypes.refusal(wrap, keyType: 0, function: "C_WrapKey")?.rv == .wrappingKeyTypeInconsistent)
+        #expect(MechanismKeyTypes.refusal(wrap, keyType: 0, function: "C_UnwrapKey")?.rv == .unwrappingKeyTypeInconsistent)
+        // Unknown mechanisms and unknown key types are the module's to judge.
+        #expect(MechanismKeyTypes.refusal(Mechanism(MechanismType(rawValue: 0x8000_0001)), keyType: 0, function: "C_SignInit") == nil)
+        #expect(MechanismKeyTypes.refusal(dsa, keyType: nil, function: "C_SignInit") == nil)
+        #expect(MechanismKeyTypes.keyType(named: "RSA") == 0 && MechanismKeyTypes.keyType(named: "0x40") == 0x40)
+    }
+}

@@ -139,6 +139,14 @@ CONFORMANCE_ALLOWED = {
     "C_SignInit invalid-handle": (
         "C_SignInit invalid-handle CKR_OBJECT_HANDLE_INVALID", "C_SignInit invalid-handle CKR_KEY_HANDLE_INVALID",
         "PKCS#11 2.40 lists CKR_KEY_HANDLE_INVALID, not CKR_OBJECT_HANDLE_INVALID, for C_SignInit"),
+    # Known gap (issue 13 §5): the proxy keeps C_SignInit local and asks the daemon only about
+    # the key (KeyFacts); a verdict on the mechanism's parameter comes with the final call.
+    "C_SignInit pss-without-parameter": (
+        "C_SignInit pss-without-parameter CKR_ARGUMENTS_BAD", "C_SignInit pss-without-parameter CKR_OK",
+        "not yet: SoftHSM checks PSS parameters at C_SignInit; the proxy learns the verdict at C_Sign"),
+    "C_Sign pss-without-parameter": (
+        "C_Sign pss-without-parameter CKR_OPERATION_NOT_INITIALIZED", "C_Sign pss-without-parameter CKR_ARGUMENTS_BAD",
+        "the same gap, seen at the final call"),
     "C_DeriveKey invalid-key": (
         "C_DeriveKey invalid-key CKR_OBJECT_HANDLE_INVALID", "C_DeriveKey invalid-key CKR_KEY_HANDLE_INVALID",
         "PKCS#11 2.40 lists CKR_KEY_HANDLE_INVALID, not CKR_OBJECT_HANDLE_INVALID, for C_DeriveKey's base key"),
@@ -213,6 +221,27 @@ def test_a_private_session_key_lives_until_logout_and_is_its_callers_alone(start
     assert a(f"enc {sa} {key}")[0] == "CKR_KEY_HANDLE_INVALID"
     assert a(f"login {sa} {PIN}")[0] == "CKR_OK"
     assert a(f"secretkeys {sa}") == ("CKR_OK", "0"), "logging in again brought the key back"
+
+
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
+def test_a_key_of_the_wrong_type_never_reaches_the_module(start_daemon, host, caching):
+    """SoftHSM trusts that a key fits the mechanism: CKM_DSA with a secret key crashes it, and
+    in the daemon that would end every caller's cache. The daemon refuses the pair itself
+    (Mechanisms+KeyTypes.swift) and the token goes on serving."""
+    start_daemon(caching=caching)
+    a, b = host(), host()
+    _, sa = a("open")
+    assert a(f"login {sa} {PIN}")[0] == "CKR_OK"
+    rv, key = a(f"genkey {sa}")
+    assert rv == "CKR_OK", key
+    inconsistent = "0x63"  # CKR_KEY_TYPE_INCONSISTENT
+    assert a(f"signmech {sa} 0x11 {key}")[0] == inconsistent  # CKM_DSA, an AES key
+    assert a(f"signmech {sa} 0x1041 {key}")[0] == inconsistent  # CKM_ECDSA
+    _, ec = a(f"find {sa} 1")
+    assert a(f"signmech {sa} 0x251 {ec}")[0] == inconsistent  # SHA256-HMAC, an EC key
+    assert a(f"sign {sa} 1 ECDSA {digest(MSG).hex()}")[0] == "CKR_OK"
+    _, sb = b("open")
+    assert b(f"state {sb}")[0] == "CKR_OK", "the daemon went away"
 
 
 def test_closing_last_session_and_logout_clear_the_cache(start_daemon, host):

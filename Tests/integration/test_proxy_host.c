@@ -265,6 +265,109 @@ static int cmd_badargs(void)
 
 /* ----------------------------------------------------------- conformance */
 
+/* Every mechanism the token lists, with its info; every digest mechanism on the same input
+ * (issue 13: the differential suite covers the mechanisms SoftHSM lists). */
+/* One signature with `m` and `key` on fixed data, then its verification with `pub`: the
+ * signature itself where the mechanism gives the same one twice, else its length. */
+static void conformance_sign(CK_SESSION_HANDLE s, CK_MECHANISM_TYPE type, const char *what, CK_OBJECT_HANDLE key,
+                             CK_OBJECT_HANDLE pub)
+{
+    /* The PSS mechanisms take their hash's parameters (the raw one SHA-256's). */
+    CK_RSA_PKCS_PSS_PARAMS pss = { CKM_SHA256, CKG_MGF1_SHA256, 32 };
+    if (type == CKM_SHA1_RSA_PKCS_PSS) pss = (CK_RSA_PKCS_PSS_PARAMS){ CKM_SHA_1, CKG_MGF1_SHA1, 20 };
+    if (type == CKM_SHA224_RSA_PKCS_PSS) pss = (CK_RSA_PKCS_PSS_PARAMS){ CKM_SHA224, CKG_MGF1_SHA224, 28 };
+    if (type == CKM_SHA384_RSA_PKCS_PSS) pss = (CK_RSA_PKCS_PSS_PARAMS){ CKM_SHA384, CKG_MGF1_SHA384, 48 };
+    if (type == CKM_SHA512_RSA_PKCS_PSS) pss = (CK_RSA_PKCS_PSS_PARAMS){ CKM_SHA512, CKG_MGF1_SHA512, 64 };
+    int is_pss = type == CKM_RSA_PKCS_PSS || type == CKM_SHA1_RSA_PKCS_PSS || type == CKM_SHA224_RSA_PKCS_PSS ||
+                 type == CKM_SHA256_RSA_PKCS_PSS || type == CKM_SHA384_RSA_PKCS_PSS || type == CKM_SHA512_RSA_PKCS_PSS;
+    CK_MECHANISM m = { type, is_pss ? &pss : NULL, is_pss ? sizeof pss : 0 };
+    unsigned char data[32], sig[2][1024];
+    CK_ULONG len[2] = { sizeof sig[0], sizeof sig[1] };
+    char name[96], hx[2 * 1024 + 1];
+    CK_RV rv = CKR_OK;
+    memset(data, 0x3c, sizeof data);
+    for (int i = 0; i < 2; i++) {
+        snprintf(name, sizeof name, "C_SignInit 0x%lx %s", type, what);
+        rv = f->C_SignInit(s, &m, key);
+        if (i == 0) out(name, rv, NULL);
+        /* C_Sign is called whatever Init said, so both lines exist in every run. */
+        CK_RV sign = f->C_Sign(s, data, sizeof data, sig[i], &len[i]);
+        if (rv == CKR_OK) rv = sign;
+        else rv = sign == CKR_OK ? CKR_GENERAL_ERROR : sign;
+        if (rv != CKR_OK) break;
+    }
+    snprintf(name, sizeof name, "C_Sign 0x%lx %s", type, what);
+    if (rv != CKR_OK) {
+        out(name, rv, NULL);
+        return;
+    }
+    int same = len[0] == len[1] && !memcmp(sig[0], sig[1], len[0]);
+    hex(sig[0], same ? len[0] : 0, hx);
+    out(name, rv, "%s", same ? hx : "random");
+    snprintf(name, sizeof name, "C_Verify 0x%lx %s", type, what);
+    rv = f->C_VerifyInit(s, &m, pub);
+    if (rv == CKR_OK) rv = f->C_Verify(s, data, sizeof data, sig[0], len[0]);
+    out(name, rv, "%lu", len[0]);
+}
+
+static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE rsakey,
+                                   CK_OBJECT_HANDLE rsapub, CK_OBJECT_HANDLE eckey, CK_OBJECT_HANDLE ecpub)
+{
+    /* A generic secret long enough for every HMAC (SHA-512's wants 64 bytes at least). */
+    CK_OBJECT_CLASS secret_class = CKO_SECRET_KEY;
+    CK_KEY_TYPE generic = CKK_GENERIC_SECRET;
+    CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+    unsigned char value[64];
+    memset(value, 0x5c, sizeof value);
+    CK_ATTRIBUTE t[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &generic, sizeof generic },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_SIGN, &yes, 1 }, { CKA_VERIFY, &yes, 1 },
+        { CKA_VALUE, value, sizeof value },
+    };
+    CK_OBJECT_HANDLE hmac_key = 0;
+    out("C_CreateObject hmac", f->C_CreateObject(s, t, 7, &hmac_key), NULL);
+    CK_MECHANISM_TYPE list[1024];
+    CK_ULONG n = 1024;
+    CK_RV rv = f->C_GetMechanismList(slot, list, &n);
+    out("C_GetMechanismList all", rv, "%lu", rv == CKR_OK ? n : 0);
+    if (rv != CKR_OK) return;
+    for (CK_ULONG i = 0; i < n; i++) {
+        /* Zeroed each time: SoftHSM ORs some mechanisms' flags into what the buffer held. */
+        CK_MECHANISM_INFO mi;
+        memset(&mi, 0, sizeof mi);
+        char name[64];
+        snprintf(name, sizeof name, "C_GetMechanismInfo 0x%lx", list[i]);
+        rv = f->C_GetMechanismInfo(slot, list[i], &mi);
+        out(name, rv, "min=%lu max=%lu flags=0x%lx", mi.ulMinKeySize, mi.ulMaxKeySize, mi.flags);
+        if (rv == CKR_OK && (mi.flags & CKF_SIGN)) {
+            /* Each signing mechanism with the key of its family (a key of another type can
+             * crash SoftHSM: test_a_key_of_the_wrong_type_never_reaches_the_module). */
+            CK_MECHANISM_TYPE t = list[i];
+            if ((t >= 0x211 && t <= 0x272)) conformance_sign(s, t, "secret", hmac_key, hmac_key);
+            else if (t <= 0x47 && t != 0x11 && !(t >= 0x12 && t <= 0x16)) conformance_sign(s, t, "rsa", rsakey, rsapub);
+            else if (t >= 0x1041 && t <= 0x1046) conformance_sign(s, t, "ec", eckey, ecpub);
+        }
+        if (rv != CKR_OK || !(mi.flags & CKF_DIGEST)) continue;
+        CK_MECHANISM m = { list[i], NULL, 0 };
+        unsigned char digest[128];
+        char hx[257];
+        CK_ULONG len = sizeof digest;
+        snprintf(name, sizeof name, "C_Digest 0x%lx", list[i]);
+        rv = f->C_DigestInit(s, &m);
+        if (rv == CKR_OK) rv = f->C_Digest(s, (CK_BYTE *)"abc", 3, digest, &len);
+        hex(digest, rv == CKR_OK ? len : 0, hx);
+        out(name, rv, "%s", hx);
+    }
+    out("C_DestroyObject hmac", f->C_DestroyObject(s, hmac_key), NULL);
+    /* A verdict the token gives at Init that the proxy gives at the final call (allow-listed
+     * in test_proxy.py: CONFORMANCE_ALLOWED). */
+    CK_MECHANISM bare_pss = { CKM_SHA256_RSA_PKCS_PSS, NULL, 0 };
+    unsigned char sig[512];
+    CK_ULONG siglen = sizeof sig;
+    out("C_SignInit pss-without-parameter", f->C_SignInit(s, &bare_pss, rsakey), NULL);
+    out("C_Sign pss-without-parameter", f->C_Sign(s, (CK_BYTE *)"data", 4, sig, &siglen), NULL);
+}
+
 /* An output buffer for calls whose output is never produced. */
 static unsigned char *buf2_dummy(void)
 {
@@ -672,6 +775,7 @@ static int cmd_conformance(const char *label, const char *pin)
     out("C_DigestKey not-init", f->C_DigestKey(s, secret), NULL);
     CK_OBJECT_HANDLE session_private_key = 0;
     conformance_keys(s, secret, eckey, ecpub, rsakey, rsapub, &session_private_key);
+    conformance_mechanisms(slot, s, rsakey, rsapub, eckey, ecpub);
     out("C_DestroyObject secret", f->C_DestroyObject(s, secret), NULL);
 
     out("C_GenerateRandom NULL", f->C_GenerateRandom(s, NULL, 16), NULL);
@@ -996,6 +1100,15 @@ static int cmd_repl(const char *label)
             if (rv == CKR_OK) rv = f->C_Encrypt(h, block, 16, sealed, &n);
             if (rv == CKR_OK) hex(sealed, n, hx);
             out("enc", rv, "%s", hx);
+        } else if (!strcmp(cmd, "signmech")) {
+            /* C_SignInit + C_Sign with mechanism b (no parameter) and key handle c. */
+            CK_SESSION_HANDLE h = strtoul(a, NULL, 0);
+            CK_MECHANISM m = { strtoul(b, NULL, 0), NULL, 0 };
+            unsigned char data[32] = { 0 }, sig[1024];
+            CK_ULONG n = sizeof sig;
+            CK_RV rv = f->C_SignInit(h, &m, strtoul(c, NULL, 0));
+            if (rv == CKR_OK) rv = f->C_Sign(h, data, sizeof data, sig, &n);
+            out("signmech", rv, NULL);
         } else if (!strcmp(cmd, "wait")) {
             CK_SLOT_ID ev = 0;
             CK_RV rv = f->C_WaitForSlotEvent(!strcmp(a, "nonblock") ? CKF_DONT_BLOCK : 0, &ev, NULL);
