@@ -12,9 +12,7 @@ func pincacheCreateObject(_ session: CK_SESSION_HANDLE, _ template: UnsafeMutabl
         try library.withSession(session) { s throws(CKError) in
             let encoded = try Codec.template(template, count)
             guard let object else { throw .argumentsBad }
-            let reply = try library.call(Calls.createObject, on: s, [encoded])
-            guard let handle = reply.first?.ulongValue else { throw .deviceError }
-            object.pointee = CK_OBJECT_HANDLE(handle)
+            try library.callMakingObject(Calls.createObject, on: s, [encoded], into: object)
         }
     }
 }
@@ -26,9 +24,7 @@ func pincacheCopyObject(_ session: CK_SESSION_HANDLE, _ source: CK_OBJECT_HANDLE
         try library.withSession(session) { s throws(CKError) in
             let encoded = try Codec.template(template, count)
             guard let object else { throw .argumentsBad }
-            let reply = try library.call(Calls.copyObject, on: s, [.ulong(UInt64(source)), encoded])
-            guard let handle = reply.first?.ulongValue else { throw .deviceError }
-            object.pointee = CK_OBJECT_HANDLE(handle)
+            try library.callMakingObject(Calls.copyObject, on: s, [.ulong(UInt64(source)), encoded], into: object)
         }
     }
 }
@@ -128,9 +124,7 @@ func pincacheGenerateKey(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutabl
             let (_, encodedMechanism) = try Codec.mechanism(mechanism)
             let encodedTemplate = try Codec.template(template, count)
             guard let key else { throw .argumentsBad }
-            let reply = try library.call(Calls.generateKey, on: s, [encodedMechanism, encodedTemplate])
-            guard let handle = reply.first?.ulongValue else { throw .deviceError }
-            key.pointee = CK_OBJECT_HANDLE(handle)
+            try library.callMakingObject(Calls.generateKey, on: s, [encodedMechanism, encodedTemplate], into: key)
         }
     }
 }
@@ -185,10 +179,9 @@ func pincacheUnwrapKey(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutableP
             guard wrappedLength > 0 else { throw CKError(CKR_WRAPPED_KEY_LEN_RANGE) }
             let encodedTemplate = try Codec.template(template, count)
             guard let key else { throw .argumentsBad }
-            let reply = try library.call(
-                Calls.unwrapKey, on: s, [encodedMechanism, .ulong(UInt64(unwrappingKey)), .bytes(input), encodedTemplate])
-            guard let handle = reply.first?.ulongValue else { throw .deviceError }
-            key.pointee = CK_OBJECT_HANDLE(handle)
+            try library.callMakingObject(
+                Calls.unwrapKey, on: s, [encodedMechanism, .ulong(UInt64(unwrappingKey)), .bytes(input), encodedTemplate],
+                into: key)
         }
     }
 }
@@ -202,9 +195,8 @@ func pincacheDeriveKey(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutableP
             let (_, encodedMechanism) = try Codec.mechanism(mechanism)
             let encodedTemplate = try Codec.template(template, count)
             guard let key else { throw .argumentsBad }
-            let reply = try library.call(Calls.deriveKey, on: s, [encodedMechanism, .ulong(UInt64(baseKey)), encodedTemplate])
-            guard let handle = reply.first?.ulongValue else { throw .deviceError }
-            key.pointee = CK_OBJECT_HANDLE(handle)
+            try library.callMakingObject(
+                Calls.deriveKey, on: s, [encodedMechanism, .ulong(UInt64(baseKey)), encodedTemplate], into: key)
         }
     }
 }

@@ -111,6 +111,14 @@ extension Library {
         try self.call(call, [.ulong(session.number)] + arguments, session: session)
     }
 
+    /// A call that makes an object: its handle goes to the application's `out`.
+    func callMakingObject(
+        _ call: Call, on session: Session, _ arguments: [WireValue], into out: UnsafeMutablePointer<CK_OBJECT_HANDLE>
+    ) throws(CKError) {
+        guard let handle = try self.call(call, on: session, arguments).first?.ulongValue else { throw .deviceError }
+        out.pointee = CK_OBJECT_HANDLE(handle)
+    }
+
     // MARK: operations
 
     func forgetKeyFacts(slot: CK_SLOT_ID, _ object: CK_OBJECT_HANDLE) {
