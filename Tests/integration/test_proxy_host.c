@@ -310,6 +310,45 @@ static void conformance_sign(CK_SESSION_HANDLE s, CK_MECHANISM_TYPE type, const 
     out(name, rv, "%lu", len[0]);
 }
 
+/* One single-part encryption with `type` (its parameter chosen for it) and `key`, twice, then
+ * the decryption of the first with `priv`: the ciphertext where it is the same both times,
+ * else "random", and the plaintext. */
+static void conformance_cipher(CK_SESSION_HANDLE s, CK_MECHANISM_TYPE type, const char *what, CK_OBJECT_HANDLE key,
+                               CK_OBJECT_HANDLE priv)
+{
+    unsigned char iv[16], data[32], sealed[2][512], opened[512];
+    memset(iv, 0x11, sizeof iv);
+    memset(data, 0x22, sizeof data);
+    CK_AES_CTR_PARAMS ctr = { 128, { 0 } };
+    memcpy(ctr.cb, iv, sizeof iv);
+    CK_GCM_PARAMS gcm = { iv, 12, 96, NULL, 0, 128 };
+    CK_RSA_PKCS_OAEP_PARAMS oaep = { CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, NULL, 0 };
+    CK_MECHANISM m = { type, NULL, 0 };
+    if (type == CKM_AES_CBC || type == CKM_AES_CBC_PAD) { m.pParameter = iv; m.ulParameterLen = sizeof iv; }
+    if (type == CKM_AES_CTR) { m.pParameter = &ctr; m.ulParameterLen = sizeof ctr; }
+    if (type == CKM_AES_GCM) { m.pParameter = &gcm; m.ulParameterLen = sizeof gcm; }
+    if (type == CKM_RSA_PKCS_OAEP) { m.pParameter = &oaep; m.ulParameterLen = sizeof oaep; }
+    CK_ULONG len[2] = { sizeof sealed[0], sizeof sealed[1] }, n = sizeof opened;
+    char name[96], hx[2 * 512 + 1];
+    CK_RV rv = CKR_OK;
+    for (int i = 0; i < 2 && rv == CKR_OK; i++) {
+        rv = f->C_EncryptInit(s, &m, key);
+        CK_RV enc = f->C_Encrypt(s, data, sizeof data, sealed[i], &len[i]);
+        if (rv == CKR_OK) rv = enc;
+    }
+    snprintf(name, sizeof name, "C_Encrypt 0x%lx %s", type, what);
+    int same = rv == CKR_OK && len[0] == len[1] && !memcmp(sealed[0], sealed[1], len[0]);
+    hex(sealed[0], same ? len[0] : 0, hx);
+    out(name, rv, "%s", rv != CKR_OK ? "" : same ? hx : "random");
+    if (rv != CKR_OK) return;
+    snprintf(name, sizeof name, "C_Decrypt 0x%lx %s", type, what);
+    rv = f->C_DecryptInit(s, &m, priv);
+    CK_RV dec = f->C_Decrypt(s, sealed[0], len[0], opened, &n);
+    if (rv == CKR_OK) rv = dec;
+    hex(opened, rv == CKR_OK ? n : 0, hx);
+    out(name, rv, "%s", hx);
+}
+
 static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE rsakey,
                                    CK_OBJECT_HANDLE rsapub, CK_OBJECT_HANDLE eckey, CK_OBJECT_HANDLE ecpub)
 {
@@ -326,6 +365,16 @@ static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJE
     };
     CK_OBJECT_HANDLE hmac_key = 0;
     out("C_CreateObject hmac", f->C_CreateObject(s, t, 7, &hmac_key), NULL);
+    CK_KEY_TYPE aes = CKK_AES;
+    unsigned char aes_value[16];
+    memset(aes_value, 0x6a, sizeof aes_value);
+    CK_ATTRIBUTE at[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes, sizeof aes },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_DECRYPT, &yes, 1 },
+        { CKA_VALUE, aes_value, sizeof aes_value },
+    };
+    CK_OBJECT_HANDLE aes_key = 0;
+    out("C_CreateObject aes cipher", f->C_CreateObject(s, at, 7, &aes_key), NULL);
     CK_MECHANISM_TYPE list[1024];
     CK_ULONG n = 1024;
     CK_RV rv = f->C_GetMechanismList(slot, list, &n);
@@ -347,6 +396,13 @@ static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJE
             else if (t <= 0x47 && t != 0x11 && !(t >= 0x12 && t <= 0x16)) conformance_sign(s, t, "rsa", rsakey, rsapub);
             else if (t >= 0x1041 && t <= 0x1046) conformance_sign(s, t, "ec", eckey, ecpub);
         }
+        if (rv == CKR_OK && (mi.flags & CKF_ENCRYPT)) {
+            /* Each encryption mechanism with a key of its family, single-part. */
+            CK_MECHANISM_TYPE t = list[i];
+            if (t >= 0x1081 && t <= 0x1087) conformance_cipher(s, t, "aes", aes_key, aes_key);
+            else if (t == CKM_RSA_PKCS || t == CKM_RSA_X_509 || t == CKM_RSA_PKCS_OAEP)
+                conformance_cipher(s, t, "rsa", rsapub, rsakey);
+        }
         if (rv != CKR_OK || !(mi.flags & CKF_DIGEST)) continue;
         CK_MECHANISM m = { list[i], NULL, 0 };
         unsigned char digest[128];
@@ -359,6 +415,7 @@ static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJE
         out(name, rv, "%s", hx);
     }
     out("C_DestroyObject hmac", f->C_DestroyObject(s, hmac_key), NULL);
+    out("C_DestroyObject aes cipher", f->C_DestroyObject(s, aes_key), NULL);
     /* A verdict the token gives at Init that the proxy gives at the final call (allow-listed
      * in test_proxy.py: CONFORMANCE_ALLOWED). */
     CK_MECHANISM bare_pss = { CKM_SHA256_RSA_PKCS_PSS, NULL, 0 };
