@@ -244,6 +244,21 @@ def test_a_key_of_the_wrong_type_never_reaches_the_module(start_daemon, host, ca
     assert b(f"state {sb}")[0] == "CKR_OK", "the daemon went away"
 
 
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
+def test_no_mechanism_key_or_operation_takes_the_daemon_down(start_daemon, proxy_host, proxy_lib, bus, caching):
+    """Every mechanism SoftHSM lists, in sign, verify, encrypt, decrypt, derive, wrap and
+    unwrap, with a generic secret, an AES key and both halves of the RSA and EC pairs, through
+    the proxy: some fail, none may end the daemon (each call would then answer
+    CKR_DEVICE_REMOVED), and the session still works after the sweep."""
+    start_daemon(caching=caching)
+    lines = run_host(proxy_host, proxy_lib, "sweep", LABEL, PIN, env=proxy_env(bus))
+    assert "C_GetSessionInfo after CKR_OK" in lines, lines[-8:]
+    summary = next(line for line in lines if line.startswith("sweep "))
+    calls, gone = (int(part.split("=")[1]) for part in summary.split()[2:])
+    print(f"FIGURE sweep ({'caching' if caching else 'non-caching'}): {calls} calls, {gone} answered as if the daemon were gone")
+    assert calls >= 6 * 7 * 50 and gone == 0, [line for line in lines if line.startswith("gone")]
+
+
 def test_closing_last_session_and_logout_clear_the_cache(start_daemon, host):
     start_daemon(caching=True)
     a = host()

@@ -857,6 +857,81 @@ static int cmd_conformance(const char *label, const char *pin)
     return 0;
 }
 
+/* ----------------------------------------------------------------- sweep */
+
+/* Every mechanism the token lists, in every operation, with every kind of key: a module may
+ * trust its caller about key types (SoftHSM crashes on CKM_DSA with any other key), and
+ * through the proxy nothing a program asks may take the daemon down. Prints how many calls
+ * were made and how many answered CKR_DEVICE_REMOVED or CKR_DEVICE_ERROR (the daemon gone). */
+static int cmd_sweep(const char *label, const char *pin)
+{
+    if (init_os_locking() != CKR_OK) return 2;
+    CK_SLOT_ID slot;
+    if (!find_slot(label, &slot)) return 2;
+    CK_SESSION_HANDLE s;
+    if (f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &s) != CKR_OK) return 2;
+    out("C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    CK_OBJECT_CLASS c = CKO_SECRET_KEY;
+    CK_KEY_TYPE gk = CKK_GENERIC_SECRET, ak = CKK_AES;
+    CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+    unsigned char v[32];
+    memset(v, 3, sizeof v);
+    CK_ATTRIBUTE t[] = {
+        { CKA_CLASS, &c, sizeof c }, { CKA_KEY_TYPE, &gk, sizeof gk }, { CKA_TOKEN, &no, 1 },
+        { CKA_SIGN, &yes, 1 }, { CKA_VERIFY, &yes, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_DECRYPT, &yes, 1 },
+        { CKA_DERIVE, &yes, 1 }, { CKA_WRAP, &yes, 1 }, { CKA_UNWRAP, &yes, 1 }, { CKA_EXTRACTABLE, &yes, 1 },
+        { CKA_VALUE, v, 32 },
+    };
+    CK_OBJECT_HANDLE keys[6] = { 0 };
+    out("C_CreateObject generic", f->C_CreateObject(s, t, 12, &keys[0]), NULL);
+    t[1].pValue = &ak;
+    t[11].ulValueLen = 16;
+    out("C_CreateObject aes", f->C_CreateObject(s, t, 12, &keys[1]), NULL);
+    out("find rsa", find_key(s, CKO_PRIVATE_KEY, 2, &keys[2]), NULL);
+    out("find rsa public", find_key(s, CKO_PUBLIC_KEY, 2, &keys[3]), NULL);
+    out("find ec", find_key(s, CKO_PRIVATE_KEY, 1, &keys[4]), NULL);
+    out("find ec public", find_key(s, CKO_PUBLIC_KEY, 1, &keys[5]), NULL);
+    CK_MECHANISM_TYPE list[1024];
+    CK_ULONG n = 1024;
+    out("C_GetMechanismList", f->C_GetMechanismList(slot, list, &n), NULL);
+    unsigned long calls = 0, gone = 0;
+    for (CK_ULONG i = 0; i < n; i++) {
+        for (int op = 0; op < 7; op++) {
+            for (int k = 0; k < 6; k++) {
+                CK_MECHANISM m = { list[i], NULL, 0 };
+                unsigned char in[256], buf[4096];
+                memset(in, 1, sizeof in);
+                CK_ULONG len = sizeof buf;
+                CK_OBJECT_HANDLE made = 0;
+                CK_ULONG vl = 16;
+                CK_ATTRIBUTE nt[] = { { CKA_CLASS, &c, sizeof c }, { CKA_KEY_TYPE, &gk, sizeof gk },
+                                      { CKA_TOKEN, &no, 1 }, { CKA_VALUE_LEN, &vl, sizeof vl } };
+                CK_RV rv = CKR_OK;
+                switch (op) {
+                case 0: rv = f->C_SignInit(s, &m, keys[k]); if (rv == CKR_OK) rv = f->C_Sign(s, in, 32, buf, &len); break;
+                case 1: rv = f->C_VerifyInit(s, &m, keys[k]); if (rv == CKR_OK) rv = f->C_Verify(s, in, 32, in, 64); break;
+                case 2: rv = f->C_EncryptInit(s, &m, keys[k]); if (rv == CKR_OK) rv = f->C_Encrypt(s, in, 32, buf, &len); break;
+                case 3: rv = f->C_DecryptInit(s, &m, keys[k]); if (rv == CKR_OK) rv = f->C_Decrypt(s, in, 256, buf, &len); break;
+                case 4: rv = f->C_DeriveKey(s, &m, keys[k], nt, 4, &made); break;
+                case 5: rv = f->C_WrapKey(s, &m, keys[k], keys[0], buf, &len); break;
+                case 6: rv = f->C_UnwrapKey(s, &m, keys[k], in, 40, nt, 3, &made); break;
+                }
+                if (made) f->C_DestroyObject(s, made);
+                calls++;
+                if (rv == CKR_DEVICE_REMOVED || rv == CKR_DEVICE_ERROR) {
+                    if (gone++ < 5) printf("gone mech=0x%lx op=%d key=%d\n", list[i], op, k);
+                }
+            }
+        }
+    }
+    CK_SESSION_INFO info;
+    out("C_GetSessionInfo after", f->C_GetSessionInfo(s, &info), NULL);
+    out("sweep", CKR_OK, "calls=%lu gone=%lu", calls, gone);
+    f->C_CloseSession(s);
+    f->C_Finalize(NULL);
+    return 0;
+}
+
 /* --------------------------------------------------------------- threads */
 
 struct worker {
@@ -1195,6 +1270,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "badargs")) return cmd_badargs();
     if (!strcmp(cmd, "token") && argc == 4) return cmd_token(argv[3]);
     if (!strcmp(cmd, "conformance") && argc == 5) return cmd_conformance(argv[3], argv[4]);
+    if (!strcmp(cmd, "sweep") && argc == 5) return cmd_sweep(argv[3], argv[4]);
     if (!strcmp(cmd, "threads") && argc == 7) return cmd_threads(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "fork") && argc == 5) return cmd_fork(argv[3], argv[4]);
     if (!strcmp(cmd, "forkstress") && argc == 7) return cmd_forkstress(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
