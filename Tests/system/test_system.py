@@ -696,6 +696,12 @@ def test_flush_on_a_terminal_asks_for_the_admin_password_through_pkttyagent(syst
                 except OSError:
                     break
         assert b"AUTHENTICATING FOR org.pincache.manage" in seen and b"Password:" in seen, seen
+        # pkttyagent prints the prompt first and only then turns echo off with TCSAFLUSH, which
+        # discards input typed in between: answer once echo is off (the flush is then done),
+        # or the agent waits for a line forever (seen once in CI).
+        while termios.tcgetattr(master)[3] & termios.ECHO and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not termios.tcgetattr(master)[3] & termios.ECHO, seen
         os.write(master, b"not-the-password\n")
         while proc.poll() is None and time.monotonic() < deadline + 30:
             ready, _, _ = select.select([master], [], [], 1)
