@@ -22,6 +22,11 @@ public struct Mechanism: Sendable, Hashable {
         /// `CK_ECDH1_DERIVE_PARAMS`: key derivation function, shared data, the other party's
         /// public value.
         case ecdh1(kdf: UInt, sharedData: [UInt8], publicData: [UInt8])
+        /// `CK_KEY_DERIVATION_STRING_DATA` (`CKM_*_ECB_ENCRYPT_DATA`): the data to encrypt.
+        case derivationString([UInt8])
+        /// `CK_AES_CBC_ENCRYPT_DATA_PARAMS` (16-byte IV) or `CK_DES_CBC_ENCRYPT_DATA_PARAMS`
+        /// (8-byte IV), by the IV's length (`CKM_*_CBC_ENCRYPT_DATA`).
+        case cbcEncryptData(iv: [UInt8], data: [UInt8])
     }
 
     public var type: MechanismType
@@ -105,6 +110,42 @@ public struct Mechanism: Sendable, Hashable {
                         return try body(&m)
                     }
                 }
+            }
+        case .derivationString(let data):
+            // SAFETY: the data and `params` stay valid for the whole call.
+            return try data.withUnsafeBytes { bytes in
+                var params = CK_KEY_DERIVATION_STRING_DATA(
+                    pData: bytes.isEmpty ? nil : UnsafeMutablePointer(mutating: bytes.bindMemory(to: CK_BYTE.self).baseAddress),
+                    ulLen: CK_ULONG(bytes.count))
+                return try withUnsafeMutablePointer(to: &params) { pp in
+                    var m = CK_MECHANISM(
+                        mechanism: type.rawValue, pParameter: UnsafeMutableRawPointer(pp),
+                        ulParameterLen: CK_ULONG(MemoryLayout<CK_KEY_DERIVATION_STRING_DATA>.size))
+                    return try body(&m)
+                }
+            }
+        case .cbcEncryptData(let iv, let data):
+            // SAFETY: the data and the parameter structure stay valid for the whole call.
+            return try data.withUnsafeBytes { bytes in
+                let pointer = bytes.isEmpty ? nil : UnsafeMutablePointer(mutating: bytes.bindMemory(to: CK_BYTE.self).baseAddress)
+                func call<P>(_ params: inout P, iv field: WritableKeyPath<P, some Any>, data: WritableKeyPath<P, UnsafeMutablePointer<CK_BYTE>?>,
+                             length: WritableKeyPath<P, CK_ULONG>) throws -> R {
+                    withUnsafeMutableBytes(of: &params[keyPath: field]) { $0.copyBytes(from: iv.prefix($0.count)) }
+                    params[keyPath: data] = pointer
+                    params[keyPath: length] = CK_ULONG(bytes.count)
+                    return try withUnsafeMutablePointer(to: &params) { pp in
+                        var m = CK_MECHANISM(
+                            mechanism: type.rawValue, pParameter: UnsafeMutableRawPointer(pp),
+                            ulParameterLen: CK_ULONG(MemoryLayout<P>.size))
+                        return try body(&m)
+                    }
+                }
+                if iv.count == 8 {
+                    var params = CK_DES_CBC_ENCRYPT_DATA_PARAMS()
+                    return try call(&params, iv: \.iv, data: \.pData, length: \.length)
+                }
+                var params = CK_AES_CBC_ENCRYPT_DATA_PARAMS()
+                return try call(&params, iv: \.iv, data: \.pData, length: \.length)
             }
         }
     }

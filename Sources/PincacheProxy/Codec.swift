@@ -84,6 +84,16 @@ enum Codec {
     static let oaepMechanisms: Set<CK_MECHANISM_TYPE> = [CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP), 0x4002 /* CKM_RSA_PKCS_OAEP_TPM_1_1 */]
     static let oaepParamsSize = 5 * MemoryLayout<CK_ULONG>.size
     static let ecdh1Mechanisms: Set<CK_MECHANISM_TYPE> = [CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE), CK_MECHANISM_TYPE(CKM_ECDH1_COFACTOR_DERIVE)]
+    /// `CKM_*_ECB_ENCRYPT_DATA` take a CK_KEY_DERIVATION_STRING_DATA; `CKM_*_CBC_ENCRYPT_DATA` a
+    /// CK_DES/AES_CBC_ENCRYPT_DATA_PARAMS (IV, pData, length), here by their IV's size.
+    static let derivationStringMechanisms: Set<CK_MECHANISM_TYPE> = [
+        CK_MECHANISM_TYPE(CKM_DES_ECB_ENCRYPT_DATA), CK_MECHANISM_TYPE(CKM_DES3_ECB_ENCRYPT_DATA),
+        CK_MECHANISM_TYPE(CKM_AES_ECB_ENCRYPT_DATA),
+    ]
+    static let cbcEncryptDataIVs: [CK_MECHANISM_TYPE: Int] = [
+        CK_MECHANISM_TYPE(CKM_DES_CBC_ENCRYPT_DATA): 8, CK_MECHANISM_TYPE(CKM_DES3_CBC_ENCRYPT_DATA): 8,
+        CK_MECHANISM_TYPE(CKM_AES_CBC_ENCRYPT_DATA): 16,
+    ]
 
     /// A parameter structure with pointers, as the wire carries it (dbus/README.md): its
     /// numbers, then each byte string's length, as little-endian 64-bit integers, then the
@@ -132,6 +142,23 @@ enum Codec {
             // SAFETY: the application says `raw` is a CK_ECDH1_DERIVE_PARAMS (length checked).
             let p = raw.load(as: CK_ECDH1_DERIVE_PARAMS.self)
             parameter = try flattened([p.kdf], [(p.pSharedData, p.ulSharedDataLen), (p.pPublicData, p.ulPublicDataLen)])
+        } else if Codec.derivationStringMechanisms.contains(type), let raw = mechanism.pParameter {
+            guard length == CK_ULONG(MemoryLayout<CK_KEY_DERIVATION_STRING_DATA>.size) else {
+                throw CKError(CKR_MECHANISM_PARAM_INVALID)
+            }
+            // SAFETY: the application says `raw` is a CK_KEY_DERIVATION_STRING_DATA (length checked).
+            let p = raw.load(as: CK_KEY_DERIVATION_STRING_DATA.self)
+            parameter = try flattened([], [(p.pData, p.ulLen)])
+        } else if let ivSize = Codec.cbcEncryptDataIVs[type], let raw = mechanism.pParameter {
+            // The IV (8 or 16 bytes), then pData and length, each aligned to 8.
+            guard length == CK_ULONG(ivSize + 2 * MemoryLayout<CK_ULONG>.size) else {
+                throw CKError(CKR_MECHANISM_PARAM_INVALID)
+            }
+            // SAFETY: the application says `raw` is a CK_DES/AES_CBC_ENCRYPT_DATA_PARAMS (length
+            // checked against its layout).
+            let data = raw.load(fromByteOffset: ivSize, as: UnsafeMutablePointer<CK_BYTE>?.self)
+            let dataLength = raw.load(fromByteOffset: ivSize + MemoryLayout<CK_ULONG>.size, as: CK_ULONG.self)
+            parameter = try flattened([], [(raw.assumingMemoryBound(to: CK_BYTE.self), CK_ULONG(ivSize)), (data, dataLength)])
         } else if length > 0 {
             parameter = try bytes(mechanism.pParameter?.assumingMemoryBound(to: CK_BYTE.self), length,
                                   max: Caps.mechanismParameter, tooLong: CKError(CKR_MECHANISM_PARAM_INVALID))

@@ -3,7 +3,8 @@ import PKCS11Kit
 /// The one check of mechanism parameters from clients (both front ends come through here):
 /// only parameters that are pointer-free C structs of an exact size pass as raw bytes, and
 /// the ones the proxy flattens (OAEP's source data, GCM's IV and AAD, ECDH's shared and public
-/// data; layouts in dbus/README.md), rebuilt here with pointers of the daemon's own. Any other
+/// data, the key-derivation strings of `*_ENCRYPT_DATA`; layouts in dbus/README.md), rebuilt here
+/// with pointers of the daemon's own. Any other
 /// parameter could carry a pointer the module would follow into the daemon's memory, so it is
 /// refused.
 enum MechanismParameters {
@@ -11,13 +12,19 @@ enum MechanismParameters {
         0x0D: 24, 0x0E: 24, 0x43: 24, 0x44: 24, 0x45: 24, 0x47: 24,  // *RSA_PKCS_PSS: CK_RSA_PKCS_PSS_PARAMS
         0x1082: 16, 0x1085: 16,  // AES_CBC(_PAD): the IV
         0x1086: 24,  // AES_CTR: CK_AES_CTR_PARAMS
-        0x133: 8, 0x136: 8,  // DES3_CBC(_PAD): the IV
+        0x122: 8, 0x125: 8, 0x133: 8, 0x136: 8,  // DES_CBC(_PAD), DES3_CBC(_PAD): the IV
         // *_MAC_GENERAL and *_HMAC_GENERAL: CK_MAC_GENERAL_PARAMS
         0x1084: 8, 0x108B: 8, 0x222: 8, 0x252: 8, 0x257: 8, 0x262: 8, 0x272: 8,
     ]
 
     static let gcm: UInt = 0x1087  // CKM_AES_GCM
     static let ecdh1: Set<UInt> = [0x1050, 0x1051]  // CKM_ECDH1_DERIVE, CKM_ECDH1_COFACTOR_DERIVE
+    /// CKM_DES_, DES3_, AES_ECB_ENCRYPT_DATA: CK_KEY_DERIVATION_STRING_DATA.
+    static let derivationStrings: Set<UInt> = [0x1100, 0x1102, 0x1104]
+    /// CKM_DES_, DES3_, AES_CBC_ENCRYPT_DATA: CK_DES/AES_CBC_ENCRYPT_DATA_PARAMS, by IV size.
+    static let cbcEncryptData: [UInt: Int] = [0x1101: 8, 0x1103: 8, 0x1105: 16]
+    /// Parameters that are a byte string of any length: CKM_DH_PKCS_DERIVE's public value.
+    static let byteStrings: Set<UInt> = [0x21]
 
     static func invalid(_ what: String) -> ServiceError {
         ServiceError(.mechanismInvalid, "\(what) (CKR_MECHANISM_PARAM_INVALID (0x71))", rv: 0x71)
@@ -62,6 +69,19 @@ enum MechanismParameters {
             }
             return .success(Mechanism(type, parameter: .ecdh1(kdf: ulong(0), sharedData: parts[0], publicData: parts[1])))
         }
+        if derivationStrings.contains(type.rawValue) {
+            guard p.count >= 8, let parts = strings(after: 8, [ulong(0)]) else {
+                return .failure(invalid("CK_KEY_DERIVATION_STRING_DATA: ulLen, then the data"))
+            }
+            return .success(Mechanism(type, parameter: .derivationString(parts[0])))
+        }
+        if let ivSize = cbcEncryptData[type.rawValue] {
+            guard p.count >= 16, ulong(0) == UInt(ivSize), let parts = strings(after: 16, [ulong(0), ulong(8)]) else {
+                return .failure(invalid("\(type.name): ivLen (\(ivSize)), length, then the IV and the data"))
+            }
+            return .success(Mechanism(type, parameter: .cbcEncryptData(iv: parts[0], data: parts[1])))
+        }
+        if byteStrings.contains(type.rawValue) { return .success(Mechanism(type, parameter: .raw(p))) }
         guard let size = rawSizes[type.rawValue] else {
             return .failure(invalid("\(type.name): parameters of this mechanism are not supported"))
         }

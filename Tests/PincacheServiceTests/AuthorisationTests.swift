@@ -45,6 +45,10 @@ import Testing
             (0x1050, le([1, 0, 65]) + [4]),  // ECDH public data cut short
             (0x1054, [UInt8](repeating: 0, count: 40)),  // ECMQV holds pointers, not flattened
             (0x9, [UInt8](repeating: 0, count: 24)),  // OAEP with source 0
+            (0x1104, le([4]) + [1, 2, 3]),  // a derivation string cut short
+            (0x1104, [1, 2, 3, 4]),  // not even its length
+            (0x1105, le([8, 2]) + [UInt8](repeating: 0, count: 10)),  // AES with a DES-sized IV
+            (0x1103, le([8, 2]) + [UInt8](repeating: 0, count: 11)),  // a byte after the data
         ] {
             guard case .failure(let e) = MechanismParameters.decode(type: type, parameter: parameter) else {
                 Issue.record("0x\(String(type, radix: 16)) accepted")
@@ -59,6 +63,13 @@ import Testing
         #expect(gcm?.parameter == .gcm(iv: [7, 7, 7], ivBits: 96, aad: [0xAA, 0xBB], tagBits: 128))
         let ecdh = try? MechanismParameters.decode(type: 0x1050, parameter: le([1, 0, 3]) + [4, 1, 2]).get()
         #expect(ecdh?.parameter == .ecdh1(kdf: 1, sharedData: [], publicData: [4, 1, 2]))
+        let string = try? MechanismParameters.decode(type: 0x1104, parameter: le([3]) + [9, 8, 7]).get()
+        #expect(string?.parameter == .derivationString([9, 8, 7]))
+        let iv = [UInt8](1...16)
+        let cbc = try? MechanismParameters.decode(type: 0x1105, parameter: le([16, 2]) + iv + [5, 6]).get()
+        #expect(cbc?.parameter == .cbcEncryptData(iv: iv, data: [5, 6]))
+        let dh = try? MechanismParameters.decode(type: 0x21, parameter: [UInt8](repeating: 3, count: 128)).get()
+        #expect(dh?.parameter == .raw([UInt8](repeating: 3, count: 128)))
     }
 
     /// Little-endian u64s, as the proxy flattens a parameter's numbers.

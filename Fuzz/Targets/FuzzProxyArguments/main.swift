@@ -130,6 +130,7 @@ private func template(_ r: inout Reader, _ arena: Arena) -> (UnsafeMutablePointe
 private let mechanismTypes: [CK_MECHANISM_TYPE] = [
     CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP), CK_MECHANISM_TYPE(CKM_SHA256_RSA_PKCS_PSS), 0x1087 /* AES_GCM */,
     CK_MECHANISM_TYPE(CKM_RSA_PKCS), CK_MECHANISM_TYPE(CKM_AES_CBC), CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE),
+    CK_MECHANISM_TYPE(CKM_AES_ECB_ENCRYPT_DATA), CK_MECHANISM_TYPE(CKM_AES_CBC_ENCRYPT_DATA),
 ]
 /// Parameters the proxy reads as structures with pointers: a raw buffer of exactly their size
 /// would be one, pointing anywhere, which the application promises never to pass.
@@ -138,12 +139,18 @@ private let structSizes: [CK_MECHANISM_TYPE: Int] = [
     CK_MECHANISM_TYPE(CKM_AES_GCM): MemoryLayout<CK_GCM_PARAMS>.size,
     CK_MECHANISM_TYPE(CKM_ECDH1_DERIVE): MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size,
     CK_MECHANISM_TYPE(CKM_ECDH1_COFACTOR_DERIVE): MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size,
+    CK_MECHANISM_TYPE(CKM_DES_ECB_ENCRYPT_DATA): MemoryLayout<CK_KEY_DERIVATION_STRING_DATA>.size,
+    CK_MECHANISM_TYPE(CKM_DES3_ECB_ENCRYPT_DATA): MemoryLayout<CK_KEY_DERIVATION_STRING_DATA>.size,
+    CK_MECHANISM_TYPE(CKM_AES_ECB_ENCRYPT_DATA): MemoryLayout<CK_KEY_DERIVATION_STRING_DATA>.size,
+    CK_MECHANISM_TYPE(CKM_DES_CBC_ENCRYPT_DATA): MemoryLayout<CK_DES_CBC_ENCRYPT_DATA_PARAMS>.size,
+    CK_MECHANISM_TYPE(CKM_DES3_CBC_ENCRYPT_DATA): MemoryLayout<CK_DES_CBC_ENCRYPT_DATA_PARAMS>.size,
+    CK_MECHANISM_TYPE(CKM_AES_CBC_ENCRYPT_DATA): MemoryLayout<CK_AES_CBC_ENCRYPT_DATA_PARAMS>.size,
 ]
 
 private func mechanism(_ r: inout Reader, _ arena: Arena) -> UnsafeMutablePointer<CK_MECHANISM>? {
     let selector = r.byte()
     if selector % 16 == 15 { return nil }
-    let type = selector % 8 < 6 ? mechanismTypes[Int(selector % 8)] : CK_MECHANISM_TYPE(r.word())
+    let type = selector % 16 < 8 ? mechanismTypes[Int(selector % 8)] : CK_MECHANISM_TYPE(r.word())
     var parameter: (UnsafeMutableRawPointer?, CK_ULONG)
     if type == CK_MECHANISM_TYPE(CKM_RSA_PKCS_OAEP) && r.byte() % 2 == 0 {
         // A real CK_RSA_PKCS_OAEP_PARAMS, its label behind pSourceData.
@@ -178,6 +185,22 @@ private func mechanism(_ r: inout Reader, _ arena: Arena) -> UnsafeMutablePointe
                 ulPublicDataLen: pubLength, pPublicData: pub?.assumingMemoryBound(to: CK_BYTE.self)),
             as: CK_ECDH1_DERIVE_PARAMS.self)
         parameter = (block, CK_ULONG(MemoryLayout<CK_ECDH1_DERIVE_PARAMS>.size))
+    } else if type == CK_MECHANISM_TYPE(CKM_AES_ECB_ENCRYPT_DATA) && r.byte() % 2 == 0 {
+        // A real CK_KEY_DERIVATION_STRING_DATA, the data behind its pointer.
+        let (data, dataLength) = buffer(&r, arena, cap: Caps.mechanismParameter)
+        let block = arena.bytes([], count: MemoryLayout<CK_KEY_DERIVATION_STRING_DATA>.size)
+        block.storeBytes(
+            of: CK_KEY_DERIVATION_STRING_DATA(pData: data?.assumingMemoryBound(to: CK_BYTE.self), ulLen: dataLength),
+            as: CK_KEY_DERIVATION_STRING_DATA.self)
+        parameter = (block, CK_ULONG(MemoryLayout<CK_KEY_DERIVATION_STRING_DATA>.size))
+    } else if type == CK_MECHANISM_TYPE(CKM_AES_CBC_ENCRYPT_DATA) && r.byte() % 2 == 0 {
+        // A real CK_AES_CBC_ENCRYPT_DATA_PARAMS: 16 IV bytes from the input, the data behind pData.
+        let iv = (0..<16).map { _ in r.byte() }
+        let (data, dataLength) = buffer(&r, arena, cap: Caps.mechanismParameter)
+        let block = arena.bytes(iv, count: MemoryLayout<CK_AES_CBC_ENCRYPT_DATA_PARAMS>.size)
+        block.storeBytes(of: data, toByteOffset: 16, as: UnsafeMutableRawPointer?.self)
+        block.storeBytes(of: dataLength, toByteOffset: 24, as: CK_ULONG.self)
+        parameter = (block, CK_ULONG(MemoryLayout<CK_AES_CBC_ENCRYPT_DATA_PARAMS>.size))
     } else {
         parameter = buffer(&r, arena, cap: Caps.mechanismParameter)
         if let size = structSizes[type], parameter.1 == CK_ULONG(size) { parameter.1 += 1 }

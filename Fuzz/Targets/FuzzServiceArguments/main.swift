@@ -21,7 +21,7 @@ private func checkMechanism(_ value: WireValue) {
         case .success(let mechanism) = MechanismParameters.decode(type: type, parameter: parameter)
     else { return }
     // What the module would read: the parameter, and the bytes behind the pointers of the
-    // structures the daemon rebuilds (OAEP's label, GCM's IV and AAD, ECDH's data).
+    // structures the daemon rebuilds (OAEP's label, GCM's IV and AAD, ECDH's data, derivation strings).
     mechanism.withCMechanism { m in
         let length = Int(m.pointee.ulParameterLen)
         expect((m.pointee.pParameter == nil) == (length == 0), "parameter pointer and length disagree")
@@ -42,6 +42,16 @@ private func checkMechanism(_ value: WireValue) {
             let ecdh = p.load(as: CK_ECDH1_DERIVE_PARAMS.self)
             _ = touch(UnsafeRawBufferPointer(start: ecdh.pSharedData, count: Int(ecdh.ulSharedDataLen)))
             _ = touch(UnsafeRawBufferPointer(start: ecdh.pPublicData, count: Int(ecdh.ulPublicDataLen)))
+        } else if MechanismParameters.derivationStrings.contains(UInt(m.pointee.mechanism)) {
+            expect(length == MemoryLayout<CK_KEY_DERIVATION_STRING_DATA>.size, "derivation string of \(length) bytes")
+            let string = p.load(as: CK_KEY_DERIVATION_STRING_DATA.self)
+            _ = touch(UnsafeRawBufferPointer(start: string.pData, count: Int(string.ulLen)))
+        } else if let iv = MechanismParameters.cbcEncryptData[UInt(m.pointee.mechanism)] {
+            expect(length == iv + 16, "CBC_ENCRYPT_DATA parameter of \(length) bytes")
+            let data = p.load(fromByteOffset: iv, as: UnsafeRawPointer?.self)
+            _ = touch(UnsafeRawBufferPointer(start: data, count: Int(p.load(fromByteOffset: iv + 8, as: CK_ULONG.self))))
+        } else if MechanismParameters.byteStrings.contains(UInt(m.pointee.mechanism)) {
+            expect(length <= Caps.mechanismParameter, "byte-string parameter of \(length) bytes")
         } else if let size = MechanismParameters.rawSizes[UInt(m.pointee.mechanism)] {
             expect(length == size, "raw parameter of \(length) bytes, expected \(size)")
         } else {
