@@ -238,7 +238,9 @@ extension PincacheService {
             run(changes, "copy-object", refusal: prohibited, {
                 try token.mutateObjects(caller: caller, settings: settings(), session: id, rw: rw) { s in
                     let backend = try token.resolve(handle, s, caller: caller, function: "C_CopyObject")
-                    return try token.registerCreated(s, try token.module.copyObject(s, backend, attrs), caller: caller, session: id)
+                    let (sent, kept) = try token.copyTemplate(attrs, of: handle)
+                    return try token.registerCreated(
+                        s, try token.module.copyObject(s, backend, sent), caller: caller, session: id, keptPrivate: kept)
                 }
             }) { [.ulong($0)] }
         case Calls.destroyObject.id:

@@ -30,6 +30,23 @@ extension TokenContext {
         return (template.filter { $0.type != .private } + [Attribute(.private, [0])], true)
     }
 
+    /// C_CopyObject's template for a copy of `handle`, and whether the copy is kept private. A
+    /// kept-private original is not private at the backend, so its copy would not be either:
+    /// copied into the session it is kept private in turn; copied onto the token it is made
+    /// private there (else a private key of the caller's would become a public token object,
+    /// usable by anyone). Making it public is refused, as a token refuses to make a private
+    /// object's copy public (SoftHSM: CKR_TEMPLATE_INCONSISTENT).
+    func copyTemplate(_ template: [Attribute], of handle: UInt64) throws -> (template: [Attribute], keptPrivate: Bool) {
+        guard objectTable.locators[handle]?.keptPrivate == true else { return (template, false) }
+        let others = template.filter { $0.type != .private }
+        switch (template.first(where: { $0.type == .private })?.value.pkcs11Bool,
+                template.first(where: { $0.type == .token })?.value.pkcs11Bool) {
+        case (false?, _): throw PKCS11Error(rv: .templateInconsistent, function: "C_CopyObject")
+        case (_, true?): return (others + [Attribute(.private, [1])], false)
+        default: return (others, true)
+        }
+    }
+
     /// registerCreated, remembering that the object is kept private.
     func registerCreated(_ s: SessionHandle, _ h: ObjectHandle, caller: CallerID, session: UInt64, keptPrivate: Bool)
         throws -> UInt64

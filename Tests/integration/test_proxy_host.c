@@ -325,6 +325,10 @@ static void conformance_cipher(CK_SESSION_HANDLE s, CK_MECHANISM_TYPE type, cons
     CK_RSA_PKCS_OAEP_PARAMS oaep = { CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, NULL, 0 };
     CK_MECHANISM m = { type, NULL, 0 };
     if (type == CKM_AES_CBC || type == CKM_AES_CBC_PAD) { m.pParameter = iv; m.ulParameterLen = sizeof iv; }
+    if (type == CKM_DES_CBC || type == CKM_DES_CBC_PAD || type == CKM_DES3_CBC || type == CKM_DES3_CBC_PAD) {
+        m.pParameter = iv;
+        m.ulParameterLen = 8;
+    }
     if (type == CKM_AES_CTR) { m.pParameter = &ctr; m.ulParameterLen = sizeof ctr; }
     if (type == CKM_AES_GCM) { m.pParameter = &gcm; m.ulParameterLen = sizeof gcm; }
     if (type == CKM_RSA_PKCS_OAEP) { m.pParameter = &oaep; m.ulParameterLen = sizeof oaep; }
@@ -371,10 +375,24 @@ static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJE
     CK_ATTRIBUTE at[] = {
         { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes, sizeof aes },
         { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_DECRYPT, &yes, 1 },
-        { CKA_VALUE, aes_value, sizeof aes_value },
+        { CKA_SIGN, &yes, 1 }, { CKA_VERIFY, &yes, 1 }, { CKA_VALUE, aes_value, sizeof aes_value },
     };
     CK_OBJECT_HANDLE aes_key = 0;
-    out("C_CreateObject aes cipher", f->C_CreateObject(s, at, 7, &aes_key), NULL);
+    out("C_CreateObject aes cipher", f->C_CreateObject(s, at, 9, &aes_key), NULL);
+    /* DES and DES3 keys of fixed value (parity bits set) for the DES mechanisms SoftHSM lists. */
+    CK_KEY_TYPE des = CKK_DES, des3 = CKK_DES3;
+    unsigned char des_value[24];
+    memset(des_value, 0x13, sizeof des_value);
+    CK_ATTRIBUTE dt[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &des, sizeof des },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_DECRYPT, &yes, 1 },
+        { CKA_SIGN, &yes, 1 }, { CKA_VERIFY, &yes, 1 }, { CKA_VALUE, des_value, 8 },
+    };
+    CK_OBJECT_HANDLE des_key = 0, des3_key = 0;
+    out("C_CreateObject des", f->C_CreateObject(s, dt, 9, &des_key), NULL);
+    dt[1].pValue = &des3;
+    dt[8].ulValueLen = 24;
+    out("C_CreateObject des3", f->C_CreateObject(s, dt, 9, &des3_key), NULL);
     CK_MECHANISM_TYPE list[1024];
     CK_ULONG n = 1024;
     CK_RV rv = f->C_GetMechanismList(slot, list, &n);
@@ -393,6 +411,8 @@ static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJE
              * crash SoftHSM: test_a_key_of_the_wrong_type_never_reaches_the_module). */
             CK_MECHANISM_TYPE t = list[i];
             if ((t >= 0x211 && t <= 0x272)) conformance_sign(s, t, "secret", hmac_key, hmac_key);
+            else if (t == CKM_AES_CMAC || t == CKM_AES_CMAC_GENERAL) conformance_sign(s, t, "aes", aes_key, aes_key);
+            else if (t == CKM_DES3_CMAC || t == CKM_DES3_CMAC_GENERAL) conformance_sign(s, t, "des3", des3_key, des3_key);
             else if (t <= 0x47 && t != 0x11 && !(t >= 0x12 && t <= 0x16)) conformance_sign(s, t, "rsa", rsakey, rsapub);
             else if (t >= 0x1041 && t <= 0x1046) conformance_sign(s, t, "ec", eckey, ecpub);
         }
@@ -400,6 +420,8 @@ static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJE
             /* Each encryption mechanism with a key of its family, single-part. */
             CK_MECHANISM_TYPE t = list[i];
             if (t >= 0x1081 && t <= 0x1087) conformance_cipher(s, t, "aes", aes_key, aes_key);
+            else if (t >= CKM_DES_ECB && t <= CKM_DES_CBC_PAD) conformance_cipher(s, t, "des", des_key, des_key);
+            else if (t >= CKM_DES3_ECB && t <= CKM_DES3_CBC_PAD) conformance_cipher(s, t, "des3", des3_key, des3_key);
             else if (t == CKM_RSA_PKCS || t == CKM_RSA_X_509 || t == CKM_RSA_PKCS_OAEP)
                 conformance_cipher(s, t, "rsa", rsapub, rsakey);
         }
@@ -416,6 +438,8 @@ static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJE
     }
     out("C_DestroyObject hmac", f->C_DestroyObject(s, hmac_key), NULL);
     out("C_DestroyObject aes cipher", f->C_DestroyObject(s, aes_key), NULL);
+    out("C_DestroyObject des", f->C_DestroyObject(s, des_key), NULL);
+    out("C_DestroyObject des3", f->C_DestroyObject(s, des3_key), NULL);
     /* A verdict the token gives at Init that the proxy gives at the final call (allow-listed
      * in test_proxy.py: CONFORMANCE_ALLOWED). */
     CK_MECHANISM bare_pss = { CKM_SHA256_RSA_PKCS_PSS, NULL, 0 };
@@ -443,6 +467,100 @@ static void out_value(const char *name, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE ke
     out(name, rv, "%s", hx);
 }
 
+/* Keys derived by encrypting data (CK_KEY_DERIVATION_STRING_DATA, CK_AES/DES_CBC_ENCRYPT_DATA_PARAMS:
+ * pointer-carrying parameters) with `aes` and a DES3 key; DH agreement of two fresh key pairs
+ * (its parameter a bare byte string). Every derived value is compared. */
+static void conformance_derive_data(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE aes, CK_ATTRIBUTE *derive_template)
+{
+    unsigned char data[32];
+    memset(data, 0x3c, sizeof data);
+    CK_OBJECT_CLASS secret_class = CKO_SECRET_KEY;
+    CK_KEY_TYPE des3 = CKK_DES3;
+    CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+    unsigned char des3_value[24];
+    memset(des3_value, 0x31, sizeof des3_value);
+    CK_ATTRIBUTE dt[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &des3, sizeof des3 },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_DERIVE, &yes, 1 }, { CKA_VALUE, des3_value, 24 },
+    };
+    CK_OBJECT_HANDLE des3_key = 0, derived = 0;
+    out("C_CreateObject des3 derive", f->C_CreateObject(s, dt, 6, &des3_key), NULL);
+    CK_KEY_DERIVATION_STRING_DATA string = { data, sizeof data };
+    CK_KEY_DERIVATION_STRING_DATA short_string = { data, 5 };
+    CK_AES_CBC_ENCRYPT_DATA_PARAMS aes_cbc = { { 1, 2, 3, 4 }, data, sizeof data };
+    CK_DES_CBC_ENCRYPT_DATA_PARAMS des_cbc = { { 5, 6, 7, 8 }, data, sizeof data };
+    struct {
+        const char *name;
+        CK_MECHANISM m;
+        CK_OBJECT_HANDLE key;
+    } cases[] = {
+        { "aes-ecb-data", { CKM_AES_ECB_ENCRYPT_DATA, &string, sizeof string }, aes },
+        { "aes-ecb-data short", { CKM_AES_ECB_ENCRYPT_DATA, &short_string, sizeof short_string }, aes },
+        { "aes-ecb-data bad-length", { CKM_AES_ECB_ENCRYPT_DATA, &string, sizeof string - 1 }, aes },
+        { "aes-ecb-data no-parameter", { CKM_AES_ECB_ENCRYPT_DATA, NULL, 0 }, aes },
+        { "aes-cbc-data", { CKM_AES_CBC_ENCRYPT_DATA, &aes_cbc, sizeof aes_cbc }, aes },
+        { "aes-cbc-data bad-length", { CKM_AES_CBC_ENCRYPT_DATA, &aes_cbc, sizeof des_cbc }, aes },
+        { "des3-ecb-data", { CKM_DES3_ECB_ENCRYPT_DATA, &string, sizeof string }, des3_key },
+        { "des3-cbc-data", { CKM_DES3_CBC_ENCRYPT_DATA, &des_cbc, sizeof des_cbc }, des3_key },
+        { "des3-ecb-data aes-key", { CKM_DES3_ECB_ENCRYPT_DATA, &string, sizeof string }, aes },
+    };
+    char name[96];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(name, sizeof name, "C_DeriveKey %s", cases[i].name);
+        CK_RV rv = f->C_DeriveKey(s, &cases[i].m, cases[i].key, derive_template, 7, &derived);
+        out(name, rv, NULL);
+        if (rv != CKR_OK) continue;
+        snprintf(name, sizeof name, "C_DeriveKey %s value", cases[i].name);
+        out_value(name, s, derived);
+        f->C_DestroyObject(s, derived);
+    }
+    out("C_DestroyObject des3 derive", f->C_DestroyObject(s, des3_key), NULL);
+
+    /* DH: the 1024-bit MODP group of RFC 2409 (any modulus would do for agreement). */
+    static const unsigned char prime[] = {
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xC9, 0x0F, 0xDA, 0xA2, 0x21, 0x68, 0xC2, 0x34, 0xC4, 0xC6,
+        0x62, 0x8B, 0x80, 0xDC, 0x1C, 0xD1, 0x29, 0x02, 0x4E, 0x08, 0x8A, 0x67, 0xCC, 0x74, 0x02, 0x0B, 0xBE, 0xA6,
+        0x3B, 0x13, 0x9B, 0x22, 0x51, 0x4A, 0x08, 0x79, 0x8E, 0x34, 0x04, 0xDD, 0xEF, 0x95, 0x19, 0xB3, 0xCD, 0x3A,
+        0x43, 0x1B, 0x30, 0x2B, 0x0A, 0x6D, 0xF2, 0x5F, 0x14, 0x37, 0x4F, 0xE1, 0x35, 0x6D, 0x6D, 0x51, 0xC2, 0x45,
+        0xE4, 0x85, 0xB5, 0x76, 0x62, 0x5E, 0x7E, 0xC6, 0xF4, 0x4C, 0x42, 0xE9, 0xA6, 0x37, 0xED, 0x6B, 0x0B, 0xFF,
+        0x5C, 0xB6, 0xF4, 0x06, 0xB7, 0xED, 0xEE, 0x38, 0x6B, 0xFB, 0x5A, 0x89, 0x9F, 0xA5, 0xAE, 0x9F, 0x24, 0x11,
+        0x7C, 0x4B, 0x1F, 0xE6, 0x49, 0x28, 0x66, 0x51, 0xEC, 0xE6, 0x53, 0x81, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+        0xFF, 0xFF,
+    };
+    static const unsigned char base[] = { 2 };
+    CK_MECHANISM dhgen = { CKM_DH_PKCS_KEY_PAIR_GEN, NULL, 0 };
+    CK_OBJECT_HANDLE pub[2] = { 0, 0 }, priv[2] = { 0, 0 }, agreed[2] = { 0, 0 };
+    unsigned char values[2][160], secrets[2][160];
+    CK_ULONG value_len[2] = { 0, 0 }, secret_len[2] = { 0, 0 };
+    for (int i = 0; i < 2; i++) {
+        CK_ATTRIBUTE pubt[] = { { CKA_PRIME, (void *)prime, sizeof prime }, { CKA_BASE, (void *)base, 1 },
+                                { CKA_TOKEN, &no, 1 } };
+        CK_ATTRIBUTE privt[] = { { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_DERIVE, &yes, 1 } };
+        CK_RV rv = f->C_GenerateKeyPair(s, &dhgen, pubt, 3, privt, 3, &pub[i], &priv[i]);
+        out("C_GenerateKeyPair dh", rv, NULL);
+        CK_ATTRIBUTE vt[] = { { CKA_VALUE, values[i], sizeof values[i] } };
+        rv = f->C_GetAttributeValue(s, pub[i], vt, 1);
+        value_len[i] = rv == CKR_OK ? vt[0].ulValueLen : 0;
+    }
+    for (int i = 0; i < 2; i++) {
+        CK_MECHANISM agree = { CKM_DH_PKCS_DERIVE, values[1 - i], value_len[1 - i] };
+        CK_RV rv = f->C_DeriveKey(s, &agree, priv[i], derive_template, 7, &agreed[i]);
+        out("C_DeriveKey dh agreement", rv, NULL);
+        CK_ATTRIBUTE v[] = { { CKA_VALUE, secrets[i], sizeof secrets[i] } };
+        rv = f->C_GetAttributeValue(s, agreed[i], v, 1);
+        secret_len[i] = rv == CKR_OK ? v[0].ulValueLen : 0;
+        out("C_DeriveKey dh agreement value", rv, "%lu", secret_len[i]);
+    }
+    out("C_DeriveKey dh both sides", CKR_OK, "%s",
+        secret_len[0] > 0 && secret_len[0] == secret_len[1] && !memcmp(secrets[0], secrets[1], secret_len[0]) ? "agree"
+                                                                                                           : "differ");
+    for (int i = 0; i < 2; i++) {
+        f->C_DestroyObject(s, agreed[i]);
+        f->C_DestroyObject(s, pub[i]);
+        f->C_DestroyObject(s, priv[i]);
+    }
+}
+
 /* Wrapping, unwrapping, deriving, and pointer-carrying mechanism parameters (issue 13 §11),
  * on session objects of known value: every output is compared, except RSA-PKCS wrapping's
  * (random padding), whose length is. `secret` is a generic secret key (0x42 x 32). */
@@ -463,14 +581,14 @@ static void conformance_keys(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE secret, CK_OB
         { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes, sizeof aes },
         { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_SENSITIVE, &no, 1 }, { CKA_EXTRACTABLE, &yes, 1 },
         { CKA_WRAP, &yes, 1 }, { CKA_UNWRAP, &yes, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_DECRYPT, &yes, 1 },
-        { CKA_VALUE, aes_value, sizeof aes_value },
+        { CKA_DERIVE, &yes, 1 }, { CKA_VALUE, aes_value, sizeof aes_value },
     };
     CK_ATTRIBUTE unwrap_template[] = {
         { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &generic, sizeof generic },
         { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_SENSITIVE, &no, 1 }, { CKA_EXTRACTABLE, &yes, 1 },
     };
     CK_OBJECT_HANDLE kek = 0, unwrapped = 0;
-    out("C_CreateObject aes", f->C_CreateObject(s, aes_template, 11, &kek), NULL);
+    out("C_CreateObject aes", f->C_CreateObject(s, aes_template, 12, &kek), NULL);
 
     CK_MECHANISM kw = { CKM_AES_KEY_WRAP, NULL, 0 };
     n = 0;
@@ -576,13 +694,38 @@ static void conformance_keys(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE secret, CK_OB
     rv = f->C_FindObjects(s, found, 8, &nfound);
     out("C_FindObjects session not-private", rv, "%lu", nfound);
     f->C_FindObjectsFinal(s);
+    /* Copies of the private session key: into the session (private too, and gone at logout),
+     * onto the token (private there: a public token copy would be anyone's key), never public. */
+    CK_UTF8CHAR copy_label[] = "copy";
+    CK_ATTRIBUTE copy_session[] = { { CKA_LABEL, copy_label, 4 } };
+    CK_ATTRIBUTE copy_public[] = { { CKA_PRIVATE, &no, 1 } };
+    CK_ATTRIBUTE copy_token[] = { { CKA_TOKEN, &yes, 1 }, { CKA_LABEL, copy_label, 4 } };
+    CK_OBJECT_HANDLE copy = 0, token_copy = 0, public_copy = 0;
+    out("C_CopyObject private session key", f->C_CopyObject(s, priv[0], copy_session, 1, &copy), NULL);
+    is_private = CK_FALSE;
+    rv = f->C_GetAttributeValue(s, copy, pr, 1);
+    out("C_GetAttributeValue copy private", rv, "%d", is_private);
+    out("C_CopyObject private to public", f->C_CopyObject(s, priv[0], copy_public, 1, &public_copy), NULL);
+    out("C_CopyObject private to token read-only", f->C_CopyObject(s, priv[0], copy_token, 2, &token_copy), NULL);
+    CK_SESSION_INFO si;
+    CK_SESSION_HANDLE rw = 0;
+    rv = f->C_GetSessionInfo(s, &si);
+    if (rv == CKR_OK) rv = f->C_OpenSession(si.slotID, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &rw);
+    out("C_OpenSession rw for copy", rv, NULL);
+    out("C_CopyObject private to token", f->C_CopyObject(rw, priv[0], copy_token, 2, &token_copy), NULL);
+    is_private = CK_FALSE;
+    rv = f->C_GetAttributeValue(rw, token_copy, pr, 1);
+    out("C_GetAttributeValue token copy private", rv, "%d", is_private);
+    out("C_DestroyObject token copy", f->C_DestroyObject(rw, token_copy), NULL);
+    out("C_CloseSession rw for copy", f->C_CloseSession(rw), NULL);
     for (int i = 0; i < 2; i++) {
         f->C_DestroyObject(s, agreed[i]);
         f->C_DestroyObject(s, pub[i]);
     }
     out("C_DestroyObject derive-key", f->C_DestroyObject(s, priv[1]), NULL);
-    /* priv[0] stays: C_Logout must take it (checked after the logout). */
-    *kept_private = priv[0];
+    /* priv[0] and its copy stay: C_Logout must take them (checked after the logout). */
+    kept_private[0] = priv[0];
+    kept_private[1] = copy;
     out("C_DeriveKey NULL-handle", f->C_DeriveKey(s, &ecdh, eckey, derive_template, 7, NULL), NULL);
 
     /* AES-GCM: IV and AAD behind pointers. */
@@ -606,6 +749,7 @@ static void conformance_keys(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE secret, CK_OB
     out("C_DecryptInit gcm tampered", f->C_DecryptInit(s, &gcm, kek), NULL);
     n = sizeof opened;
     out("C_Decrypt gcm tampered", f->C_Decrypt(s, buf, sealed, opened, &n), NULL);
+    conformance_derive_data(s, kek, derive_template);
     out("C_DestroyObject aes", f->C_DestroyObject(s, kek), NULL);
 
     /* Functions neither SoftHSM nor OpenSC implements: the proxy must say the same. */
@@ -830,8 +974,8 @@ static int cmd_conformance(const char *label, const char *pin)
     hex(buf, rv == CKR_OK ? n : 0, hx);
     out("C_DigestFinal key-only", rv, "%s", hx);
     out("C_DigestKey not-init", f->C_DigestKey(s, secret), NULL);
-    CK_OBJECT_HANDLE session_private_key = 0;
-    conformance_keys(s, secret, eckey, ecpub, rsakey, rsapub, &session_private_key);
+    CK_OBJECT_HANDLE session_private_keys[2] = { 0, 0 };
+    conformance_keys(s, secret, eckey, ecpub, rsakey, rsapub, session_private_keys);
     conformance_mechanisms(slot, s, rsakey, rsapub, eckey, ecpub);
     out("C_DestroyObject secret", f->C_DestroyObject(s, secret), NULL);
 
@@ -845,7 +989,8 @@ static int cmd_conformance(const char *label, const char *pin)
     out("C_GetSessionInfo logged-out", rv, "state=%lu", info.state);
     CK_OBJECT_CLASS gone_class = 0;
     CK_ATTRIBUTE gone[] = { { CKA_CLASS, &gone_class, sizeof gone_class } };
-    out("C_GetAttributeValue private session key after logout", f->C_GetAttributeValue(s, session_private_key, gone, 1), NULL);
+    out("C_GetAttributeValue private session key after logout", f->C_GetAttributeValue(s, session_private_keys[0], gone, 1), NULL);
+    out("C_GetAttributeValue its copy after logout", f->C_GetAttributeValue(s, session_private_keys[1], gone, 1), NULL);
     /* Not checked: signing with a private key after logout. SoftHSM hides the key
      * (CKR_OBJECT_HANDLE_INVALID at SignInit); pincached keeps handles stable per caller
      * and answers its policy's CKR_USER_NOT_LOGGED_IN (test_proxy.py checks that). */
