@@ -339,6 +339,14 @@ public final class PKCS11Module: @unchecked Sendable {
     {
         guard !types.isEmpty else { return [:] }
         try checkAttributeCount(types.count)
+        if types.contains(where: \.isArray) {
+            var result = try getAttributes(s, object, types.filter { !$0.isArray })
+            for type in types where type.isArray {
+                let array = try arrayAttribute(s, object, type)
+                if array.status == .ok { result[type] = array.value }
+            }
+            return result
+        }
         // Most attributes fit a small buffer: one call instead of a length query and a fetch
         // (each costs SoftHSM a look at the object's file). Anything else takes the long way.
         let guess = try attributeCall(s, object, types, lengths: Array(repeating: Self.firstGuess, count: types.count))
@@ -374,6 +382,10 @@ public final class PKCS11Module: @unchecked Sendable {
     {
         guard !types.isEmpty else { return [] }
         try checkAttributeCount(types.count)
+        if types.contains(where: \.isArray) {
+            var plain = try attributeValues(s, object, types.filter { !$0.isArray }).makeIterator()
+            return try types.map { type in try type.isArray ? arrayAttribute(s, object, type) : plain.next()! }
+        }
         var results = types.map { AttributeResult(type: $0, status: .ok, value: []) }
         let lengths = try attributeCall(s, object, types, lengths: nil).lengths
         var single = types.indices.filter { lengths[$0] == unavailableInformation }
@@ -445,6 +457,9 @@ public final class PKCS11Module: @unchecked Sendable {
         // freed after the values have been copied out.
         let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 16)
         defer { storage.deallocate() }
+        // Zeroed: were an array attribute asked here after all, the module would read this
+        // buffer as CK_ATTRIBUTEs and write through their pValue; NULL ones it leaves alone.
+        storage.initializeMemory(as: UInt8.self, repeating: 0)
         var offset = 0
         for i in template.indices {
             template[i].pValue = storage.baseAddress! + offset
@@ -700,26 +715,49 @@ func withInput<R>(_ data: [UInt8], _ body: (UnsafeMutablePointer<UInt8>?, CK_ULO
     }
 }
 
-/// Hands a template to C as `(CK_ATTRIBUTE_PTR, CK_ULONG)`.
+/// Hands a template to C as `(CK_ATTRIBUTE_PTR, CK_ULONG)`. An array attribute's flattened
+/// template (NestedTemplate) becomes a CK_ATTRIBUTE array of its own for the call; a
+/// malformed one (the service refuses those before they get here) an empty one.
 @discardableResult
 func withTemplate<R>(_ template: [Attribute], _ body: (UnsafeMutablePointer<CK_ATTRIBUTE>?, CK_ULONG) throws -> R)
     rethrows -> R
 {
+    // A flattened template is longer than the values it holds: this covers them too.
     let total = template.reduce(0) { $0 + $1.value.count }
-    // SAFETY: all values are copied into one buffer that outlives the call; the
-    // CK_ATTRIBUTE array points into it and is discarded with it.
+    // SAFETY: all values are copied into one buffer, and nested arrays into buffers of their
+    // own, that outlive the call; the CK_ATTRIBUTE arrays point into them and are discarded
+    // with them.
     let storage = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 16)
     defer { storage.deallocate() }
+    var nestedArrays: [UnsafeMutablePointer<CK_ATTRIBUTE>] = []
+    defer { nestedArrays.forEach { $0.deallocate() } }
     var offset = 0
+    func place(_ value: [UInt8]) -> UnsafeMutableRawPointer {
+        let start = storage.baseAddress! + offset
+        value.withUnsafeBytes { source in
+            if let base = source.baseAddress { start.copyMemory(from: base, byteCount: source.count) }
+        }
+        offset += value.count
+        return start
+    }
     var attributes: [CK_ATTRIBUTE] = []
     attributes.reserveCapacity(template.count)
     for a in template {
-        let start = storage.baseAddress! + offset
-        a.value.withUnsafeBytes { source in
-            if let base = source.baseAddress { start.copyMemory(from: base, byteCount: source.count) }
+        guard a.type.isArray else {
+            attributes.append(CK_ATTRIBUTE(type: a.type.rawValue, pValue: place(a.value), ulValueLen: CK_ULONG(a.value.count)))
+            continue
         }
-        attributes.append(CK_ATTRIBUTE(type: a.type.rawValue, pValue: start, ulValueLen: CK_ULONG(a.value.count)))
-        offset += a.value.count
+        let entries = NestedTemplate.parse(a.value) ?? []
+        let array = UnsafeMutablePointer<CK_ATTRIBUTE>.allocate(capacity: max(entries.count, 1))
+        nestedArrays.append(array)
+        for (i, entry) in entries.enumerated() {
+            (array + i).initialize(
+                to: CK_ATTRIBUTE(type: entry.type.rawValue, pValue: place(entry.value), ulValueLen: CK_ULONG(entry.value.count)))
+        }
+        attributes.append(
+            CK_ATTRIBUTE(
+                type: a.type.rawValue, pValue: entries.isEmpty ? nil : UnsafeMutableRawPointer(array),
+                ulValueLen: CK_ULONG(entries.count * MemoryLayout<CK_ATTRIBUTE>.stride)))
     }
     return try attributes.withUnsafeMutableBufferPointer { try body($0.baseAddress, CK_ULONG($0.count)) }
 }

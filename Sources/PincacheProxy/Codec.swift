@@ -63,14 +63,38 @@ enum Codec {
         guard count <= CK_ULONG(Caps.templateEntries) else { throw .argumentsBad }
         var items: [WireValue] = []
         for attribute in UnsafeBufferPointer(start: pointer, count: Int(count)) {
-            // Array attributes (CKA_WRAP_TEMPLATE, ...) hold pointers to further
-            // templates, which cannot cross a process boundary as bytes.
-            if attribute.type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0 { throw CKError(CKR_ATTRIBUTE_TYPE_INVALID) }
-            let value = try bytes(attribute.pValue?.assumingMemoryBound(to: CK_BYTE.self), attribute.ulValueLen,
-                                  max: Caps.attributeValue, tooLong: .argumentsBad)
+            let value =
+                attribute.type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0
+                ? try nestedTemplate(attribute)
+                : try bytes(attribute.pValue?.assumingMemoryBound(to: CK_BYTE.self), attribute.ulValueLen,
+                            max: Caps.attributeValue, tooLong: .argumentsBad)
             items.append(.record([.ulong(UInt64(attribute.type)), .bytes(value)]))
         }
         return .array(items)
+    }
+
+    /// An array attribute's value (CKA_WRAP_TEMPLATE, …): the CK_ATTRIBUTE array it points
+    /// at, flattened (NestedTemplates), since its values sit behind pointers of their own.
+    static func nestedTemplate(_ attribute: CK_ATTRIBUTE) throws(CKError) -> [UInt8] {
+        let entrySize = CK_ULONG(MemoryLayout<CK_ATTRIBUTE>.stride)
+        guard attribute.ulValueLen % entrySize == 0, attribute.ulValueLen / entrySize <= CK_ULONG(NestedTemplates.maxEntries)
+        else { throw CKError(CKR_ATTRIBUTE_VALUE_INVALID) }
+        let count = Int(attribute.ulValueLen / entrySize)
+        guard count == 0 || attribute.pValue != nil else { throw .argumentsBad }
+        var entries: [(type: UInt64, value: [UInt8])] = []
+        // SAFETY: the application says pValue holds ulValueLen bytes of CK_ATTRIBUTE entries
+        // (count checked against its cap); each entry's value is read as any other.
+        let inner = UnsafeBufferPointer(start: attribute.pValue?.assumingMemoryBound(to: CK_ATTRIBUTE.self), count: count)
+        for entry in inner {
+            guard UInt64(entry.type) & NestedTemplates.arrayFlag == 0 else { throw CKError(CKR_ATTRIBUTE_VALUE_INVALID) }
+            entries.append(
+                (UInt64(entry.type),
+                 try bytes(entry.pValue?.assumingMemoryBound(to: CK_BYTE.self), entry.ulValueLen, max: Caps.attributeValue,
+                           tooLong: .argumentsBad)))
+        }
+        let flat = NestedTemplates.flatten(entries)
+        guard flat.count <= Caps.attributeValue else { throw .argumentsBad }
+        return flat
     }
 
     /// Attribute types of a template, for GetAttributes.

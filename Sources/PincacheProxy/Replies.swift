@@ -57,12 +57,19 @@ enum Replies {
         var lengthQuery = false
         for (index, result) in results.enumerated() {
             let attribute = template.advanced(by: index)
-            var status = result.status
-            // Values of array attributes are the daemon's pointers: meaningless here.
-            if status == CKR_OK && result.type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0 && !result.value.isEmpty {
-                status = CKR_ATTRIBUTE_TYPE_INVALID
-            }
+            let status = result.status
             switch status {
+            case CKR_OK where result.type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0:
+                guard let entries = NestedTemplates.parse(result.value) else {
+                    attribute.pointee.ulValueLen = CK_ULONG.max
+                    other = other ?? CKR_DEVICE_ERROR
+                    continue
+                }
+                switch deliverNested(entries, into: attribute) {
+                case .lengthQuery: lengthQuery = true
+                case .tooSmall: tooSmall = true
+                case .delivered: break
+                }
             case CKR_OK:
                 let needed = CK_ULONG(result.value.count)
                 if let buffer = attribute.pointee.pValue {
@@ -96,6 +103,54 @@ enum Replies {
         if invalid { return (lengthQuery, CKError(CKR_ATTRIBUTE_TYPE_INVALID)) }
         if tooSmall { return (lengthQuery, .bufferTooSmall) }
         return (lengthQuery, other.map { CKError($0) })
+    }
+
+    enum NestedDelivery { case delivered, lengthQuery, tooSmall }
+
+    /// An array attribute's template, by PKCS#11's rules one level down: a NULL pValue learns
+    /// the array's size (entries × sizeof(CK_ATTRIBUTE)); an array too short for the entries
+    /// is too small; else each entry gets its type, and its value as a plain attribute would
+    /// (NULL: its length; too short: CK_UNAVAILABLE_INFORMATION, the call's
+    /// CKR_BUFFER_TOO_SMALL, and the entries after it untouched).
+    static func deliverNested(_ entries: [(type: UInt64, value: [UInt8])], into attribute: UnsafeMutablePointer<CK_ATTRIBUTE>)
+        -> NestedDelivery
+    {
+        let needed = CK_ULONG(entries.count * MemoryLayout<CK_ATTRIBUTE>.stride)
+        guard let buffer = attribute.pointee.pValue else {
+            attribute.pointee.ulValueLen = needed
+            return .lengthQuery
+        }
+        guard attribute.pointee.ulValueLen >= needed else {
+            attribute.pointee.ulValueLen = CK_ULONG.max
+            return .tooSmall
+        }
+        var result = NestedDelivery.delivered
+        // SAFETY: the application said pValue holds ulValueLen >= needed bytes of CK_ATTRIBUTE
+        // entries, and each entry's pValue its ulValueLen bytes.
+        let inner = buffer.assumingMemoryBound(to: CK_ATTRIBUTE.self)
+        for (i, entry) in entries.enumerated() {
+            inner[i].type = CK_ATTRIBUTE_TYPE(entry.type)
+            let length = CK_ULONG(entry.value.count)
+            if let target = inner[i].pValue {
+                if inner[i].ulValueLen >= length {
+                    entry.value.withUnsafeBytes { source in
+                        if let base = source.baseAddress { target.copyMemory(from: base, byteCount: source.count) }
+                    }
+                    inner[i].ulValueLen = length
+                } else {
+                    // SoftHSM stops at the first entry too small; so does this.
+                    inner[i].ulValueLen = CK_ULONG.max
+                    result = .tooSmall
+                    break
+                }
+            } else {
+                inner[i].ulValueLen = length
+                // A length query one level down: its answer is kept for the call that follows.
+                if result == .delivered { result = .lengthQuery }
+            }
+        }
+        attribute.pointee.ulValueLen = needed
+        return result
     }
 }
 

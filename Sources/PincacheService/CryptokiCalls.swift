@@ -152,11 +152,12 @@ extension PincacheService {
             }
         }
         let template = { (name: String) in Self.attributes(r.argument(name)) }
-        // An array attribute's value holds pointers (to nested templates) the module would
-        // follow inside the daemon: never passed on, whoever sends it.
+        // An array attribute (CKA_WRAP_TEMPLATE, …) travels as a flattened template
+        // (NestedTemplate, dbus/README.md), which PKCS11Kit turns into a C array of the
+        // daemon's own for the call: one that does not parse is refused here, whoever sends it.
         for name in ["template", "public_template", "private_template"]
-        where Self.attributes(r.argument(name)).contains(where: { $0.type.rawValue & 0x4000_0000 != 0 }) {
-            return r.fail(rv: 0x12, "array attributes (CKF_ARRAY_ATTRIBUTE) cannot cross the wire (CKR_ATTRIBUTE_TYPE_INVALID)")
+        where Self.attributes(r.argument(name)).contains(where: { $0.type.isArray && NestedTemplate.parse($0.value) == nil }) {
+            return r.fail(rv: 0x13, "an array attribute's template is malformed (CKR_ATTRIBUTE_VALUE_INVALID)")
         }
         let handle = r.ulong("handle")
         // Calls that run in the caller's login when it has one use its cached PIN.

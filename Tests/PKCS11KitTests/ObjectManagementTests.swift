@@ -298,3 +298,44 @@ extension ModuleTests {
         }
     }
 }
+
+/// Array attributes travel flattened (NestedTemplate) and become C arrays only for a call.
+extension ModuleTests {
+    @Test func arrayAttributesGoInAndComeBackFlattened() throws {
+        let wrapTemplate = AttributeType(rawValue: 0x4000_0211)  // CKA_WRAP_TEMPLATE
+        let inner: [Attribute] = [.ulong(.keyType, 0x10 /* CKK_GENERIC_SECRET */), .bool(.extractable, true)]
+        try f.withUserSession { s in
+            let key = try m.createObject(
+                s,
+                [
+                    .objectClass(.secretKey), .keyType(.aes), .bool(.token, false), .bool(.wrap, true),
+                    Attribute(.value, [UInt8](repeating: 7, count: 16)),
+                    Attribute(wrapTemplate, NestedTemplate.flatten(inner)),
+                ])
+            defer { try? m.destroyObject(s, key) }
+            // Both readers, an array attribute among plain ones, in the order asked.
+            let results = try m.attributeValues(s, key, [.label, wrapTemplate, .keyType])
+            #expect(results.map(\.status) == [.ok, .ok, .ok])
+            #expect(NestedTemplate.parse(results[1].value) == inner)
+            #expect(results[2].value.pkcs11ULong == KeyType.aes.rawValue)
+            #expect(try m.getAttributes(s, key, [wrapTemplate, .class])[wrapTemplate].flatMap(NestedTemplate.parse) == inner)
+            // An object without one: the module's verdict for that attribute alone.
+            let plain = try m.createObject(
+                s, [.objectClass(.data), .bool(.token, false), .string(.label, "no array here")])
+            defer { try? m.destroyObject(s, plain) }
+            #expect(try m.attributeValues(s, plain, [wrapTemplate, .label]).map(\.status) == [.attributeTypeInvalid, .ok])
+        }
+    }
+
+    @Test func nestedTemplatesRefuseWhatTheyCannotCarry() {
+        let entry = NestedTemplate.flatten([.bool(.sign, true)])
+        #expect(entry.count == 17)
+        #expect(NestedTemplate.parse(entry) == [.bool(.sign, true)])
+        #expect(NestedTemplate.parse([]) == [])
+        #expect(NestedTemplate.parse(Array(entry.dropLast())) == nil, "cut short")
+        #expect(NestedTemplate.parse(NestedTemplate.flatten([Attribute(AttributeType(rawValue: 0x4000_0212), [])])) == nil,
+                "an array within an array")
+        let tooMany = [Attribute](repeating: .bool(.sign, true), count: NestedTemplate.maxEntries + 1)
+        #expect(NestedTemplate.parse(NestedTemplate.flatten(tooMany)) == nil)
+    }
+}

@@ -1,3 +1,4 @@
+import CryptokiWire
 import Foundation
 import PKCS11Kit
 import Testing
@@ -70,6 +71,18 @@ import Testing
         #expect(cbc?.parameter == .cbcEncryptData(iv: iv, data: [5, 6]))
         let dh = try? MechanismParameters.decode(type: 0x21, parameter: [UInt8](repeating: 3, count: 128)).get()
         #expect(dh?.parameter == .raw([UInt8](repeating: 3, count: 128)))
+    }
+
+    /// The proxy flattens array attributes with CryptokiWire, the daemon's module binding
+    /// reads them with PKCS11Kit: the same bytes either way.
+    @Test func bothSidesFlattenNestedTemplatesAlike() {
+        let entries: [Attribute] = [.ulong(.keyType, 0x10), .bool(.extractable, true), .string(.label, "")]
+        let wire = NestedTemplates.flatten(entries.map { (UInt64($0.type.rawValue), $0.value) })
+        #expect(wire == NestedTemplate.flatten(entries))
+        #expect(NestedTemplate.parse(wire) == entries)
+        #expect(NestedTemplates.parse(wire)?.map(\.value) == entries.map(\.value))
+        let nested = NestedTemplate.flatten([Attribute(AttributeType(rawValue: 0x4000_0211), [])])
+        #expect(NestedTemplates.parse(nested) == nil && NestedTemplate.parse(nested) == nil)
     }
 
     /// Little-endian u64s, as the proxy flattens a parameter's numbers.

@@ -343,17 +343,28 @@ def test_parameters_that_could_carry_pointers_are_refused(ck, mtype, param):
     assert len(a.sign(s, CKM_ECDSA, key, digest(b"still"))) == 64
 
 
-def test_array_attributes_never_reach_the_module(ck):
-    """CKA_WRAP_TEMPLATE and friends hold pointers to nested templates: sent straight to the
-    socket (the proxy refuses them itself), the daemon refuses them before any module sees them."""
+def test_array_attributes_travel_flattened_and_a_malformed_one_never_reaches_the_module(ck):
+    """CKA_WRAP_TEMPLATE and friends hold nested templates whose values C keeps behind pointers:
+    on the wire they travel flattened (type, length, value per entry; dbus/README.md), and the
+    daemon builds the C array with its own pointers. Sent straight to the socket, bytes laid out
+    as C would lay out a pointer and a count do not parse, nor does an array inside an array,
+    and both are refused before any module sees them; a well-formed template is kept and reads
+    back as sent."""
     a = ck()
     s = a.open()
     a.login(s)
     wrap_template = 0x40000211
-    nested = ulong(0x7FFF_DEAD_BEEF) + ulong(1)  # a pointer and a count, as C would lay them out
-    assert a.rv(s, "CreateObject", [(CKA_CLASS, ulong(CKO_DATA)), (wrap_template, nested)]) == 0x12
-    assert a.rv(s, "FindObjects", [(wrap_template, nested)], 10) == 0x12
+    pointer_like = ulong(0x7FFF_DEAD_BEEF) + ulong(1)
+    nested_array = ulong(0x40000212) + ulong(0)
+    for value in (pointer_like, nested_array):
+        assert a.rv(s, "CreateObject", [(CKA_CLASS, ulong(CKO_DATA)), (wrap_template, value)]) == 0x13
+        assert a.rv(s, "FindObjects", [(wrap_template, value)], 10) == 0x13
     assert a.state(s) == CKS_RW_USER
+    flattened = ulong(0x100) + ulong(8) + ulong(0x10) + ulong(0x162) + ulong(1) + b"\x01"  # key type, extractable
+    key = a.s(s, "CreateObject", [(CKA_CLASS, ulong(4)), (0x100, ulong(0x1F)), (CKA_TOKEN, b"\x00"),
+                                  (CKA_VALUE, bytes(16)), (wrap_template, flattened)])
+    assert a.attrs(s, key, [wrap_template, CKA_CLASS]) == {wrap_template: (0, flattened), CKA_CLASS: (0, ulong(4))}
+    a.s(s, "DestroyObject", key)
 
 
 def test_private_key_descriptions_survive_changes_through_the_daemon_with_their_handle(ck, tokens):

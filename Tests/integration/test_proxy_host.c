@@ -561,6 +561,110 @@ static void conformance_derive_data(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE aes, C
     }
 }
 
+/* Array attributes (CKA_WRAP_TEMPLATE, CKA_UNWRAP_TEMPLATE; issue 13 §11): set at creation,
+ * read back PKCS#11's ways (the array's size, its entries' types and lengths, their values,
+ * an entry's buffer and the array too short), and obeyed by C_WrapKey and C_UnwrapKey. */
+static void conformance_array_attributes(CK_SESSION_HANDLE s)
+{
+    CK_OBJECT_CLASS secret_class = CKO_SECRET_KEY;
+    CK_KEY_TYPE aes = CKK_AES, generic = CKK_GENERIC_SECRET;
+    CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+    unsigned char kek_value[16], key_value[32], buf[256];
+    char hx[2 * 256 + 1];
+    memset(kek_value, 0x51, sizeof kek_value);
+    memset(key_value, 0x52, sizeof key_value);
+    CK_ATTRIBUTE wrap_only_generic[] = { { CKA_KEY_TYPE, &generic, sizeof generic }, { CKA_EXTRACTABLE, &yes, 1 } };
+    CK_ATTRIBUTE unwrap_as[] = { { CKA_KEY_TYPE, &generic, sizeof generic }, { CKA_SIGN, &yes, 1 } };
+    CK_ATTRIBUTE kt[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &aes, sizeof aes },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_WRAP, &yes, 1 }, { CKA_UNWRAP, &yes, 1 },
+        { CKA_VALUE, kek_value, sizeof kek_value },
+        { CKA_WRAP_TEMPLATE, wrap_only_generic, sizeof wrap_only_generic },
+        { CKA_UNWRAP_TEMPLATE, unwrap_as, sizeof unwrap_as },
+    };
+    CK_OBJECT_HANDLE kek = 0, other = 0;
+    out("C_CreateObject array-attributes", f->C_CreateObject(s, kt, 9, &kek), NULL);
+    kt[7].ulValueLen = sizeof wrap_only_generic - 1;
+    out("C_CreateObject array-attribute odd-length", f->C_CreateObject(s, kt, 9, &other), NULL);
+    f->C_DestroyObject(s, other);
+    kt[7].ulValueLen = sizeof wrap_only_generic;
+    kt[7].type = CKA_DERIVE_TEMPLATE;
+    out("C_CreateObject derive-template", f->C_CreateObject(s, kt, 9, &other), NULL);
+    f->C_DestroyObject(s, other);
+
+    CK_ATTRIBUTE q = { CKA_WRAP_TEMPLATE, NULL, 0 };
+    CK_RV rv = f->C_GetAttributeValue(s, kek, &q, 1);
+    out("C_GetAttributeValue wrap-template size", rv, "%lu", q.ulValueLen);
+    CK_ATTRIBUTE inner[4];
+    memset(inner, 0, sizeof inner);
+    q.pValue = inner;
+    q.ulValueLen = sizeof inner;
+    rv = f->C_GetAttributeValue(s, kek, &q, 1);
+    out("C_GetAttributeValue wrap-template lengths", rv, "%lu %lx:%lu %lx:%lu", q.ulValueLen, inner[0].type,
+        inner[0].ulValueLen, inner[1].type, inner[1].ulValueLen);
+    unsigned char v0[16], v1[16];
+    inner[0].pValue = v0;
+    inner[1].pValue = v1;
+    inner[0].ulValueLen = inner[1].ulValueLen = 16;
+    q.ulValueLen = 2 * sizeof(CK_ATTRIBUTE);
+    rv = f->C_GetAttributeValue(s, kek, &q, 1);
+    hex(v0, rv == CKR_OK ? inner[0].ulValueLen : 0, hx);
+    out("C_GetAttributeValue wrap-template values", rv, "%lu %s %d", q.ulValueLen, hx, rv == CKR_OK ? v1[0] : -1);
+    inner[0].ulValueLen = 1;
+    inner[1].ulValueLen = 16;
+    rv = f->C_GetAttributeValue(s, kek, &q, 1);
+    out("C_GetAttributeValue wrap-template entry too small", rv, "%lu %ld %lu", q.ulValueLen, (long)inner[0].ulValueLen,
+        inner[1].ulValueLen);
+    q.ulValueLen = sizeof(CK_ATTRIBUTE);
+    rv = f->C_GetAttributeValue(s, kek, &q, 1);
+    out("C_GetAttributeValue wrap-template array too small", rv, "%ld", (long)q.ulValueLen);
+    CK_BBOOL can_wrap = CK_FALSE;
+    CK_ATTRIBUTE uq[] = { { CKA_UNWRAP_TEMPLATE, inner, sizeof inner }, { CKA_WRAP, &can_wrap, 1 } };
+    memset(inner, 0, sizeof inner);
+    rv = f->C_GetAttributeValue(s, kek, uq, 2);
+    out("C_GetAttributeValue unwrap-template with another", rv, "%lu %lx:%lu %lx:%lu %d", uq[0].ulValueLen, inner[0].type,
+        inner[0].ulValueLen, inner[1].type, inner[1].ulValueLen, can_wrap);
+
+    /* The wrap template admits generic secrets only; the unwrap template makes signing keys. */
+    CK_ATTRIBUTE gt[] = {
+        { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_KEY_TYPE, &generic, sizeof generic },
+        { CKA_TOKEN, &no, 1 }, { CKA_PRIVATE, &no, 1 }, { CKA_EXTRACTABLE, &yes, 1 }, { CKA_SENSITIVE, &no, 1 },
+        { CKA_VALUE, key_value, sizeof key_value },
+    };
+    CK_OBJECT_HANDLE secret = 0, aes_secret = 0, unwrapped = 0;
+    out("C_CreateObject wrappable", f->C_CreateObject(s, gt, 7, &secret), NULL);
+    gt[1].pValue = &aes;
+    out("C_CreateObject not wrappable", f->C_CreateObject(s, gt, 7, &aes_secret), NULL);
+    CK_MECHANISM kw = { CKM_AES_KEY_WRAP, NULL, 0 };
+    CK_ULONG n = sizeof buf;
+    rv = f->C_WrapKey(s, &kw, kek, secret, buf, &n);
+    CK_ULONG wrapped = rv == CKR_OK ? n : 0;
+    hex(buf, wrapped, hx);
+    out("C_WrapKey by template", rv, "%s", hx);
+    unsigned char other_buf[256];
+    n = sizeof other_buf;
+    out("C_WrapKey against template", f->C_WrapKey(s, &kw, kek, aes_secret, other_buf, &n), NULL);
+    CK_ATTRIBUTE ut[] = { { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_TOKEN, &no, 1 },
+                          { CKA_SENSITIVE, &no, 1 }, { CKA_KEY_TYPE, &generic, sizeof generic },
+                          { CKA_SIGN, &yes, 1 } };
+    rv = f->C_UnwrapKey(s, &kw, kek, buf, wrapped, ut, 5, &unwrapped);
+    out("C_UnwrapKey by template", rv, NULL);
+    CK_BBOOL can_sign = CK_FALSE;
+    CK_KEY_TYPE unwrapped_type = 0;
+    CK_ATTRIBUTE ua[] = { { CKA_SIGN, &can_sign, 1 }, { CKA_KEY_TYPE, &unwrapped_type, sizeof unwrapped_type } };
+    rv = f->C_GetAttributeValue(s, unwrapped, ua, 2);
+    out("C_UnwrapKey by template attributes", rv, "sign=%d type=%lu", can_sign, unwrapped_type);
+    f->C_DestroyObject(s, unwrapped);
+    CK_ATTRIBUTE against[] = { { CKA_CLASS, &secret_class, sizeof secret_class }, { CKA_TOKEN, &no, 1 },
+                               { CKA_KEY_TYPE, &aes, sizeof aes } };
+    rv = f->C_UnwrapKey(s, &kw, kek, buf, wrapped, against, 3, &unwrapped);
+    out("C_UnwrapKey against template", rv, NULL);
+    if (rv == CKR_OK) f->C_DestroyObject(s, unwrapped);
+    out("C_DestroyObject wrappable", f->C_DestroyObject(s, secret), NULL);
+    out("C_DestroyObject not wrappable", f->C_DestroyObject(s, aes_secret), NULL);
+    out("C_DestroyObject array-attributes", f->C_DestroyObject(s, kek), NULL);
+}
+
 /* Wrapping, unwrapping, deriving, and pointer-carrying mechanism parameters (issue 13 §11),
  * on session objects of known value: every output is compared, except RSA-PKCS wrapping's
  * (random padding), whose length is. `secret` is a generic secret key (0x42 x 32). */
@@ -977,6 +1081,7 @@ static int cmd_conformance(const char *label, const char *pin)
     CK_OBJECT_HANDLE session_private_keys[2] = { 0, 0 };
     conformance_keys(s, secret, eckey, ecpub, rsakey, rsapub, session_private_keys);
     conformance_mechanisms(slot, s, rsakey, rsapub, eckey, ecpub);
+    conformance_array_attributes(s);
     out("C_DestroyObject secret", f->C_DestroyObject(s, secret), NULL);
 
     out("C_GenerateRandom NULL", f->C_GenerateRandom(s, NULL, 16), NULL);

@@ -92,8 +92,10 @@ private func template(_ r: inout Reader, _ arena: Arena) -> (UnsafeMutablePointe
         for index in 0..<(isNull ? 0 : count) {
             guard r.position < r.bytes.count else { break }
             let type = CK_ATTRIBUTE_TYPE(r.word())
-            if type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0, nestedAt == nil, r.byte() % 2 == 0 {
-                nestedAt = index
+            if type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0 {
+                // An array attribute's value is a template, never bytes (the application's
+                // contract): a nested one, or none.
+                if nestedAt == nil, r.byte() % 2 == 0 { nestedAt = index }
                 entries.append(CK_ATTRIBUTE(type: type, pValue: nil, ulValueLen: 0))
             } else {
                 let (pointer, length) = buffer(&r, arena, cap: Caps.attributeValue)
@@ -111,9 +113,11 @@ private func template(_ r: inout Reader, _ arena: Arena) -> (UnsafeMutablePointe
         var entries = level.entries
         if let at = level.nestedAt {
             entries[at].pValue = inner.0.map { UnsafeMutableRawPointer($0) }
-            // Wrapping: a nested count beyond the cap times the entry size may overflow, as a C
-            // caller's would.
-            entries[at].ulValueLen = inner.1 &* CK_ULONG(MemoryLayout<CK_ATTRIBUTE>.stride)
+            // A nested count beyond the cap times the entry size may overflow; a wrapped length
+            // would claim fewer entries than the count, an array the block does not hold, so
+            // the overflow shows as the largest length instead.
+            let (length, overflow) = inner.1.multipliedReportingOverflow(by: CK_ULONG(MemoryLayout<CK_ATTRIBUTE>.stride))
+            entries[at].ulValueLen = overflow ? CK_ULONG.max : length
         }
         if level.isNull {
             inner = (nil, level.claimed)
@@ -222,7 +226,15 @@ func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
             let items = value.arrayValues ?? []
             expect(items.count == Int(count), "template of \(count) became \(items.count) entries")
             for (item, attribute) in zip(items, UnsafeBufferPointer(start: pointer, count: items.count)) {
-                expect(item.recordFields?[1].bytesValue?.count == Int(attribute.ulValueLen), "attribute length changed")
+                let value = item.recordFields?[1].bytesValue
+                if attribute.type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0 {
+                    // Flattened: as many entries as the C array held, none of them an array.
+                    let entries = value.flatMap(NestedTemplates.parse)
+                    expect(entries?.count == Int(attribute.ulValueLen) / MemoryLayout<CK_ATTRIBUTE>.stride,
+                           "nested template of \(attribute.ulValueLen) bytes flattened to \(entries?.count ?? -1) entries")
+                } else {
+                    expect(value?.count == Int(attribute.ulValueLen), "attribute length changed")
+                }
             }
             expect(encodes(value, as: Fields.template), "a template the wire refuses")
         }

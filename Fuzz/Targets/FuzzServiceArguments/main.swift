@@ -82,6 +82,12 @@ private func checkTemplate(_ value: WireValue) {
         let f = entry.recordFields ?? []
         expect(f.count == 2 && UInt64(attribute.type.rawValue) == f[0].ulongValue && attribute.value == f[1].bytesValue,
                "attribute changed on its way in")
+        // An array attribute's template, as the daemon reads it (the call is refused when it
+        // does not parse), says exactly what it was sent.
+        if attribute.type.isArray, let entries = NestedTemplate.parse(attribute.value) {
+            expect(NestedTemplate.flatten(entries) == attribute.value, "nested template read differently")
+            expect(entries.count <= NestedTemplate.maxEntries && !entries.contains { $0.type.isArray }, "nested template passed")
+        }
     }
 }
 
