@@ -13,29 +13,70 @@ import Glibc
 // CK_SLOT_INFO and CK_TOKEN_INFO, Replies.mechanisms, Replies.attributes and Replies.deliver
 // into the application's attribute buffers.
 
-/// C_GetAttributeValue's delivery into buffers sized by the input: NULL (length query),
-/// one byte short, exact, and larger, each allocated on its own so ASan sees overflows.
-private func deliverAttributes(_ results: [AttributeResult], sizes seed: UInt8) {
-    var buffers: [UnsafeMutableRawPointer?] = []
-    var template: [CK_ATTRIBUTE] = []
-    for (index, result) in results.enumerated() {
-        let length: Int?
-        switch (Int(seed) + index) % 4 {
-        case 0: length = nil
-        case 1: length = max(result.value.count - 1, 0)
-        case 2: length = result.value.count
-        default: length = result.value.count + 7
-        }
-        let buffer = length.map { UnsafeMutableRawPointer.allocate(byteCount: max($0, 1), alignment: 8) }
-        buffers.append(buffer)
-        template.append(CK_ATTRIBUTE(type: result.type, pValue: buffer, ulValueLen: CK_ULONG(length ?? 0)))
+/// A buffer's length for a value of `count` bytes, by `variant`: NULL (a length query), one
+/// byte short, exact, or larger.
+private func bufferLength(_ count: Int, _ variant: Int) -> Int? {
+    switch variant % 4 {
+    case 0: nil
+    case 1: max(count - 1, 0)
+    case 2: count
+    default: count + 7
     }
-    defer { buffers.forEach { $0?.deallocate() } }
+}
+
+/// C_GetAttributeValue's delivery into buffers sized by the input, each allocated on its own so
+/// ASan sees overflows. An array attribute whose value parses gets what an application would
+/// pass: no array (a size query), one entry too few, or enough entries, each with a buffer of
+/// its own sized as above.
+private func deliverAttributes(_ results: [AttributeResult], sizes seed: UInt8) {
+    var buffers: [UnsafeMutableRawPointer] = []
+    defer { buffers.forEach { $0.deallocate() } }
+    func allocate(_ count: Int) -> UnsafeMutableRawPointer {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1), alignment: 8)
+        buffers.append(buffer)
+        return buffer
+    }
+    let entrySize = MemoryLayout<CK_ATTRIBUTE>.stride
+    var template: [CK_ATTRIBUTE] = []
+    var nested: [Int: (entries: [(type: UInt64, value: [UInt8])], array: UnsafeMutablePointer<CK_ATTRIBUTE>?, count: Int)] = [:]
+    for (index, result) in results.enumerated() {
+        let variant = Int(seed) + index
+        if result.type & CK_ULONG(CKF_ARRAY_ATTRIBUTE) != 0, result.status == CKR_OK,
+           let entries = NestedTemplates.parse(result.value) {
+            let count = variant % 4 == 0 ? nil : variant % 4 == 1 ? max(entries.count - 1, 0) : entries.count + variant % 4 - 2
+            var array: UnsafeMutablePointer<CK_ATTRIBUTE>?
+            if let count {
+                let typed = allocate(count * entrySize).bindMemory(to: CK_ATTRIBUTE.self, capacity: max(count, 1))
+                for j in 0..<count {
+                    let length = bufferLength(j < entries.count ? entries[j].value.count : 0, variant + j)
+                    typed[j] = CK_ATTRIBUTE(type: 0, pValue: length.map(allocate), ulValueLen: CK_ULONG(length ?? 0))
+                }
+                array = typed
+            }
+            nested[index] = (entries, array, count ?? 0)
+            template.append(CK_ATTRIBUTE(type: result.type, pValue: array.map { UnsafeMutableRawPointer($0) },
+                                         ulValueLen: CK_ULONG((count ?? 0) * entrySize)))
+            continue
+        }
+        let length = bufferLength(result.value.count, variant)
+        template.append(CK_ATTRIBUTE(type: result.type, pValue: length.map(allocate), ulValueLen: CK_ULONG(length ?? 0)))
+    }
     template.withUnsafeMutableBufferPointer { t in
         guard let base = t.baseAddress else { return }
         let outcome = Replies.deliver(results, into: base)
-        for (attribute, result) in zip(t, results) where attribute.ulValueLen != CK_ULONG.max {
-            expect(attribute.ulValueLen == CK_ULONG(result.value.count), "length \(attribute.ulValueLen) for \(result.value.count) bytes")
+        for (index, (attribute, result)) in zip(t, results).enumerated() where attribute.ulValueLen != CK_ULONG.max {
+            guard let (entries, array, count) = nested[index] else {
+                expect(attribute.ulValueLen == CK_ULONG(result.value.count), "length \(attribute.ulValueLen) for \(result.value.count) bytes")
+                continue
+            }
+            expect(attribute.ulValueLen == CK_ULONG(entries.count * entrySize), "array of \(entries.count) entries as \(attribute.ulValueLen)")
+            // The entries up to the first too short one carry their type and length.
+            guard let array, count >= entries.count else { continue }
+            for (j, entry) in entries.enumerated() {
+                if array[j].ulValueLen == CK_ULONG.max { break }
+                expect(array[j].type == CK_ATTRIBUTE_TYPE(entry.type) && array[j].ulValueLen == CK_ULONG(entry.value.count),
+                       "entry \(j) delivered wrong")
+            }
         }
         if outcome.error == nil {
             expect(t.allSatisfy { $0.ulValueLen != CK_ULONG.max }, "an unavailable attribute without an error")
