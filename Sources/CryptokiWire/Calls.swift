@@ -58,6 +58,10 @@ public enum Fields {
     public static let pin = FieldType.secret(max: Caps.pin)
     public static let text = FieldType.string(max: Caps.text)
     public static let version = FieldType.record([Field("major", .ulong), Field("minor", .ulong)])
+    /// What one part of a stream produced (Calls.streamUpdate).
+    public static let streamOutput = [
+        Field("status", .ulong), Field("length", .ulong), Field("output", data), Field("active", .ulong),
+    ]
     /// CK_SLOT_INFO and, when `token_present` is 1, CK_TOKEN_INFO (zeros and empty text
     /// otherwise; 2: a card the module cannot read, CKR_TOKEN_NOT_RECOGNIZED).
     public static let slotInfo = FieldType.record([
@@ -198,11 +202,33 @@ public enum Calls {
         [Fields.session, Field("mechanism", Fields.mechanism), Field("base_key", .ulong), Field("template", Fields.template)],
         [Fields.handle], slow: true)
 
+    /// A multi-part encryption or decryption the token runs part by part (issue 13 §10), in a
+    /// backend session of its own: C_EncryptInit / C_DecryptInit at the first update. `kind`
+    /// 0 encrypts, 1 decrypts. `streaming` 0: the key needs a login the caller does not hold
+    /// (a caching-mode private key, served in a bracket at the final call), so the proxy
+    /// gathers the parts as before.
+    public static let streamBegin = Call(
+        32, "StreamBegin", [Fields.session, Field("kind", .ulong), Field("mechanism", Fields.mechanism), Fields.key],
+        [Field("streaming", .ulong)])
+    /// C_EncryptUpdate / C_DecryptUpdate of a stream as the application made it: `buffer` 0 no
+    /// length pointer, 1 a NULL output buffer (a length query), 2 one of `capacity` bytes. The
+    /// answer: the token's verdict (`status`), the length it wrote, its output, and whether its
+    /// operation goes on (`active`: after an error the daemon asks the token, whose rules
+    /// differ — SoftHSM keeps the operation after CKR_ARGUMENTS_BAD).
+    public static let streamUpdate = Call(
+        33, "StreamUpdate",
+        [Fields.session, Field("kind", .ulong), Field("data", Fields.data), Field("buffer", .ulong), Field("capacity", .ulong)],
+        Fields.streamOutput, slow: true)
+    /// C_EncryptFinal / C_DecryptFinal of a stream, as StreamUpdate.
+    public static let streamFinal = Call(
+        34, "StreamFinal", [Fields.session, Field("kind", .ulong), Field("buffer", .ulong), Field("capacity", .ulong)],
+        Fields.streamOutput, slow: true)
+
     public static let all: [Call] = [
         hello, getSlots, getMechanisms, openSession, closeSession, initToken, getSessionInfo, login, logout,
         findObjects, getAttributes, setAttributes, createObject, copyObject, destroyObject, generateKey,
         generateKeyPair, sign, verify, encrypt, decrypt, digest, generateRandom, seedRandom, initPIN, setPIN,
-        getObjectSize, digestParts, keyFacts, wrapKey, unwrapKey, deriveKey,
+        getObjectSize, digestParts, keyFacts, wrapKey, unwrapKey, deriveKey, streamBegin, streamUpdate, streamFinal,
     ]
 
     public static func byID(_ id: UInt16) -> Call? { Int(id) < all.count ? all[Int(id)] : nil }

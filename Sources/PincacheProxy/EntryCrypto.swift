@@ -20,24 +20,14 @@ func pincacheEncrypt(_ session: CK_SESSION_HANDLE, _ data: UnsafeMutablePointer<
     }
 }
 
-/// *Update of encrypt/decrypt: the input is kept and the whole output comes with the
-/// final call (PKCS#11 lets a part produce no output), so it still costs one round trip.
-private func updateWithoutOutput(_ kind: OperationKind, _ session: CK_SESSION_HANDLE, _ part: UnsafeMutablePointer<CK_BYTE>?,
-                                 _ length: CK_ULONG, _ outLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    entry { library throws(CKError) in
-        guard let outLength else {
-            try? library.withSession(session) { s in s.operations[kind] = nil }
-            throw .argumentsBad
-        }
-        try library.updateOperation(kind, session: session, part: part, length: length)
-        outLength.pointee = 0
-    }
-}
-
+/// *Update of encrypt/decrypt: part by part on the token where the key allows (Streams.swift),
+/// else gathered for the final call.
 @_cdecl("pincache_C_EncryptUpdate")
 func pincacheEncryptUpdate(_ session: CK_SESSION_HANDLE, _ part: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG,
                            _ out: UnsafeMutablePointer<CK_BYTE>?, _ outLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    updateWithoutOutput(.encrypt, session, part, length, outLength)
+    entry { library throws(CKError) in
+        try library.cipherUpdate(.encrypt, session: session, part: part, length: length, output: out, outputLength: outLength)
+    }
 }
 
 @_cdecl("pincache_C_EncryptFinal")
@@ -65,7 +55,9 @@ func pincacheDecrypt(_ session: CK_SESSION_HANDLE, _ data: UnsafeMutablePointer<
 @_cdecl("pincache_C_DecryptUpdate")
 func pincacheDecryptUpdate(_ session: CK_SESSION_HANDLE, _ part: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG,
                            _ out: UnsafeMutablePointer<CK_BYTE>?, _ outLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    updateWithoutOutput(.decrypt, session, part, length, outLength)
+    entry { library throws(CKError) in
+        try library.cipherUpdate(.decrypt, session: session, part: part, length: length, output: out, outputLength: outLength)
+    }
 }
 
 @_cdecl("pincache_C_DecryptFinal")

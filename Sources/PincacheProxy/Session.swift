@@ -37,6 +37,9 @@ struct PendingOperation {
     /// query or CKR_BUFFER_TOO_SMALL.
     var result: [UInt8]?
     var resultInput: [UInt8]?
+    /// Encryption and decryption: whether the token runs the parts as they come (Streams.swift),
+    /// nil until the first update asks.
+    var streaming: Bool?
 }
 
 /// A key as C_*Init checks it, in the order SoftHSM does (issue 13 §5).
@@ -205,6 +208,8 @@ extension Library {
             // Bad pointers leave the operation as it was (as SoftHSM does): the
             // application can retry with proper arguments.
             guard let outputLength else { throw .argumentsBad }
+            if case .accumulated = data,
+               try cipherFinal(kind, session: session, output: output, outputLength: outputLength) { return }
             var single: [UInt8]?
             if case .single(let pointer, let length) = data {
                 single = try Codec.bytes(pointer, length)

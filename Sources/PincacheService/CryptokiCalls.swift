@@ -335,6 +335,36 @@ extension PincacheService {
                     : try token.deriveKey(
                         caller: caller, settings: settings(), session: id, rw: rw, mechanism: m, baseKey: key, template: attrs)
             }) { [.ulong($0)] }
+        case Calls.streamBegin.id:
+            guard let m = mechanism() else { return }
+            guard let direction = Self.cipherDirection(r.ulong("kind")) else {
+                return r.fail(rv: 0x7, "StreamBegin: kind must be 0 (encrypt) or 1 (decrypt) (CKR_ARGUMENTS_BAD)")
+            }
+            let key = r.ulong("key")
+            let keyID = token.knownKeyID(key)
+            let operation = direction == .encrypt ? "encrypt" : "decrypt"
+            let begin: @Sendable () throws -> Bool = {
+                try token.streamBegin(caller: caller, session: id, direction: direction, mechanism: m, key: key)
+            }
+            // A decryption is a key's use, audited as C_Decrypt is, when it starts or fails; one
+            // that does not stream is recorded at its final call. An encryption is not audited.
+            let job = direction == .decrypt
+                ? audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false, recordIf: { $0 }, begin)
+                : begin
+            run(objects, operation, keyID: keyID, job) { [.ulong($0 ? 1 : 0)] }
+        case Calls.streamUpdate.id, Calls.streamFinal.id:
+            guard let direction = Self.cipherDirection(r.ulong("kind")),
+                let output = Self.outputBuffer(r.ulong("buffer"), capacity: r.ulong("capacity"))
+            else { return r.fail(rv: 0x7, "\(r.call.name): kind 0 or 1, buffer 0, 1 or 2, capacity within the cap (CKR_ARGUMENTS_BAD)") }
+            let data: [UInt8]? = r.call.id == Calls.streamUpdate.id ? r.bytes("data") : nil
+            run([], "stream", {
+                try token.streamPart(session: id, direction: direction, data: data, output: output)
+            }) { answer in
+                [
+                    .ulong(UInt64(answer.part.rv.rawValue)), .ulong(UInt64(answer.part.length)), .bytes(answer.part.output),
+                    .ulong(answer.active ? 1 : 0),
+                ]
+            }
         case Calls.keyFacts.id:
             let key = r.ulong("key")
             run(objects, "key-facts", keyID: token.knownKeyID(key), {
@@ -379,6 +409,20 @@ extension PincacheService {
     }
 
     // MARK: - Values
+
+    static func cipherDirection(_ kind: UInt64) -> PKCS11Module.CipherDirection? {
+        kind == 0 ? .encrypt : kind == 1 ? .decrypt : nil
+    }
+
+    /// The application's output buffer as the proxy describes it (Calls.streamUpdate).
+    static func outputBuffer(_ buffer: UInt64, capacity: UInt64) -> PKCS11Module.OutputBuffer? {
+        switch buffer {
+        case 0: .noLength
+        case 1: .lengthQuery
+        case 2 where capacity <= UInt64(Caps.data): .buffer(capacity: Int(capacity))
+        default: nil
+        }
+    }
 
     static func attributes(_ v: WireValue?) -> [Attribute] {
         (v?.arrayValues ?? []).compactMap { entry in

@@ -82,7 +82,7 @@ extension PincacheService {
     /// how the key was reached (cached PIN, fresh PIN, held login) and the result.
     func audited<T: Sendable>(
         _ info: CallerInfo, _ token: TokenContext, _ operation: String, keyID: [UInt8]?, mechanism: UInt, freshPIN: Bool,
-        _ job: @escaping @Sendable () throws -> T
+        recordIf used: @escaping @Sendable (T) -> Bool = { _ in true }, _ job: @escaping @Sendable () throws -> T
     ) -> @Sendable () throws -> T {
         {
             let state = token.policy.withLock { $0.state(of: info.id) }
@@ -93,7 +93,9 @@ extension PincacheService {
             ]
             do {
                 let result = try job()
-                Audit.record(.keyOperation, caller: info, token: token, operation: operation, result: "ok", extra: extra)
+                if used(result) {
+                    Audit.record(.keyOperation, caller: info, token: token, operation: operation, result: "ok", extra: extra)
+                }
                 return result
             } catch {
                 Audit.record(

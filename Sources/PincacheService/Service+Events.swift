@@ -11,7 +11,13 @@ extension PincacheService {
         // it before running, so one is queued now instead of waiting for the login's linger.
         // Its private session objects go with the login (Token+SessionObjects).
         let callers = Set(clears.map(\.caller))
-        token.worker.submit { for caller in callers { token.destroyKeptPrivate(of: caller) } }
+        // So do the multi-part operations that ran in it (Token+Streams).
+        token.worker.submit {
+            for caller in callers {
+                token.destroyKeptPrivate(of: caller)
+                token.endStreamsInLogin(of: caller)
+            }
+        }
         guard token.published.load(ordering: .acquiring) else { return }
         // A PKCS#11 application has no such event and its proxy's connection never asks for
         // it: its environments are not told (a signal per logout would cost every cold cycle).

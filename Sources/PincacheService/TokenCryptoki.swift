@@ -15,6 +15,7 @@ extension TokenContext {
 
     func closeRawSession(_ id: UInt64) {
         contextPINs[id] = nil
+        endStreams(ofSession: id)
         if let s = rawSessions.removeValue(forKey: id) { try? module.closeSession(s) }
         for (handle, loc) in objectTable.locators where loc.creatingSession == id { forgetObject(handle) }
     }

@@ -339,3 +339,32 @@ extension ModuleTests {
         #expect(NestedTemplate.parse(NestedTemplate.flatten(tooMany)) == nil)
     }
 }
+
+/// Multi-part encryption as an application calls it: the module's verdicts and output as given.
+extension ModuleTests {
+    @Test func cipherPartsAnswerAsTheModuleDoes() throws {
+        try f.withUserSession { s in
+            let key = try m.createObject(
+                s,
+                [
+                    .objectClass(.secretKey), .keyType(.aes), .bool(.token, false), .bool(.encrypt, true),
+                    .bool(.decrypt, true), Attribute(.value, [UInt8](repeating: 9, count: 16)),
+                ])
+            defer { try? m.destroyObject(s, key) }
+            let cbcPad = Mechanism(MechanismType(rawValue: 0x1085), parameter: .raw([UInt8](repeating: 0, count: 16)))
+            try m.cipherInit(s, .encrypt, mechanism: cbcPad, key: key)
+            let data = [UInt8](repeating: 0x33, count: 20)
+            // A length query consumes nothing; a buffer too small neither.
+            #expect(try m.cipherPart(s, .encrypt, data: data, output: .lengthQuery).rv == .ok)
+            #expect(try m.cipherPart(s, .encrypt, data: data, output: .buffer(capacity: 1)).rv == .bufferTooSmall)
+            let first = try m.cipherPart(s, .encrypt, data: data, output: .buffer(capacity: 64))
+            #expect(first.rv == .ok && first.length == 16 && first.output.count == 16)
+            let final = try m.cipherPart(s, .encrypt, data: nil, output: .buffer(capacity: 64))
+            #expect(final.rv == .ok && final.output.count == 16)
+            // Whole, it is what single-part encryption gives.
+            #expect(first.output + final.output == (try m.encrypt(s, mechanism: cbcPad, key: key, data: data)))
+            // The operation ended with its final call.
+            #expect(throws: PKCS11Error.self) { try m.cipherPart(s, .encrypt, data: data, output: .lengthQuery) }
+        }
+    }
+}

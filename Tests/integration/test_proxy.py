@@ -172,6 +172,32 @@ def test_conformance_same_as_softhsm(start_daemon, proxy_host, proxy_lib, bus, t
     assert not differences, "\n".join(f"direct: {d}\nproxy:  {p}" for d, p in differences)
 
 
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
+def test_multipart_encryption_streams_past_what_one_call_can_carry(start_daemon, proxy_host, proxy_lib, bus, tokens,
+                                                                   caching):
+    """Issue 13 §10: multi-part encryption and decryption run part by part on the token, so
+    20 MiB go through in 1 MiB parts (one call carries at most 16 MiB: gathered parts failed
+    with CKR_DATA_LEN_RANGE) and each part's output is the token's, byte for byte."""
+    start_daemon(caching=caching)
+    direct = run_host(proxy_host, SOFTHSM_MODULE, "bigstream", LABEL, PIN, "20", env={**os.environ, **tokens.env()})
+    proxied = run_host(proxy_host, proxy_lib, "bigstream", LABEL, PIN, "20", env=proxy_env(bus))
+    assert direct[2].startswith("stream encrypt CKR_OK 20971520 ") and direct[3] == "stream decrypt CKR_OK 20971520 mismatches=0"
+    assert proxied == direct
+
+
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
+def test_a_private_token_keys_parts_come_at_the_final_call_only_in_caching_mode(start_daemon, proxy_host, proxy_lib,
+                                                                                bus, tokens, caching):
+    """A private key needs a login; a caching-mode login lasts one call (its bracket), so
+    there the proxy gathers the parts and the whole output comes at the final call (PKCS#11
+    lets a part produce none). A held login streams, as the token itself does."""
+    start_daemon(caching=caching)
+    direct = run_host(proxy_host, SOFTHSM_MODULE, "tokenkeyparts", LABEL, PIN, env={**os.environ, **tokens.env()})
+    proxied = run_host(proxy_host, proxy_lib, "tokenkeyparts", LABEL, PIN, env=proxy_env(bus))
+    assert direct[2:] == ["parts CKR_OK 32 32 16", "opened CKR_OK same", "C_DestroyObject token key CKR_OK"]
+    assert proxied[2:] == (["parts CKR_OK 0 0 80"] if caching else ["parts CKR_OK 32 32 16"]) + direct[3:]
+
+
 # --- policy through the proxy ----------------------------------------------------
 
 def test_each_process_its_own_environment(start_daemon, host, tokens):

@@ -16,6 +16,7 @@
 #include <dlfcn.h>
 #include <p11-kit/pkcs11.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -353,6 +354,88 @@ static void conformance_cipher(CK_SESSION_HANDLE s, CK_MECHANISM_TYPE type, cons
     out(name, rv, "%s", hx);
 }
 
+/* One multi-part encryption with `m` and `key` as an application streams it (issue 13 §10):
+ * a length query, parts of awkward sizes, a buffer too small, the final call's query; then
+ * the ciphertext decrypted in other parts. Every part's verdict, length and output. */
+static void conformance_cipher_parts(CK_SESSION_HANDLE s, CK_MECHANISM *m, const char *what, CK_OBJECT_HANDLE key)
+{
+    unsigned char data[61], sealed[256], opened[256], tiny[1];
+    char name[96], hx[2 * 256 + 1];
+    for (size_t i = 0; i < sizeof data; i++) data[i] = (unsigned char)(i * 7 + 1);
+    static const CK_ULONG cuts[] = { 20, 13, 0, 28 };
+    CK_ULONG total = 0, n;
+    snprintf(name, sizeof name, "C_EncryptInit parts %s", what);
+    CK_RV rv = f->C_EncryptInit(s, m, key);
+    out(name, rv, NULL);
+    CK_ULONG at = 0;
+    for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
+        n = 0;
+        rv = f->C_EncryptUpdate(s, data + at, cuts[i], NULL, &n);
+        snprintf(name, sizeof name, "C_EncryptUpdate parts %s %zu query", what, i);
+        out(name, rv, "%lu", n);
+        if (i == 1) {
+            n = sizeof tiny;
+            rv = f->C_EncryptUpdate(s, data + at, cuts[i], tiny, &n);
+            snprintf(name, sizeof name, "C_EncryptUpdate parts %s %zu small", what, i);
+            out(name, rv, "%lu", n);
+        }
+        n = sizeof sealed - total;
+        rv = f->C_EncryptUpdate(s, data + at, cuts[i], sealed + total, &n);
+        hex(sealed + total, rv == CKR_OK ? n : 0, hx);
+        snprintf(name, sizeof name, "C_EncryptUpdate parts %s %zu", what, i);
+        out(name, rv, "%lu %s", rv == CKR_OK ? n : 0, hx);
+        if (rv != CKR_OK) return;
+        total += n;
+        at += cuts[i];
+    }
+    n = 0;
+    rv = f->C_EncryptFinal(s, NULL, &n);
+    snprintf(name, sizeof name, "C_EncryptFinal parts %s query", what);
+    out(name, rv, "%lu", n);
+    n = sizeof sealed - total;
+    rv = f->C_EncryptFinal(s, sealed + total, &n);
+    hex(sealed + total, rv == CKR_OK ? n : 0, hx);
+    snprintf(name, sizeof name, "C_EncryptFinal parts %s", what);
+    out(name, rv, "%lu %s", rv == CKR_OK ? n : 0, hx);
+    if (rv != CKR_OK) return;
+    total += n;
+    snprintf(name, sizeof name, "C_EncryptUpdate parts %s after final", what);
+    n = sizeof tiny;
+    out(name, f->C_EncryptUpdate(s, data, 16, tiny, &n), NULL);
+
+    snprintf(name, sizeof name, "C_DecryptInit parts %s", what);
+    out(name, f->C_DecryptInit(s, m, key), NULL);
+    CK_ULONG got = 0, step = 7;
+    for (CK_ULONG off = 0; off < total; off += step) {
+        CK_ULONG len = off + step <= total ? step : total - off;
+        n = sizeof opened - got;
+        rv = f->C_DecryptUpdate(s, sealed + off, len, opened + got, &n);
+        snprintf(name, sizeof name, "C_DecryptUpdate parts %s at %lu", what, off);
+        out(name, rv, "%lu", rv == CKR_OK ? n : 0);
+        if (rv != CKR_OK) return;
+        got += n;
+    }
+    n = sizeof opened - got;
+    rv = f->C_DecryptFinal(s, opened + got, &n);
+    if (rv == CKR_OK) got += n;
+    hex(opened, rv == CKR_OK ? got : 0, hx);
+    snprintf(name, sizeof name, "C_DecryptFinal parts %s", what);
+    out(name, rv, "%lu %s", got, hx);
+    /* A part with no length pointer ends the operation, as a bad argument does. */
+    snprintf(name, sizeof name, "C_DecryptUpdate parts %s NULL-length", what);
+    f->C_DecryptInit(s, m, key);
+    out(name, f->C_DecryptUpdate(s, sealed, 16, opened, NULL), NULL);
+    n = sizeof opened;
+    snprintf(name, sizeof name, "C_DecryptUpdate parts %s after NULL-length", what);
+    out(name, f->C_DecryptUpdate(s, sealed, 16, opened, &n), NULL);
+    n = sizeof opened;
+    snprintf(name, sizeof name, "C_DecryptFinal parts %s after NULL-length", what);
+    out(name, f->C_DecryptFinal(s, opened, &n), NULL);
+    n = sizeof opened;
+    snprintf(name, sizeof name, "C_DecryptUpdate parts %s after final", what);
+    out(name, f->C_DecryptUpdate(s, sealed, 16, opened, &n), NULL);
+}
+
 static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJECT_HANDLE rsakey,
                                    CK_OBJECT_HANDLE rsapub, CK_OBJECT_HANDLE eckey, CK_OBJECT_HANDLE ecpub)
 {
@@ -436,6 +519,16 @@ static void conformance_mechanisms(CK_SLOT_ID slot, CK_SESSION_HANDLE s, CK_OBJE
         hex(digest, rv == CKR_OK ? len : 0, hx);
         out(name, rv, "%s", hx);
     }
+    unsigned char iv[16];
+    memset(iv, 0x42, sizeof iv);
+    CK_MECHANISM cbc_pad = { CKM_AES_CBC_PAD, iv, 16 }, cbc = { CKM_AES_CBC, iv, 16 }, ecb = { CKM_AES_ECB, NULL, 0 };
+    CK_AES_CTR_PARAMS ctr = { 128, { 0 } };
+    CK_MECHANISM ctr_m = { CKM_AES_CTR, &ctr, sizeof ctr }, des3_cbc_pad = { CKM_DES3_CBC_PAD, iv, 8 };
+    conformance_cipher_parts(s, &cbc_pad, "aes-cbc-pad", aes_key);
+    conformance_cipher_parts(s, &cbc, "aes-cbc", aes_key);
+    conformance_cipher_parts(s, &ecb, "aes-ecb", aes_key);
+    conformance_cipher_parts(s, &ctr_m, "aes-ctr", aes_key);
+    conformance_cipher_parts(s, &des3_cbc_pad, "des3-cbc-pad", des3_key);
     out("C_DestroyObject hmac", f->C_DestroyObject(s, hmac_key), NULL);
     out("C_DestroyObject aes cipher", f->C_DestroyObject(s, aes_key), NULL);
     out("C_DestroyObject des", f->C_DestroyObject(s, des_key), NULL);
@@ -1237,6 +1330,115 @@ static int cmd_threads(const char *label, const char *pin, int nthreads, int ite
 
 /* ------------------------------------------------------------------ fork */
 
+/* ----------------------------------------------------------------- streams */
+
+/* Multi-part encryption part by part (issue 13 §10): `mib` MiB through AES-CTR with a public
+ * session key in 1 MiB parts (more than any one call may carry through the proxy), then
+ * decrypted back in other parts. Prints the bytes each direction produced, an FNV-1a hash of
+ * the ciphertext (equal directly and through the proxy), and whether the round trip held. */
+static int cmd_bigstream(const char *label, const char *pin, int mib)
+{
+    if (init_os_locking() != CKR_OK) return 2;
+    CK_SLOT_ID slot;
+    if (!find_slot(label, &slot)) return 2;
+    CK_SESSION_HANDLE s;
+    if (f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s) != CKR_OK) return 2;
+    out("C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    CK_OBJECT_CLASS c = CKO_SECRET_KEY;
+    CK_KEY_TYPE ak = CKK_AES;
+    CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
+    unsigned char v[16];
+    memset(v, 0x5a, sizeof v);
+    CK_ATTRIBUTE t[] = { { CKA_CLASS, &c, sizeof c }, { CKA_KEY_TYPE, &ak, sizeof ak }, { CKA_TOKEN, &no, 1 },
+                         { CKA_PRIVATE, &no, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_DECRYPT, &yes, 1 }, { CKA_VALUE, v, 16 } };
+    CK_OBJECT_HANDLE key = 0;
+    out("C_CreateObject stream key", f->C_CreateObject(s, t, 7, &key), NULL);
+    CK_AES_CTR_PARAMS ctr = { 128, { 0 } };
+    CK_MECHANISM m = { CKM_AES_CTR, &ctr, sizeof ctr };
+    const size_t part = 1 << 20;
+    unsigned char *in = malloc(part), *sealed = malloc(part), *opened = malloc(part);
+    if (!in || !sealed || !opened) return 2;
+    uint64_t hash = 1469598103934665603ULL;
+    unsigned long produced = 0, restored = 0, mismatches = 0;
+    CK_RV rv = f->C_EncryptInit(s, &m, key);
+    for (int i = 0; i < mib && rv == CKR_OK; i++) {
+        for (size_t j = 0; j < part; j++) in[j] = (unsigned char)(i * 31 + j * 7);
+        CK_ULONG n = part;
+        rv = f->C_EncryptUpdate(s, in, part, sealed, &n);
+        if (rv != CKR_OK) break;
+        produced += n;
+        for (CK_ULONG j = 0; j < n; j++) hash = (hash ^ sealed[j]) * 1099511628211ULL;
+    }
+    CK_ULONG n = part;
+    if (rv == CKR_OK) rv = f->C_EncryptFinal(s, sealed, &n);
+    out("stream encrypt", rv, "%lu %016llx", produced + (rv == CKR_OK ? n : 0), (unsigned long long)hash);
+    /* Encrypting the same parts again in one session while another decrypts each in halves
+     * (SoftHSM runs one operation per session), compared with the input part by part. */
+    CK_SESSION_HANDLE s2;
+    if (f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s2) != CKR_OK) return 2;
+    rv = f->C_EncryptInit(s, &m, key);
+    if (rv == CKR_OK) rv = f->C_DecryptInit(s2, &m, key);
+    for (int i = 0; i < mib && rv == CKR_OK; i++) {
+        for (size_t j = 0; j < part; j++) in[j] = (unsigned char)(i * 31 + j * 7);
+        n = part;
+        rv = f->C_EncryptUpdate(s, in, part, sealed, &n);
+        CK_ULONG half = n / 2, m1 = part, m2 = part;
+        if (rv == CKR_OK) rv = f->C_DecryptUpdate(s2, sealed, half, opened, &m1);
+        if (rv == CKR_OK) rv = f->C_DecryptUpdate(s2, sealed + half, n - half, opened + m1, &m2);
+        if (rv != CKR_OK) break;
+        restored += m1 + m2;
+        if (m1 + m2 != part || memcmp(in, opened, part)) mismatches++;
+    }
+    n = part;
+    if (rv == CKR_OK) rv = f->C_DecryptFinal(s2, opened, &n);
+    out("stream decrypt", rv, "%lu mismatches=%lu", restored, mismatches);
+    free(in);
+    free(sealed);
+    free(opened);
+    return 0;
+}
+
+/* A token AES key, private (CKA_PRIVATE TRUE), in a two-part CBC-PAD encryption of 64 bytes:
+ * what each update and the final call produced, then the decryption's result. Caching mode
+ * gathers such parts for the final call (the key's login lasts one call); a held login and
+ * the token itself give each part's blocks as they come. */
+static int cmd_tokenkeyparts(const char *label, const char *pin)
+{
+    if (init_os_locking() != CKR_OK) return 2;
+    CK_SLOT_ID slot;
+    if (!find_slot(label, &slot)) return 2;
+    CK_SESSION_HANDLE s;
+    if (f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &s) != CKR_OK) return 2;
+    out("C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    CK_MECHANISM gen = { CKM_AES_KEY_GEN, NULL, 0 };
+    CK_BBOOL yes = CK_TRUE;
+    CK_ULONG len = 16;
+    CK_ATTRIBUTE t[] = { { CKA_TOKEN, &yes, 1 }, { CKA_PRIVATE, &yes, 1 }, { CKA_ENCRYPT, &yes, 1 },
+                         { CKA_DECRYPT, &yes, 1 }, { CKA_VALUE_LEN, &len, sizeof len } };
+    CK_OBJECT_HANDLE key = 0;
+    out("C_GenerateKey token", f->C_GenerateKey(s, &gen, t, 5, &key), NULL);
+    unsigned char iv[16] = { 0 }, data[64], sealed[128], opened[128];
+    memset(data, 0x61, sizeof data);
+    CK_MECHANISM m = { CKM_AES_CBC_PAD, iv, 16 };
+    CK_ULONG n1 = sizeof sealed, n2, n3, total;
+    CK_RV rv = f->C_EncryptInit(s, &m, key);
+    if (rv == CKR_OK) rv = f->C_EncryptUpdate(s, data, 40, sealed, &n1);
+    n2 = sizeof sealed - n1;
+    if (rv == CKR_OK) rv = f->C_EncryptUpdate(s, data + 40, 24, sealed + n1, &n2);
+    n3 = sizeof sealed - n1 - n2;
+    if (rv == CKR_OK) rv = f->C_EncryptFinal(s, sealed + n1 + n2, &n3);
+    out("parts", rv, "%lu %lu %lu", n1, n2, n3);
+    total = rv == CKR_OK ? n1 + n2 + n3 : 0;
+    CK_ULONG d1 = sizeof opened, d2;
+    rv = f->C_DecryptInit(s, &m, key);
+    if (rv == CKR_OK) rv = f->C_DecryptUpdate(s, sealed, total, opened, &d1);
+    d2 = sizeof opened - d1;
+    if (rv == CKR_OK) rv = f->C_DecryptFinal(s, opened + d1, &d2);
+    out("opened", rv, "%s", rv == CKR_OK && d1 + d2 == sizeof data && !memcmp(opened, data, sizeof data) ? "same" : "differ");
+    out("C_DestroyObject token key", f->C_DestroyObject(s, key), NULL);
+    return 0;
+}
+
 static int cmd_fork(const char *label, const char *pin)
 {
     out("parent C_Initialize", init_os_locking(), NULL);
@@ -1523,6 +1725,8 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "sweep") && argc == 5) return cmd_sweep(argv[3], argv[4]);
     if (!strcmp(cmd, "threads") && argc == 7) return cmd_threads(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "fork") && argc == 5) return cmd_fork(argv[3], argv[4]);
+    if (!strcmp(cmd, "bigstream") && argc == 6) return cmd_bigstream(argv[3], argv[4], atoi(argv[5]));
+    if (!strcmp(cmd, "tokenkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4]);
     if (!strcmp(cmd, "forkstress") && argc == 7) return cmd_forkstress(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "repl") && argc == 4) return cmd_repl(argv[3]);
     fprintf(stderr, "bad command\n");
