@@ -1200,6 +1200,16 @@ static int cmd_conformance(const char *label, const char *pin)
     return 0;
 }
 
+/* The setup of the whole-program commands: OS locking, the token labelled `label`, a session
+ * (`flags` beyond CKF_SERIAL_SESSION) and the user's login, whose verdict is printed. */
+static int open_logged_in(const char *label, const char *pin, CK_FLAGS flags, CK_SLOT_ID *slot, CK_SESSION_HANDLE *s)
+{
+    if (init_os_locking() != CKR_OK || !find_slot(label, slot)) return 0;
+    if (f->C_OpenSession(*slot, CKF_SERIAL_SESSION | flags, NULL, NULL, s) != CKR_OK) return 0;
+    out("C_Login", f->C_Login(*s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    return 1;
+}
+
 /* ----------------------------------------------------------------- sweep */
 
 /* Every mechanism the token lists, in every operation, with every kind of key: a module may
@@ -1208,12 +1218,9 @@ static int cmd_conformance(const char *label, const char *pin)
  * were made and how many answered CKR_DEVICE_REMOVED or CKR_DEVICE_ERROR (the daemon gone). */
 static int cmd_sweep(const char *label, const char *pin)
 {
-    if (init_os_locking() != CKR_OK) return 2;
     CK_SLOT_ID slot;
-    if (!find_slot(label, &slot)) return 2;
     CK_SESSION_HANDLE s;
-    if (f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &s) != CKR_OK) return 2;
-    out("C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    if (!open_logged_in(label, pin, CKF_RW_SESSION, &slot, &s)) return 2;
     CK_OBJECT_CLASS c = CKO_SECRET_KEY;
     CK_KEY_TYPE gk = CKK_GENERIC_SECRET, ak = CKK_AES;
     CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
@@ -1338,12 +1345,9 @@ static int cmd_threads(const char *label, const char *pin, int nthreads, int ite
  * the ciphertext (equal directly and through the proxy), and whether the round trip held. */
 static int cmd_bigstream(const char *label, const char *pin, int mib)
 {
-    if (init_os_locking() != CKR_OK) return 2;
     CK_SLOT_ID slot;
-    if (!find_slot(label, &slot)) return 2;
     CK_SESSION_HANDLE s;
-    if (f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s) != CKR_OK) return 2;
-    out("C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    if (!open_logged_in(label, pin, 0, &slot, &s)) return 2;
     CK_OBJECT_CLASS c = CKO_SECRET_KEY;
     CK_KEY_TYPE ak = CKK_AES;
     CK_BBOOL no = CK_FALSE, yes = CK_TRUE;
@@ -1404,12 +1408,9 @@ static int cmd_bigstream(const char *label, const char *pin, int mib)
  * the token itself give each part's blocks as they come. */
 static int cmd_tokenkeyparts(const char *label, const char *pin)
 {
-    if (init_os_locking() != CKR_OK) return 2;
     CK_SLOT_ID slot;
-    if (!find_slot(label, &slot)) return 2;
     CK_SESSION_HANDLE s;
-    if (f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &s) != CKR_OK) return 2;
-    out("C_Login", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    if (!open_logged_in(label, pin, CKF_RW_SESSION, &slot, &s)) return 2;
     CK_MECHANISM gen = { CKM_AES_KEY_GEN, NULL, 0 };
     CK_BBOOL yes = CK_TRUE;
     CK_ULONG len = 16;
