@@ -134,9 +134,11 @@ enum Codec {
         return out
     }
 
-    /// A mechanism: its type and parameter bytes. OAEP's source-data pointer is flattened
-    /// (dbus/README.md); any other parameter goes as the bytes the application gave, and
-    /// the daemon (MechanismParameters, the one check) takes only pointer-free ones.
+    /// A mechanism: its type and parameter bytes. Parameters with pointers are flattened
+    /// (dbus/README.md); any other goes as the bytes the application gave, and the daemon
+    /// (MechanismParameters, the one check) takes only pointer-free ones. A parameter the
+    /// mechanism needs and does not have, or one of the wrong size, is refused here, at Init
+    /// (issue 13 §5), with PKCS#11's CKR_MECHANISM_PARAM_INVALID.
     static func mechanism(_ pointer: UnsafePointer<CK_MECHANISM>?) throws(CKError) -> (CK_MECHANISM_TYPE, WireValue) {
         guard let mechanism = pointer?.pointee else { throw .argumentsBad }
         let type = mechanism.mechanism
@@ -184,8 +186,14 @@ enum Codec {
             let dataLength = raw.load(fromByteOffset: ivSize + MemoryLayout<CK_ULONG>.size, as: CK_ULONG.self)
             parameter = try flattened([], [(raw.assumingMemoryBound(to: CK_BYTE.self), CK_ULONG(ivSize)), (data, dataLength)])
         } else if length > 0 {
+            // A pointer-free structure or IV: its size is the wire's to check, here at Init.
+            if let size = MechanismParameterRules.rawSizes[UInt64(type)], length != CK_ULONG(size) {
+                throw CKError(CKR_MECHANISM_PARAM_INVALID)
+            }
             parameter = try bytes(mechanism.pParameter?.assumingMemoryBound(to: CK_BYTE.self), length,
                                   max: Caps.mechanismParameter, tooLong: CKError(CKR_MECHANISM_PARAM_INVALID))
+        } else if MechanismParameterRules.required.contains(UInt64(type)) {
+            throw CKError(CKR_MECHANISM_PARAM_INVALID)
         }
         return (type, .record([.ulong(UInt64(type)), .bytes(parameter)]))
     }

@@ -1,3 +1,4 @@
+import CryptokiWire
 import PKCS11Kit
 
 /// The one check of mechanism parameters from clients (both front ends come through here):
@@ -8,14 +9,8 @@ import PKCS11Kit
 /// parameter could carry a pointer the module would follow into the daemon's memory, so it is
 /// refused.
 enum MechanismParameters {
-    static let rawSizes: [UInt: Int] = [
-        0x0D: 24, 0x0E: 24, 0x43: 24, 0x44: 24, 0x45: 24, 0x47: 24,  // *RSA_PKCS_PSS: CK_RSA_PKCS_PSS_PARAMS
-        0x1082: 16, 0x1085: 16,  // AES_CBC(_PAD): the IV
-        0x1086: 24,  // AES_CTR: CK_AES_CTR_PARAMS
-        0x122: 8, 0x125: 8, 0x133: 8, 0x136: 8,  // DES_CBC(_PAD), DES3_CBC(_PAD): the IV
-        // *_MAC_GENERAL and *_HMAC_GENERAL: CK_MAC_GENERAL_PARAMS
-        0x1084: 8, 0x108B: 8, 0x222: 8, 0x252: 8, 0x257: 8, 0x262: 8, 0x272: 8,
-    ]
+    static let rawSizes: [UInt: Int] = Dictionary(
+        uniqueKeysWithValues: MechanismParameterRules.rawSizes.map { (UInt($0.key), $0.value) })
 
     static let gcm: UInt = 0x1087  // CKM_AES_GCM
     static let ecdh1: Set<UInt> = [0x1050, 0x1051]  // CKM_ECDH1_DERIVE, CKM_ECDH1_COFACTOR_DERIVE
@@ -34,7 +29,12 @@ enum MechanismParameters {
     /// as three little-endian CK_ULONGs, then the source data).
     static func decode(type raw: UInt64, parameter p: [UInt8]) -> Result<Mechanism, ServiceError> {
         let type = MechanismType(rawValue: UInt(raw))
-        if p.isEmpty { return .success(Mechanism(type)) }
+        if p.isEmpty {
+            guard !MechanismParameterRules.required.contains(raw) else {
+                return .failure(invalid("\(type.name): this mechanism needs its parameter"))
+            }
+            return .success(Mechanism(type))
+        }
         // Little-endian CK_ULONGs, then the byte strings they count, and nothing after them.
         func ulong(_ at: Int) -> UInt { p[at..<at + 8].reversed().reduce(0) { $0 << 8 | UInt($1) } }
         if type == .rsaPKCSOAEP {

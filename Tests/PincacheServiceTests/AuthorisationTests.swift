@@ -46,6 +46,9 @@ import Testing
             (0x1050, le([1, 0, 65]) + [4]),  // ECDH public data cut short
             (0x1054, [UInt8](repeating: 0, count: 40)),  // ECMQV holds pointers, not flattened
             (0x9, [UInt8](repeating: 0, count: 24)),  // OAEP with source 0
+            (0x43, []),  // PSS without its parameter: a module may read one anyway
+            (0x1087, []),  // GCM without one
+            (0x1082, [UInt8](repeating: 0, count: 15)),  // a CBC IV too short
             (0x1104, le([4]) + [1, 2, 3]),  // a derivation string cut short
             (0x1104, [1, 2, 3, 4]),  // not even its length
             (0x1105, le([8, 2]) + [UInt8](repeating: 0, count: 10)),  // AES with a DES-sized IV
@@ -64,6 +67,9 @@ import Testing
         #expect(gcm?.parameter == .gcm(iv: [7, 7, 7], ivBits: 96, aad: [0xAA, 0xBB], tagBits: 128))
         let ecdh = try? MechanismParameters.decode(type: 0x1050, parameter: le([1, 0, 3]) + [4, 1, 2]).get()
         #expect(ecdh?.parameter == .ecdh1(kdf: 1, sharedData: [], publicData: [4, 1, 2]))
+        // AES key wrap's IV is optional; ECDSA has no parameter.
+        #expect((try? MechanismParameters.decode(type: 0x2109, parameter: []).get()) == Mechanism(MechanismType(rawValue: 0x2109)))
+        #expect((try? MechanismParameters.decode(type: 0x1041, parameter: []).get()) == Mechanism(.ecdsa))
         let string = try? MechanismParameters.decode(type: 0x1104, parameter: le([3]) + [9, 8, 7]).get()
         #expect(string?.parameter == .derivationString([9, 8, 7]))
         let iv = [UInt8](1...16)

@@ -139,14 +139,17 @@ CONFORMANCE_ALLOWED = {
     "C_SignInit invalid-handle": (
         "C_SignInit invalid-handle CKR_OBJECT_HANDLE_INVALID", "C_SignInit invalid-handle CKR_KEY_HANDLE_INVALID",
         "PKCS#11 2.40 lists CKR_KEY_HANDLE_INVALID, not CKR_OBJECT_HANDLE_INVALID, for C_SignInit"),
-    # Known gap (issue 13 §5): the proxy keeps C_SignInit local and asks the daemon only about
-    # the key (KeyFacts); a verdict on the mechanism's parameter comes with the final call.
-    "C_SignInit pss-without-parameter": (
-        "C_SignInit pss-without-parameter CKR_ARGUMENTS_BAD", "C_SignInit pss-without-parameter CKR_OK",
-        "not yet: SoftHSM checks PSS parameters at C_SignInit; the proxy learns the verdict at C_Sign"),
-    "C_Sign pss-without-parameter": (
-        "C_Sign pss-without-parameter CKR_OPERATION_NOT_INITIALIZED", "C_Sign pss-without-parameter CKR_ARGUMENTS_BAD",
-        "the same gap, seen at the final call"),
+    # Both refuse at Init (issue 13 §5) a parameter the mechanism needs and lacks, or one of the
+    # wrong size: PKCS#11 2.40 names CKR_MECHANISM_PARAM_INVALID (0x71) for it; SoftHSM answers
+    # CKR_ARGUMENTS_BAD, or CKR_MECHANISM_INVALID for a short CBC IV.
+    **{f"{call} {case}": (f"{call} {case} {softhsm}", f"{call} {case} 0x71", "PKCS#11's code for a bad parameter")
+       for call, case, softhsm in [
+           ("C_SignInit", "pss-without-parameter", "CKR_ARGUMENTS_BAD"),
+           ("C_SignInit", "pss-short-parameter", "CKR_ARGUMENTS_BAD"),
+           ("C_EncryptInit", "cbc-without-iv", "CKR_ARGUMENTS_BAD"),
+           ("C_EncryptInit", "cbc-short-iv", "CKR_MECHANISM_INVALID"),
+           ("C_EncryptInit", "oaep-without-parameter", "CKR_ARGUMENTS_BAD"),
+       ]},
     "C_DeriveKey invalid-key": (
         "C_DeriveKey invalid-key CKR_OBJECT_HANDLE_INVALID", "C_DeriveKey invalid-key CKR_KEY_HANDLE_INVALID",
         "PKCS#11 2.40 lists CKR_KEY_HANDLE_INVALID, not CKR_OBJECT_HANDLE_INVALID, for C_DeriveKey's base key"),
