@@ -202,26 +202,35 @@ public enum Calls {
         [Fields.session, Field("mechanism", Fields.mechanism), Field("base_key", .ulong), Field("template", Fields.template)],
         [Fields.handle], slow: true)
 
-    /// A multi-part encryption or decryption the token runs part by part (issue 13 §10), in a
-    /// backend session of its own: C_EncryptInit / C_DecryptInit at the first update. `kind`
-    /// 0 encrypts, 1 decrypts. `streaming` 0: the key needs a login the caller does not hold
-    /// (a caching-mode private key, served in a bracket at the final call), so the proxy
-    /// gathers the parts as before.
+    /// A multi-part operation the token runs part by part (issue 13 §10), in a backend session
+    /// of its own: its Init when the proxy starts streaming (an encryption's or decryption's
+    /// first update; a signature's, verification's or digest's first MiB). `kind` 0 encrypt, 1
+    /// decrypt, 2 sign, 3 verify, 4 digest (`key` unused). `streaming` 0: the daemon keeps to
+    /// its own path (a key that needs a login the caller does not hold, any private key's
+    /// signature), and the proxy gathers the parts for the final call as before.
     public static let streamBegin = Call(
         32, "StreamBegin", [Fields.session, Field("kind", .ulong), Field("mechanism", Fields.mechanism), Fields.key],
         [Field("streaming", .ulong)])
-    /// C_EncryptUpdate / C_DecryptUpdate of a stream as the application made it: `buffer` 0 no
-    /// length pointer, 1 a NULL output buffer (a length query), 2 one of `capacity` bytes. The
-    /// answer: the token's verdict (`status`), the length it wrote, its output, and whether its
-    /// operation goes on (`active`: after an error the daemon asks the token, whose rules
-    /// differ — SoftHSM keeps the operation after CKR_ARGUMENTS_BAD).
+    /// An update of a stream as the application made it: `data`, or a `C_DigestKey` of `key`
+    /// (non-zero). `buffer` 0 no length pointer, 1 a NULL output buffer (a length query), 2 one
+    /// of `capacity` bytes (encryption and decryption only). The answer: the token's verdict
+    /// (`status`), the length it wrote, its output, and whether its operation goes on
+    /// (`active`: after an error the daemon asks the token, whose rules differ — SoftHSM keeps
+    /// the operation after CKR_ARGUMENTS_BAD).
     public static let streamUpdate = Call(
         33, "StreamUpdate",
-        [Fields.session, Field("kind", .ulong), Field("data", Fields.data), Field("buffer", .ulong), Field("capacity", .ulong)],
+        [
+            Fields.session, Field("kind", .ulong), Field("data", Fields.data), Fields.key, Field("buffer", .ulong),
+            Field("capacity", .ulong),
+        ],
         Fields.streamOutput, slow: true)
-    /// C_EncryptFinal / C_DecryptFinal of a stream, as StreamUpdate.
+    /// The final call of a stream, as StreamUpdate; `signature` is C_VerifyFinal's.
     public static let streamFinal = Call(
-        34, "StreamFinal", [Fields.session, Field("kind", .ulong), Field("buffer", .ulong), Field("capacity", .ulong)],
+        34, "StreamFinal",
+        [
+            Fields.session, Field("kind", .ulong), Field("signature", Fields.data), Field("buffer", .ulong),
+            Field("capacity", .ulong),
+        ],
         Fields.streamOutput, slow: true)
 
     public static let all: [Call] = [

@@ -1,15 +1,21 @@
 import CPKCS11
 
-/// Multi-part encryption and decryption called part by part as an application calls them:
-/// the caller says what output buffer it has, and gets the module's verdict and output as
-/// they are (a proxy streams an application's parts this way).
+/// Multi-part operations called part by part as an application calls them: the caller says
+/// what output buffer it has, and gets the module's verdict and output as they are (a proxy
+/// streams an application's parts this way).
 extension PKCS11Module {
-    public enum CipherDirection: Sendable {
-        case encrypt, decrypt
+    public enum StreamKind: UInt64, Sendable, Hashable, CaseIterable {
+        case encrypt = 0, decrypt, sign, verify, digest
 
-        var names: (initial: String, update: String, final: String) {
-            self == .encrypt
-                ? ("C_EncryptInit", "C_EncryptUpdate", "C_EncryptFinal") : ("C_DecryptInit", "C_DecryptUpdate", "C_DecryptFinal")
+        /// The PKCS#11 functions of this kind: Init, Update, Final.
+        public var names: (initial: String, update: String, final: String) {
+            switch self {
+            case .encrypt: ("C_EncryptInit", "C_EncryptUpdate", "C_EncryptFinal")
+            case .decrypt: ("C_DecryptInit", "C_DecryptUpdate", "C_DecryptFinal")
+            case .sign: ("C_SignInit", "C_SignUpdate", "C_SignFinal")
+            case .verify: ("C_VerifyInit", "C_VerifyUpdate", "C_VerifyFinal")
+            case .digest: ("C_DigestInit", "C_DigestUpdate", "C_DigestFinal")
+            }
         }
     }
 
@@ -20,7 +26,7 @@ extension PKCS11Module {
     }
 
     /// What one part produced: `.ok` or `.bufferTooSmall`, the length the module wrote, and
-    /// the output (empty for a length query or a buffer too small).
+    /// the output (empty for a length query, a buffer too small, or a part without output).
     public struct PartOutput: Sendable, Equatable {
         public var rv: ReturnValue
         public var length: UInt
@@ -32,23 +38,83 @@ extension PKCS11Module {
         }
     }
 
-    /// `C_EncryptInit` / `C_DecryptInit`.
-    public func cipherInit(_ s: SessionHandle, _ direction: CipherDirection, mechanism: Mechanism, key: ObjectHandle) throws {
-        let member = direction == .encrypt ? \CK_FUNCTION_LIST.C_EncryptInit : \CK_FUNCTION_LIST.C_DecryptInit
+    /// `C_EncryptInit`, `C_DecryptInit`, `C_SignInit`, `C_VerifyInit` (with `key`) or
+    /// `C_DigestInit`.
+    public func streamInit(_ s: SessionHandle, _ kind: StreamKind, mechanism: Mechanism, key: ObjectHandle?) throws {
+        let name = kind.names.initial
+        let k = key?.rawValue ?? 0
         try mechanism.withCMechanism { m in
-            try call(direction.names.initial, member) { $0(s.rawValue, m, key.rawValue) }
+            switch kind {
+            case .encrypt: try call(name, \.C_EncryptInit) { $0(s.rawValue, m, k) }
+            case .decrypt: try call(name, \.C_DecryptInit) { $0(s.rawValue, m, k) }
+            case .sign: try call(name, \.C_SignInit) { $0(s.rawValue, m, k) }
+            case .verify: try call(name, \.C_VerifyInit) { $0(s.rawValue, m, k) }
+            case .digest: try call(name, \.C_DigestInit) { $0(s.rawValue, m) }
+            }
         }
     }
 
-    /// `C_EncryptUpdate` / `C_DecryptUpdate` with `data`, or the final call when `data` is nil.
-    /// CKR_BUFFER_TOO_SMALL is an answer; any other failure throws (and, by PKCS#11, ended
-    /// the operation).
-    public func cipherPart(_ s: SessionHandle, _ direction: CipherDirection, data: [UInt8]?, output: OutputBuffer) throws
+    /// An update with `data` (output only for encryption and decryption), or `C_DigestKey`
+    /// with `digestKey`. CKR_BUFFER_TOO_SMALL is an answer; any other failure throws.
+    public func streamUpdate(
+        _ s: SessionHandle, _ kind: StreamKind, data: [UInt8], digestKey: ObjectHandle? = nil, output: OutputBuffer
+    ) throws -> PartOutput {
+        if let digestKey {
+            try call("C_DigestKey", \.C_DigestKey) { $0(s.rawValue, digestKey.rawValue) }
+            return PartOutput(rv: .ok, length: 0, output: [])
+        }
+        // An empty part still has a buffer: NULL would be a different call (CKR_ARGUMENTS_BAD).
+        let input = data.isEmpty ? [0] : data
+        let count = CK_ULONG(data.count)
+        let name = kind.names.update
+        return try input.withUnsafeBufferPointer { p throws -> PartOutput in
+            let part = UnsafeMutablePointer(mutating: p.baseAddress)
+            switch kind {
+            case .encrypt, .decrypt:
+                let member = kind == .encrypt ? \CK_FUNCTION_LIST.C_EncryptUpdate : \CK_FUNCTION_LIST.C_DecryptUpdate
+                return try withOutput(name, output) { out, length in
+                    try call(name, member, accepting: [.bufferTooSmall]) { $0(s.rawValue, part, count, out, length) }
+                }
+            case .sign: try call(name, \.C_SignUpdate) { $0(s.rawValue, part, count) }
+            case .verify: try call(name, \.C_VerifyUpdate) { $0(s.rawValue, part, count) }
+            case .digest: try call(name, \.C_DigestUpdate) { $0(s.rawValue, part, count) }
+            }
+            return PartOutput(rv: .ok, length: 0, output: [])
+        }
+    }
+
+    /// The final call: `C_VerifyFinal` with `signature`, the others into `output`.
+    public func streamFinal(_ s: SessionHandle, _ kind: StreamKind, signature: [UInt8], output: OutputBuffer) throws
         -> PartOutput
     {
+        let name = kind.names.final
+        if kind == .verify {
+            let input = signature.isEmpty ? [0] : signature
+            try input.withUnsafeBufferPointer { p in
+                try call(name, \.C_VerifyFinal) { $0(s.rawValue, UnsafeMutablePointer(mutating: p.baseAddress), CK_ULONG(signature.count)) }
+            }
+            return PartOutput(rv: .ok, length: 0, output: [])
+        }
+        let member: KeyPath<CK_FUNCTION_LIST, CK_C_EncryptFinal?> =
+            switch kind {
+            case .encrypt: \.C_EncryptFinal
+            case .decrypt: \.C_DecryptFinal
+            case .sign: \.C_SignFinal
+            default: \.C_DigestFinal
+            }
+        return try withOutput(name, output) { out, length in
+            try call(name, member, accepting: [.bufferTooSmall]) { $0(s.rawValue, out, length) }
+        }
+    }
+
+    /// Runs `body` with the application's output as C sees it, and reads back what it wrote.
+    private func withOutput(
+        _ name: String, _ output: OutputBuffer,
+        _ body: (UnsafeMutablePointer<CK_BYTE>?, UnsafeMutablePointer<CK_ULONG>?) throws -> ReturnValue
+    ) throws -> PartOutput {
         var capacity = 0
         if case .buffer(let n) = output {
-            guard n >= 0, n <= Self.maxLength else { throw PKCS11Error(rv: .argumentsBad, function: direction.names.update) }
+            guard n >= 0, n <= Self.maxLength else { throw PKCS11Error(rv: .argumentsBad, function: name) }
             capacity = n
         }
         // SAFETY: the output buffer and the length outlive the call; the module writes at most
@@ -56,34 +122,12 @@ extension PKCS11Module {
         let buffer = UnsafeMutablePointer<CK_BYTE>.allocate(capacity: max(capacity, 1))
         defer { buffer.deallocate() }
         var length = CK_ULONG(capacity)
-        let out: UnsafeMutablePointer<CK_BYTE>? = output == .lengthQuery || output == .noLength ? nil : buffer
-        let rv: ReturnValue
-        if let data {
-            let member = direction == .encrypt ? \CK_FUNCTION_LIST.C_EncryptUpdate : \CK_FUNCTION_LIST.C_DecryptUpdate
-            // An empty part still has a buffer: NULL would be a different call (CKR_ARGUMENTS_BAD).
-            let input = data.isEmpty ? [0] : data
-            rv = try input.withUnsafeBufferPointer { p in
-                try withLength(output, &length) { lengthPointer in
-                    try call(direction.names.update, member, accepting: [.bufferTooSmall]) {
-                        $0(s.rawValue, UnsafeMutablePointer(mutating: p.baseAddress), CK_ULONG(data.count), out, lengthPointer)
-                    }
-                }
-            }
-        } else {
-            let member = direction == .encrypt ? \CK_FUNCTION_LIST.C_EncryptFinal : \CK_FUNCTION_LIST.C_DecryptFinal
-            rv = try withLength(output, &length) { lengthPointer in
-                try call(direction.names.final, member, accepting: [.bufferTooSmall]) { $0(s.rawValue, out, lengthPointer) }
-            }
-        }
+        let out: UnsafeMutablePointer<CK_BYTE>? = capacity > 0 || output == .buffer(capacity: 0) ? buffer : nil
+        let rv =
+            output == .noLength
+            ? try body(out, nil) : try withUnsafeMutablePointer(to: &length) { try body(out, $0) }
         guard rv == .ok, out != nil else { return PartOutput(rv: rv, length: UInt(length), output: []) }
-        guard length <= CK_ULONG(capacity) else { throw PKCS11Error(rv: .generalError, function: direction.names.update) }
+        guard length <= CK_ULONG(capacity) else { throw PKCS11Error(rv: .generalError, function: name) }
         return PartOutput(rv: rv, length: UInt(length), output: Array(UnsafeBufferPointer(start: buffer, count: Int(length))))
-    }
-
-    private func withLength<R>(_ output: OutputBuffer, _ length: inout CK_ULONG, _ body: (UnsafeMutablePointer<CK_ULONG>?) throws -> R)
-        rethrows -> R
-    {
-        if output == .noLength { return try body(nil) }
-        return try withUnsafeMutablePointer(to: &length) { try body($0) }
     }
 }

@@ -170,6 +170,8 @@ extension Library {
             do throws(CKError) {
                 guard operation.result == nil else { throw CKError.operationActive }
                 let bytes = try Codec.bytes(part, length)
+                if try streamUpdate(kind, session: session, data: bytes) { return }
+                operation = session.operations[kind] ?? operation
                 guard operation.data.count + bytes.count <= Caps.data else { throw CKError(CKR_DATA_LEN_RANGE) }
                 operation.data += bytes
                 operation.multipart = true
@@ -187,6 +189,7 @@ extension Library {
         try withSession(handle) { session throws(CKError) in
             guard var operation = session.operations[.digest] else { throw .operationNotInitialized }
             guard operation.result == nil else { throw CKError.operationActive }
+            if try streamDigestKey(session: session, key: key) { return }
             guard operation.digestKeys.count < Caps.digestParts / 2 else {
                 session.operations[.digest] = nil
                 throw CKError(CKR_DEVICE_MEMORY)
@@ -209,7 +212,7 @@ extension Library {
             // application can retry with proper arguments.
             guard let outputLength else { throw .argumentsBad }
             if case .accumulated = data,
-               try cipherFinal(kind, session: session, output: output, outputLength: outputLength) { return }
+               try streamFinal(kind, session: session, output: output, outputLength: outputLength) { return }
             var single: [UInt8]?
             if case .single(let pointer, let length) = data {
                 single = try Codec.bytes(pointer, length)
@@ -246,7 +249,13 @@ extension Library {
     func finishVerify(session handle: CK_SESSION_HANDLE, data: OperationInput,
                       signature: UnsafePointer<CK_BYTE>?, signatureLength: CK_ULONG) throws(CKError) {
         try withSession(handle) { session throws(CKError) in
-            guard let operation = session.operations.removeValue(forKey: .verify) else { throw .operationNotInitialized }
+            guard let operation = session.operations[.verify] else { throw .operationNotInitialized }
+            if case .accumulated = data, operation.streaming == true {
+                let signatureBytes = try Codec.bytes(signature, signatureLength, tooLong: CKError(CKR_SIGNATURE_LEN_RANGE))
+                _ = try streamFinal(.verify, session: session, signature: signatureBytes, output: nil, outputLength: nil)
+                return
+            }
+            session.operations[.verify] = nil
             let input: [UInt8]
             switch data {
             case .single(let pointer, let length):

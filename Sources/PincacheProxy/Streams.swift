@@ -1,12 +1,13 @@
 import CPKCS11
 import CryptokiWire
 
-/// Multi-part encryption and decryption part by part (issue 13 §10): at the first update the
-/// daemon starts the token's operation in a backend session of its own (Calls.streamBegin),
-/// and each part then goes to the token as the application made it, its output and its
-/// verdict coming back as the token gives them. Where the key needs a login the caller does
-/// not hold (a caching-mode private key: its login lasts one call), the daemon declines and
-/// the parts are gathered here for the final call, as single-part calls are.
+/// Multi-part operations part by part (issue 13 §10): the daemon starts the token's operation
+/// in a backend session of its own (Calls.streamBegin) — an encryption or decryption at its
+/// first update, a signature, verification or digest once its parts pass 1 MiB — and each
+/// part then goes to the token as the application made it, its output and its verdict coming
+/// back as the token gives them. Where the key needs a login the caller does not hold (a
+/// caching-mode private key: its login lasts one call) or signs with a private key, the daemon
+/// declines and the parts are gathered here for the final call, as single-part calls are.
 extension Library {
     /// C_EncryptUpdate / C_DecryptUpdate.
     func cipherUpdate(_ kind: OperationKind, session handle: CK_SESSION_HANDLE, part: UnsafePointer<CK_BYTE>?,
@@ -48,27 +49,60 @@ extension Library {
         }
     }
 
-    /// C_EncryptFinal / C_DecryptFinal of a streamed operation. Returns false when the
-    /// operation was not streamed (the gathered parts go as before).
-    func cipherFinal(_ kind: OperationKind, session: Session, output: UnsafeMutablePointer<CK_BYTE>?,
+    /// Signing, verifying and digesting in parts: gathered up to `streamAfter` bytes (one round
+    /// trip at the final call, the usual case), then streamed. Returns false when the
+    /// operation is not streamed and `data` is for the caller to gather.
+    func streamUpdate(_ kind: OperationKind, session: Session, data: [UInt8]) throws(CKError) -> Bool {
+        guard var operation = session.operations[kind] else { throw .operationNotInitialized }
+        if operation.streaming == nil, operation.digestKeys.isEmpty, operation.data.count + data.count > Self.streamAfter {
+            let reply = try call(Calls.streamBegin, on: session, [.ulong(kind.streamKind), operation.mechanism,
+                                                                   .ulong(UInt64(operation.key))])
+            operation.streaming = reply.first?.ulongValue == 1
+            if operation.streaming == true {
+                let gathered = operation.data
+                operation.data = []
+                session.operations[kind] = operation
+                try streamPart(Calls.streamUpdate, kind, on: session, data: gathered, output: nil, outputLength: nil)
+            } else {
+                session.operations[kind] = operation
+            }
+        }
+        guard session.operations[kind]?.streaming == true else { return false }
+        try streamPart(Calls.streamUpdate, kind, on: session, data: data, output: nil, outputLength: nil)
+        return true
+    }
+
+    /// What a signature, verification or digest gathers before it streams.
+    static let streamAfter = 1 << 20
+
+    /// C_DigestKey in a streamed digest. Returns false when the digest is not streamed.
+    func streamDigestKey(session: Session, key: CK_OBJECT_HANDLE) throws(CKError) -> Bool {
+        guard session.operations[.digest]?.streaming == true else { return false }
+        try streamPart(Calls.streamUpdate, .digest, on: session, data: [], key: UInt64(key), output: nil, outputLength: nil)
+        return true
+    }
+
+    /// The final call of a streamed operation (`signature`: C_VerifyFinal's). Returns false
+    /// when the operation was not streamed (the gathered parts go as before).
+    func streamFinal(_ kind: OperationKind, session: Session, signature: [UInt8] = [], output: UnsafeMutablePointer<CK_BYTE>?,
                      outputLength: UnsafeMutablePointer<CK_ULONG>?) throws(CKError) -> Bool {
         guard session.operations[kind]?.streaming == true else { return false }
-        try streamPart(Calls.streamFinal, kind, on: session, data: nil, output: output, outputLength: outputLength)
+        try streamPart(Calls.streamFinal, kind, on: session, data: nil, signature: signature, output: output,
+                       outputLength: outputLength)
         return true
     }
 
     /// One part, with the application's output buffer described as it is (no length
     /// pointer, a NULL buffer, or a buffer of its length), and the token's answer given back
     /// as the token gave it. The operation ends where the token's did: the daemon says.
-    private func streamPart(_ which: Call, _ kind: OperationKind, on session: Session, data: [UInt8]?,
-                            output: UnsafeMutablePointer<CK_BYTE>?, outputLength: UnsafeMutablePointer<CK_ULONG>?)
-        throws(CKError)
-    {
+    private func streamPart(_ which: Call, _ kind: OperationKind, on session: Session, data: [UInt8]?, key: UInt64 = 0,
+                            signature: [UInt8] = [], output: UnsafeMutablePointer<CK_BYTE>?,
+                            outputLength: UnsafeMutablePointer<CK_ULONG>?) throws(CKError) {
         let buffer: UInt64 = outputLength == nil ? 0 : output == nil ? 1 : 2
         // A buffer larger than any one reply can fill is as good as one of the cap's size.
         let capacity = UInt64(min(outputLength?.pointee ?? 0, CK_ULONG(Caps.data)))
         var arguments: [WireValue] = [.ulong(kind.streamKind)]
-        if let data { arguments.append(.bytes(data)) }
+        if let data { arguments += [.bytes(data), .ulong(key)] } else { arguments.append(.bytes(signature)) }
         arguments += [.ulong(buffer), .ulong(buffer == 2 ? capacity : 0)]
         let reply: [WireValue]
         do throws(CKError) {
@@ -99,5 +133,13 @@ extension Library {
 
 extension OperationKind {
     /// Calls.streamBegin's `kind`.
-    var streamKind: UInt64 { self == .decrypt ? 1 : 0 }
+    var streamKind: UInt64 {
+        switch self {
+        case .encrypt: 0
+        case .decrypt: 1
+        case .sign: 2
+        case .verify: 3
+        case .digest: 4
+        }
+    }
 }

@@ -337,28 +337,33 @@ extension PincacheService {
             }) { [.ulong($0)] }
         case Calls.streamBegin.id:
             guard let m = mechanism() else { return }
-            guard let direction = Self.cipherDirection(r.ulong("kind")) else {
-                return r.fail(rv: 0x7, "StreamBegin: kind must be 0 (encrypt) or 1 (decrypt) (CKR_ARGUMENTS_BAD)")
+            guard let kind = PKCS11Module.StreamKind(rawValue: r.ulong("kind")) else {
+                return r.fail(rv: 0x7, "StreamBegin: kind must be 0 to 4 (CKR_ARGUMENTS_BAD)")
             }
             let key = r.ulong("key")
-            let keyID = token.knownKeyID(key)
-            let operation = direction == .encrypt ? "encrypt" : "decrypt"
+            let keyID = kind == .digest ? nil : token.knownKeyID(key)
+            let operation = ["encrypt", "decrypt", "sign", "verify", "digest"][Int(kind.rawValue)]
             let begin: @Sendable () throws -> Bool = {
-                try token.streamBegin(caller: caller, session: id, direction: direction, mechanism: m, key: key)
+                try token.streamBegin(caller: caller, session: id, kind: kind, mechanism: m, key: key)
             }
             // A decryption is a key's use, audited as C_Decrypt is, when it starts or fails; one
-            // that does not stream is recorded at its final call. An encryption is not audited.
-            let job = direction == .decrypt
+            // that does not stream is recorded at its final call. (Signatures never stream with
+            // a private key; encryption, verification and digests are not audited.)
+            let job = kind == .decrypt
                 ? audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false, recordIf: { $0 }, begin)
                 : begin
-            run(objects, operation, keyID: keyID, job) { [.ulong($0 ? 1 : 0)] }
+            run(kind == .digest ? [] : objects, operation, keyID: keyID, job) { [.ulong($0 ? 1 : 0)] }
         case Calls.streamUpdate.id, Calls.streamFinal.id:
-            guard let direction = Self.cipherDirection(r.ulong("kind")),
+            guard let kind = PKCS11Module.StreamKind(rawValue: r.ulong("kind")),
                 let output = Self.outputBuffer(r.ulong("buffer"), capacity: r.ulong("capacity"))
-            else { return r.fail(rv: 0x7, "\(r.call.name): kind 0 or 1, buffer 0, 1 or 2, capacity within the cap (CKR_ARGUMENTS_BAD)") }
-            let data: [UInt8]? = r.call.id == Calls.streamUpdate.id ? r.bytes("data") : nil
+            else { return r.fail(rv: 0x7, "\(r.call.name): kind 0 to 4, buffer 0, 1 or 2, capacity within the cap (CKR_ARGUMENTS_BAD)") }
+            let final = r.call.id == Calls.streamFinal.id
+            let data: [UInt8]? = final ? nil : r.bytes("data")
+            let digestKey = final ? 0 : r.ulong("key")
+            let signature = final ? r.bytes("signature") : []
             run([], "stream", {
-                try token.streamPart(session: id, direction: direction, data: data, output: output)
+                try token.streamPart(
+                    caller: caller, session: id, kind: kind, data: data, digestKey: digestKey, signature: signature, output: output)
             }) { answer in
                 [
                     .ulong(UInt64(answer.part.rv.rawValue)), .ulong(UInt64(answer.part.length)), .bytes(answer.part.output),
@@ -409,10 +414,6 @@ extension PincacheService {
     }
 
     // MARK: - Values
-
-    static func cipherDirection(_ kind: UInt64) -> PKCS11Module.CipherDirection? {
-        kind == 0 ? .encrypt : kind == 1 ? .decrypt : nil
-    }
 
     /// The application's output buffer as the proxy describes it (Calls.streamUpdate).
     static func outputBuffer(_ buffer: UInt64, capacity: UInt64) -> PKCS11Module.OutputBuffer? {

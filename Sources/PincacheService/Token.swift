@@ -135,8 +135,8 @@ final class TokenContext: @unchecked Sendable {
     var mechanisms: Set<MechanismType>?
     // Worker-only state of the proxy's interface (TokenCryptoki.swift).
     var rawSessions: [UInt64: SessionHandle] = [:]
-    /// Multi-part encryptions and decryptions run part by part (Token+Streams).
-    var streams: [CipherStreamKey: CipherStream] = [:]
+    /// Multi-part operations run part by part (Token+Streams).
+    var streams: [OperationStreamKey: OperationStream] = [:]
     /// Moves at every backend login, logout or session loss (see logoutBackend).
     var loginEpoch: UInt64 = 0
     var contextPINs: [UInt64: SecretPIN] = [:]

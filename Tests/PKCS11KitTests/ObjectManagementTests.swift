@@ -342,7 +342,7 @@ extension ModuleTests {
 
 /// Multi-part encryption as an application calls it: the module's verdicts and output as given.
 extension ModuleTests {
-    @Test func cipherPartsAnswerAsTheModuleDoes() throws {
+    @Test func streamedPartsAnswerAsTheModuleDoes() throws {
         try f.withUserSession { s in
             let key = try m.createObject(
                 s,
@@ -352,19 +352,27 @@ extension ModuleTests {
                 ])
             defer { try? m.destroyObject(s, key) }
             let cbcPad = Mechanism(MechanismType(rawValue: 0x1085), parameter: .raw([UInt8](repeating: 0, count: 16)))
-            try m.cipherInit(s, .encrypt, mechanism: cbcPad, key: key)
+            try m.streamInit(s, .encrypt, mechanism: cbcPad, key: key)
             let data = [UInt8](repeating: 0x33, count: 20)
             // A length query consumes nothing; a buffer too small neither.
-            #expect(try m.cipherPart(s, .encrypt, data: data, output: .lengthQuery).rv == .ok)
-            #expect(try m.cipherPart(s, .encrypt, data: data, output: .buffer(capacity: 1)).rv == .bufferTooSmall)
-            let first = try m.cipherPart(s, .encrypt, data: data, output: .buffer(capacity: 64))
+            #expect(try m.streamUpdate(s, .encrypt, data: data, output: .lengthQuery).rv == .ok)
+            #expect(try m.streamUpdate(s, .encrypt, data: data, output: .buffer(capacity: 1)).rv == .bufferTooSmall)
+            let first = try m.streamUpdate(s, .encrypt, data: data, output: .buffer(capacity: 64))
             #expect(first.rv == .ok && first.length == 16 && first.output.count == 16)
-            let final = try m.cipherPart(s, .encrypt, data: nil, output: .buffer(capacity: 64))
+            let final = try m.streamFinal(s, .encrypt, signature: [], output: .buffer(capacity: 64))
             #expect(final.rv == .ok && final.output.count == 16)
             // Whole, it is what single-part encryption gives.
             #expect(first.output + final.output == (try m.encrypt(s, mechanism: cbcPad, key: key, data: data)))
             // The operation ended with its final call.
-            #expect(throws: PKCS11Error.self) { try m.cipherPart(s, .encrypt, data: data, output: .lengthQuery) }
+            #expect(throws: PKCS11Error.self) { try m.streamUpdate(s, .encrypt, data: data, output: .lengthQuery) }
+
+            // A digest in parts, and its length query, are the single-part digest's.
+            try m.streamInit(s, .digest, mechanism: Mechanism(.sha256), key: nil)
+            _ = try m.streamUpdate(s, .digest, data: Array("ab".utf8), output: .noLength)
+            _ = try m.streamUpdate(s, .digest, data: Array("c".utf8), output: .noLength)
+            #expect(try m.streamFinal(s, .digest, signature: [], output: .lengthQuery) == .init(rv: .ok, length: 32, output: []))
+            let digest = try m.streamFinal(s, .digest, signature: [], output: .buffer(capacity: 32))
+            #expect(digest.output == (try m.digest(s, mechanism: Mechanism(.sha256), data: Array("abc".utf8))))
         }
     }
 }

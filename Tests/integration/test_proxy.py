@@ -178,13 +178,31 @@ def test_conformance_same_as_softhsm(start_daemon, proxy_host, proxy_lib, bus, t
 @pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
 def test_multipart_encryption_streams_past_what_one_call_can_carry(start_daemon, proxy_host, proxy_lib, bus, tokens,
                                                                    caching):
-    """Issue 13 §10: multi-part encryption and decryption run part by part on the token, so
-    20 MiB go through in 1 MiB parts (one call carries at most 16 MiB: gathered parts failed
-    with CKR_DATA_LEN_RANGE) and each part's output is the token's, byte for byte."""
+    """Issue 13 §10: multi-part operations run part by part on the token, so 20 MiB go
+    through in 1 MiB parts (one call carries at most 16 MiB: gathered parts failed with
+    CKR_DATA_LEN_RANGE): encryption and decryption with each part's output the token's, byte
+    for byte, and a digest, an HMAC and its verification (good and tampered) streamed once
+    past 1 MiB."""
     start_daemon(caching=caching)
     direct = run_host(proxy_host, SOFTHSM_MODULE, "bigstream", LABEL, PIN, "20", env={**os.environ, **tokens.env()})
     proxied = run_host(proxy_host, proxy_lib, "bigstream", LABEL, PIN, "20", env=proxy_env(bus))
     assert direct[2].startswith("stream encrypt CKR_OK 20971520 ") and direct[3] == "stream decrypt CKR_OK 20971520 mismatches=0"
+    assert [line.split(" ")[:3] for line in direct[5:]] == [
+        ["stream", "digest", "CKR_OK"], ["stream", "hmac", "CKR_OK"], ["stream", "verify", "CKR_OK"],
+        ["stream", "verify", "tampered"]] and direct[-1].endswith("CKR_SIGNATURE_INVALID")
+    assert proxied == direct
+
+
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
+def test_a_private_keys_signature_in_parts_keeps_to_its_own_path(start_daemon, proxy_host, proxy_lib, bus, tokens,
+                                                                 caching):
+    """Past its first MiB a signature in parts asks to stream; with a private key the daemon
+    declines (fresh PINs, PinCacheMaxUses and logout after sign live on the single-part path)
+    and the proxy gathers the parts: the signature is the token's, byte for byte."""
+    start_daemon(caching=caching)
+    direct = run_host(proxy_host, SOFTHSM_MODULE, "bigsign", LABEL, PIN, "3", env={**os.environ, **tokens.env()})
+    proxied = run_host(proxy_host, proxy_lib, "bigsign", LABEL, PIN, "3", env=proxy_env(bus))
+    assert direct[2].startswith("big sign CKR_OK ") and len(direct[2]) > 100
     assert proxied == direct
 
 

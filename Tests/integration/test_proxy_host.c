@@ -1405,10 +1405,78 @@ static int cmd_bigstream(const char *label, const char *pin, int mib)
     }
     n = part;
     if (rv == CKR_OK) rv = f->C_DecryptFinal(s2, opened, &n);
+    n = part;
+    CK_RV ended = f->C_EncryptFinal(s, sealed, &n);
+    if (rv == CKR_OK) rv = ended;
     out("stream decrypt", rv, "%lu mismatches=%lu", restored, mismatches);
+
+    /* A digest, an HMAC (a public secret key) and its verification over the same parts:
+     * streamed once past 1 MiB. */
+    CK_KEY_TYPE gk = CKK_GENERIC_SECRET;
+    unsigned char mac_value[32];
+    memset(mac_value, 0x3c, sizeof mac_value);
+    CK_ATTRIBUTE ht[] = { { CKA_CLASS, &c, sizeof c }, { CKA_KEY_TYPE, &gk, sizeof gk }, { CKA_TOKEN, &no, 1 },
+                          { CKA_PRIVATE, &no, 1 }, { CKA_SIGN, &yes, 1 }, { CKA_VERIFY, &yes, 1 }, { CKA_VALUE, mac_value, 32 } };
+    CK_OBJECT_HANDLE hmac = 0;
+    out("C_CreateObject stream hmac key", f->C_CreateObject(s, ht, 7, &hmac), NULL);
+    CK_MECHANISM sha = { CKM_SHA256, NULL, 0 }, mac = { CKM_SHA256_HMAC, NULL, 0 };
+    unsigned char digest[32], signature[32];
+    char hx[65];
+    CK_RV d = f->C_DigestInit(s, &sha), g = f->C_SignInit(s2, &mac, hmac);
+    for (int i = 0; i < mib && d == CKR_OK && g == CKR_OK; i++) {
+        for (size_t j = 0; j < part; j++) in[j] = (unsigned char)(i * 31 + j * 7);
+        d = f->C_DigestUpdate(s, in, part);
+        g = f->C_SignUpdate(s2, in, part);
+    }
+    n = sizeof digest;
+    if (d == CKR_OK) d = f->C_DigestFinal(s, digest, &n);
+    hex(digest, d == CKR_OK ? n : 0, hx);
+    out("stream digest", d, "%s", hx);
+    n = sizeof signature;
+    if (g == CKR_OK) g = f->C_SignFinal(s2, signature, &n);
+    hex(signature, g == CKR_OK ? n : 0, hx);
+    out("stream hmac", g, "%s", hx);
+    CK_RV vr = f->C_VerifyInit(s, &mac, hmac);
+    for (int i = 0; i < mib && vr == CKR_OK; i++) {
+        for (size_t j = 0; j < part; j++) in[j] = (unsigned char)(i * 31 + j * 7);
+        vr = f->C_VerifyUpdate(s, in, part);
+    }
+    if (vr == CKR_OK) vr = f->C_VerifyFinal(s, signature, 32);
+    out("stream verify", vr, NULL);
+    signature[0] ^= 1;
+    vr = f->C_VerifyInit(s, &mac, hmac);
+    for (int i = 0; i < 2 && vr == CKR_OK; i++) vr = f->C_VerifyUpdate(s, in, part);
+    if (vr == CKR_OK) vr = f->C_VerifyFinal(s, signature, 32);
+    out("stream verify tampered", vr, NULL);
     free(in);
     free(sealed);
     free(opened);
+    return 0;
+}
+
+/* A signature with the token's private RSA key over `mib` MiB in 1 MiB parts: past the first
+ * MiB the proxy asks to stream, the daemon declines (a private key's signature keeps to its
+ * own path), and the parts are gathered for one signature at the final call. */
+static int cmd_bigsign(const char *label, const char *pin, int mib)
+{
+    CK_SLOT_ID slot;
+    CK_SESSION_HANDLE s;
+    if (!open_logged_in(label, pin, 0, &slot, &s)) return 2;
+    CK_OBJECT_HANDLE key = 0;
+    out("find rsa", find_key(s, CKO_PRIVATE_KEY, 2, &key), NULL);
+    CK_MECHANISM m = { CKM_SHA256_RSA_PKCS, NULL, 0 };
+    const size_t part = 1 << 20;
+    unsigned char *in = malloc(part), sig[512];
+    char hx[2 * 512 + 1];
+    if (!in) return 2;
+    memset(in, 0x17, part);
+    CK_RV rv = f->C_SignInit(s, &m, key);
+    for (int i = 0; i < mib && rv == CKR_OK; i++) rv = f->C_SignUpdate(s, in, part);
+    CK_ULONG n = sizeof sig;
+    if (rv == CKR_OK) rv = f->C_SignFinal(s, sig, &n);
+    hex(sig, rv == CKR_OK ? n : 0, hx);
+    out("big sign", rv, "%s", hx);
+    free(in);
     return 0;
 }
 
@@ -1738,6 +1806,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "fork") && argc == 5) return cmd_fork(argv[3], argv[4]);
     if (!strcmp(cmd, "bigstream") && argc == 6) return cmd_bigstream(argv[3], argv[4], atoi(argv[5]));
     if (!strcmp(cmd, "tokenkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4]);
+    if (!strcmp(cmd, "bigsign") && argc == 6) return cmd_bigsign(argv[3], argv[4], atoi(argv[5]));
     if (!strcmp(cmd, "forkstress") && argc == 7) return cmd_forkstress(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "repl") && argc == 4) return cmd_repl(argv[3]);
     fprintf(stderr, "bad command\n");
