@@ -346,10 +346,10 @@ extension PincacheService {
             let begin: @Sendable () throws -> Bool = {
                 try token.streamBegin(caller: caller, session: id, kind: kind, mechanism: m, key: key)
             }
-            // A decryption is a key's use, audited as C_Decrypt is, when it starts or fails; one
-            // that does not stream is recorded at its final call. (Signatures never stream with
-            // a private key; encryption, verification and digests are not audited.)
-            let job = kind == .decrypt
+            // A decryption or a signature is a key's use, audited as C_Decrypt and C_Sign are,
+            // when it starts or fails; one that does not stream is recorded at its final call.
+            // Encryption, verification and digests are not audited.
+            let job = kind == .decrypt || kind == .sign
                 ? audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false, recordIf: { $0 }, begin)
                 : begin
             run(kind == .digest ? [] : objects, operation, keyID: keyID, job) { [.ulong($0 ? 1 : 0)] }

@@ -23,8 +23,8 @@ extension TokenContext {
     /// lasts one bracket, one call), and any signature with a private key, which has its
     /// policy (fresh PINs, PinCacheMaxUses, logout after sign) in `perform`. The proxy then
     /// gathers the parts and sends them with the final call as before. Keys public at the
-    /// backend (public keys, public secret keys, the session objects kept private by the
-    /// daemon), digests, and a non-caching caller's own login for decryption stream.
+    /// backend (public keys, public secret keys), digests, and a non-caching caller's own
+    /// login for decryption stream; the session objects the daemon keeps private do not.
     func streamBegin(
         caller: CallerID, session id: UInt64, kind: PKCS11Module.StreamKind, mechanism: Mechanism, key handle: UInt64
     ) throws -> Bool {
@@ -41,6 +41,9 @@ extension TokenContext {
                 }
                 guard state.holdsLogin, kind != .sign else { return false }
             }
+            // A session key the daemon keeps private is private to its caller: its uses go
+            // where a private key's go (its cached PIN's count, its audit).
+            if found.keptPrivate { return false }
             loc = found
         }
         let key = OperationStreamKey(session: id, kind: kind)

@@ -213,10 +213,13 @@ def test_a_private_token_keys_parts_come_at_the_final_call_only_in_caching_mode(
     there the proxy gathers the parts and the whole output comes at the final call (PKCS#11
     lets a part produce none). A held login streams, as the token itself does."""
     start_daemon(caching=caching)
-    direct = run_host(proxy_host, SOFTHSM_MODULE, "tokenkeyparts", LABEL, PIN, env={**os.environ, **tokens.env()})
-    proxied = run_host(proxy_host, proxy_lib, "tokenkeyparts", LABEL, PIN, env=proxy_env(bus))
-    assert direct[2:] == ["parts CKR_OK 32 32 16", "opened CKR_OK same", "C_DestroyObject token key CKR_OK"]
-    assert proxied[2:] == (["parts CKR_OK 0 0 80"] if caching else ["parts CKR_OK 32 32 16"]) + direct[3:]
+    # A session key the daemon keeps private (caching mode: Token+SessionObjects) goes the same
+    # way: its uses count as a private key's.
+    for command in ("tokenkeyparts", "sessionkeyparts"):
+        direct = run_host(proxy_host, SOFTHSM_MODULE, command, LABEL, PIN, env={**os.environ, **tokens.env()})
+        proxied = run_host(proxy_host, proxy_lib, command, LABEL, PIN, env=proxy_env(bus))
+        assert direct[2:] == ["parts CKR_OK 32 32 16", "opened CKR_OK same", "C_DestroyObject token key CKR_OK"]
+        assert proxied[2:] == (["parts CKR_OK 0 0 80"] if caching else ["parts CKR_OK 32 32 16"]) + direct[3:], command
 
 
 # --- policy through the proxy ----------------------------------------------------

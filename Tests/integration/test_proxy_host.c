@@ -1480,19 +1480,20 @@ static int cmd_bigsign(const char *label, const char *pin, int mib)
     return 0;
 }
 
-/* A token AES key, private (CKA_PRIVATE TRUE), in a two-part CBC-PAD encryption of 64 bytes:
+/* A private AES key (CKA_PRIVATE TRUE; on the token, or a session key with `on_token` 0), in a
+ * two-part CBC-PAD encryption of 64 bytes:
  * what each update and the final call produced, then the decryption's result. Caching mode
  * gathers such parts for the final call (the key's login lasts one call); a held login and
  * the token itself give each part's blocks as they come. */
-static int cmd_tokenkeyparts(const char *label, const char *pin)
+static int cmd_tokenkeyparts(const char *label, const char *pin, int on_token)
 {
     CK_SLOT_ID slot;
     CK_SESSION_HANDLE s;
     if (!open_logged_in(label, pin, CKF_RW_SESSION, &slot, &s)) return 2;
     CK_MECHANISM gen = { CKM_AES_KEY_GEN, NULL, 0 };
-    CK_BBOOL yes = CK_TRUE;
+    CK_BBOOL yes = CK_TRUE, token = on_token ? CK_TRUE : CK_FALSE;
     CK_ULONG len = 16;
-    CK_ATTRIBUTE t[] = { { CKA_TOKEN, &yes, 1 }, { CKA_PRIVATE, &yes, 1 }, { CKA_ENCRYPT, &yes, 1 },
+    CK_ATTRIBUTE t[] = { { CKA_TOKEN, &token, 1 }, { CKA_PRIVATE, &yes, 1 }, { CKA_ENCRYPT, &yes, 1 },
                          { CKA_DECRYPT, &yes, 1 }, { CKA_VALUE_LEN, &len, sizeof len } };
     CK_OBJECT_HANDLE key = 0;
     out("C_GenerateKey token", f->C_GenerateKey(s, &gen, t, 5, &key), NULL);
@@ -1805,7 +1806,8 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "threads") && argc == 7) return cmd_threads(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "fork") && argc == 5) return cmd_fork(argv[3], argv[4]);
     if (!strcmp(cmd, "bigstream") && argc == 6) return cmd_bigstream(argv[3], argv[4], atoi(argv[5]));
-    if (!strcmp(cmd, "tokenkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4]);
+    if (!strcmp(cmd, "tokenkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4], 1);
+    if (!strcmp(cmd, "sessionkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4], 0);
     if (!strcmp(cmd, "bigsign") && argc == 6) return cmd_bigsign(argv[3], argv[4], atoi(argv[5]));
     if (!strcmp(cmd, "forkstress") && argc == 7) return cmd_forkstress(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "repl") && argc == 4) return cmd_repl(argv[3]);
