@@ -61,8 +61,11 @@ extension Library {
             if operation.streaming == true {
                 let gathered = operation.data
                 operation.data = []
+                operation.multipart = true
                 session.operations[kind] = operation
-                try streamPart(Calls.streamUpdate, kind, on: session, data: gathered, output: nil, outputLength: nil)
+                if !gathered.isEmpty {
+                    try streamPart(Calls.streamUpdate, kind, on: session, data: gathered, output: nil, outputLength: nil)
+                }
             } else {
                 session.operations[kind] = operation
             }
