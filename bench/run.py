@@ -12,9 +12,12 @@ logged-in session) and as a cold open-login-find-sign-logout-close cycle; `direc
 a login-find-sign-logout cycle in an open session (what a caching-mode signature costs the
 token). Then, issue 14's figures: 1/4/16/64 concurrent client processes (throughput, p99)
 through p11-kit and the proxy in both modes, and `p11tool --test-sign` wall time directly and
-through the proxy in caching mode, with the backend logins it cost. bench/p11bench.c does the
-timing; this script builds it, sets everything up, prints one table with ratios to direct
-and to p11-kit, and tears everything down.
+through the proxy in caching mode, with the backend logins it cost. Then issue 13 §10's:
+multi-part operations streamed in 1 MiB parts (Tests/integration/test_proxy_host.c
+`bigstream`: AES-CTR encryption, encryption and decryption side by side, SHA-256, HMAC and
+its verification), wall time and MiB/s in every configuration. bench/p11bench.c does the
+signature timing; this script builds it, sets everything up, prints one table with ratios to
+direct and to p11-kit, and tears everything down.
 
 Usage: bench/run.py [--quick] [--only NAME,...] [--json FILE] [--keep] ...
        (see --help; `make bench BENCH_ARGS=--quick`)
@@ -382,6 +385,66 @@ def measure_issue14(ctx, args, skipped):
     return conc, tool
 
 
+def compile_host(tmp):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    cflags = subprocess.run(["pkg-config", "--cflags", "p11-kit-1"], capture_output=True,
+                            text=True).stdout.split() or ["-I/usr/include/p11-kit-1"]
+    exe = tmp / "proxy_host"
+    subprocess.run([cc, "-O2", *cflags, "-o", str(exe), str(REPO / "Tests" / "integration" / "test_proxy_host.c"),
+                    "-ldl", "-lpthread"], check=True)
+    return exe
+
+
+def measure_streams(ctx, args, skipped):
+    """Issue 13 §10: median wall time of `bigstream` (--stream-mib MiB per operation) per
+    configuration, its service up once."""
+    if args.stream_mib <= 0:
+        return []
+    host = compile_host(ctx["tmp"])
+    out = []
+    expected = None  # every configuration must print what the first (direct) printed
+    for name in args.only:
+        if name in skipped or name == "proxy-cache-nolinger":  # no login in the streams: the same as proxy-cache
+            continue
+        with STARTERS[name](ctx, args.rounds) as (module, extra):
+            log(f"{name}: bigstream {args.stream_mib} MiB x{args.rounds}")
+            times = []
+            for _ in range(args.rounds):
+                t = time.perf_counter()
+                r = subprocess.run([str(host), module, "bigstream", TOKEN, PIN, str(args.stream_mib)],
+                                   capture_output=True, text=True, env={**ctx["env"], **extra}, timeout=600)
+                times.append(time.perf_counter() - t)
+                if name == "p11-kit" and "stream encrypt CKR_MECHANISM_INVALID" in r.stdout:
+                    break
+                if r.returncode != 0 or "stream verify CKR_OK" not in r.stdout or r.stdout != (expected or r.stdout):
+                    raise RuntimeError(f"bigstream through {name} failed or differed: {r.stdout}{r.stderr}")
+                expected = r.stdout
+            else:
+                times.sort()
+                out.append({"name": name, "mib_per_operation": args.stream_mib, "seconds": times[(len(times) - 1) // 2]})
+                continue
+            # p11-kit 0.24's remoting has no serialisation for CK_AES_CTR_PARAMS.
+            out.append({"name": name, "na": "its remoting refuses AES-CTR's parameter (CKR_MECHANISM_INVALID)"})
+    return out
+
+
+def report_streams(streams):
+    if not streams:
+        return
+    mib = next(r["mib_per_operation"] for r in streams if "na" not in r)
+    # Encryption, encryption + decryption, digest, HMAC, verification, and 2 MiB of a tampered one.
+    total = 6 * mib + 2
+    print(f"\nMulti-part operations streamed in 1 MiB parts (bigstream: {mib} MiB per operation, "
+          f"{total} MiB through the token; median wall time, process start included)")
+    print(f"{'configuration':<14} {'seconds':>8} {'MiB/s':>8} {'x direct':>9}")
+    base = next((r["seconds"] for r in streams if r["name"] == "direct" and "na" not in r), None)
+    for r in streams:
+        if "na" in r:
+            print(f"{r['name']:<14} {'n/a':>8}  {r['na']}")
+            continue
+        print(f"{r['name']:<14} {r['seconds']:>8.3f} {total / r['seconds']:>8.1f} {ratio(r['seconds'], base):>9}")
+
+
 def median_round(runs):
     """The run with the median p50, whole, so that its p99 and ops/s stay its own."""
     return sorted(runs, key=lambda r: r["p50_us"])[(len(runs) - 1) // 2]
@@ -542,6 +605,8 @@ def parse_args():
                    help="signatures per concurrency measurement, split over the clients (default 2000, --quick 200)")
     p.add_argument("--min-per-client", type=int, help="at least this many per client (default 50, --quick 20)")
     p.add_argument("--p11tool-runs", type=int, help="p11tool --test-sign runs (default 10, --quick 3; 0 = none)")
+    p.add_argument("--stream-mib", type=int,
+                   help="MiB per operation in the streamed multi-part figures (default 64, --quick 8; 0 = none)")
     p.add_argument("--strict", action="store_true", default=CI,
                    help="a configuration that cannot run is an error (default under CI=true)")
     a = p.parse_args()
@@ -562,6 +627,8 @@ def parse_args():
         a.min_per_client = 20 if a.quick else 50
     if a.p11tool_runs is None:
         a.p11tool_runs = 3 if a.quick else 10
+    if a.stream_mib is None:
+        a.stream_mib = 8 if a.quick else 64
     if a.rounds < 1:
         p.error("--rounds must be at least 1")
     a.only = [c.strip() for c in a.only.split(",") if c.strip()]
@@ -614,12 +681,19 @@ def main():
             log(f"issue 14 figures: FAILED: {e}")
             failed = True
         report_issue14(conc, tool)
+        streams = []
+        try:
+            streams = measure_streams(ctx, args, skipped)
+        except (RuntimeError, subprocess.SubprocessError) as e:
+            log(f"stream figures: FAILED: {e}")
+            failed = True
+        report_streams(streams)
         if args.json:
             doc = {"machine": machine(), "build": args.config, "rounds": args.rounds,
                    "length_query": args.length_query,
                    "results": list(results.values()),
                    "all_rounds": [r for v in rounds.values() for r in v], "skipped": skipped,
-                   "concurrent": conc, "p11tool": tool}
+                   "concurrent": conc, "p11tool": tool, "streams": streams}
             Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     finally:
         if args.keep:
