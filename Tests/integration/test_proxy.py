@@ -206,6 +206,20 @@ def test_a_private_keys_signature_in_parts_keeps_to_its_own_path(start_daemon, p
     assert proxied == direct
 
 
+def test_a_stream_in_a_held_login_ends_with_the_login(start_daemon, proxy_host, proxy_lib, bus, tokens):
+    """Non-caching mode: a decryption with a private key streams in the login its caller
+    holds, and ends when that login does — its next part finds no operation. SoftHSM itself
+    goes on decrypting after C_Logout (and then forgets the key's handle); the daemon does not
+    let a private key be used past the login that allowed it."""
+    start_daemon(caching=False)
+    direct = run_host(proxy_host, SOFTHSM_MODULE, "logoutstream", LABEL, PIN, env={**os.environ, **tokens.env()})
+    assert direct[4] == "part after the logout CKR_OK"
+    proxied = run_host(proxy_host, proxy_lib, "logoutstream", LABEL, PIN, env=proxy_env(bus))
+    assert proxied[2:] == ["part in the login CKR_OK 32", "C_Logout CKR_OK",
+                           "part after the logout CKR_OPERATION_NOT_INITIALIZED", "C_Login again CKR_OK",
+                           "C_DestroyObject token key CKR_OK"]
+
+
 @pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
 def test_a_private_token_keys_parts_come_at_the_final_call_only_in_caching_mode(start_daemon, proxy_host, proxy_lib,
                                                                                 bus, tokens, caching):

@@ -1456,6 +1456,39 @@ static int cmd_bigstream(const char *label, const char *pin, int mib)
     return 0;
 }
 
+/* A decryption streamed in a login the caller holds (non-caching mode) ends with that login:
+ * after C_Logout its next part finds no operation, and the key's private value is not used
+ * past the login that allowed it. (SoftHSM itself keeps such an operation going.) */
+static int cmd_logoutstream(const char *label, const char *pin)
+{
+    CK_SLOT_ID slot;
+    CK_SESSION_HANDLE s;
+    if (!open_logged_in(label, pin, CKF_RW_SESSION, &slot, &s)) return 2;
+    CK_MECHANISM gen = { CKM_AES_KEY_GEN, NULL, 0 };
+    CK_BBOOL yes = CK_TRUE;
+    CK_ULONG len = 16;
+    CK_ATTRIBUTE t[] = { { CKA_TOKEN, &yes, 1 }, { CKA_PRIVATE, &yes, 1 }, { CKA_ENCRYPT, &yes, 1 },
+                         { CKA_DECRYPT, &yes, 1 }, { CKA_VALUE_LEN, &len, sizeof len } };
+    CK_OBJECT_HANDLE key = 0;
+    out("C_GenerateKey token", f->C_GenerateKey(s, &gen, t, 5, &key), NULL);
+    unsigned char iv[16] = { 0 }, data[32], buf[64];
+    memset(data, 0x44, sizeof data);
+    CK_MECHANISM m = { CKM_AES_CBC, iv, 16 };
+    CK_ULONG n = sizeof buf;
+    CK_RV rv = f->C_DecryptInit(s, &m, key);
+    if (rv == CKR_OK) rv = f->C_DecryptUpdate(s, data, sizeof data, buf, &n);
+    out("part in the login", rv, "%lu", rv == CKR_OK ? n : 0);
+    out("C_Logout", f->C_Logout(s), NULL);
+    n = sizeof buf;
+    out("part after the logout", f->C_DecryptUpdate(s, data, sizeof data, buf, &n), NULL);
+    out("C_Login again", f->C_Login(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin)), NULL);
+    n = sizeof buf;
+    f->C_DecryptFinal(s, buf, &n);
+    out("C_DestroyObject token key", f->C_DestroyObject(s, key), NULL);
+    f->C_Finalize(NULL);
+    return 0;
+}
+
 /* A signature with the token's private RSA key over `mib` MiB in 1 MiB parts: past the first
  * MiB the proxy asks to stream, the daemon declines (a private key's signature keeps to its
  * own path), and the parts are gathered for one signature at the final call. */
@@ -1813,6 +1846,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "tokenkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4], 1);
     if (!strcmp(cmd, "sessionkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4], 0);
     if (!strcmp(cmd, "bigsign") && argc == 6) return cmd_bigsign(argv[3], argv[4], atoi(argv[5]));
+    if (!strcmp(cmd, "logoutstream") && argc == 5) return cmd_logoutstream(argv[3], argv[4]);
     if (!strcmp(cmd, "forkstress") && argc == 7) return cmd_forkstress(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "repl") && argc == 4) return cmd_repl(argv[3]);
     fprintf(stderr, "bad command\n");
