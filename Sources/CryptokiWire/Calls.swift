@@ -233,11 +233,28 @@ public enum Calls {
         ],
         Fields.streamOutput, slow: true)
 
+    /// The functions PKCS#11 lets a module leave out that the token's module implements
+    /// (issue 13 §11), as bits: 1 C_SignRecover, 2 C_VerifyRecover, 4 C_DigestEncryptUpdate,
+    /// 8 C_DecryptDigestUpdate, 16 C_SignEncryptUpdate, 32 C_DecryptVerifyUpdate,
+    /// 64 C_GetOperationState, 128 C_SetOperationState. The proxy answers
+    /// CKR_FUNCTION_NOT_SUPPORTED where the module would.
+    public static let optionalFunctions = Call(35, "OptionalFunctions", [Fields.session], [Field("functions", .ulong)])
+    /// C_SignRecoverInit and C_SignRecover (issue 13 §11): a signature's path and policy.
+    public static let signRecover = Call(
+        36, "SignRecover", [Fields.session, Field("mechanism", Fields.mechanism), Fields.key, Field("data", Fields.data)],
+        [Field("signature", Fields.data)], slow: true)
+    /// C_VerifyRecoverInit and C_VerifyRecover (issue 13 §11): the data `signature` carries.
+    public static let verifyRecover = Call(
+        37, "VerifyRecover",
+        [Fields.session, Field("mechanism", Fields.mechanism), Fields.key, Field("signature", Fields.data)],
+        [Field("data", Fields.data)])
+
     public static let all: [Call] = [
         hello, getSlots, getMechanisms, openSession, closeSession, initToken, getSessionInfo, login, logout,
         findObjects, getAttributes, setAttributes, createObject, copyObject, destroyObject, generateKey,
         generateKeyPair, sign, verify, encrypt, decrypt, digest, generateRandom, seedRandom, initPIN, setPIN,
         getObjectSize, digestParts, keyFacts, wrapKey, unwrapKey, deriveKey, streamBegin, streamUpdate, streamFinal,
+        optionalFunctions, signRecover, verifyRecover,
     ]
 
     public static func byID(_ id: UInt16) -> Call? { Int(id) < all.count ? all[Int(id)] : nil }

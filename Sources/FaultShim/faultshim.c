@@ -21,6 +21,7 @@
 #include <p11-kit/pkcs11.h>
 
 #include "faultshim.h"
+#include "internal.h"
 
 static pthread_once_t load_once = PTHREAD_ONCE_INIT;
 static CK_FUNCTION_LIST_PTR target;   /* NULL if the target could not be loaded */
@@ -54,6 +55,13 @@ static ssize_t read_control(const char *name, char *buf, size_t size)
 		total--;
 	buf[total] = '\0';
 	return total;
+}
+
+int faultshim_control_exists(const char *name)
+{
+	char buf[8];
+
+	return read_control(name, buf, sizeof buf) >= 0;
 }
 
 static int read_control_ulong(const char *name, unsigned long *value)
@@ -202,14 +210,14 @@ static CK_RV shim_C_Logout(CK_SESSION_HANDLE session)
 static CK_RV shim_C_SignInit(CK_SESSION_HANDLE session, CK_MECHANISM_PTR mechanism, CK_OBJECT_HANDLE key)
 {
 	maybe_delay();
-	return target->C_SignInit(session, mechanism, key);
+	return target->C_SignInit(faultshim_route(session, FAULTSHIM_SIGN), mechanism, key);
 }
 
 static CK_RV shim_C_Sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len,
                          CK_BYTE_PTR signature, CK_ULONG_PTR signature_len)
 {
 	maybe_delay();
-	return target->C_Sign(session, data, data_len, signature, signature_len);
+	return target->C_Sign(faultshim_route(session, FAULTSHIM_SIGN), data, data_len, signature, signature_len);
 }
 
 static void load_target(void)
@@ -242,6 +250,7 @@ static void load_target(void)
 	shim_list.C_Logout = shim_C_Logout;
 	shim_list.C_SignInit = shim_C_SignInit;
 	shim_list.C_Sign = shim_C_Sign;
+	faultshim_install_optional(&shim_list, list);
 	target = list;
 }
 

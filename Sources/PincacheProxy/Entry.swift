@@ -34,10 +34,6 @@ func deliverList<T>(_ items: [T], to buffer: UnsafeMutablePointer<T>?,
     count.pointee = needed
 }
 
-func notSupported() -> CK_RV {
-    Library.current == nil ? CKR_CRYPTOKI_NOT_INITIALIZED : CKR_FUNCTION_NOT_SUPPORTED
-}
-
 // MARK: general
 
 @_cdecl("pincache_C_Initialize")
@@ -232,11 +228,15 @@ func pincacheGetSessionInfo(_ session: CK_SESSION_HANDLE, _ info: UnsafeMutableP
 
 @_cdecl("pincache_C_GetOperationState")
 func pincacheGetOperationState(_ session: CK_SESSION_HANDLE, _ state: UnsafeMutablePointer<CK_BYTE>?,
-                               _ length: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV { notSupported() }
+                               _ length: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
+    entry { library throws(CKError) in try library.getOperationState(session: session, state: state, length: length) }
+}
 
 @_cdecl("pincache_C_SetOperationState")
 func pincacheSetOperationState(_ session: CK_SESSION_HANDLE, _ state: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG,
-                               _ encryptionKey: CK_OBJECT_HANDLE, _ authenticationKey: CK_OBJECT_HANDLE) -> CK_RV { notSupported() }
+                               _ encryptionKey: CK_OBJECT_HANDLE, _ authenticationKey: CK_OBJECT_HANDLE) -> CK_RV {
+    entry { library throws(CKError) in try library.setOperationState(session: session, state: state, length: length) }
+}
 
 @_cdecl("pincache_C_Login")
 func pincacheLogin(_ session: CK_SESSION_HANDLE, _ userType: CK_USER_TYPE, _ pin: UnsafeMutablePointer<CK_UTF8CHAR>?,

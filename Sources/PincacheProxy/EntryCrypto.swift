@@ -131,14 +131,20 @@ func pincacheSignFinal(_ session: CK_SESSION_HANDLE, _ signature: UnsafeMutableP
     }
 }
 
+/// Sign and verify with recovery: where the token's module implements them (Optional.swift).
 @_cdecl("pincache_C_SignRecoverInit")
 func pincacheSignRecoverInit(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
-                             _ key: CK_OBJECT_HANDLE) -> CK_RV { notSupported() }
+                             _ key: CK_OBJECT_HANDLE) -> CK_RV {
+    entry { library throws(CKError) in try library.beginOperation(.signRecover, session: session, mechanism: mechanism, key: key) }
+}
 
 @_cdecl("pincache_C_SignRecover")
 func pincacheSignRecover(_ session: CK_SESSION_HANDLE, _ data: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG,
                          _ signature: UnsafeMutablePointer<CK_BYTE>?, _ signatureLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    notSupported()
+    entry { library throws(CKError) in
+        try library.finishOperation(.signRecover, session: session, data: .single(UnsafePointer(data), length), output: signature,
+                                    outputLength: signatureLength)
+    }
 }
 
 @_cdecl("pincache_C_VerifyInit")
@@ -170,36 +176,49 @@ func pincacheVerifyFinal(_ session: CK_SESSION_HANDLE, _ signature: UnsafeMutabl
 
 @_cdecl("pincache_C_VerifyRecoverInit")
 func pincacheVerifyRecoverInit(_ session: CK_SESSION_HANDLE, _ mechanism: UnsafeMutablePointer<CK_MECHANISM>?,
-                               _ key: CK_OBJECT_HANDLE) -> CK_RV { notSupported() }
+                               _ key: CK_OBJECT_HANDLE) -> CK_RV {
+    entry { library throws(CKError) in try library.beginOperation(.verifyRecover, session: session, mechanism: mechanism, key: key) }
+}
 
 @_cdecl("pincache_C_VerifyRecover")
 func pincacheVerifyRecover(_ session: CK_SESSION_HANDLE, _ signature: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG,
                            _ data: UnsafeMutablePointer<CK_BYTE>?, _ dataLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    notSupported()
+    entry { library throws(CKError) in
+        try library.finishOperation(.verifyRecover, session: session, data: .single(UnsafePointer(signature), length), output: data,
+                                    outputLength: dataLength)
+    }
 }
 
-// MARK: dual-function operations (not supported: each would need the daemon per part)
+// MARK: dual-function operations (Optional.swift)
 
 @_cdecl("pincache_C_DigestEncryptUpdate")
 func pincacheDigestEncryptUpdate(_ session: CK_SESSION_HANDLE, _ part: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG,
                                  _ out: UnsafeMutablePointer<CK_BYTE>?, _ outLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    notSupported()
+    entry { library throws(CKError) in
+        try library.dualUpdate(.digestEncrypt, session: session, part: part, length: length, output: out, outputLength: outLength)
+    }
 }
 
 @_cdecl("pincache_C_DecryptDigestUpdate")
 func pincacheDecryptDigestUpdate(_ session: CK_SESSION_HANDLE, _ part: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG,
                                  _ out: UnsafeMutablePointer<CK_BYTE>?, _ outLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    notSupported()
+    entry { library throws(CKError) in
+        try library.dualUpdate(.decryptDigest, session: session, part: part, length: length, output: out, outputLength: outLength)
+    }
 }
 
 @_cdecl("pincache_C_SignEncryptUpdate")
 func pincacheSignEncryptUpdate(_ session: CK_SESSION_HANDLE, _ part: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG,
                                _ out: UnsafeMutablePointer<CK_BYTE>?, _ outLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    notSupported()
+    entry { library throws(CKError) in
+        try library.dualUpdate(.signEncrypt, session: session, part: part, length: length, output: out, outputLength: outLength)
+    }
 }
 
 @_cdecl("pincache_C_DecryptVerifyUpdate")
 func pincacheDecryptVerifyUpdate(_ session: CK_SESSION_HANDLE, _ part: UnsafeMutablePointer<CK_BYTE>?, _ length: CK_ULONG,
                                  _ out: UnsafeMutablePointer<CK_BYTE>?, _ outLength: UnsafeMutablePointer<CK_ULONG>?) -> CK_RV {
-    notSupported()
+    entry { library throws(CKError) in
+        try library.dualUpdate(.decryptVerify, session: session, part: part, length: length, output: out, outputLength: outLength)
+    }
 }

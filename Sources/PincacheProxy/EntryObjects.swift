@@ -77,6 +77,7 @@ func pincacheFindObjectsInit(_ session: CK_SESSION_HANDLE, _ template: UnsafeMut
     entry { library throws(CKError) in
         try library.withSession(session) { s throws(CKError) in
             guard s.found == nil else { throw .operationActive }
+            try library.checkOneAtATime(s)
             let encoded = try Codec.template(template, count)
             let reply = try library.call(Calls.findObjects, on: s, [encoded, .ulong(UInt64(Caps.handles))])
             guard let all = reply.first?.arrayValues else { throw .deviceError }

@@ -67,6 +67,8 @@ final class Library: @unchecked Sendable {
         /// session of this process: gone with the link (a new daemon numbers anew) and when
         /// this process changes or destroys the object.
         var keyFacts: [CK_SLOT_ID: [CK_OBJECT_HANDLE: KeyFacts]] = [:]
+        /// Calls.optionalFunctions's answer per slot: a slot's module does not change.
+        var optionalFunctions: [CK_SLOT_ID: OptionalFunctions] = [:]
     }
 
     let generation: UInt

@@ -4,6 +4,21 @@ import CryptokiWire
 /// The cryptographic operation kinds a session may have active at once.
 enum OperationKind: Hashable {
     case sign, verify, encrypt, decrypt, digest
+    /// C_SignRecoverInit / C_VerifyRecoverInit: single-part only, and only where the token's
+    /// module implements them (Optional.swift).
+    case signRecover, verifyRecover
+
+    /// The kind an active operation of this kind excludes besides itself: a session signs
+    /// one way at a time, and verifies one way at a time.
+    var sibling: OperationKind? {
+        switch self {
+        case .sign: .signRecover
+        case .signRecover: .sign
+        case .verify: .verifyRecover
+        case .verifyRecover: .verify
+        default: nil
+        }
+    }
 
     /// The CKF_ mechanism flag the operation needs.
     var mechanismFlag: CK_FLAGS {
@@ -13,6 +28,8 @@ enum OperationKind: Hashable {
         case .encrypt: CK_FLAGS(CKF_ENCRYPT)
         case .decrypt: CK_FLAGS(CKF_DECRYPT)
         case .digest: CK_FLAGS(CKF_DIGEST)
+        case .signRecover: CK_FLAGS(CKF_SIGN_RECOVER)
+        case .verifyRecover: CK_FLAGS(CKF_VERIFY_RECOVER)
         }
     }
 }
@@ -54,11 +71,14 @@ struct KeyFacts {
         permits = [
             .sign: flag(CK_ATTRIBUTE_TYPE(CKA_SIGN)), .verify: flag(CK_ATTRIBUTE_TYPE(CKA_VERIFY)),
             .encrypt: flag(CK_ATTRIBUTE_TYPE(CKA_ENCRYPT)), .decrypt: flag(CK_ATTRIBUTE_TYPE(CKA_DECRYPT)),
+            .signRecover: flag(CK_ATTRIBUTE_TYPE(CKA_SIGN_RECOVER)), .verifyRecover: flag(CK_ATTRIBUTE_TYPE(CKA_VERIFY_RECOVER)),
         ]
     }
 
     /// Calls.keyFacts's answer, in this order.
-    static let types: [CK_ATTRIBUTE_TYPE] = [CKA_CLASS, CKA_KEY_TYPE, CKA_SIGN, CKA_VERIFY, CKA_ENCRYPT, CKA_DECRYPT].map {
+    static let types: [CK_ATTRIBUTE_TYPE] = [
+        CKA_CLASS, CKA_KEY_TYPE, CKA_SIGN, CKA_VERIFY, CKA_ENCRYPT, CKA_DECRYPT, CKA_SIGN_RECOVER, CKA_VERIFY_RECOVER,
+    ].map {
         CK_ATTRIBUTE_TYPE($0)
     }
 }
@@ -132,7 +152,13 @@ extension Library {
     func beginOperation(_ kind: OperationKind, session handle: CK_SESSION_HANDLE,
                         mechanism pointer: UnsafePointer<CK_MECHANISM>?, key: CK_OBJECT_HANDLE) throws(CKError) {
         try withSession(handle) { session throws(CKError) in
-            guard session.operations[kind] == nil else { throw .operationActive }
+            if let function = kind.optionalFunction, try !optionalFunctions(session).contains(function) {
+                throw CKError(CKR_FUNCTION_NOT_SUPPORTED)
+            }
+            guard session.operations[kind] == nil, kind.sibling.map({ session.operations[$0] == nil }) ?? true else {
+                throw .operationActive
+            }
+            try checkOneAtATime(session)
             let (type, mechanism) = try Codec.mechanism(pointer)
             // The key's verdict comes at Init, as the token gives it (issue 13 §5): a handle
             // that names no key, a key the caller cannot use, one whose usage flag forbids
@@ -276,6 +302,8 @@ extension Library {
         let reply: [WireValue]
         switch kind {
         case .sign: reply = try call(Calls.sign, on: session, [operation.mechanism, key, .bytes(input)])
+        case .signRecover: reply = try call(Calls.signRecover, on: session, [operation.mechanism, key, .bytes(input)])
+        case .verifyRecover: reply = try call(Calls.verifyRecover, on: session, [operation.mechanism, key, .bytes(input)])
         case .encrypt: reply = try call(Calls.encrypt, on: session, [operation.mechanism, key, .bytes(input)])
         case .decrypt: reply = try call(Calls.decrypt, on: session, [operation.mechanism, key, .bytes(input)])
         case .digest where !operation.digestKeys.isEmpty:

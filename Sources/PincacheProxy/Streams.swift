@@ -21,23 +21,19 @@ extension Library {
             }
             // Bad pointers leave the operation as it was, as SoftHSM does.
             let data = try Codec.bytes(part, length)
-            if operation.streaming == nil && !operation.multipart {
-                do throws(CKError) {
-                    let reply = try call(Calls.streamBegin, on: session, [.ulong(kind.streamKind), operation.mechanism,
-                                                                           .ulong(UInt64(operation.key))])
-                    operation.streaming = reply.first?.ulongValue == 1
-                } catch {
-                    session.operations[kind] = nil
-                    throw error
-                }
-                operation.multipart = true
-                session.operations[kind] = operation
-            }
-            if operation.streaming == true {
+            if try startStream(kind, session: session) {
                 try streamPart(Calls.streamUpdate, kind, on: session, data: data, output: output, outputLength: outputLength)
                 return
             }
+            operation = session.operations[kind] ?? operation
             guard let outputLength else { throw CKError.argumentsBad }
+            guard output != nil else {
+                // A length query consumes nothing. Gathered parts give their output at the
+                // final call, so what this part could give is bounded by all the input so far
+                // and a block of padding; PKCS#11 lets the answer be somewhat larger.
+                outputLength.pointee = CK_ULONG(operation.data.count + data.count + Self.largestBlock)
+                return
+            }
             guard operation.data.count + data.count <= Caps.data else {
                 session.operations[kind] = nil
                 throw CKError(CKR_DATA_LEN_RANGE)
@@ -47,6 +43,28 @@ extension Library {
             session.operations[kind] = operation
             outputLength.pointee = 0
         }
+    }
+
+    /// Room for a cipher block of any mechanism SoftHSM or a card offers (AES: 16 bytes).
+    static let largestBlock = 32
+
+    /// An encryption's or decryption's first update asks the daemon to stream it; whether
+    /// it streams, from then on. Called with the session's lock held.
+    func startStream(_ kind: OperationKind, session: Session) throws(CKError) -> Bool {
+        guard var operation = session.operations[kind] else { throw .operationNotInitialized }
+        if operation.streaming == nil && !operation.multipart {
+            do throws(CKError) {
+                let reply = try call(Calls.streamBegin, on: session, [.ulong(kind.streamKind), operation.mechanism,
+                                                                       .ulong(UInt64(operation.key))])
+                operation.streaming = reply.first?.ulongValue == 1
+            } catch {
+                session.operations[kind] = nil
+                throw error
+            }
+            operation.multipart = true
+            session.operations[kind] = operation
+        }
+        return operation.streaming == true
     }
 
     /// Signing, verifying and digesting in parts: gathered up to `streamAfter` bytes (one round
@@ -143,6 +161,8 @@ extension OperationKind {
         case .sign: 2
         case .verify: 3
         case .digest: 4
+        // Never streamed: single-part only. The daemon refuses this kind.
+        case .signRecover, .verifyRecover: UInt64.max
         }
     }
 }

@@ -292,6 +292,26 @@ extension PincacheService {
             run(objects, operation, keyID: keyID, shareable: true, audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false) {
                 try token.perform(caller: caller, settings: settings(), request)
             }) { [.bytes($0)] }
+        case Calls.signRecover.id:
+            guard let m = mechanism() else { return }
+            let key = r.ulong("key")
+            let request = KeyOperation(
+                key: .handle(key, session: id, readWrite: rw), operation: .signRecover(m, r.bytes("data")), freshPIN: nil)
+            let keyID = token.knownKeyID(key)
+            run(objects, "sign", keyID: keyID, shareable: true, audited(info, token, "sign", keyID: keyID, mechanism: m.type.rawValue, freshPIN: false) {
+                try token.perform(caller: caller, settings: settings(), request)
+            }) { [.bytes($0)] }
+        case Calls.verifyRecover.id:
+            guard let m = mechanism() else { return }
+            let key = r.ulong("key")
+            let signature = r.bytes("signature")
+            run(objects, "verify", keyID: token.knownKeyID(key), {
+                try token.publicKeyOperation(
+                    caller: caller, settings: settings(), session: id, rw: rw, op: .verifyRecover, mechanism: m, key: key,
+                    data: signature)
+            }) { [.bytes($0)] }
+        case Calls.optionalFunctions.id:
+            run([], "optional-functions", { try token.optionalFunctions(session: id, rw: rw) }) { [.ulong($0.rawValue)] }
         case Calls.verify.id, Calls.encrypt.id:
             guard let m = mechanism() else { return }
             let verify = r.call.id == Calls.verify.id

@@ -10,12 +10,15 @@ extension TokenContext {
     /// path of both front ends, from the key's facts through the bracket to the after-rules.
     func perform(caller: CallerID, settings: Settings, _ request: KeyOperation) throws -> [UInt8] {
         let kind = request.operation.kind
-        let mechanism: Mechanism
-        switch request.operation {
-        case .sign(let m, _), .decrypt(let m, _): mechanism = m
-        }
+        let mechanism = request.operation.mechanism
+        let function: String =
+            switch request.operation {
+            case .sign: "C_SignInit"
+            case .signRecover: "C_SignRecoverInit"
+            case .decrypt: "C_DecryptInit"
+            }
         return try withKey(
-            caller: caller, settings: settings, request.key, kind: kind, function: kind == .sign ? "C_SignInit" : "C_DecryptInit",
+            caller: caller, settings: settings, request.key, kind: kind, function: function,
             mechanism: mechanism, freshPIN: request.freshPIN
         ) { s, handle, record, contextPIN in
             try run(s, handle, record: record, request.operation, contextPIN: contextPIN)
@@ -274,6 +277,13 @@ extension TokenContext {
                     if always == true { throw PolicyError.pinRequired }
                 }
                 return try module.sign(s, mechanism: mechanism, key: handle, data: data)
+            case .signRecover(let mechanism, let data):
+                if let pin = contextPIN {
+                    try module.signRecoverInit(s, mechanism: mechanism, key: handle)
+                    try backendLogin(s, .contextSpecific, pin)
+                    return try module.signRecoverAfterInit(s, data: data)
+                }
+                return try module.signRecover(s, mechanism: mechanism, key: handle, data: data)
             case .decrypt(let mechanism, let data):
                 if let pin = contextPIN {
                     try module.decryptInit(s, mechanism: mechanism, key: handle)

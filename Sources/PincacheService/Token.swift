@@ -100,11 +100,19 @@ struct KeyOperation: Sendable {
 enum PrivateOperation: Sendable {
     case sign(Mechanism, [UInt8])
     case decrypt(Mechanism, [UInt8])
+    /// C_SignRecover: a signature in everything the policy says of one.
+    case signRecover(Mechanism, [UInt8])
 
     var kind: OperationKind {
         switch self {
-        case .sign: .sign
+        case .sign, .signRecover: .sign
         case .decrypt: .decrypt
+        }
+    }
+
+    var mechanism: Mechanism {
+        switch self {
+        case .sign(let m, _), .decrypt(let m, _), .signRecover(let m, _): m
         }
     }
 }
@@ -137,6 +145,8 @@ final class TokenContext: @unchecked Sendable {
     var rawSessions: [UInt64: SessionHandle] = [:]
     /// Multi-part operations run part by part (Token+Streams).
     var streams: [OperationStreamKey: OperationStream] = [:]
+    /// The optional functions the module implements, asked once (Calls.optionalFunctions).
+    var moduleFunctions: PKCS11Module.OptionalFunctions?
     /// Moves at every backend login, logout or session loss (see logoutBackend).
     var loginEpoch: UInt64 = 0
     var contextPINs: [UInt64: SecretPIN] = [:]

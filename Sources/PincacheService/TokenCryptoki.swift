@@ -143,7 +143,9 @@ extension TokenContext {
     /// What C_*Init needs to know of a key (issue 13 §5; Calls.keyFacts), in the order
     /// asked. A private key's come from its snapshot, so a cached PIN costs no login; read
     /// in a bracket, they join the snapshot.
-    static let keyFactTypes: [AttributeType] = [.class, .keyType, .sign, .verify, .encrypt, .decrypt]
+    static let keyFactTypes: [AttributeType] = [
+        .class, .keyType, .sign, .verify, .encrypt, .decrypt, .signRecover, .verifyRecover,
+    ]
 
     func keyFacts(caller: CallerID, settings: Settings, session id: UInt64, rw: Bool, handle: UInt64) throws
         -> [AttributeResult]
@@ -185,6 +187,20 @@ extension TokenContext {
         }
     }
 
+    /// Calls.optionalFunctions: asked of the module once, in a session of its own with no
+    /// operation in it, and never in a login.
+    func optionalFunctions(session id: UInt64, rw: Bool) throws -> PKCS11Module.OptionalFunctions {
+        _ = try rawSession(id, readWrite: rw)
+        if let known = moduleFunctions { return known }
+        // The shared session stays open, so closing this one can never end the token's login.
+        _ = try backendCall { try session() }
+        let s = try backendCall { try module.openSession(slot, readWrite: false) }
+        defer { try? module.closeSession(s) }
+        let found = try backendCall { module.optionalFunctions(s) }
+        moduleFunctions = found
+        return found
+    }
+
     /// Force-login applies to private keys whose certificate (same CKA_ID) carries nonRepudiation.
     private func requiresFreshPIN(_ loc: ObjectTable.Locator, settings: Settings) -> Bool {
         guard let cls = loc.template.first(where: { $0.type == .class })?.value.pkcs11ULong,
@@ -220,7 +236,8 @@ extension TokenContext {
     // MARK: - Cryptography (worker)
 
     enum PublicKeyOperation: Equatable {
-        case verify(signature: [UInt8]), encrypt
+        /// `verifyRecover`: the signature is the data.
+        case verify(signature: [UInt8]), encrypt, verifyRecover
     }
 
     /// C_Verify / C_Encrypt from Init to the final call (the proxy defers Init and Updates):
@@ -230,16 +247,23 @@ extension TokenContext {
         key handle: UInt64, data: [UInt8]
     ) throws -> [UInt8] {
         let s = try rawSession(id, readWrite: rw)
-        let function = op == .encrypt ? "C_EncryptInit" : "C_VerifyInit"
+        let function =
+            switch op {
+            case .encrypt: "C_EncryptInit"
+            case .verify: "C_VerifyInit"
+            case .verifyRecover: "C_VerifyRecoverInit"
+            }
         let loc = try locator(handle, caller: caller, function: function, invalid: .keyHandleInvalid)
         if let refused = MechanismKeyTypes.refusal(mechanism, keyType: loc.keyType, function: function) { throw refused }
         return try withObjectAccess(caller: caller, settings: settings, s, loc, function: function, invalid: .keyHandleInvalid) {
             let h = try resolve(handle, s, caller: caller, function: function, invalid: .keyHandleInvalid)
-            if case .verify(let signature) = op {
+            switch op {
+            case .verify(let signature):
                 try module.verifyRaw(s, mechanism: mechanism, key: h, data: data, signature: signature)
                 return []
+            case .verifyRecover: return try module.verifyRecover(s, mechanism: mechanism, key: h, signature: data)
+            case .encrypt: return try module.encrypt(s, mechanism: mechanism, key: h, data: data)
             }
-            return try module.encrypt(s, mechanism: mechanism, key: h, data: data)
         }
     }
 

@@ -53,7 +53,7 @@ struct Fixture: Sendable {
         try run("cc", [
             "-Wall", "-Werror", "-shared", "-fPIC", "-I/usr/include/p11-kit-1",
             "-I\(source.appendingPathComponent("include").path)", source.appendingPathComponent("faultshim.c").path,
-            "-o", shim.path,
+            source.appendingPathComponent("optional.c").path, "-lpthread", "-o", shim.path,
         ])
         setenv("PINCACHE_FAULTSHIM_TARGET", Self.softHSM, 1)
         setenv("PINCACHE_FAULTSHIM_DIR", controlDirectory.path, 1)

@@ -12,7 +12,7 @@ import Testing
     init() throws {
         f = try Fixture.get()
         // A previous test that failed half-way must not leak a fault into this one.
-        for name in ["reject_pin", "token_flags_add", "delay_ms"] { try f.setControl(name, nil) }
+        for name in ["reject_pin", "token_flags_add", "delay_ms", "optional_functions"] { try f.setControl(name, nil) }
     }
 
     @Test func moduleInfo() throws {

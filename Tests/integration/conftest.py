@@ -211,6 +211,11 @@ class FaultShim:
     def delay_ms(self, ms):
         self._write("delay_ms", str(ms))
 
+    def optional_functions(self):
+        """The shim implements what SoftHSM leaves out (optional.c): recovery, the dual
+        functions, operation state, and operations of different kinds at once."""
+        self._write("optional_functions", "")
+
     def stale_session_once(self):
         self._write("stale_session_once", "")
 

@@ -236,6 +236,42 @@ def test_a_private_token_keys_parts_come_at_the_final_call_only_in_caching_mode(
         assert proxied[2:] == (["parts CKR_OK 0 0 80"] if caching else ["parts CKR_OK 32 32 16"]) + direct[3:], command
 
 
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "non-caching"])
+def test_functions_a_module_may_leave_out_reach_a_module_that_has_them(start_daemon, proxy_host, proxy_lib, bus,
+                                                                       tokens, faultshim, caching):
+    """Issue 13 §11: SoftHSM and OpenSC leave out sign/verify with recovery, the dual
+    functions and operation state, and the proxy says CKR_FUNCTION_NOT_SUPPORTED for them as
+    they do (the conformance suite). A module that has them (the fault shim's optional.c, on
+    SoftHSM) gets them through the proxy, call by call as it answers them directly."""
+    faultshim.optional_functions()
+    start_daemon(caching=caching, module="shim", shim=faultshim)
+    direct = run_host(proxy_host, faultshim.lib, "optional", LABEL, PIN,
+                      env={**os.environ, **tokens.env(), **faultshim.env()})
+    proxied = run_host(proxy_host, proxy_lib, "optional", LABEL, PIN, env=proxy_env(bus))
+    assert "C_VerifyRecover CKR_OK a message the signature carries" in direct
+    assert "C_DecryptVerifyUpdate final CKR_OK " in direct and "C_GetOperationState CKR_STATE_UNSAVEABLE" in direct
+    expected = direct
+    if caching:
+        # A private key in caching mode: its login lasts one call, so a cipher's parts are
+        # gathered and the output comes at the final call (a length query answers with room
+        # for all of it); a decryption's plaintext would then never reach the digest or the
+        # verification, so the decrypting dual functions are refused for such a key.
+        changed = {
+            "C_DigestEncryptUpdate query private": "CKR_OK 72",
+            "C_DigestEncryptUpdate parts private": "CKR_OK 0 0 64",
+            "C_SignEncryptUpdate query private": "CKR_OK 72",
+            "C_SignEncryptUpdate parts private": "CKR_OK 0 0 64",
+            "C_DecryptDigestUpdate query private": "CKR_FUNCTION_NOT_SUPPORTED 0",
+            "C_DecryptDigestUpdate parts private": "CKR_FUNCTION_NOT_SUPPORTED 128 0 0 differ",
+            "C_DecryptDigestUpdate final private": "CKR_OK " + hashlib.sha256(b"").hexdigest(),
+            "C_DecryptVerifyUpdate query private": "CKR_FUNCTION_NOT_SUPPORTED 0",
+            "C_DecryptVerifyUpdate parts private": "CKR_FUNCTION_NOT_SUPPORTED 128 0 0 differ",
+            "C_DecryptVerifyUpdate final private": "CKR_SIGNATURE_INVALID ",
+        }
+        expected = [next((f"{k} {v}" for k, v in changed.items() if line.startswith(k + " ")), line) for line in direct]
+    assert proxied == expected
+
+
 # --- policy through the proxy ----------------------------------------------------
 
 def test_each_process_its_own_environment(start_daemon, host, tokens):

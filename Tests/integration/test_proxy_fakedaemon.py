@@ -141,7 +141,7 @@ class Caller:
             # (the login is Sign's business here, as these tests script it).
             return wire.reply(name, [(0x0, 0, (3).to_bytes(8, "little")), (0x100, 0, (3).to_bytes(8, "little")),
                                      (0x108, 0, b"\x01"), (0x10a, 0x12, b""), (0x104, 0x12, b""),
-                                     (0x105, 0, b"\x00")], tag=tag)
+                                     (0x105, 0, b"\x00"), (0x109, 0, b"\x00"), (0x10b, 0x12, b"")], tag=tag)
         if name == "Sign":
             return self.sign(name, tag, a)
         if name == "Digest":

@@ -40,6 +40,7 @@ static const char *rvname(CK_RV rv)
     N(CKR_FUNCTION_FAILED) N(CKR_TOKEN_NOT_PRESENT) N(CKR_USER_TYPE_INVALID) N(CKR_DATA_LEN_RANGE)
     N(CKR_FUNCTION_NOT_PARALLEL) N(CKR_PIN_LEN_RANGE) N(CKR_GENERAL_ERROR) N(CKR_DEVICE_ERROR)
     N(CKR_FUNCTION_REJECTED) N(CKR_OBJECT_HANDLE_INVALID) N(CKR_SESSION_READ_ONLY)
+    N(CKR_STATE_UNSAVEABLE) N(CKR_SAVED_STATE_INVALID) N(CKR_KEY_FUNCTION_NOT_PERMITTED) N(CKR_SIGNATURE_LEN_RANGE)
 #undef N
     default: snprintf(buf, sizeof buf, "0x%lx", rv); return buf;
     }
@@ -969,6 +970,25 @@ static void conformance_keys(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE secret, CK_OB
     out("C_DigestEncryptUpdate", f->C_DigestEncryptUpdate(s, (CK_BYTE *)"abc", 3, buf, &n), NULL);
     n = sizeof buf;
     out("C_DecryptVerifyUpdate", f->C_DecryptVerifyUpdate(s, buf, 16, buf2_dummy(), &n), NULL);
+
+    /* SoftHSM runs one operation at a time in a session, a search included (OpenSC runs one of
+     * each kind): a second is CKR_OPERATION_ACTIVE, through the proxy as well. */
+    CK_MECHANISM sha = { CKM_SHA256, NULL, 0 };
+    out("C_FindObjectsInit one at a time", f->C_FindObjectsInit(s, NULL, 0), NULL);
+    out("C_DigestInit during a search", f->C_DigestInit(s, &sha), NULL);
+    out("C_FindObjectsFinal one at a time", f->C_FindObjectsFinal(s), NULL);
+    out("C_DigestInit one at a time", f->C_DigestInit(s, &sha), NULL);
+    out("C_FindObjectsInit during a digest", f->C_FindObjectsInit(s, NULL, 0), NULL);
+    out("C_SignInit during a digest", f->C_SignInit(s, &rsa_pkcs, rsakey), NULL);
+    out("C_EncryptInit during a digest", f->C_EncryptInit(s, &rsa_pkcs, rsapub), NULL);
+    n = sizeof buf;
+    rv = f->C_Digest(s, (CK_BYTE *)"abc", 3, buf, &n);
+    hex(buf, rv == CKR_OK ? n : 0, hx);
+    out("C_Digest one at a time", rv, "%s", hx);
+    out("C_SignInit after the digest", f->C_SignInit(s, &rsa_pkcs, rsakey), NULL);
+    out("C_DigestInit during a signature", f->C_DigestInit(s, &sha), NULL);
+    n = sizeof buf;
+    out("C_Sign one at a time", f->C_Sign(s, (CK_BYTE *)"abc", 3, buf, &n), NULL);
 }
 
 static int cmd_conformance(const char *label, const char *pin)
@@ -1538,6 +1558,9 @@ static int cmd_tokenkeyparts(const char *label, const char *pin, int on_token)
     CK_MECHANISM m = { CKM_AES_CBC_PAD, iv, 16 };
     CK_ULONG n1 = sizeof sealed, n2, n3, total;
     CK_RV rv = f->C_EncryptInit(s, &m, key);
+    /* A length query first, as many programs make: it must consume nothing. */
+    if (rv == CKR_OK) rv = f->C_EncryptUpdate(s, data, 40, NULL, &n1);
+    n1 = sizeof sealed;
     if (rv == CKR_OK) rv = f->C_EncryptUpdate(s, data, 40, sealed, &n1);
     n2 = sizeof sealed - n1;
     if (rv == CKR_OK) rv = f->C_EncryptUpdate(s, data + 40, 24, sealed + n1, &n2);
@@ -1552,6 +1575,165 @@ static int cmd_tokenkeyparts(const char *label, const char *pin, int on_token)
     if (rv == CKR_OK) rv = f->C_DecryptFinal(s, opened + d1, &d2);
     out("opened", rv, "%s", rv == CKR_OK && d1 + d2 == sizeof data && !memcmp(opened, data, sizeof data) ? "same" : "differ");
     out("C_DestroyObject token key", f->C_DestroyObject(s, key), NULL);
+    f->C_Finalize(NULL);
+    return 0;
+}
+
+/* ------------------------------------------------------------- optional */
+
+/* The functions PKCS#11 lets a module leave out, on a module that has them (the fault shim
+ * with `optional_functions`): sign and verify with recovery, each dual-function update with
+ * its length query, and operation state. `private_aes`: the AES key is CKA_PRIVATE. */
+static void optional_duals(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE rsakey, CK_OBJECT_HANDLE rsapub, int private_aes)
+{
+    char hx[2 * 512 + 1];
+    CK_MECHANISM gen = { CKM_AES_KEY_GEN, NULL, 0 };
+    CK_BBOOL yes = CK_TRUE, priv = private_aes ? CK_TRUE : CK_FALSE;
+    CK_ULONG len = 16;
+    CK_ATTRIBUTE t[] = { { CKA_PRIVATE, &priv, 1 }, { CKA_ENCRYPT, &yes, 1 }, { CKA_DECRYPT, &yes, 1 },
+                         { CKA_VALUE_LEN, &len, sizeof len } };
+    CK_OBJECT_HANDLE aes = 0;
+    const char *tag = private_aes ? " private" : "";
+    char name[96];
+    snprintf(name, sizeof name, "C_GenerateKey aes%s", tag);
+    out(name, f->C_GenerateKey(s, &gen, t, 4, &aes), NULL);
+    unsigned char iv[16] = { 3 }, data[64], sealed[128], opened[128], sig[512];
+    for (size_t i = 0; i < sizeof data; i++) data[i] = (unsigned char)i;
+    CK_MECHANISM cbc = { CKM_AES_CBC, iv, sizeof iv };
+    CK_MECHANISM sha = { CKM_SHA256, NULL, 0 };
+    CK_MECHANISM rsasha = { CKM_SHA256_RSA_PKCS, NULL, 0 };
+    CK_ULONG n, total = 0, siglen = 0;
+    CK_RV rv;
+
+    /* Encrypting duals: a length query, then the parts, then both finals. */
+    for (int which = 0; which < 2; which++) {
+        const char *fn = which == 0 ? "C_DigestEncryptUpdate" : "C_SignEncryptUpdate";
+        CK_C_DigestEncryptUpdate dual = which == 0 ? f->C_DigestEncryptUpdate : f->C_SignEncryptUpdate;
+        rv = f->C_EncryptInit(s, &cbc, aes);
+        if (rv == CKR_OK) rv = which == 0 ? f->C_DigestInit(s, &sha) : f->C_SignInit(s, &rsasha, rsakey);
+        snprintf(name, sizeof name, "%s init%s", fn, tag);
+        out(name, rv, NULL);
+        n = 0;
+        snprintf(name, sizeof name, "%s query%s", fn, tag);
+        rv = dual(s, data, 40, NULL, &n);
+        out(name, rv, "%lu", n);
+        CK_ULONG n1 = sizeof sealed, n2, n3;
+        rv = dual(s, data, 40, sealed, &n1);
+        n2 = sizeof sealed - n1;
+        if (rv == CKR_OK) rv = dual(s, data + 40, 24, sealed + n1, &n2);
+        n3 = sizeof sealed - n1 - n2;
+        if (rv == CKR_OK) rv = f->C_EncryptFinal(s, sealed + n1 + n2, &n3);
+        total = rv == CKR_OK ? n1 + n2 + n3 : 0;
+        snprintf(name, sizeof name, "%s parts%s", fn, tag);
+        out(name, rv, "%lu %lu %lu", n1, n2, n3);
+        unsigned char md[512];
+        n = sizeof md;
+        rv = which == 0 ? f->C_DigestFinal(s, md, &n) : f->C_SignFinal(s, md, &n);
+        if (which == 1 && rv == CKR_OK) { memcpy(sig, md, n); siglen = n; }
+        hex(md, rv == CKR_OK ? n : 0, hx);
+        snprintf(name, sizeof name, "%s final%s", fn, tag);
+        out(name, rv, "%s", hx);
+    }
+    /* Decrypting duals on that ciphertext: the digest, and the signature's verification. */
+    for (int which = 0; which < 2; which++) {
+        const char *fn = which == 0 ? "C_DecryptDigestUpdate" : "C_DecryptVerifyUpdate";
+        CK_C_DecryptDigestUpdate dual = which == 0 ? f->C_DecryptDigestUpdate : f->C_DecryptVerifyUpdate;
+        rv = f->C_DecryptInit(s, &cbc, aes);
+        if (rv == CKR_OK) rv = which == 0 ? f->C_DigestInit(s, &sha) : f->C_VerifyInit(s, &rsasha, rsapub);
+        snprintf(name, sizeof name, "%s init%s", fn, tag);
+        out(name, rv, NULL);
+        n = 0;
+        snprintf(name, sizeof name, "%s query%s", fn, tag);
+        rv = dual(s, sealed, 48, NULL, &n);
+        out(name, rv, "%lu", n);
+        CK_ULONG d1 = sizeof opened, d2 = 0, d3 = 0;
+        rv = dual(s, sealed, 48, opened, &d1);
+        if (rv == CKR_OK) { d2 = sizeof opened - d1; rv = dual(s, sealed + 48, total - 48, opened + d1, &d2); }
+        d3 = sizeof opened - d1 - d2;
+        /* Called after a failed part too, as a program that ends what it started would. */
+        CK_RV end = f->C_DecryptFinal(s, opened + d1 + d2, &d3);
+        if (rv == CKR_OK) rv = end;
+        snprintf(name, sizeof name, "%s parts%s", fn, tag);
+        out(name, rv, "%lu %lu %lu %s", d1, d2, d3,
+            rv == CKR_OK && d1 + d2 + d3 == sizeof data && !memcmp(opened, data, sizeof data) ? "same" : "differ");
+        unsigned char md[64];
+        n = sizeof md;
+        rv = which == 0 ? f->C_DigestFinal(s, md, &n) : f->C_VerifyFinal(s, sig, siglen);
+        hex(md, which == 0 && rv == CKR_OK ? n : 0, hx);
+        snprintf(name, sizeof name, "%s final%s", fn, tag);
+        out(name, rv, "%s", hx);
+    }
+    snprintf(name, sizeof name, "C_DestroyObject aes%s", tag);
+    out(name, f->C_DestroyObject(s, aes), NULL);
+}
+
+static int cmd_optional(const char *label, const char *pin)
+{
+    char hx[2 * 512 + 1];
+    CK_SLOT_ID slot;
+    CK_SESSION_HANDLE s;
+    if (!open_logged_in(label, pin, CKF_RW_SESSION, &slot, &s)) return 2;
+    CK_OBJECT_HANDLE rsakey = 0, rsapub = 0;
+    out("find rsa", find_key(s, CKO_PRIVATE_KEY, 2, &rsakey), NULL);
+    out("find rsa public", find_key(s, CKO_PUBLIC_KEY, 2, &rsapub), NULL);
+    CK_MECHANISM_INFO mi;
+    CK_RV rv = f->C_GetMechanismInfo(slot, CKM_RSA_PKCS, &mi);
+    out("C_GetMechanismInfo rsa-pkcs", rv, "recover=%d",
+        rv == CKR_OK && (mi.flags & (CKF_SIGN_RECOVER | CKF_VERIFY_RECOVER)) == (CKF_SIGN_RECOVER | CKF_VERIFY_RECOVER));
+
+    CK_MECHANISM rsa_pkcs = { CKM_RSA_PKCS, NULL, 0 }, rsasha = { CKM_SHA256_RSA_PKCS, NULL, 0 };
+    const unsigned char msg[] = "a message the signature carries";
+    unsigned char sig[512], back[512];
+    CK_ULONG n;
+    out("C_SignRecoverInit sha256-rsa", f->C_SignRecoverInit(s, &rsasha, rsakey), NULL);
+    out("C_SignRecoverInit public key", f->C_SignRecoverInit(s, &rsa_pkcs, rsapub), NULL);
+    out("C_SignRecover none", f->C_SignRecover(s, (CK_BYTE *)msg, sizeof msg - 1, sig, &n), NULL);
+    out("C_SignRecoverInit", f->C_SignRecoverInit(s, &rsa_pkcs, rsakey), NULL);
+    out("C_SignRecoverInit again", f->C_SignRecoverInit(s, &rsa_pkcs, rsakey), NULL);
+    out("C_SignInit beside it", f->C_SignInit(s, &rsasha, rsakey), NULL);
+    n = 0;
+    rv = f->C_SignRecover(s, (CK_BYTE *)msg, sizeof msg - 1, NULL, &n);
+    out("C_SignRecover query", rv, "%lu", n);
+    n = 16;
+    rv = f->C_SignRecover(s, (CK_BYTE *)msg, sizeof msg - 1, sig, &n);
+    out("C_SignRecover short", rv, "%lu", n);
+    n = sizeof sig;
+    rv = f->C_SignRecover(s, (CK_BYTE *)msg, sizeof msg - 1, sig, &n);
+    CK_ULONG siglen = rv == CKR_OK ? n : 0;
+    hex(sig, siglen, hx);
+    out("C_SignRecover", rv, "%s", hx);
+    n = sizeof sig;
+    out("C_SignRecover after", f->C_SignRecover(s, (CK_BYTE *)msg, sizeof msg - 1, sig, &n), NULL);
+
+    out("C_VerifyRecoverInit", f->C_VerifyRecoverInit(s, &rsa_pkcs, rsapub), NULL);
+    out("C_VerifyInit beside it", f->C_VerifyInit(s, &rsasha, rsapub), NULL);
+    n = 0;
+    rv = f->C_VerifyRecover(s, sig, siglen, NULL, &n);
+    out("C_VerifyRecover query", rv, "%lu", n);
+    n = 4;
+    rv = f->C_VerifyRecover(s, sig, siglen, back, &n);
+    out("C_VerifyRecover short", rv, "%lu", n);
+    n = sizeof back;
+    rv = f->C_VerifyRecover(s, sig, siglen, back, &n);
+    out("C_VerifyRecover", rv, "%.*s", rv == CKR_OK ? (int)n : 0, (char *)back);
+    if (siglen > 0) sig[siglen / 2] ^= 1;
+    out("C_VerifyRecoverInit tampered", f->C_VerifyRecoverInit(s, &rsa_pkcs, rsapub), NULL);
+    n = sizeof back;
+    out("C_VerifyRecover tampered", f->C_VerifyRecover(s, sig, siglen, back, &n), NULL);
+    out("C_VerifyRecoverInit short", f->C_VerifyRecoverInit(s, &rsa_pkcs, rsapub), NULL);
+    n = sizeof back;
+    out("C_VerifyRecover short signature", f->C_VerifyRecover(s, sig, 8, back, &n), NULL);
+
+    n = sizeof back;
+    out("C_DigestEncryptUpdate none", f->C_DigestEncryptUpdate(s, (CK_BYTE *)msg, 16, back, &n), NULL);
+    optional_duals(s, rsakey, rsapub, 0);
+    optional_duals(s, rsakey, rsapub, 1);
+
+    n = 0;
+    out("C_GetOperationState", f->C_GetOperationState(s, NULL, &n), NULL);
+    out("C_GetOperationState no length", f->C_GetOperationState(s, NULL, NULL), NULL);
+    out("C_SetOperationState", f->C_SetOperationState(s, back, 16, 0, 0), NULL);
+    out("C_SetOperationState bad session", f->C_SetOperationState(s + 1000, back, 16, 0, 0), NULL);
     f->C_Finalize(NULL);
     return 0;
 }
@@ -1846,6 +2028,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "tokenkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4], 1);
     if (!strcmp(cmd, "sessionkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4], 0);
     if (!strcmp(cmd, "bigsign") && argc == 6) return cmd_bigsign(argv[3], argv[4], atoi(argv[5]));
+    if (!strcmp(cmd, "optional") && argc == 5) return cmd_optional(argv[3], argv[4]);
     if (!strcmp(cmd, "logoutstream") && argc == 5) return cmd_logoutstream(argv[3], argv[4]);
     if (!strcmp(cmd, "forkstress") && argc == 7) return cmd_forkstress(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
     if (!strcmp(cmd, "repl") && argc == 4) return cmd_repl(argv[3]);

@@ -22,5 +22,7 @@
 #define FAULTSHIM_FILE_LOGOUTS_LOG "logouts.log"
 /* Present: the next C_Login first closes the session it is given (then deleted). */
 #define FAULTSHIM_FILE_STALE_SESSION_ONCE "stale_session_once"
+/* Present: the shim implements the optional functions SoftHSM leaves out (optional.c). */
+#define FAULTSHIM_FILE_OPTIONAL_FUNCTIONS "optional_functions"
 
 #endif
