@@ -1406,3 +1406,45 @@ static CK_RV gated_C_WaitForSlotEvent(CK_FLAGS flags, CK_SLOT_ID *slot, void *re
     pincache_fork_gate_leave();
     return rv;
 }
+
+struct call_C_LoginUser { CK_SESSION_HANDLE session; CK_USER_TYPE user_type; unsigned char *pin; unsigned long pin_len; unsigned char *username; unsigned long username_len; CK_RV rv; };
+static void thunk_C_LoginUser(void *p)
+{
+    struct call_C_LoginUser *c = p;
+    c->rv = pincache_C_LoginUser(c->session, c->user_type, c->pin, c->pin_len, c->username, c->username_len);
+}
+static CK_RV gated_C_LoginUser(CK_SESSION_HANDLE session, CK_USER_TYPE user_type, unsigned char *pin, unsigned long pin_len, unsigned char *username, unsigned long username_len)
+{
+    enter();
+    CK_RV rv;
+    if (stale_thread) {
+        struct call_C_LoginUser c = { session, user_type, pin, pin_len, username, username_len, CKR_GENERAL_ERROR };
+        on_trampoline(thunk_C_LoginUser, &c);
+        rv = c.rv;
+    } else {
+        rv = pincache_C_LoginUser(session, user_type, pin, pin_len, username, username_len);
+    }
+    pincache_fork_gate_leave();
+    return rv;
+}
+
+struct call_C_SessionCancel { CK_SESSION_HANDLE session; CK_FLAGS flags; CK_RV rv; };
+static void thunk_C_SessionCancel(void *p)
+{
+    struct call_C_SessionCancel *c = p;
+    c->rv = pincache_C_SessionCancel(c->session, c->flags);
+}
+static CK_RV gated_C_SessionCancel(CK_SESSION_HANDLE session, CK_FLAGS flags)
+{
+    enter();
+    CK_RV rv;
+    if (stale_thread) {
+        struct call_C_SessionCancel c = { session, flags, CKR_GENERAL_ERROR };
+        on_trampoline(thunk_C_SessionCancel, &c);
+        rv = c.rv;
+    } else {
+        rv = pincache_C_SessionCancel(session, flags);
+    }
+    pincache_fork_gate_leave();
+    return rv;
+}

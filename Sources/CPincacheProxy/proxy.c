@@ -3,9 +3,12 @@
 #include "cshims.h"
 
 #include <p11-kit/pkcs11.h>
+/* Shared with the Swift side through CPKCS11, so the two agree on the 3.0 layout. */
+#include "../CPKCS11/pkcs11v3.h"
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 #include <stdatomic.h>
 
 /* Implemented in Swift (@_cdecl in Entry.swift). Each takes the type of the header's own
@@ -78,6 +81,11 @@ extern __typeof__(C_GetFunctionStatus) pincache_C_GetFunctionStatus;
 extern __typeof__(C_CancelFunction) pincache_C_CancelFunction;
 extern __typeof__(C_WaitForSlotEvent) pincache_C_WaitForSlotEvent;
 
+/* PKCS#11 3.0 (Optional.swift); their prototypes are pkcs11v3.h's. */
+extern CK_RV pincache_C_LoginUser(CK_SESSION_HANDLE session, CK_USER_TYPE user_type, unsigned char *pin,
+                                  unsigned long pin_len, unsigned char *username, unsigned long username_len);
+extern CK_RV pincache_C_SessionCancel(CK_SESSION_HANDLE session, CK_FLAGS flags);
+
 static void enter(void);
 static void on_trampoline(void (*thunk)(void *), void *call);
 /* Set, in a forked child, on the thread that called fork(): see on_trampoline. */
@@ -97,77 +105,205 @@ static int tramp_done;
  * child never inherits a runtime lock held by a thread it does not have. */
 #include "gates.h"
 
-static CK_FUNCTION_LIST function_list = {
-    .version = { 2, 40 },
-    .C_Initialize = gated_C_Initialize,
-    .C_Finalize = gated_C_Finalize,
-    .C_GetInfo = gated_C_GetInfo,
-    .C_GetFunctionList = C_GetFunctionList,
-    .C_GetSlotList = gated_C_GetSlotList,
-    .C_GetSlotInfo = gated_C_GetSlotInfo,
-    .C_GetTokenInfo = gated_C_GetTokenInfo,
-    .C_GetMechanismList = gated_C_GetMechanismList,
-    .C_GetMechanismInfo = gated_C_GetMechanismInfo,
-    .C_InitToken = gated_C_InitToken,
-    .C_InitPIN = gated_C_InitPIN,
-    .C_SetPIN = gated_C_SetPIN,
-    .C_OpenSession = gated_C_OpenSession,
-    .C_CloseSession = gated_C_CloseSession,
-    .C_CloseAllSessions = gated_C_CloseAllSessions,
-    .C_GetSessionInfo = gated_C_GetSessionInfo,
-    .C_GetOperationState = gated_C_GetOperationState,
-    .C_SetOperationState = gated_C_SetOperationState,
-    .C_Login = gated_C_Login,
-    .C_Logout = gated_C_Logout,
-    .C_CreateObject = gated_C_CreateObject,
-    .C_CopyObject = gated_C_CopyObject,
-    .C_DestroyObject = gated_C_DestroyObject,
-    .C_GetObjectSize = gated_C_GetObjectSize,
-    .C_GetAttributeValue = gated_C_GetAttributeValue,
-    .C_SetAttributeValue = gated_C_SetAttributeValue,
-    .C_FindObjectsInit = gated_C_FindObjectsInit,
-    .C_FindObjects = gated_C_FindObjects,
-    .C_FindObjectsFinal = gated_C_FindObjectsFinal,
-    .C_EncryptInit = gated_C_EncryptInit,
-    .C_Encrypt = gated_C_Encrypt,
-    .C_EncryptUpdate = gated_C_EncryptUpdate,
-    .C_EncryptFinal = gated_C_EncryptFinal,
-    .C_DecryptInit = gated_C_DecryptInit,
-    .C_Decrypt = gated_C_Decrypt,
-    .C_DecryptUpdate = gated_C_DecryptUpdate,
-    .C_DecryptFinal = gated_C_DecryptFinal,
-    .C_DigestInit = gated_C_DigestInit,
-    .C_Digest = gated_C_Digest,
-    .C_DigestUpdate = gated_C_DigestUpdate,
-    .C_DigestKey = gated_C_DigestKey,
-    .C_DigestFinal = gated_C_DigestFinal,
-    .C_SignInit = gated_C_SignInit,
-    .C_Sign = gated_C_Sign,
-    .C_SignUpdate = gated_C_SignUpdate,
-    .C_SignFinal = gated_C_SignFinal,
-    .C_SignRecoverInit = gated_C_SignRecoverInit,
-    .C_SignRecover = gated_C_SignRecover,
-    .C_VerifyInit = gated_C_VerifyInit,
-    .C_Verify = gated_C_Verify,
-    .C_VerifyUpdate = gated_C_VerifyUpdate,
-    .C_VerifyFinal = gated_C_VerifyFinal,
-    .C_VerifyRecoverInit = gated_C_VerifyRecoverInit,
-    .C_VerifyRecover = gated_C_VerifyRecover,
-    .C_DigestEncryptUpdate = gated_C_DigestEncryptUpdate,
-    .C_DecryptDigestUpdate = gated_C_DecryptDigestUpdate,
-    .C_SignEncryptUpdate = gated_C_SignEncryptUpdate,
-    .C_DecryptVerifyUpdate = gated_C_DecryptVerifyUpdate,
-    .C_GenerateKey = gated_C_GenerateKey,
-    .C_GenerateKeyPair = gated_C_GenerateKeyPair,
-    .C_WrapKey = gated_C_WrapKey,
-    .C_UnwrapKey = gated_C_UnwrapKey,
-    .C_DeriveKey = gated_C_DeriveKey,
-    .C_SeedRandom = gated_C_SeedRandom,
-    .C_GenerateRandom = gated_C_GenerateRandom,
-    .C_GetFunctionStatus = gated_C_GetFunctionStatus,
-    .C_CancelFunction = gated_C_CancelFunction,
-    .C_WaitForSlotEvent = gated_C_WaitForSlotEvent
+/* The 2.40 functions, in both interfaces. */
+#define PINCACHE_FUNCTIONS_2_40 \
+    .C_Initialize = gated_C_Initialize, \
+    .C_Finalize = gated_C_Finalize, \
+    .C_GetInfo = gated_C_GetInfo, \
+    .C_GetFunctionList = C_GetFunctionList, \
+    .C_GetSlotList = gated_C_GetSlotList, \
+    .C_GetSlotInfo = gated_C_GetSlotInfo, \
+    .C_GetTokenInfo = gated_C_GetTokenInfo, \
+    .C_GetMechanismList = gated_C_GetMechanismList, \
+    .C_GetMechanismInfo = gated_C_GetMechanismInfo, \
+    .C_InitToken = gated_C_InitToken, \
+    .C_InitPIN = gated_C_InitPIN, \
+    .C_SetPIN = gated_C_SetPIN, \
+    .C_OpenSession = gated_C_OpenSession, \
+    .C_CloseSession = gated_C_CloseSession, \
+    .C_CloseAllSessions = gated_C_CloseAllSessions, \
+    .C_GetSessionInfo = gated_C_GetSessionInfo, \
+    .C_GetOperationState = gated_C_GetOperationState, \
+    .C_SetOperationState = gated_C_SetOperationState, \
+    .C_Login = gated_C_Login, \
+    .C_Logout = gated_C_Logout, \
+    .C_CreateObject = gated_C_CreateObject, \
+    .C_CopyObject = gated_C_CopyObject, \
+    .C_DestroyObject = gated_C_DestroyObject, \
+    .C_GetObjectSize = gated_C_GetObjectSize, \
+    .C_GetAttributeValue = gated_C_GetAttributeValue, \
+    .C_SetAttributeValue = gated_C_SetAttributeValue, \
+    .C_FindObjectsInit = gated_C_FindObjectsInit, \
+    .C_FindObjects = gated_C_FindObjects, \
+    .C_FindObjectsFinal = gated_C_FindObjectsFinal, \
+    .C_EncryptInit = gated_C_EncryptInit, \
+    .C_Encrypt = gated_C_Encrypt, \
+    .C_EncryptUpdate = gated_C_EncryptUpdate, \
+    .C_EncryptFinal = gated_C_EncryptFinal, \
+    .C_DecryptInit = gated_C_DecryptInit, \
+    .C_Decrypt = gated_C_Decrypt, \
+    .C_DecryptUpdate = gated_C_DecryptUpdate, \
+    .C_DecryptFinal = gated_C_DecryptFinal, \
+    .C_DigestInit = gated_C_DigestInit, \
+    .C_Digest = gated_C_Digest, \
+    .C_DigestUpdate = gated_C_DigestUpdate, \
+    .C_DigestKey = gated_C_DigestKey, \
+    .C_DigestFinal = gated_C_DigestFinal, \
+    .C_SignInit = gated_C_SignInit, \
+    .C_Sign = gated_C_Sign, \
+    .C_SignUpdate = gated_C_SignUpdate, \
+    .C_SignFinal = gated_C_SignFinal, \
+    .C_SignRecoverInit = gated_C_SignRecoverInit, \
+    .C_SignRecover = gated_C_SignRecover, \
+    .C_VerifyInit = gated_C_VerifyInit, \
+    .C_Verify = gated_C_Verify, \
+    .C_VerifyUpdate = gated_C_VerifyUpdate, \
+    .C_VerifyFinal = gated_C_VerifyFinal, \
+    .C_VerifyRecoverInit = gated_C_VerifyRecoverInit, \
+    .C_VerifyRecover = gated_C_VerifyRecover, \
+    .C_DigestEncryptUpdate = gated_C_DigestEncryptUpdate, \
+    .C_DecryptDigestUpdate = gated_C_DecryptDigestUpdate, \
+    .C_SignEncryptUpdate = gated_C_SignEncryptUpdate, \
+    .C_DecryptVerifyUpdate = gated_C_DecryptVerifyUpdate, \
+    .C_GenerateKey = gated_C_GenerateKey, \
+    .C_GenerateKeyPair = gated_C_GenerateKeyPair, \
+    .C_WrapKey = gated_C_WrapKey, \
+    .C_UnwrapKey = gated_C_UnwrapKey, \
+    .C_DeriveKey = gated_C_DeriveKey, \
+    .C_SeedRandom = gated_C_SeedRandom, \
+    .C_GenerateRandom = gated_C_GenerateRandom, \
+    .C_GetFunctionStatus = gated_C_GetFunctionStatus, \
+    .C_CancelFunction = gated_C_CancelFunction, \
+    .C_WaitForSlotEvent = gated_C_WaitForSlotEvent,
+
+static CK_FUNCTION_LIST function_list = { .version = { 2, 40 }, PINCACHE_FUNCTIONS_2_40 };
+
+/* The message-based functions of PKCS#11 3.0: no module pincache loads has them (OpenSC
+ * 0.23 answers CKR_FUNCTION_NOT_SUPPORTED to each, SoftHSM 2.6 has no 3.0 interface), and
+ * the daemon does not forward them. */
+static CK_RV message_init(CK_SESSION_HANDLE s, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k)
+{
+    (void)s, (void)m, (void)k;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+static CK_RV crypt_message(CK_SESSION_HANDLE s, void *p, CK_ULONG pl, CK_BYTE_PTR a, CK_ULONG al, CK_BYTE_PTR i,
+                           CK_ULONG il, CK_BYTE_PTR o, CK_ULONG_PTR ol)
+{
+    (void)s, (void)p, (void)pl, (void)a, (void)al, (void)i, (void)il, (void)o, (void)ol;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+static CK_RV crypt_message_begin(CK_SESSION_HANDLE s, void *p, CK_ULONG pl, CK_BYTE_PTR a, CK_ULONG al)
+{
+    (void)s, (void)p, (void)pl, (void)a, (void)al;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+static CK_RV crypt_message_next(CK_SESSION_HANDLE s, void *p, CK_ULONG pl, CK_BYTE_PTR i, CK_ULONG il, CK_BYTE_PTR o,
+                                CK_ULONG_PTR ol, CK_FLAGS f)
+{
+    (void)s, (void)p, (void)pl, (void)i, (void)il, (void)o, (void)ol, (void)f;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+static CK_RV message_final(CK_SESSION_HANDLE s)
+{
+    (void)s;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+static CK_RV sign_message(CK_SESSION_HANDLE s, void *p, CK_ULONG pl, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR o,
+                          CK_ULONG_PTR ol)
+{
+    (void)s, (void)p, (void)pl, (void)d, (void)dl, (void)o, (void)ol;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+static CK_RV sign_message_begin(CK_SESSION_HANDLE s, void *p, CK_ULONG pl)
+{
+    (void)s, (void)p, (void)pl;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+static CK_RV verify_message(CK_SESSION_HANDLE s, void *p, CK_ULONG pl, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR g,
+                            CK_ULONG gl)
+{
+    (void)s, (void)p, (void)pl, (void)d, (void)dl, (void)g, (void)gl;
+    return CKR_FUNCTION_NOT_SUPPORTED;
+}
+
+CK_RV C_GetInterfaceList(CK_INTERFACE_PTR list, CK_ULONG_PTR count);
+CK_RV C_GetInterface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version, CK_INTERFACE_PTR_PTR found, CK_FLAGS flags);
+
+static CK_FUNCTION_LIST_3_0 function_list_3_0 = {
+    .v2 = { .version = { 3, 0 }, PINCACHE_FUNCTIONS_2_40 },
+    .C_GetInterfaceList = C_GetInterfaceList,
+    .C_GetInterface = C_GetInterface,
+    .C_LoginUser = gated_C_LoginUser,
+    .C_SessionCancel = gated_C_SessionCancel,
+    .C_MessageEncryptInit = message_init,
+    .C_EncryptMessage = crypt_message,
+    .C_EncryptMessageBegin = crypt_message_begin,
+    .C_EncryptMessageNext = crypt_message_next,
+    .C_MessageEncryptFinal = message_final,
+    .C_MessageDecryptInit = message_init,
+    .C_DecryptMessage = crypt_message,
+    .C_DecryptMessageBegin = crypt_message_begin,
+    .C_DecryptMessageNext = crypt_message_next,
+    .C_MessageDecryptFinal = message_final,
+    .C_MessageSignInit = message_init,
+    .C_SignMessage = sign_message,
+    .C_SignMessageBegin = sign_message_begin,
+    .C_SignMessageNext = sign_message,
+    .C_MessageSignFinal = message_final,
+    .C_MessageVerifyInit = message_init,
+    .C_VerifyMessage = verify_message,
+    .C_VerifyMessageBegin = sign_message_begin,
+    .C_VerifyMessageNext = verify_message,
+    .C_MessageVerifyFinal = message_final,
 };
+
+/* PKCS#11 3.0's way in: the 3.0 interface first (the default), then 2.40's. Neither claims
+ * CKF_INTERFACE_FORK_SAFE: a forked child calls C_Initialize again (issue 13 §12). */
+static CK_INTERFACE interfaces[] = {
+    { (CK_UTF8CHAR *)"PKCS 11", &function_list_3_0, 0 },
+    { (CK_UTF8CHAR *)"PKCS 11", &function_list, 0 },
+};
+enum { INTERFACE_COUNT = sizeof interfaces / sizeof interfaces[0] };
+
+__attribute__((visibility("default")))
+CK_RV C_GetInterfaceList(CK_INTERFACE_PTR list, CK_ULONG_PTR count)
+{
+    if (count == NULL)
+        return CKR_ARGUMENTS_BAD;
+    if (list == NULL) {
+        *count = INTERFACE_COUNT;
+        return CKR_OK;
+    }
+    if (*count < INTERFACE_COUNT) {
+        *count = INTERFACE_COUNT;
+        return CKR_BUFFER_TOO_SMALL;
+    }
+    memcpy(list, interfaces, sizeof interfaces);
+    *count = INTERFACE_COUNT;
+    return CKR_OK;
+}
+
+/* The first interface with this name (any, if NULL), version (any, if NULL) and all of
+ * `flags`; none is CKR_ARGUMENTS_BAD, as OpenSC answers. */
+__attribute__((visibility("default")))
+CK_RV C_GetInterface(CK_UTF8CHAR_PTR name, CK_VERSION_PTR version, CK_INTERFACE_PTR_PTR found, CK_FLAGS flags)
+{
+    if (found == NULL)
+        return CKR_ARGUMENTS_BAD;
+    for (int i = 0; i < INTERFACE_COUNT; i++) {
+        CK_INTERFACE *candidate = &interfaces[i];
+        CK_VERSION *offered = candidate->pFunctionList;
+        if (name != NULL && strcmp((const char *)name, (const char *)candidate->pInterfaceName) != 0)
+            continue;
+        if (version != NULL && (version->major != offered->major || version->minor != offered->minor))
+            continue;
+        if ((candidate->flags & flags) != flags)
+            continue;
+        *found = candidate;
+        return CKR_OK;
+    }
+    return CKR_ARGUMENTS_BAD;
+}
 
 __attribute__((visibility("default")))
 CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list)

@@ -236,8 +236,9 @@ public enum Calls {
     /// The functions PKCS#11 lets a module leave out that the token's module implements
     /// (issue 13 §11), as bits: 1 C_SignRecover, 2 C_VerifyRecover, 4 C_DigestEncryptUpdate,
     /// 8 C_DecryptDigestUpdate, 16 C_SignEncryptUpdate, 32 C_DecryptVerifyUpdate,
-    /// 64 C_GetOperationState, 128 C_SetOperationState. The proxy answers
-    /// CKR_FUNCTION_NOT_SUPPORTED where the module would.
+    /// 64 C_GetOperationState, 128 C_SetOperationState; 256 a session may run operations of
+    /// different kinds at once; PKCS#11 3.0's 512 C_LoginUser, 1024 C_SessionCancel. The
+    /// proxy answers CKR_FUNCTION_NOT_SUPPORTED where the module would.
     public static let optionalFunctions = Call(35, "OptionalFunctions", [Fields.session], [Field("functions", .ulong)])
     /// C_SignRecoverInit and C_SignRecover (issue 13 §11): a signature's path and policy.
     public static let signRecover = Call(
@@ -248,13 +249,16 @@ public enum Calls {
         37, "VerifyRecover",
         [Fields.session, Field("mechanism", Fields.mechanism), Fields.key, Field("signature", Fields.data)],
         [Field("data", Fields.data)])
+    /// C_SessionCancel (PKCS#11 3.0): the streams of the session whose kinds are set in
+    /// `kinds` (bit 1 << StreamBegin's kind) end, their backend sessions closed.
+    public static let endStreams = Call(38, "EndStreams", [Fields.session, Field("kinds", .ulong)])
 
     public static let all: [Call] = [
         hello, getSlots, getMechanisms, openSession, closeSession, initToken, getSessionInfo, login, logout,
         findObjects, getAttributes, setAttributes, createObject, copyObject, destroyObject, generateKey,
         generateKeyPair, sign, verify, encrypt, decrypt, digest, generateRandom, seedRandom, initPIN, setPIN,
         getObjectSize, digestParts, keyFacts, wrapKey, unwrapKey, deriveKey, streamBegin, streamUpdate, streamFinal,
-        optionalFunctions, signRecover, verifyRecover,
+        optionalFunctions, signRecover, verifyRecover, endStreams,
     ]
 
     public static func byID(_ id: UInt16) -> Call? { Int(id) < all.count ? all[Int(id)] : nil }

@@ -19,6 +19,9 @@ extension PKCS11Module {
         /// Not a function: a session may have operations of different kinds active at once
         /// (OpenSC's may; SoftHSM's answer CKR_OPERATION_ACTIVE to any second one).
         public static let concurrentOperations = Self(rawValue: 1 << 8)
+        /// PKCS#11 3.0's C_LoginUser and C_SessionCancel, in the module's 3.0 interface.
+        public static let loginUser = Self(rawValue: 1 << 9)
+        public static let sessionCancel = Self(rawValue: 1 << 10)
     }
 
     /// Which optional functions the module implements, asked in `s`, a session of its own
@@ -61,6 +64,20 @@ extension PKCS11Module {
             ask(.setOperationState, \.C_SetOperationState) { $0(s.rawValue, p, 0, 0, 0) }
         }
         if concurrentOperations(s) { found.insert(.concurrentOperations) }
+        if let v3 = functions3?.pointee {
+            // An undefined user type and an empty PIN: refused before any PIN is tried.
+            var none: [CK_UTF8CHAR] = [0]
+            let undefinedUser = CK_USER_TYPE(0x7fff_ffff)
+            if let loginUser = v3.C_LoginUser, none.withUnsafeMutableBufferPointer({
+                loginUser(s.rawValue, undefinedUser, $0.baseAddress, 0, $0.baseAddress, 0)
+            }) != CKR_FUNCTION_NOT_SUPPORTED {
+                found.insert(.loginUser)
+            }
+            // No flags: nothing to cancel.
+            if let cancel = v3.C_SessionCancel, cancel(s.rawValue, 0) != CKR_FUNCTION_NOT_SUPPORTED {
+                found.insert(.sessionCancel)
+            }
+        }
         return found
     }
 

@@ -29,6 +29,9 @@ public final class PKCS11Module: @unchecked Sendable {
 
     private let handle: UnsafeMutableRawPointer
     private let functions: UnsafeMutablePointer<CK_FUNCTION_LIST>
+    /// The module's PKCS#11 3.0 interface, if it offers one (`C_GetInterface`): only the
+    /// functions 3.0 added are called through it.
+    let functions3: UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>?
     private let state = Mutex(State.loaded)
 
     /// `dlopen(RTLD_NOW|RTLD_LOCAL)`, `C_GetFunctionList`, then `C_Initialize` with
@@ -72,6 +75,7 @@ public final class PKCS11Module: @unchecked Sendable {
         self.path = path
         self.handle = handle
         self.functions = list
+        self.functions3 = Self.interface3(handle)
 
         var args = CK_C_INITIALIZE_ARGS(
             CreateMutex: nil, DestroyMutex: nil, LockMutex: nil, UnlockMutex: nil,
@@ -79,6 +83,20 @@ public final class PKCS11Module: @unchecked Sendable {
         // SAFETY: `args` outlives the call; modules do not keep the pointer.
         try call("C_Initialize", \.C_Initialize) { f in withUnsafeMutablePointer(to: &args) { f($0) } }
         state.withLock { $0 = .initialized }
+    }
+
+    /// `C_GetInterface("PKCS 11", 3.0)`, where the module exports it.
+    private static func interface3(_ handle: UnsafeMutableRawPointer) -> UnsafeMutablePointer<CK_FUNCTION_LIST_3_0>? {
+        guard let symbol = dlsym(handle, "C_GetInterface") else { return nil }
+        // SAFETY: C_GetInterface has this C signature in every PKCS#11 3.0 module; the name
+        // and version outlive the call, and the interface it returns lives as long as the module.
+        let getInterface = unsafeBitCast(symbol, to: CK_C_GetInterface.self)
+        var name = Array("PKCS 11".utf8CString).map { CK_UTF8CHAR(bitPattern: $0) }
+        var version = CK_VERSION(major: 3, minor: 0)
+        var found: UnsafeMutablePointer<CK_INTERFACE>?
+        let rv = name.withUnsafeMutableBufferPointer { getInterface($0.baseAddress, &version, &found, 0) }
+        guard rv == CKR_OK, let list = found?.pointee.pFunctionList else { return nil }
+        return list.assumingMemoryBound(to: CK_FUNCTION_LIST_3_0.self)
     }
 
     /// `C_Finalize`, at most once (later calls do nothing). Calls made afterwards fail with

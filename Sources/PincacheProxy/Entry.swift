@@ -241,11 +241,29 @@ func pincacheSetOperationState(_ session: CK_SESSION_HANDLE, _ state: UnsafeMuta
 @_cdecl("pincache_C_Login")
 func pincacheLogin(_ session: CK_SESSION_HANDLE, _ userType: CK_USER_TYPE, _ pin: UnsafeMutablePointer<CK_UTF8CHAR>?,
                    _ length: CK_ULONG) -> CK_RV {
+    entry { library throws(CKError) in try library.login(session: session, userType: userType, pin: pin, length: length) }
+}
+
+@_cdecl("pincache_C_LoginUser")
+func pincacheLoginUser(_ session: CK_SESSION_HANDLE, _ userType: CK_USER_TYPE, _ pin: UnsafeMutablePointer<CK_UTF8CHAR>?,
+                       _ length: CK_ULONG, _ username: UnsafeMutablePointer<CK_UTF8CHAR>?, _ usernameLength: CK_ULONG) -> CK_RV {
     entry { library throws(CKError) in
-        try library.withSession(session) { s throws(CKError) in
+        try library.loginUser(session: session, userType: userType, pin: pin, length: length, usernameLength: usernameLength)
+    }
+}
+
+@_cdecl("pincache_C_SessionCancel")
+func pincacheSessionCancel(_ session: CK_SESSION_HANDLE, _ flags: CK_FLAGS) -> CK_RV {
+    entry { library throws(CKError) in try library.sessionCancel(session: session, flags: flags) }
+}
+
+extension Library {
+    func login(session handle: CK_SESSION_HANDLE, userType: CK_USER_TYPE, pin: UnsafePointer<CK_UTF8CHAR>?,
+               length: CK_ULONG) throws(CKError) {
+        try withSession(handle) { s throws(CKError) in
             var secret = try Codec.pin(pin, length)
             defer { Codec.wipe(&secret) }
-            _ = try library.call(Calls.login, on: s, [.ulong(UInt64(userType)), .bytes(secret)])
+            _ = try call(Calls.login, on: s, [.ulong(UInt64(userType)), .bytes(secret)])
         }
     }
 }

@@ -22,6 +22,9 @@ struct OptionalFunctions: OptionSet {
     /// The module lets a session have operations of different kinds (a search included)
     /// active at once; without it, the proxy refuses a second as the module would.
     static let concurrentOperations = Self(rawValue: 1 << 8)
+    /// PKCS#11 3.0 (Calls.optionalFunctions).
+    static let loginUser = Self(rawValue: 1 << 9)
+    static let sessionCancel = Self(rawValue: 1 << 10)
 }
 
 extension OperationKind {
@@ -145,5 +148,35 @@ extension Library {
         try require(.setOperationState, handle)
         guard state != nil else { throw .argumentsBad }
         throw CKError(CKR_SAVED_STATE_INVALID)
+    }
+
+    /// C_SessionCancel (PKCS#11 3.0), where the module has it: the operations live here
+    /// until their final call, so they end here; a streamed one's backend session ends too.
+    func sessionCancel(session handle: CK_SESSION_HANDLE, flags: CK_FLAGS) throws(CKError) {
+        try require(.sessionCancel, handle)
+        try withSession(handle) { session throws(CKError) in
+            let kinds: [(CK_ULONG, OperationKind)] = [
+                (CKF_ENCRYPT, .encrypt), (CKF_DECRYPT, .decrypt), (CKF_DIGEST, .digest), (CKF_SIGN, .sign),
+                (CKF_SIGN_RECOVER, .signRecover), (CKF_VERIFY, .verify), (CKF_VERIFY_RECOVER, .verifyRecover),
+            ]
+            var streamed: UInt64 = 0
+            for (flag, kind) in kinds where flags & CK_FLAGS(flag) != 0 {
+                if session.operations.removeValue(forKey: kind)?.streaming == true { streamed |= 1 << kind.streamKind }
+            }
+            if flags & CK_FLAGS(CKF_FIND_OBJECTS) != 0 { session.found = nil }
+            if streamed != 0 { _ = try call(Calls.endStreams, on: session, [.ulong(streamed)]) }
+        }
+    }
+
+    /// C_LoginUser (PKCS#11 3.0), where the module has it: without a user name it is
+    /// C_Login. pincache keeps one login per caller and token, so a named user is refused as
+    /// a token without user names refuses one (CKR_ARGUMENTS_BAD).
+    func loginUser(
+        session handle: CK_SESSION_HANDLE, userType: CK_USER_TYPE, pin: UnsafePointer<CK_UTF8CHAR>?, length: CK_ULONG,
+        usernameLength: CK_ULONG
+    ) throws(CKError) {
+        try require(.loginUser, handle)
+        guard usernameLength == 0 else { throw .argumentsBad }
+        try login(session: handle, userType: userType, pin: pin, length: length)
     }
 }

@@ -279,26 +279,21 @@ extension PincacheService {
                     )
                 }
             }) { pair in [.ulong(pair.0), .ulong(pair.1)] }
-        case Calls.sign.id, Calls.decrypt.id:
+        case Calls.sign.id, Calls.decrypt.id, Calls.signRecover.id:
             guard let m = mechanism() else { return }
             let key = r.ulong("key")
             let data = r.bytes("data")
-            let sign = r.call.id == Calls.sign.id
-            let request = KeyOperation(
-                key: .handle(key, session: id, readWrite: rw), operation: sign ? .sign(m, data) : .decrypt(m, data),
-                freshPIN: nil)
+            // A signature with recovery is a signature in everything the policy and audit say.
+            let op: PrivateOperation =
+                switch r.call.id {
+                case Calls.sign.id: .sign(m, data)
+                case Calls.signRecover.id: .signRecover(m, data)
+                default: .decrypt(m, data)
+                }
+            let request = KeyOperation(key: .handle(key, session: id, readWrite: rw), operation: op, freshPIN: nil)
             let keyID = token.knownKeyID(key)
-            let operation = sign ? "sign" : "decrypt"
+            let operation = op.kind == .sign ? "sign" : "decrypt"
             run(objects, operation, keyID: keyID, shareable: true, audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false) {
-                try token.perform(caller: caller, settings: settings(), request)
-            }) { [.bytes($0)] }
-        case Calls.signRecover.id:
-            guard let m = mechanism() else { return }
-            let key = r.ulong("key")
-            let request = KeyOperation(
-                key: .handle(key, session: id, readWrite: rw), operation: .signRecover(m, r.bytes("data")), freshPIN: nil)
-            let keyID = token.knownKeyID(key)
-            run(objects, "sign", keyID: keyID, shareable: true, audited(info, token, "sign", keyID: keyID, mechanism: m.type.rawValue, freshPIN: false) {
                 try token.perform(caller: caller, settings: settings(), request)
             }) { [.bytes($0)] }
         case Calls.verifyRecover.id:
@@ -310,6 +305,9 @@ extension PincacheService {
                     caller: caller, settings: settings(), session: id, rw: rw, op: .verifyRecover, mechanism: m, key: key,
                     data: signature)
             }) { [.bytes($0)] }
+        case Calls.endStreams.id:
+            let kinds = r.ulong("kinds")
+            run([], "end-streams", { token.endStreams(ofSession: id, kinds: kinds) }) { _ in [] }
         case Calls.optionalFunctions.id:
             run([], "optional-functions", { try token.optionalFunctions(session: id, rw: rw) }) { [.ulong($0.rawValue)] }
         case Calls.verify.id, Calls.encrypt.id:

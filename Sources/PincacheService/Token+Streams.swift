@@ -116,9 +116,9 @@ extension TokenContext {
         if let stream = streams.removeValue(forKey: key) { try? module.closeSession(stream.session) }
     }
 
-    /// The proxy session closed.
-    func endStreams(ofSession id: UInt64) {
-        for key in streams.keys where key.session == id { endStream(key) }
+    /// The proxy session closed, or (`kinds`: bit 1 << kind) cancelled these operations.
+    func endStreams(ofSession id: UInt64, kinds: UInt64 = .max) {
+        for key in streams.keys where key.session == id && kinds & (1 << key.kind.rawValue) != 0 { endStream(key) }
     }
 
     /// The caller's login ended: so do the streams that ran in it.

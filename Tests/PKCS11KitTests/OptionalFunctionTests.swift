@@ -1,4 +1,5 @@
-import PKCS11Kit
+import Foundation
+@testable import PKCS11Kit
 import Testing
 
 /// The functions PKCS#11 lets a module leave out: asking which a module has, and the
@@ -51,5 +52,25 @@ extension ModuleTests {
                 try m.verifyRecover(s, mechanism: rsa, key: pub, signature: tampered)
             }
         }
+    }
+}
+
+/// PKCS#11 3.0's interface is looked up where a module exports C_GetInterface (OpenSC) and
+/// not otherwise (SoftHSM 2.6); the 3.0 functions are called through it.
+@Suite struct InterfaceTests {
+    static let openSC = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
+
+    @Test func theVersion3InterfaceIsFoundWhereTheModuleHasOne() throws {
+        #expect(try Fixture.get().module.functions3 == nil)
+        guard FileManager.default.fileExists(atPath: Self.openSC) else {
+            // CI installs OpenSC (scripts/install-deps.sh); a developer machine may lack it.
+            #expect(ProcessInfo.processInfo.environment["CI"] != "true", "OpenSC missing under CI")
+            return
+        }
+        let m = try PKCS11Module(path: Self.openSC)
+        defer { m.finalize() }
+        let v3 = try #require(m.functions3?.pointee)
+        #expect(v3.v2.version.major == 3 && v3.v2.version.minor == 0)
+        #expect(v3.C_SessionCancel != nil && v3.C_LoginUser != nil)
     }
 }

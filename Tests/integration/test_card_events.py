@@ -406,6 +406,39 @@ def test_login_find_and_three_signatures_cost_the_card_four_verifies(card_daemon
         h.close()
 
 
+def test_pkcs11_3_through_the_proxy_is_what_opensc_answers(card_daemon, vcard_factory, make_client, bus, proxy_lib,
+                                                           proxy_host):
+    """Issue 13: OpenSC offers PKCS#11 3.0 and implements C_SessionCancel of what it adds;
+    through the proxy's 3.0 interface a program gets OpenSC's answers call by call: its
+    interfaces, cancelling a digest (one streamed past 1 MiB included, whose backend
+    session the daemon closes) and a search, C_LoginUser and the message-based functions
+    refused as OpenSC refuses them."""
+    card_daemon(caching=True)
+    client = make_client()
+    card = vcard_factory("a").insert()
+    card_token(client, card)
+    label = "OpenPGP card (User PIN (sig))"
+
+    def run(module, env):
+        out = subprocess.run([str(proxy_host), str(module), "v3", label, CARD_PIN], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout.splitlines()
+    direct = run(OPENSC_PKCS11, opensc_environ())
+    assert "C_SessionCancel digest CKR_OK" in direct and "C_DigestUpdate cancelled CKR_OPERATION_NOT_INITIALIZED" in direct
+    proxied = run(proxy_lib, {**os.environ, "PINCACHE_BUS_ADDRESS": bus.address})
+    # The proxy's interfaces are its own: 3.0 and 2.40 (OpenSC's second is 2.20).
+    own = ("interface ", "C_GetInterface 2.40 ")
+    assert [line for line in proxied if line.startswith(own)] == [
+        "interface PKCS 11 3.0 flags=0", "interface PKCS 11 2.40 flags=0", "C_GetInterface 2.40 CKR_OK"]
+    # One difference, where the proxy keeps to PKCS#11 3.0 and OpenSC 0.23 does not: its
+    # C_SessionCancel leaves a search going though CKF_FIND_OBJECTS names it.
+    search = "C_FindObjects cancelled "
+    assert f"{search}CKR_OK" in direct and f"{search}CKR_OPERATION_NOT_INITIALIZED" in proxied
+    assert [line for line in proxied if not line.startswith(own + (search,))] == [
+        line for line in direct if not line.startswith(own + (search,))]
+
+
 def test_a_card_the_module_cannot_read_is_not_recognized_through_the_proxy(card_daemon, vicc_factory, make_client,
                                                                           bus, proxy_lib):
     """Issue 13 §8: as OpenSC lists it, the proxy shows the slot with a token that is not

@@ -55,7 +55,8 @@ def test_no_swift_runtime_and_one_export(proxy_lib):
                           check=True).stdout
     exported = {l.split()[-1] for l in syms.splitlines()
                 if len(l.split()) >= 8 and l.split()[4] == "GLOBAL" and l.split()[6] != "UND"}
-    assert exported == {"C_GetFunctionList"}
+    # PKCS#11 2.40's entry point and 3.0's two: nothing of Swift's.
+    assert exported == {"C_GetFunctionList", "C_GetInterfaceList", "C_GetInterface"}
 
 
 def test_c_host_lists_slots(start_daemon, proxy_host, proxy_lib, bus):
@@ -270,6 +271,36 @@ def test_functions_a_module_may_leave_out_reach_a_module_that_has_them(start_dae
         }
         expected = [next((f"{k} {v}" for k, v in changed.items() if line.startswith(k + " ")), line) for line in direct]
     assert proxied == expected
+
+
+def test_pkcs11_3_interfaces_say_what_softhsm_would(start_daemon, proxy_host, proxy_lib, bus, tokens):
+    """Issue 13: the proxy offers PKCS#11 3.0's interface (C_GetInterfaceList,
+    C_GetInterface) beside 2.40's. SoftHSM 2.6 has no 3.0 interface, so C_SessionCancel and
+    C_LoginUser are CKR_FUNCTION_NOT_SUPPORTED for its tokens, as are the message-based
+    functions, which no module pincache loads implements. (OpenSC, which has C_SessionCancel:
+    test_card_events.py.)"""
+    start_daemon(caching=True)
+    assert run_host(proxy_host, SOFTHSM_MODULE, "v3", LABEL, PIN,
+                    env={**os.environ, **tokens.env()}) == ["no PKCS#11 3.0 interface"]
+    lines = run_host(proxy_host, proxy_lib, "v3", LABEL, PIN, env=proxy_env(bus))
+    unsupported = "CKR_FUNCTION_NOT_SUPPORTED"
+    assert lines == [
+        "C_GetInterfaceList query CKR_OK 2", "C_GetInterfaceList short CKR_BUFFER_TOO_SMALL 2",
+        "C_GetInterfaceList CKR_OK 2", "interface PKCS 11 3.0 flags=0", "interface PKCS 11 2.40 flags=0",
+        "C_GetInterfaceList NULL count CKR_ARGUMENTS_BAD", "C_GetInterface default CKR_OK 3.0",
+        "C_GetInterface 2.40 CKR_OK", "C_GetInterface 9.9 CKR_ARGUMENTS_BAD", "C_GetInterface vendor CKR_ARGUMENTS_BAD",
+        "C_GetInterface NULL CKR_ARGUMENTS_BAD", "C_GetInterface 3.0 CKR_OK", "C_Initialize CKR_OK",
+        "C_OpenSession CKR_OK", f"C_SessionCancel nothing {unsupported}",
+        "C_SessionCancel bad session CKR_SESSION_HANDLE_INVALID", "C_DigestInit CKR_OK",
+        # Nothing is cancelled, so the digest goes on (and a second Init finds it active).
+        f"C_SessionCancel digest {unsupported}", "C_DigestUpdate cancelled CKR_OK",
+        "C_DigestInit streamed CKR_OPERATION_ACTIVE", "C_DigestUpdate streamed CKR_OK",
+        f"C_SessionCancel streamed {unsupported}", "C_DigestUpdate streamed cancelled CKR_OK",
+        "C_DigestInit after CKR_OPERATION_ACTIVE", "C_Digest after CKR_OPERATION_ACTIVE ", "C_FindObjectsInit CKR_OK",
+        f"C_SessionCancel search {unsupported}", "C_FindObjects cancelled CKR_OK",
+        f"C_LoginUser named {unsupported}", f"C_LoginUser {unsupported}", "C_Logout CKR_USER_NOT_LOGGED_IN",
+        f"C_MessageEncryptInit {unsupported}", f"C_SignMessageBegin {unsupported}", "C_CloseSession CKR_OK",
+        "C_Finalize CKR_OK"], lines
 
 
 # --- policy through the proxy ----------------------------------------------------

@@ -15,6 +15,8 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <p11-kit/pkcs11.h>
+/* PKCS#11 3.0 types, as the proxy and the daemon see them. */
+#include "../../Sources/CPKCS11/pkcs11v3.h"
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -40,7 +42,7 @@ static const char *rvname(CK_RV rv)
     N(CKR_FUNCTION_FAILED) N(CKR_TOKEN_NOT_PRESENT) N(CKR_USER_TYPE_INVALID) N(CKR_DATA_LEN_RANGE)
     N(CKR_FUNCTION_NOT_PARALLEL) N(CKR_PIN_LEN_RANGE) N(CKR_GENERAL_ERROR) N(CKR_DEVICE_ERROR)
     N(CKR_FUNCTION_REJECTED) N(CKR_OBJECT_HANDLE_INVALID) N(CKR_SESSION_READ_ONLY)
-    N(CKR_STATE_UNSAVEABLE) N(CKR_SAVED_STATE_INVALID) N(CKR_KEY_FUNCTION_NOT_PERMITTED) N(CKR_SIGNATURE_LEN_RANGE)
+    N(CKR_STATE_UNSAVEABLE) N(CKR_SAVED_STATE_INVALID) N(CKR_OPERATION_CANCEL_FAILED) N(CKR_KEY_FUNCTION_NOT_PERMITTED) N(CKR_SIGNATURE_LEN_RANGE)
 #undef N
     default: snprintf(buf, sizeof buf, "0x%lx", rv); return buf;
     }
@@ -63,9 +65,11 @@ static void out(const char *name, CK_RV rv, const char *fmt, ...)
     fflush(stdout);
 }
 
+static void *module_handle;
+
 static void load(const char *path)
 {
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    void *h = module_handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!h) { fprintf(stderr, "dlopen: %s\n", dlerror()); exit(2); }
     CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(h, "C_GetFunctionList");
     if (!get) { fprintf(stderr, "no C_GetFunctionList\n"); exit(2); }
@@ -1738,6 +1742,90 @@ static int cmd_optional(const char *label, const char *pin)
     return 0;
 }
 
+/* ---------------------------------------------------------------- v3 */
+
+/* PKCS#11 3.0's way in and what it adds, through the module's 3.0 interface: its
+ * interfaces, C_SessionCancel (a local operation, a search, a digest streamed past 1 MiB),
+ * C_LoginUser with and without a user name, and a message-based function. */
+static int cmd_v3(const char *label, const char *pin)
+{
+    CK_C_GetInterfaceList list_interfaces = (CK_C_GetInterfaceList)dlsym(module_handle, "C_GetInterfaceList");
+    CK_C_GetInterface get_interface = (CK_C_GetInterface)dlsym(module_handle, "C_GetInterface");
+    if (list_interfaces == NULL || get_interface == NULL) {
+        printf("no PKCS#11 3.0 interface\n");
+        return 0;
+    }
+    CK_ULONG n = 0;
+    CK_RV rv = list_interfaces(NULL, &n);
+    out("C_GetInterfaceList query", rv, "%lu", n);
+    CK_INTERFACE interfaces[8];
+    n = 1;
+    rv = list_interfaces(interfaces, &n);
+    out("C_GetInterfaceList short", rv, "%lu", n);
+    n = 8;
+    rv = list_interfaces(interfaces, &n);
+    out("C_GetInterfaceList", rv, "%lu", n);
+    for (CK_ULONG i = 0; rv == CKR_OK && i < n; i++) {
+        CK_VERSION *v = interfaces[i].pFunctionList;
+        printf("interface %s %d.%d flags=%lu\n", (char *)interfaces[i].pInterfaceName, v->major, v->minor,
+               interfaces[i].flags);
+    }
+    out("C_GetInterfaceList NULL count", list_interfaces(interfaces, NULL), NULL);
+    CK_INTERFACE_PTR found = NULL;
+    CK_VERSION v30 = { 3, 0 }, v240 = { 2, 40 }, v99 = { 9, 9 };
+    CK_UTF8CHAR name[] = "PKCS 11", other[] = "Vendor";
+    rv = get_interface(NULL, NULL, &found, 0);
+    out("C_GetInterface default", rv, "%d.%d", rv == CKR_OK ? ((CK_VERSION *)found->pFunctionList)->major : 0,
+        rv == CKR_OK ? ((CK_VERSION *)found->pFunctionList)->minor : 0);
+    out("C_GetInterface 2.40", get_interface(name, &v240, &found, 0), NULL);
+    out("C_GetInterface 9.9", get_interface(name, &v99, &found, 0), NULL);
+    out("C_GetInterface vendor", get_interface(other, NULL, &found, 0), NULL);
+    out("C_GetInterface NULL", get_interface(name, NULL, NULL, 0), NULL);
+    rv = get_interface(name, &v30, &found, 0);
+    out("C_GetInterface 3.0", rv, NULL);
+    if (rv != CKR_OK) return 0;
+    CK_FUNCTION_LIST_3_0 *f3 = found->pFunctionList;
+    f = &f3->v2;
+
+    CK_SLOT_ID slot;
+    CK_SESSION_HANDLE s;
+    out("C_Initialize", init_os_locking(), NULL);
+    if (!find_slot(label, &slot)) return 2;
+    out("C_OpenSession", f->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &s), NULL);
+    out("C_SessionCancel nothing", f3->C_SessionCancel(s, 0), NULL);
+    out("C_SessionCancel bad session", f3->C_SessionCancel(s + 1000, CKF_DIGEST), NULL);
+    CK_MECHANISM sha = { CKM_SHA256, NULL, 0 };
+    unsigned char md[64];
+    char hx[2 * sizeof md + 1];
+    out("C_DigestInit", f->C_DigestInit(s, &sha), NULL);
+    out("C_SessionCancel digest", f3->C_SessionCancel(s, CKF_DIGEST), NULL);
+    out("C_DigestUpdate cancelled", f->C_DigestUpdate(s, (CK_BYTE *)"abc", 3), NULL);
+    /* Past 1 MiB the proxy streams a digest, in a backend session of its own. */
+    static unsigned char big[2 << 20];
+    out("C_DigestInit streamed", f->C_DigestInit(s, &sha), NULL);
+    out("C_DigestUpdate streamed", f->C_DigestUpdate(s, big, sizeof big), NULL);
+    out("C_SessionCancel streamed", f3->C_SessionCancel(s, CKF_DIGEST | CKF_SIGN), NULL);
+    out("C_DigestUpdate streamed cancelled", f->C_DigestUpdate(s, big, 16), NULL);
+    out("C_DigestInit after", f->C_DigestInit(s, &sha), NULL);
+    n = sizeof md;
+    rv = f->C_Digest(s, (CK_BYTE *)"abc", 3, md, &n);
+    hex(md, rv == CKR_OK ? n : 0, hx);
+    out("C_Digest after", rv, "%s", hx);
+    out("C_FindObjectsInit", f->C_FindObjectsInit(s, NULL, 0), NULL);
+    out("C_SessionCancel search", f3->C_SessionCancel(s, CKF_FIND_OBJECTS), NULL);
+    CK_OBJECT_HANDLE object;
+    out("C_FindObjects cancelled", f->C_FindObjects(s, &object, 1, &n), NULL);
+    CK_UTF8CHAR bob[] = "bob";
+    out("C_LoginUser named", f3->C_LoginUser(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin), bob, 3), NULL);
+    out("C_LoginUser", f3->C_LoginUser(s, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin), NULL, 0), NULL);
+    out("C_Logout", f->C_Logout(s), NULL);
+    out("C_MessageEncryptInit", f3->C_MessageEncryptInit(s, &sha, 0), NULL);
+    out("C_SignMessageBegin", f3->C_SignMessageBegin(s, NULL, 0), NULL);
+    out("C_CloseSession", f->C_CloseSession(s), NULL);
+    out("C_Finalize", f->C_Finalize(NULL), NULL);
+    return 0;
+}
+
 static int cmd_fork(const char *label, const char *pin)
 {
     out("parent C_Initialize", init_os_locking(), NULL);
@@ -2028,6 +2116,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "tokenkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4], 1);
     if (!strcmp(cmd, "sessionkeyparts") && argc == 5) return cmd_tokenkeyparts(argv[3], argv[4], 0);
     if (!strcmp(cmd, "bigsign") && argc == 6) return cmd_bigsign(argv[3], argv[4], atoi(argv[5]));
+    if (!strcmp(cmd, "v3") && argc == 5) return cmd_v3(argv[3], argv[4]);
     if (!strcmp(cmd, "optional") && argc == 5) return cmd_optional(argv[3], argv[4]);
     if (!strcmp(cmd, "logoutstream") && argc == 5) return cmd_logoutstream(argv[3], argv[4]);
     if (!strcmp(cmd, "forkstress") && argc == 7) return cmd_forkstress(argv[3], argv[4], atoi(argv[5]), atoi(argv[6]));
