@@ -1,6 +1,27 @@
 import PKCS11Kit
 import PinPolicy
 
+/// What a private key does for a caller: the operations that go through `perform`.
+enum PrivateOperation: Sendable {
+    case sign(Mechanism, [UInt8])
+    case decrypt(Mechanism, [UInt8])
+    /// C_SignRecover: a signature in everything the policy says of one.
+    case signRecover(Mechanism, [UInt8])
+
+    var kind: OperationKind {
+        switch self {
+        case .sign, .signRecover: .sign
+        case .decrypt: .decrypt
+        }
+    }
+
+    var mechanism: Mechanism {
+        switch self {
+        case .sign(let m, _), .decrypt(let m, _), .signRecover(let m, _): m
+        }
+    }
+}
+
 /// The bracket (DESIGN §1): where a caller's login state becomes a backend login, for both
 /// front ends — cached PIN, held login, or a PIN for one operation — and the after-rules.
 extension TokenContext {

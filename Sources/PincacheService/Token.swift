@@ -97,26 +97,6 @@ struct KeyOperation: Sendable {
     var freshPIN: SecretPIN?
 }
 
-enum PrivateOperation: Sendable {
-    case sign(Mechanism, [UInt8])
-    case decrypt(Mechanism, [UInt8])
-    /// C_SignRecover: a signature in everything the policy says of one.
-    case signRecover(Mechanism, [UInt8])
-
-    var kind: OperationKind {
-        switch self {
-        case .sign, .signRecover: .sign
-        case .decrypt: .decrypt
-        }
-    }
-
-    var mechanism: Mechanism {
-        switch self {
-        case .sign(let m, _), .decrypt(let m, _), .signRecover(let m, _): m
-        }
-    }
-}
-
 /// One backend slot: its D-Bus identity, its serial worker, and the policy state of every
 /// caller on it. Methods marked "worker" run only on `worker`; the policy mutex is never held
 /// across a PKCS#11 call, so property reads and GetCallerState never wait for card I/O.
