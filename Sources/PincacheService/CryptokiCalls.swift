@@ -296,30 +296,27 @@ extension PincacheService {
             run(objects, operation, keyID: keyID, shareable: true, audited(info, token, operation, keyID: keyID, mechanism: m.type.rawValue, freshPIN: false) {
                 try token.perform(caller: caller, settings: settings(), request)
             }) { [.bytes($0)] }
-        case Calls.verifyRecover.id:
-            guard let m = mechanism() else { return }
-            let key = r.ulong("key")
-            let signature = r.bytes("signature")
-            run(objects, "verify", keyID: token.knownKeyID(key), {
-                try token.publicKeyOperation(
-                    caller: caller, settings: settings(), session: id, rw: rw, op: .verifyRecover, mechanism: m, key: key,
-                    data: signature)
-            }) { [.bytes($0)] }
         case Calls.endStreams.id:
             let kinds = r.ulong("kinds")
             run([], "end-streams", { token.endStreams(ofSession: id, kinds: kinds) }) { _ in [] }
         case Calls.optionalFunctions.id:
             run([], "optional-functions", { try token.optionalFunctions(session: id, rw: rw) }) { [.ulong($0.rawValue)] }
-        case Calls.verify.id, Calls.encrypt.id:
+        case Calls.verify.id, Calls.encrypt.id, Calls.verifyRecover.id:
             guard let m = mechanism() else { return }
-            let verify = r.call.id == Calls.verify.id
-            let op: TokenContext.PublicKeyOperation = verify ? .verify(signature: r.bytes("signature")) : .encrypt
+            let op: TokenContext.PublicKeyOperation =
+                switch r.call.id {
+                case Calls.verify.id: .verify(signature: r.bytes("signature"))
+                case Calls.verifyRecover.id: .verifyRecover
+                default: .encrypt
+                }
             let key = r.ulong("key")
-            let data = r.bytes("data")
+            // VerifyRecover's input is the signature; its answer, the data recovered.
+            let data = r.bytes(op == .verifyRecover ? "signature" : "data")
+            let verify = op != .encrypt
             run(objects, verify ? "verify" : "encrypt", keyID: token.knownKeyID(key), {
                 try token.publicKeyOperation(
                     caller: caller, settings: settings(), session: id, rw: rw, op: op, mechanism: m, key: key, data: data)
-            }) { bytes in verify ? [] : [.bytes(bytes)] }
+            }) { bytes in r.call.id == Calls.verify.id ? [] : [.bytes(bytes)] }
         case Calls.digest.id:
             guard let m = mechanism() else { return }
             let data = r.bytes("data")

@@ -285,35 +285,36 @@ extension TokenContext {
         try backendCall {
             switch try adapted(op, s) {
             case .sign(let mechanism, let data):
-                if let pin = contextPIN {
-                    try module.signInit(s, mechanism: mechanism, key: handle)
-                    try backendLogin(s, .contextSpecific, pin)
-                    return try module.signAfterInit(s, data: data)
-                }
-                if let key, !key.backendAlwaysAuthenticate, !key.alwaysAuthenticateChecked {
+                if contextPIN == nil, let key, !key.backendAlwaysAuthenticate, !key.alwaysAuthenticateChecked {
                     // Private attributes were hidden when the key list was read: look once, in a
                     // login, and ask for the PIN rather than fail inside the signature.
                     let always = (try? module.getAttributes(s, handle, [.alwaysAuthenticate]))?[.alwaysAuthenticate]?.pkcs11Bool
                     markAlwaysAuthenticate(key.id, always == true)
                     if always == true { throw PolicyError.pinRequired }
                 }
-                return try module.sign(s, mechanism: mechanism, key: handle, data: data)
+                return try initThenRun(s, contextPIN, { try module.signInit(s, mechanism: mechanism, key: handle) }) {
+                    try module.signAfterInit(s, data: data)
+                }
             case .signRecover(let mechanism, let data):
-                if let pin = contextPIN {
-                    try module.signRecoverInit(s, mechanism: mechanism, key: handle)
-                    try backendLogin(s, .contextSpecific, pin)
-                    return try module.signRecoverAfterInit(s, data: data)
+                return try initThenRun(s, contextPIN, { try module.signRecoverInit(s, mechanism: mechanism, key: handle) }) {
+                    try module.signRecoverAfterInit(s, data: data)
                 }
-                return try module.signRecover(s, mechanism: mechanism, key: handle, data: data)
             case .decrypt(let mechanism, let data):
-                if let pin = contextPIN {
-                    try module.decryptInit(s, mechanism: mechanism, key: handle)
-                    try backendLogin(s, .contextSpecific, pin)
-                    return try module.decryptAfterInit(s, data: data)
+                return try initThenRun(s, contextPIN, { try module.decryptInit(s, mechanism: mechanism, key: handle) }) {
+                    try module.decryptAfterInit(s, data: data)
                 }
-                return try module.decrypt(s, mechanism: mechanism, key: handle, data: data)
             }
         }
+    }
+
+    /// An operation's Init (`begin`), the context-specific login right after it when one is
+    /// due, then its single-part call (`finish`).
+    private func initThenRun(
+        _ s: SessionHandle, _ contextPIN: SecretPIN?, _ begin: () throws -> Void, _ finish: () throws -> [UInt8]
+    ) throws -> [UInt8] {
+        try begin()
+        if let contextPIN { try backendLogin(s, .contextSpecific, contextPIN) }
+        return try finish()
     }
 
     /// Hash-and-sign ECDSA on a token that only signs prehashed data (SoftHSM, many cards):
